@@ -1,0 +1,1 @@
+"""Scheduler package; the Celery app is exposed as `app` once defined."""

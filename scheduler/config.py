@@ -1,0 +1,148 @@
+"""Settings of the scheduler, read once from the environment (SPEC §3).
+
+Every setting has a stable environment variable name and a default that gives
+a working single-machine setup with no server: an SQLite store and the kombu
+filesystem broker, both under ``DCM_HOME``. Production only switches URLs.
+A ``.env`` file in the current folder is read first; real environment
+variables win over it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+DETECT_LEVELS = ("series", "study", "patient")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the scheduler cannot use."""
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def parse_duration(value: object, *, what: str = "duration") -> float:
+    """Seconds from ``"90s"``, ``"30m"``, ``"1h"``, ``"2d"`` or a number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration like '90s', '30m', '1h' or seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{what}: must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+        if match:
+            number, unit = match.groups()
+            return float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    raise ConfigError(
+        f"{what}: expected a duration like '90s', '30m', '1h' or seconds, got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed view of the environment; build with :func:`get_settings`."""
+
+    home: Path
+    database_url: str
+    broker_url: str
+    result_backend: str | None
+    services_path: tuple[Path, ...]
+    settings_file: Path | None
+    stable_age: float
+    detect_interval: float
+    detect_levels: tuple[str, ...]
+    default_events: tuple[str, ...]
+    header_fields: tuple[str, ...] | None
+    orthanc_url: str | None
+    api_token: str | None
+    callback_timeout: float
+    output_dir: Path
+    resend_after: float
+    heartbeat_interval: float
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem:")
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build settings from ``environ`` (default: the process environment)."""
+    env = dict(os.environ if environ is None else environ)
+
+    def get(name: str) -> str | None:
+        value = env.get(name)
+        return value if value not in (None, "") else None
+
+    home = Path(get("DCM_HOME") or "./.dcm-scheduler").expanduser().absolute()
+    levels = _split(get("DCM_DETECT_LEVELS") or "study")
+    for level in levels:
+        if level not in DETECT_LEVELS:
+            raise ConfigError(
+                f"DCM_DETECT_LEVELS: unknown level {level!r}; use a comma list of "
+                + ", ".join(DETECT_LEVELS)
+            )
+    header_fields = get("DCM_HEADER_FIELDS")
+    services_path = tuple(
+        Path(p).expanduser().absolute()
+        for p in (get("DCM_SERVICES_PATH") or "./services").split(os.pathsep)
+        if p
+    )
+    settings_file = get("DCM_SETTINGS")
+
+    def seconds(name: str, default: float) -> float:
+        raw = get(name)
+        if raw is None:
+            return default
+        return parse_duration(raw, what=name)
+
+    return Settings(
+        home=home,
+        database_url=get("DCM_DATABASE_URL") or f"sqlite:///{home / 'store.db'}",
+        broker_url=get("CELERY_BROKER_URL") or "filesystem://",
+        result_backend=get("CELERY_RESULT_BACKEND"),
+        services_path=services_path,
+        settings_file=Path(settings_file).expanduser().absolute() if settings_file else None,
+        stable_age=seconds("DCM_STABLE_AGE", 60.0),
+        detect_interval=seconds("DCM_DETECT_INTERVAL", 5.0),
+        detect_levels=levels,
+        default_events=_split(get("DCM_DEFAULT_EVENTS") or "study.stable"),
+        header_fields=None if header_fields in (None, "all", "*") else _split(header_fields),
+        orthanc_url=get("DCM_ORTHANC_URL"),
+        api_token=get("DCM_API_TOKEN"),
+        callback_timeout=seconds("DCM_CALLBACK_TIMEOUT", 30.0),
+        output_dir=Path(get("DCM_OUTPUT_DIR") or home / "outputs").expanduser().absolute(),
+        resend_after=seconds("DCM_RESEND_AFTER", 300.0),
+        heartbeat_interval=seconds("DCM_HEARTBEAT_INTERVAL", 10.0),
+    )
+
+
+def _read_dotenv() -> None:
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is a dependency
+        return
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    _read_dotenv()
+    return load_settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and the demo change the environment)."""
+    get_settings.cache_clear()
