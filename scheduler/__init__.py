@@ -1,1 +1,7 @@
-"""Scheduler package; the Celery app is exposed as `app` once defined."""
+"""dcm-processor job scheduler: detects stable DICOM candidates, plans the
+services' jobs and runs them as Celery tasks. ``app`` is the Celery app, so
+``celery -A scheduler worker|beat|flower`` works."""
+
+from scheduler.celery_app import app
+
+__all__ = ["app"]

@@ -67,6 +67,7 @@ class Settings:
     output_dir: Path
     resend_after: float
     heartbeat_interval: float
+    visibility_timeout: float
 
     @property
     def broker_folder(self) -> Path:
@@ -125,6 +126,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         output_dir=Path(get("DCM_OUTPUT_DIR") or home / "outputs").expanduser().absolute(),
         resend_after=seconds("DCM_RESEND_AFTER", 300.0),
         heartbeat_interval=seconds("DCM_HEARTBEAT_INTERVAL", 10.0),
+        visibility_timeout=seconds("DCM_VISIBILITY_TIMEOUT", 43200.0),
     )
 
 

@@ -1,0 +1,89 @@
+"""Celery settings of the scheduler (SPEC §3), all derived from the environment.
+
+``celery -A scheduler …`` loads this module through ``scheduler.app``. The
+values come from :func:`scheduler.config.get_settings`; :func:`celery_settings`
+builds the same mapping for any :class:`~scheduler.config.Settings`, which
+the demo and the tests use to point one app at another store or broker.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from kombu import Queue
+
+from scheduler.config import Settings, get_settings
+
+PLANNING_QUEUE = "dcm.planning"
+DEFAULT_CHANNEL = "default"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.uses_filesystem_broker:
+        folder = settings.broker_folder
+        for sub in ("queue", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    if settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return {
+            # Longer than the longest job timeout: a message in flight is not
+            # handed to a second worker while the first still runs it.
+            "visibility_timeout": settings.visibility_timeout,
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        }
+    return {}
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration mapping for ``settings``."""
+    beat_schedule: dict[str, Any] = {
+        "dcm-detect": {
+            "task": "scheduler.detect",
+            "schedule": timedelta(seconds=settings.detect_interval),
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 1)},
+        },
+        "dcm-resend": {
+            "task": "scheduler.resend",
+            "schedule": timedelta(seconds=max(settings.detect_interval, 5.0)),
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 5.0)},
+        },
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "result_backend": settings.result_backend,
+        "task_ignore_result": True,
+        # JSON only: a pickled message is refused by every worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": DEFAULT_CHANNEL,
+        "task_queues": [Queue(PLANNING_QUEUE), Queue(DEFAULT_CHANNEL)],
+        "task_create_missing_queues": True,
+        "task_routes": {"scheduler.*": {"queue": PLANNING_QUEUE}},
+        "beat_schedule": beat_schedule,
+        "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+globals().update(celery_settings(get_settings()))

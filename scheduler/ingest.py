@@ -1,0 +1,280 @@
+"""Recording received instances in the store (SPEC §5.1, §5.2).
+
+:func:`record_instances` records a batch in the caller's transaction with
+``INSERT … ON CONFLICT DO NOTHING`` at every level, so re-recording an
+instance, or two ingests racing on the same study, is a no-op rather than an
+error. It then refreshes, for every series, study and patient that received
+something new, the counters, timestamps, ``fingerprint`` and ``state``: a new
+instance in a ``stable`` resource turns it back to ``receiving``.
+:func:`ingest_paths` is the file-system front end used by the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from scheduler.dicom import InstanceItem, NotDicomError, item_from_dataset, item_from_mapping
+from scheduler.dicom import read_header as read_header
+from scheduler.store.models import RECEIVING, Instance, Patient, Series, Study, utcnow
+
+BATCH_SIZE = 500
+
+
+@dataclass
+class Rejection:
+    location: str
+    reason: str
+
+
+@dataclass
+class IngestResult:
+    recorded: int = 0
+    known: int = 0
+    not_dicom: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def add(self, other: IngestResult) -> None:
+        self.recorded += other.recorded
+        self.known += other.known
+        self.not_dicom += other.not_dicom
+        self.rejected.extend(other.rejected)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "recorded": self.recorded,
+            "known": self.known,
+            "not_dicom": self.not_dicom,
+            "rejected": [{"location": r.location, "reason": r.reason} for r in self.rejected],
+        }
+
+
+def fingerprint(sop_uids: Iterable[str]) -> str:
+    """Hash of the sorted SOPInstanceUIDs of a resource."""
+    digest = hashlib.sha256()
+    for uid in sorted(sop_uids):
+        digest.update(uid.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _to_item(raw: InstanceItem | Dataset | dict[str, Any]) -> InstanceItem:
+    if isinstance(raw, InstanceItem):
+        return raw
+    if isinstance(raw, Dataset):
+        location = str(getattr(raw, "filename", "") or "")
+        return item_from_dataset(raw, location=location)
+    tags = {k: v for k, v in raw.items() if k not in ("location", "source_id")}
+    return item_from_mapping(tags, str(raw.get("location", "")), raw.get("source_id"))
+
+
+def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]], key: str) -> list[Any]:
+    """Insert rows whose ``key`` is not present yet; returns the keys inserted."""
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(model).on_conflict_do_nothing(index_elements=[key])
+    column = getattr(model, key)
+    return list(session.scalars(statement.returning(column), rows))
+
+
+def _ids(session: Session, column: Any, keys: Iterable[str]) -> dict[str, int]:
+    keys = list(set(keys))
+    if not keys:
+        return {}
+    model = column.class_
+    rows = session.execute(select(column, model.id).where(column.in_(keys)))
+    return {key: pk for key, pk in rows}
+
+
+def _new_resource(now: datetime, tags: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tags": tags,
+        "instance_count": 0,
+        "first_received_at": now,
+        "last_received_at": now,
+        "state": RECEIVING,
+        "fingerprint": "",
+        "revision": 0,
+    }
+
+
+def record_instances(
+    session: Session,
+    items: Iterable[InstanceItem | Dataset | dict[str, Any]],
+    *,
+    now: datetime | None = None,
+) -> IngestResult:
+    """Record instances in one transaction (the caller's); see the module docstring.
+
+    Items are :class:`InstanceItem`, pydicom datasets, or dicts of tags plus
+    ``location`` (and optionally ``source_id``). An item lacking a required
+    UID is rejected with its reason; the others are recorded.
+    """
+    now = now or utcnow()
+    result = IngestResult()
+    batch: dict[str, InstanceItem] = {}
+    for raw in items:
+        try:
+            item = _to_item(raw)
+        except NotDicomError as exc:
+            result.rejected.append(Rejection(exc.location, exc.reason))
+            continue
+        if item.sop_uid in batch:
+            result.known += 1
+        else:
+            batch[item.sop_uid] = item
+    if not batch:
+        return result
+
+    present = set(_ids(session, Instance.sop_uid, batch))
+    result.known += len(present)
+    fresh = [item for uid, item in batch.items() if uid not in present]
+    if not fresh:
+        return result
+
+    _insert_ignore(
+        session,
+        Patient,
+        [{"patient_id": i.patient_id, **_new_resource(now, i.patient_tags)} for i in fresh],
+        "patient_id",
+    )
+    patients = _ids(session, Patient.patient_id, (i.patient_id for i in fresh))
+    _insert_ignore(
+        session,
+        Study,
+        [
+            {"study_uid": i.study_uid, "patient_pk": patients[i.patient_id]}
+            | _new_resource(now, i.study_tags)
+            for i in fresh
+        ],
+        "study_uid",
+    )
+    studies = _ids(session, Study.study_uid, (i.study_uid for i in fresh))
+    _insert_ignore(
+        session,
+        Series,
+        [
+            {"series_uid": i.series_uid, "study_pk": studies[i.study_uid]}
+            | _new_resource(now, i.series_tags)
+            for i in fresh
+        ],
+        "series_uid",
+    )
+    series = _ids(session, Series.series_uid, (i.series_uid for i in fresh))
+    rows = [
+        {
+            "sop_uid": i.sop_uid,
+            "series_pk": series[i.series_uid],
+            "tags": i.instance_tags,
+            "location": i.location,
+            "source_id": i.source_id,
+            "received_at": now,
+        }
+        for i in fresh
+    ]
+    # A concurrent ingest may have recorded some of them first.
+    result.recorded = len(_insert_ignore(session, Instance, rows, "sop_uid"))
+    result.known += len(fresh) - result.recorded
+
+    touched_series = {series[i.series_uid] for i in fresh}
+    touched_studies = {studies[i.study_uid] for i in fresh}
+    touched_patients = {patients[i.patient_id] for i in fresh}
+    _refresh(session, Series, Instance.series_pk, touched_series, now, joins=())
+    _refresh(session, Study, Series.study_pk, touched_studies, now, joins=(Series,))
+    _refresh(session, Patient, Study.patient_pk, touched_patients, now, joins=(Series, Study))
+    return result
+
+
+def _refresh(
+    session: Session,
+    model: Any,
+    owner: Any,
+    pks: set[int],
+    now: datetime,
+    joins: Sequence[Any],
+) -> None:
+    """Recompute count, first/last received, fingerprint; back to ``receiving``."""
+    query = select(owner, Instance.sop_uid, Instance.received_at).select_from(Instance)
+    if joins:
+        query = query.join(Series, Instance.series_pk == Series.id)
+    if Study in joins:
+        query = query.join(Study, Series.study_pk == Study.id)
+    uids: dict[int, list[str]] = {pk: [] for pk in pks}
+    first: dict[int, datetime] = {}
+    for pk, uid, received in session.execute(query.where(owner.in_(pks))):
+        uids[pk].append(uid)
+        if pk not in first or received < first[pk]:
+            first[pk] = received
+    for pk, members in uids.items():
+        session.execute(
+            update(model)
+            .where(model.id == pk)
+            .values(
+                instance_count=len(members),
+                first_received_at=first.get(pk, now),
+                last_received_at=now,
+                fingerprint=fingerprint(members),
+                state=RECEIVING,
+            )
+        )
+
+
+def iter_files(paths: Iterable[Path], recursive: bool) -> Iterator[Path]:
+    """Files named directly, and the files in named folders (deeply with ``recursive``)."""
+    for path in paths:
+        if path.is_dir():
+            children = path.rglob("*") if recursive else path.iterdir()
+            yield from sorted(p for p in children if p.is_file())
+        else:
+            yield path
+
+
+def ingest_paths(
+    session_scope: Callable[[], Any],
+    paths: Sequence[Path],
+    *,
+    recursive: bool = False,
+    batch_size: int = BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> IngestResult:
+    """Read headers of every file and record them, one transaction per batch.
+
+    A file that is not DICOM or lacks a UID is reported and skipped; the
+    batch goes on. ``progress`` is called with the number of files done.
+    """
+    total = IngestResult()
+    items: list[InstanceItem] = []
+
+    def flush() -> None:
+        if items:
+            with session_scope() as session:
+                total.add(record_instances(session, items))
+            items.clear()
+
+    for path in iter_files(paths, recursive):
+        if not path.exists():
+            total.rejected.append(Rejection(str(path), "no such file or folder"))
+            continue
+        try:
+            items.append(read_header(path))
+        except NotDicomError as exc:
+            total.rejected.append(Rejection(exc.location, exc.reason))
+            if exc.reason.startswith(("not DICOM", "empty file")):
+                total.not_dicom += 1
+        if progress:
+            progress(1)
+        if len(items) >= batch_size:
+            flush()
+    flush()
+    return total

@@ -1,0 +1,84 @@
+"""Helpers shared by the tests: pointing the whole process at a store and broker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from scheduler.config import Settings, get_settings, reset_settings
+
+PG_ADMIN_URL = os.environ.get("DCM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DCM_TEST_REDIS", "redis://127.0.0.1:6379/11")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "services"
+
+
+def postgres_available() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=2):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def redis_available() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+def create_database(name: str) -> str:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    return f"{base}/{name}"
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def apply_environment(values: dict[str, str]) -> Settings:
+    """Set DCM_* variables and make every cached piece follow them."""
+    from scheduler.celery_app import configure
+    from scheduler.scheduling import forget_registry
+    from scheduler.store.db import dispose_engines
+
+    for key, value in values.items():
+        os.environ[key] = value
+    reset_settings()
+    dispose_engines()
+    forget_registry()
+    settings = get_settings()
+    configure(settings)
+    return settings
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[Settings]:
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        yield apply_environment(values)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        apply_environment({})
+
+
+def write_json(path: Path, data: Any) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path

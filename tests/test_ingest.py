@@ -1,0 +1,185 @@
+"""Ingest (SPEC §5.1, §5.2): headers only, bulk, idempotent, counts right at every level."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from scheduler.cli import app as cli
+from scheduler.ingest import fingerprint, ingest_paths, record_instances
+from scheduler.store.db import session_scope
+from scheduler.store.models import Instance, Patient, Series, Study, utcnow
+
+SAMPLES = Path(str(get_testdata_file("CT_small.dcm"))).parent
+
+
+def pydicom_reference(root: Path) -> dict[str, set[str]]:
+    """What pydicom itself reads from the sample files: UIDs per level."""
+    found: dict[str, set[str]] = {"patients": set(), "studies": set(), "series": set(), "sops": set()}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        dataset = None
+        for force in (False, True):
+            try:
+                dataset = pydicom.dcmread(path, stop_before_pixels=True, force=force)
+                break
+            except Exception:
+                continue
+        if dataset is None:
+            continue
+        uids = [dataset.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        if not all(uids):
+            continue
+        found["patients"].add(str(dataset.get("PatientID") or ""))
+        found["studies"].add(str(uids[0]))
+        found["series"].add(str(uids[1]))
+        found["sops"].add(str(uids[2]))
+    return found
+
+
+def counts(url: str) -> dict[str, int]:
+    with session_scope(url) as s:
+        return {
+            "patients": s.scalar(select(func.count()).select_from(Patient)) or 0,
+            "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
+            "series": s.scalar(select(func.count()).select_from(Series)) or 0,
+            "sops": s.scalar(select(func.count()).select_from(Instance)) or 0,
+        }
+
+
+def test_ingest_of_all_pydicom_samples_matches_what_pydicom_reads(store_url: str) -> None:
+    reference = pydicom_reference(SAMPLES)
+    result = ingest_paths(functools.partial(session_scope, store_url), [SAMPLES], recursive=True)
+    assert counts(store_url) == {k: len(v) for k, v in reference.items()}
+    assert result.recorded == len(reference["sops"])
+    with session_scope(store_url) as s:
+        assert set(s.scalars(select(Instance.sop_uid))) == reference["sops"]
+
+
+def test_reingest_records_nothing_new(store_url: str) -> None:
+    scope = functools.partial(session_scope, store_url)
+    first = ingest_paths(scope, [SAMPLES], recursive=True)
+    again = ingest_paths(scope, [SAMPLES], recursive=True)
+    assert again.recorded == 0
+    assert again.known == first.recorded + first.known
+    assert counts(store_url)["sops"] == first.recorded
+
+
+def test_bad_files_are_reported_with_reason_and_skipped(store_url: str, tmp_path: Path) -> None:
+    tmp_path = tmp_path / "incoming"
+    tmp_path.mkdir()
+    (tmp_path / "notes.txt").write_text("this is not an image\n")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del dataset.SOPInstanceUID
+    dataset.save_as(tmp_path / "no-sop.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "good.dcm")
+
+    result = ingest_paths(functools.partial(session_scope, store_url), [tmp_path])
+
+    reasons = {Path(r.location).name: r.reason for r in result.rejected}
+    assert reasons["notes.txt"].startswith("not DICOM")
+    assert reasons["empty.dcm"] == "empty file"
+    assert reasons["no-sop.dcm"] == "missing SOPInstanceUID"
+    assert result.recorded == 1  # the batch went on past the bad files
+    assert result.not_dicom == 2
+
+
+def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> None:
+    base = {"PatientID": "P", "StudyInstanceUID": "1.1"}
+    t0 = utcnow()
+    with session_scope(store_url) as s:
+        record_instances(
+            s,
+            [
+                base | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.2", "location": "/a"},
+                base | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.1", "location": "/b"},
+            ],
+            now=t0,
+        )
+    t1 = t0 + timedelta(seconds=5)
+    with session_scope(store_url) as s:
+        result = record_instances(
+            s,
+            [
+                base | {"SeriesInstanceUID": "1.1.2", "SOPInstanceUID": "1.1.2.1", "location": "/c"},
+                base | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.1", "location": "/b"},
+            ],
+            now=t1,
+        )
+    assert (result.recorded, result.known) == (1, 1)
+    with session_scope(store_url) as s:
+        study = s.scalar(select(Study))
+        patient = s.scalar(select(Patient))
+        series = {x.series_uid: x for x in s.scalars(select(Series))}
+        assert study is not None and patient is not None
+        for resource in (study, patient):
+            assert resource.instance_count == 3
+            assert resource.first_received_at == t0
+            assert resource.last_received_at == t1
+            assert resource.fingerprint == fingerprint(["1.1.1.1", "1.1.1.2", "1.1.2.1"])
+        assert series["1.1.1"].instance_count == 2
+        assert series["1.1.1"].last_received_at == t0  # untouched by the second batch
+        assert series["1.1.1"].fingerprint == fingerprint(["1.1.1.2", "1.1.1.1"])
+
+
+def test_new_instance_turns_a_stable_resource_back_to_receiving(store_url: str) -> None:
+    tags = {"PatientID": "P", "StudyInstanceUID": "2.1", "SeriesInstanceUID": "2.1.1"}
+    with session_scope(store_url) as s:
+        record_instances(s, [tags | {"SOPInstanceUID": "2.1.1.1"}])
+    with session_scope(store_url) as s:
+        for model in (Patient, Study, Series):
+            for row in s.scalars(select(model)):
+                row.state = "stable"
+    with session_scope(store_url) as s:
+        record_instances(s, [tags | {"SOPInstanceUID": "2.1.1.1"}])  # known: no change
+    with session_scope(store_url) as s:
+        assert s.scalar(select(Study.state)) == "stable"
+    with session_scope(store_url) as s:
+        record_instances(s, [tags | {"SOPInstanceUID": "2.1.1.2"}])
+    with session_scope(store_url) as s:
+        assert {s.scalar(select(m.state)) for m in (Patient, Study, Series)} == {"receiving"}
+
+
+def test_pydicom_datasets_are_recorded_with_main_tags(store_url: str) -> None:
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    with session_scope(store_url) as s:
+        assert record_instances(s, [dataset]).recorded == 1
+    with session_scope(store_url) as s:
+        series = s.scalar(select(Series))
+        instance = s.scalar(select(Instance))
+        assert series is not None and instance is not None
+        assert series.tags["Modality"] == "CT"
+        assert instance.location.endswith("CT_small.dcm")
+        json.dumps(instance.tags)  # JSON-safe values only
+
+
+def test_cli_ingest_prints_counts_and_reasons(env: object, tmp_path: Path) -> None:
+    tmp_path = tmp_path / "incoming"
+    tmp_path.mkdir()
+    (tmp_path / "junk.txt").write_text("x")
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "recorded 1, already known 0, not DICOM 1, rejected 0" in result.output
+    assert "junk.txt" in result.output
+    again = CliRunner().invoke(cli, ["ingest", str(tmp_path), "--json"])
+    assert json.loads(again.output)["known"] == 1
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_cli_ingest_descends_only_with_recursive(env: object, tmp_path: Path, recursive: bool) -> None:
+    nested = tmp_path / "in" / "deep"
+    nested.mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), nested / "ct.dcm")
+    args = ["ingest", str(tmp_path / "in"), "--json"] + (["--recursive"] if recursive else [])
+    result = CliRunner().invoke(cli, args)
+    assert json.loads(result.output)["recorded"] == (1 if recursive else 0)
