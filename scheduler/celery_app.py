@@ -7,6 +7,7 @@ live in :mod:`scheduler.tasks` and the job task in :mod:`workers_bridge.tasks`.
 from __future__ import annotations
 
 from celery import Celery
+from kombu import pools
 
 import celeryconfig
 from scheduler.config import Settings
@@ -18,9 +19,9 @@ app.config_from_object(celeryconfig)
 def configure(settings: Settings) -> Celery:
     """Point the app at the store and broker of ``settings`` (demo, tests)."""
     app.conf.update(celeryconfig.celery_settings(settings))
-    # Connections made with the previous broker URL must not be reused.
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # Connections made with the previous broker URL must not be reused;
+    # kombu keeps its pools globally, per URL.
+    pools.reset()
+    app._pool = None
     app.amqp._producer_pool = None
     return app

@@ -107,3 +107,77 @@ def env(tmp_path: Path, store_url: str) -> Iterator[Settings]:
     """This process pointed at a fresh store (each backend) and a filesystem broker."""
     with environment(base_environment(tmp_path, store_url)) as settings:
         yield settings
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def services_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry root with the ``testjobs`` service; tests rewrite its definition.
+
+    The folder stays the same for the whole run, so its Python package is
+    imported from one place only, as in a long-running worker.
+    """
+    import shutil
+
+    root = tmp_path_factory.mktemp("services")
+    shutil.copytree(FIXTURES / "dcm_testjobs", root / "testjobs" / "dcm_testjobs")
+    return root
+
+
+class Define:
+    """``define([{jobName: …}, …])`` writes the testjobs service definition."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, jobs: list[dict], name: str = "testjobs") -> Path:
+        import json
+
+        from scheduler.scheduling import forget_registry
+
+        folder = self.root / name
+        folder.mkdir(exist_ok=True)
+        path = folder / "dcm-processor.json"
+        path.write_text(json.dumps({"name": name, "version": "1", "jobs": jobs}, indent=2))
+        forget_registry()
+        return path
+
+
+@pytest.fixture
+def define(services_root: Path) -> Iterator[Define]:
+    definer = Define(services_root)
+    yield definer
+    for child in services_root.iterdir():
+        definition = child / "dcm-processor.json"
+        if definition.exists():
+            definition.unlink()
+
+
+@pytest.fixture
+def live(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) -> Iterator[Settings]:
+    """PostgreSQL + Redis + a real Celery worker (threads pool) in this process."""
+    from celery.contrib.testing.worker import start_worker
+
+    from scheduler.celery_app import app
+    from tests.support import environment
+
+    values = base_environment(tmp_path, pg_url, redis_url) | {
+        "DCM_SERVICES_PATH": str(services_root),
+        "DCM_STABLE_AGE": "0",
+        "DCM_HEARTBEAT_INTERVAL": "1",
+    }
+    with (
+        environment(values) as settings,
+        start_worker(
+            app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            queues=["dcm.planning", "default"],
+            loglevel="WARNING",
+            shutdown_timeout=60,
+        ),
+    ):
+        yield settings

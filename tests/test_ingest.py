@@ -24,7 +24,12 @@ SAMPLES = Path(str(get_testdata_file("CT_small.dcm"))).parent
 
 def pydicom_reference(root: Path) -> dict[str, set[str]]:
     """What pydicom itself reads from the sample files: UIDs per level."""
-    found: dict[str, set[str]] = {"patients": set(), "studies": set(), "series": set(), "sops": set()}
+    found: dict[str, set[str]] = {
+        "patients": set(),
+        "studies": set(),
+        "series": set(),
+        "sops": set(),
+    }
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         dataset = None
         for force in (False, True):
@@ -100,8 +105,10 @@ def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> N
         record_instances(
             s,
             [
-                base | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.2", "location": "/a"},
-                base | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.1", "location": "/b"},
+                base
+                | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.2", "location": "/a"},
+                base
+                | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.1", "location": "/b"},
             ],
             now=t0,
         )
@@ -110,8 +117,10 @@ def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> N
         result = record_instances(
             s,
             [
-                base | {"SeriesInstanceUID": "1.1.2", "SOPInstanceUID": "1.1.2.1", "location": "/c"},
-                base | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.1", "location": "/b"},
+                base
+                | {"SeriesInstanceUID": "1.1.2", "SOPInstanceUID": "1.1.2.1", "location": "/c"},
+                base
+                | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.1", "location": "/b"},
             ],
             now=t1,
         )
@@ -176,7 +185,9 @@ def test_cli_ingest_prints_counts_and_reasons(env: object, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("recursive", [False, True])
-def test_cli_ingest_descends_only_with_recursive(env: object, tmp_path: Path, recursive: bool) -> None:
+def test_cli_ingest_descends_only_with_recursive(
+    env: object, tmp_path: Path, recursive: bool
+) -> None:
     nested = tmp_path / "in" / "deep"
     nested.mkdir(parents=True)
     shutil.copy(get_testdata_file("CT_small.dcm"), nested / "ct.dcm")

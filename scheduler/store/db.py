@@ -13,9 +13,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -112,3 +112,8 @@ def init_db(url: str | None = None) -> str:
         command.upgrade(config, "head")
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision() or ""
+
+
+def rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE/DELETE (typed ``Result`` hides ``rowcount``)."""
+    return int(cast(CursorResult[Any], result).rowcount)

@@ -219,6 +219,8 @@ class Job(Base):
     retry_delay_s: Mapped[float] = mapped_column(Float, default=30)
     result: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # One entry per ended attempt: status, error, worker, times (retry keeps history).
+    attempt_log: Mapped[list[Any]] = mapped_column(JSONType, default=list)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     pending_deps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

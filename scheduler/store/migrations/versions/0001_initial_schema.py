@@ -118,6 +118,7 @@ def upgrade() -> None:
         sa.Column("retry_delay_s", sa.Float(), nullable=False),
         sa.Column("result", JSON_, nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("attempt_log", JSON_, nullable=False),
         sa.Column("worker", sa.String(length=255), nullable=True),
         sa.Column("pending_deps", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

@@ -1,0 +1,518 @@
+"""The ``dcm-scheduler`` command line (SPEC §11): parses, calls the library, prints.
+
+Every listing takes ``--json`` (stable shapes from :mod:`scheduler.queries`).
+Exit status: 0 success, 1 a problem the command reports (invalid services,
+unknown id), 2 wrong usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scheduler.config import ConfigError, get_settings
+
+app = typer.Typer(
+    help="dcm-processor job scheduler: detect stable DICOM data, plan and run service jobs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+services_app = typer.Typer(help="Loaded services and their validation.", no_args_is_help=True)
+app.add_typer(services_app, name="services")
+
+console = Console()
+errors = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "upstream_failed": "red",
+    "partial": "yellow",
+    "running": "cyan",
+    "planning": "cyan",
+    "queued": "blue",
+    "cancelled": "magenta",
+    "empty": "dim",
+}
+STATUS_MARK = {
+    "succeeded": "✔",
+    "failed": "✘",
+    "upstream_failed": "⊘",
+    "running": "▶",
+    "queued": "…",
+    "cancelled": "■",
+}
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def styled(status: str) -> str:
+    style = STATUS_STYLE.get(status, "")
+    return f"[{style}]{status}[/{style}]" if style else status
+
+
+def short(identifier: str | None) -> str:
+    return (identifier or "")[:8]
+
+
+@app.callback()
+def main_options() -> None:
+    """Settings come from the environment (DCM_*, CELERY_*; see README)."""
+    try:
+        get_settings()
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from exc
+
+
+@app.command("init-db")
+def init_db_command() -> None:
+    """Create or upgrade the store schema to the newest migration."""
+    from scheduler.store.db import init_db
+
+    settings = get_settings()
+    revision = init_db()
+    console.print(f"store ready at revision {revision}: {mask(settings.database_url)}")
+
+
+def mask(url: str) -> str:
+    """A URL with its password replaced, for output and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: hide anything after a colon
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            credentials, host = rest.rsplit("@", 1)
+            user = credentials.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}"
+        return url
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders.")],
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into folders.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Read DICOM headers (never pixel data) and record the instances."""
+    from scheduler.ingest import ingest_paths, iter_files
+    from scheduler.store.db import init_db, session_scope
+
+    init_db()
+    total = sum(1 for _ in iter_files(paths, recursive))
+    with Progress(
+        TextColumn("ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=True,
+        disable=as_json or total < 200 or not errors.is_terminal,
+    ) as progress:
+        task = progress.add_task("ingest", total=total)
+        result = ingest_paths(
+            session_scope, paths, recursive=recursive, progress=lambda n: progress.advance(task, n)
+        )
+    if as_json:
+        print_json(result.as_dict())
+        return
+    console.print(
+        f"recorded {result.recorded}, already known {result.known}, "
+        f"not DICOM {result.not_dicom}, rejected {len(result.rejected) - result.not_dicom}"
+    )
+    for rejection in result.rejected:
+        console.print(f"  skipped {rejection.location}: {rejection.reason}", highlight=False)
+
+
+@services_app.command("list")
+def services_list(as_json: JsonOption = False) -> None:
+    """Services on DCM_SERVICES_PATH and their jobs."""
+    from scheduler.scheduling import current_registry
+
+    registry = current_registry()
+    if as_json:
+        print_json(
+            {
+                "services": [
+                    {
+                        "name": s.name,
+                        "version": s.version,
+                        "source": str(s.source),
+                        "jobs": [job_summary(j) for j in s.jobs],
+                    }
+                    for s in registry.services
+                ],
+                "problems": [str(p) for p in registry.problems],
+            }
+        )
+        return
+    table = Table("service", "job", "phase", "events", "depends on", "channel", "callback")
+    for service in registry.services:
+        for job in service.jobs:
+            table.add_row(
+                f"{service.name} {service.version}".strip(),
+                job.job_name + (" (disabled)" if job.disabled else ""),
+                job.phase,
+                ", ".join(job.events),
+                ", ".join(job.depends_on),
+                job.channel,
+                job.registry_entry or "-",
+            )
+    console.print(table)
+    for problem in registry.problems:
+        errors.print(f"[red]problem:[/red] {problem}", highlight=False)
+
+
+def job_summary(job: Any) -> dict[str, Any]:
+    return {
+        "job_name": job.job_name,
+        "phase": job.phase,
+        "events": list(job.events),
+        "depends_on": list(job.depends_on),
+        "channel": job.channel,
+        "worker_entry": job.worker_entry,
+        "registry_entry": job.registry_entry,
+        "sort_position": job.sort_position,
+        "priority": job.priority,
+        "timeout_s": job.timeout_s,
+        "retries": job.retries,
+        "disabled": job.disabled,
+    }
+
+
+@services_app.command("validate")
+def services_validate(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Service folders or registry roots.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check service definitions; exit 1 when anything is wrong."""
+    from scheduler.registry import load_registry
+
+    settings = get_settings()
+    registry = load_registry(
+        [p.absolute() for p in paths] if paths else settings.services_path,
+        None if paths else settings.settings_file,
+        default_events=settings.default_events,
+    )
+    if as_json:
+        print_json(
+            {
+                "ok": registry.ok,
+                "services": [s.name for s in registry.services],
+                "problems": [str(p) for p in registry.problems],
+            }
+        )
+    else:
+        for service in registry.services:
+            console.print(f"[green]ok[/green] {service.name} ({len(service.jobs)} job(s))")
+        for problem in registry.problems:
+            console.print(f"[red]problem:[/red] {problem}", highlight=False)
+        if not registry.services and not registry.problems:
+            console.print("no services found")
+    if not registry.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def detect(
+    inline: Annotated[
+        bool, typer.Option("--inline", help="Plan the new sessions in this process.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """One detection run now; prints what was claimed."""
+    from scheduler import detection, scheduling
+    from scheduler.store.db import init_db
+
+    init_db()
+    run = detection.detect()
+    if inline:
+        for session_id in run.sessions:
+            scheduling.plan_session(session_id)
+    else:
+        scheduling.send_plans(run.sessions)
+    claimed: list[dict[str, Any]] = [
+        {
+            "level": c.level,
+            "uid": c.uid,
+            "event": c.event,
+            "revision": c.revision,
+            "session_id": c.session_id,
+        }
+        for c in run.claimed
+    ]
+    if as_json:
+        print_json({"skipped": run.skipped, "claimed": claimed})
+        return
+    if run.skipped:
+        console.print("another detection run holds the lock; nothing done")
+        return
+    if not claimed:
+        console.print("no stable candidates")
+    for c in claimed:
+        what = f"session {short(c['session_id'])}" if c["session_id"] else "already planned"
+        console.print(f"{c['level']} {c['uid']} rev {c['revision']}: {c['event']} → {what}")
+
+
+def candidate(study: str | None, series: str | None, patient: str | None) -> tuple[str, str]:
+    given = [
+        (lvl, uid)
+        for lvl, uid in (("study", study), ("series", series), ("patient", patient))
+        if uid
+    ]
+    if len(given) != 1:
+        raise fail("name exactly one of --study, --series, --patient", 2)
+    return given[0]
+
+
+StudyOption = Annotated[str | None, typer.Option("--study", help="StudyInstanceUID.")]
+SeriesOption = Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID.")]
+PatientOption = Annotated[str | None, typer.Option("--patient", help="PatientID.")]
+
+
+@app.command()
+def plan(
+    study: StudyOption = None,
+    series: SeriesOption = None,
+    patient: PatientOption = None,
+    event: Annotated[str | None, typer.Option(help="Event (default <level>.stable).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan, write nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Plan one candidate now (idempotent: the same data is planned once)."""
+    from scheduler import scheduling
+    from scheduler.headers import UnknownCandidateError
+    from scheduler.store.db import init_db
+
+    level, uid = candidate(study, series, patient)
+    event = event or f"{level}.stable"
+    init_db()
+    try:
+        if dry_run:
+            result, _headers = scheduling.compute_plan(level, uid, event)
+            document: dict[str, Any] = {
+                "dry_run": True,
+                "event": event,
+                "level": level,
+                "uid": uid,
+                "jobs": result.job_names,
+                "trace": result.trace,
+            }
+        else:
+            session_id = scheduling.open_session(level, uid, event, manual=False)
+            if session_id is None:
+                console.print("this data was already planned for this event; nothing to do")
+                return
+            planned = scheduling.plan_session(session_id)
+            if planned is None:
+                raise fail(f"session {session_id} could not be planned (see `show {session_id}`)")
+            document = {
+                "dry_run": False,
+                "session_id": session_id,
+                "event": event,
+                "level": level,
+                "uid": uid,
+                "jobs": planned.plan.job_names,
+                "trace": planned.plan.trace,
+            }
+    except UnknownCandidateError as exc:
+        raise fail(str(exc)) from exc
+    trace: dict[str, Any] = document["trace"]
+    jobs: list[str] = document["jobs"]
+    if as_json:
+        print_json(document)
+        return
+    print_trace(trace)
+    if not dry_run:
+        console.print(f"session {document['session_id']} planned with {len(jobs)} job(s)")
+
+
+def print_trace(trace: dict[str, Any]) -> None:
+    table = Table("job", "phase", "decision", "reason", title=f"plan for {trace.get('event')}")
+    for name, entry in trace.get("jobs", {}).items():
+        decision = (
+            "[green]scheduled[/green]" if entry.get("scheduled") else "[dim]not scheduled[/dim]"
+        )
+        table.add_row(name, entry.get("phase", ""), decision, entry.get("reason", ""))
+    console.print(table)
+    for problem in trace.get("service_problems", []):
+        errors.print(f"[red]service problem:[/red] {problem}", highlight=False)
+
+
+@app.command()
+def sessions(
+    status: Annotated[str | None, typer.Option(help="Only sessions with this status.")] = None,
+    uid: Annotated[str | None, typer.Option(help="Only sessions of this UID.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """Scheduling sessions, newest first."""
+    from scheduler import queries
+    from scheduler.store.db import init_db, session_scope
+
+    init_db()
+    with session_scope() as s:
+        rows = queries.list_sessions(s, status=status, uid=uid, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("session", "event", "level", "uid", "rev", "status", "created", "finished")
+    for row in rows:
+        table.add_row(
+            short(row["id"]),
+            row["event"],
+            row["level"],
+            row["uid"],
+            str(row["revision"]),
+            styled(row["status"]),
+            row["created_at"] or "",
+            row["finished_at"] or "",
+        )
+    console.print(table)
+
+
+@app.command()
+def jobs(
+    session: Annotated[
+        str | None, typer.Option("--session", help="Only this session's jobs.")
+    ] = None,
+    status: Annotated[str | None, typer.Option(help="Only jobs with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 500,
+    as_json: JsonOption = False,
+) -> None:
+    """Jobs, with their status, attempts and worker."""
+    from scheduler import queries
+    from scheduler.store.db import init_db, session_scope
+
+    init_db()
+    with session_scope() as s:
+        session_id = queries.show_session(s, session)["id"] if session else None
+        rows = queries.list_jobs(s, session_id=session_id, status=status, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(
+        "job id", "session", "job", "phase", "channel", "status", "attempts", "worker", "duration"
+    )
+    for row in rows:
+        table.add_row(
+            short(row["id"]),
+            short(row["session_id"]),
+            row["job_name"],
+            row["phase"],
+            row["channel"],
+            styled(row["status"]),
+            str(row["attempts"]),
+            row["worker"] or "",
+            seconds(row["duration_s"]),
+        )
+    console.print(table)
+
+
+def seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}s"
+
+
+@app.command()
+def show(
+    session_id: Annotated[str, typer.Argument(help="Session id (or a unique prefix).")],
+    as_json: JsonOption = False,
+) -> None:
+    """A session's DAG with statuses, timings and the planning trace."""
+    from scheduler import queries
+    from scheduler.store.db import init_db, session_scope
+
+    init_db()
+    try:
+        with session_scope() as s:
+            document = queries.show_session(s, session_id)
+    except queries.NotFoundError as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print_json(document)
+        return
+    render_session(document)
+
+
+def render_session(document: dict[str, Any]) -> None:
+    from scheduler import queries
+
+    console.print(
+        f"session [bold]{document['id']}[/bold]  {document['level']} {document['uid']}  "
+        f"event {document['event']}  revision {document['revision']}  "
+        f"status {styled(document['status'])}",
+        highlight=False,
+    )
+    if document.get("error"):
+        console.print(f"[red]{document['error']}[/red]", highlight=False)
+    table = Table("stage", "job", "phase", "status", "attempts", "duration", "after")
+    for index, stage in enumerate(queries.stages(document["jobs"]), start=1):
+        for job in stage:
+            mark = STATUS_MARK.get(job["status"], " ")
+            table.add_row(
+                str(index),
+                f"{mark} {job['job_name']}",
+                job["phase"],
+                styled(job["status"]),
+                str(job["attempts"]),
+                seconds(job["duration_s"]),
+                ", ".join(job["depends_on"]),
+            )
+    console.print(table)
+    for job in document["jobs"]:
+        if job["error"]:
+            console.print(f"[red]{job['job_name']}[/red]: {job['error']}", highlight=False)
+    skipped = {
+        name: entry
+        for name, entry in document.get("trace", {}).get("jobs", {}).items()
+        if not entry.get("scheduled")
+    }
+    if skipped:
+        console.print("not scheduled:")
+        for name, entry in skipped.items():
+            console.print(f"  {name}: {entry.get('reason')}", highlight=False)
+
+
+@app.command()
+def demo(
+    home: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the demo's state (default: a new temporary one)."),
+    ] = None,
+) -> None:
+    """Run the example services on pydicom's sample files, start to finish."""
+    from scheduler.demo import run_demo
+
+    code = run_demo(home, console)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

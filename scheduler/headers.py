@@ -1,0 +1,124 @@
+"""The headers document of a candidate, as callbacks and workers receive it.
+
+It summarises the patient, studies and series of a candidate with their main
+tags and file locations, filtered by ``DCM_HEADER_FIELDS`` (PHI
+minimisation). The identifying UIDs, counts and locations are structure, not
+tags, and are always present. The legacy dcm-processor keys ``id``,
+``seriesIds`` and ``dcmpath`` are kept so existing callbacks work unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from scheduler.store.models import Instance, Patient, Series, Study
+
+LEVELS = ("series", "study", "patient")
+STRUCTURAL = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+class UnknownCandidateError(LookupError):
+    """No resource with that UID at that level is in the store."""
+
+
+def _filter(tags: dict[str, Any], fields: frozenset[str] | None) -> dict[str, Any]:
+    if fields is None:
+        return dict(tags)
+    return {k: v for k, v in tags.items() if k in fields or k in STRUCTURAL}
+
+
+def _instance_key(item: dict[str, Any]) -> tuple[int, str]:
+    number = item.get("InstanceNumber")
+    try:
+        return int(str(number)), str(item.get("location", ""))
+    except (TypeError, ValueError):
+        return 2**31, str(item.get("location", ""))
+
+
+def _common_folder(locations: Iterable[str]) -> str:
+    folders = [os.path.dirname(p) for p in locations if p and "://" not in p]
+    if not folders:
+        return ""
+    try:
+        return os.path.commonpath(folders)
+    except ValueError:
+        return ""
+
+
+def candidate_query(level: str, uid: str) -> Any:
+    """Rows (patient, study, series, instance) of one candidate."""
+    query = (
+        select(Patient, Study, Series, Instance)
+        .join(Series, Instance.series_pk == Series.id)
+        .join(Study, Series.study_pk == Study.id)
+        .join(Patient, Study.patient_pk == Patient.id)
+    )
+    column = {"series": Series.series_uid, "study": Study.study_uid, "patient": Patient.patient_id}
+    if level not in column:
+        raise ValueError(f"unknown level {level!r}; use one of {', '.join(LEVELS)}")
+    return query.where(column[level] == uid)
+
+
+def build_headers(
+    session: Session, level: str, uid: str, fields: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """The headers document of the candidate ``level``/``uid``."""
+    allowed = None if fields is None else frozenset(fields)
+    rows = session.execute(candidate_query(level, uid)).all()
+    if not rows:
+        raise UnknownCandidateError(f"no {level} {uid!r} in the store")
+    patient = rows[0][0]
+    studies: dict[int, dict[str, Any]] = {}
+    series: dict[int, dict[str, Any]] = {}
+    for _patient, study, serie, instance in rows:
+        if study.id not in studies:
+            studies[study.id] = {
+                **_filter(study.tags, allowed),
+                "StudyInstanceUID": study.study_uid,
+                "instance_count": 0,
+                "series": [],
+            }
+        if serie.id not in series:
+            series[serie.id] = {
+                **_filter(serie.tags, allowed),
+                "SeriesInstanceUID": serie.series_uid,
+                "StudyInstanceUID": study.study_uid,
+                "instance_count": 0,
+                "instances": [],
+            }
+            studies[study.id]["series"].append(serie.series_uid)
+        studies[study.id]["instance_count"] += 1
+        series[serie.id]["instance_count"] += 1
+        series[serie.id]["instances"].append(
+            {
+                **_filter(instance.tags, allowed),
+                "SOPInstanceUID": instance.sop_uid,
+                "location": instance.location,
+            }
+        )
+    series_list = sorted(
+        series.values(), key=lambda s: (s["StudyInstanceUID"], str(s.get("SeriesNumber", "")))
+    )
+    for item in series_list:
+        item["instances"].sort(key=_instance_key)
+    patient_tags = _filter(patient.tags, allowed)
+    if level == "patient":
+        patient_tags["PatientID"] = patient.patient_id
+    headers: dict[str, Any] = {
+        "level": level,
+        "uid": uid,
+        "patient": patient_tags,
+        "studies": sorted(studies.values(), key=lambda s: s["StudyInstanceUID"]),
+        "series": series_list,
+        "seriesIds": [s["SeriesInstanceUID"] for s in series_list],
+        "dcmpath": _common_folder(i["location"] for s in series_list for i in s["instances"]),
+        "instance_count": len(rows),
+    }
+    if "PatientID" in patient_tags:
+        headers["id"] = patient_tags["PatientID"]
+    return headers

@@ -1,0 +1,89 @@
+"""The re-sender: makes a lost message a delay, never a lost job (SPEC §9.3).
+
+Run by beat. It sends again:
+- ``scheduler.plan`` for sessions left in ``planning`` (plan message lost);
+- jobs that are ``queued`` with no pending dependency but were never
+  dispatched (broker down after commit) or not started long after dispatch;
+and it ends the attempt of ``running`` jobs whose heartbeat stopped (worker
+killed, machine lost) as "lost", which re-queues them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select
+
+from scheduler.config import Settings, get_settings
+from scheduler.emission import dispatch
+from scheduler.scheduling import send_plans
+from scheduler.store.db import session_scope
+from scheduler.store.models import Job, SchedulingSession, utcnow
+from workers_bridge.release import Ending
+from workers_bridge.runner import finish
+
+log = logging.getLogger(__name__)
+
+# A message just committed may still be on its way: give it this long.
+DISPATCH_GRACE = timedelta(seconds=10)
+PLANNING_GRACE = timedelta(seconds=60)
+
+
+@dataclass
+class ResendReport:
+    plans: int = 0
+    jobs: int = 0
+    lost: int = 0
+
+
+def resend(settings: Settings | None = None, now: datetime | None = None) -> ResendReport:
+    settings = settings or get_settings()
+    now = now or utcnow()
+    report = ResendReport()
+    stale_dispatch = now - timedelta(seconds=settings.resend_after)
+    silent = now - timedelta(seconds=max(3 * settings.heartbeat_interval, 30.0))
+    with session_scope() as session:
+        planning = list(
+            session.scalars(
+                select(SchedulingSession.id).where(
+                    SchedulingSession.status == "planning",
+                    SchedulingSession.created_at < now - PLANNING_GRACE,
+                )
+            )
+        )
+        ready = list(
+            session.scalars(
+                select(Job.id).where(
+                    Job.status == "queued",
+                    Job.pending_deps == 0,
+                    or_(Job.run_after.is_(None), Job.run_after <= now),
+                    or_(
+                        and_(Job.dispatched_at.is_(None), Job.created_at < now - DISPATCH_GRACE),
+                        Job.dispatched_at < stale_dispatch,
+                    ),
+                )
+            )
+        )
+        lost = session.execute(
+            select(Job.id, Job.attempts, Job.worker, Job.heartbeat_at).where(
+                Job.status == "running", Job.heartbeat_at < silent
+            )
+        ).all()
+    report.plans = send_plans(planning)
+    report.jobs = dispatch(ready)
+    for job_id, attempt, worker, beat in lost:
+        log.warning("job %s: worker %s silent since %s; re-queueing", job_id, worker, beat)
+        finish(
+            job_id,
+            attempt,
+            Ending(
+                ok=False,
+                lost=True,
+                error=f"worker lost: {worker} stopped heart-beating this attempt "
+                f"(last heartbeat {beat.isoformat() if beat else 'never'})",
+            ),
+        )
+        report.lost += 1
+    return report

@@ -1,0 +1,211 @@
+"""Planning a session end to end: headers, callbacks, rows, messages.
+
+The Celery tasks and the CLI call these functions; they glue the pure
+planner (:mod:`scheduler.planning`) to the store and the broker
+(:mod:`scheduler.emission`). The service registry is loaded once per process
+and reloaded when a definition file changes, so planning does not re-read
+every service for every session.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from scheduler.config import Settings, get_settings
+from scheduler.detection import LEVELS as RESOURCE_LEVELS
+from scheduler.emission import create_session, dispatch, session_dir, write_plan
+from scheduler.headers import LEVELS, UnknownCandidateError, build_headers, candidate_query
+from scheduler.ingest import fingerprint as fingerprint_of
+from scheduler.planning import Plan, make_callback_runner, plan
+from scheduler.registry import Registry, load_registry
+from scheduler.store.db import session_scope
+from scheduler.store.models import SchedulingSession, utcnow
+
+log = logging.getLogger(__name__)
+
+_registry_lock = threading.Lock()
+_registry_cache: dict[str, Any] = {}
+
+
+def _definition_stamp(settings: Settings) -> tuple[Any, ...]:
+    """Modification times of everything that defines services."""
+    stamp: list[Any] = []
+    files = [settings.settings_file] if settings.settings_file else []
+    for root in settings.services_path:
+        if not root.is_dir():
+            continue
+        files.append(root / "dcm-processor.json")
+        for child in sorted(root.iterdir()):
+            files.extend([child / "dcm-processor.json", child / "settings.json"])
+    for path in files:
+        try:
+            stamp.append((str(path), path.stat().st_mtime_ns))
+        except OSError:
+            continue
+    return (settings.services_path, settings.settings_file, tuple(settings.default_events), *stamp)
+
+
+def current_registry(settings: Settings | None = None) -> Registry:
+    """The loaded services, reloaded when a definition file changed."""
+    settings = settings or get_settings()
+    stamp = _definition_stamp(settings)
+    with _registry_lock:
+        if _registry_cache.get("stamp") != stamp:
+            loaded = load_registry(
+                settings.services_path,
+                settings.settings_file,
+                default_events=settings.default_events,
+            )
+            for problem in loaded.problems:
+                log.warning("service problem: %s", problem)
+            _registry_cache.update(stamp=stamp, registry=loaded)
+        registry: Registry = _registry_cache["registry"]
+        return registry
+
+
+def forget_registry() -> None:
+    with _registry_lock:
+        _registry_cache.clear()
+
+
+def all_definitions(registry: Registry) -> list[Any]:
+    """Every job of the enabled services, disabled ones included, so the
+    trace explains them too."""
+    return [job for service in registry.services for job in service.jobs]
+
+
+def header_fields(settings: Settings, registry: Registry) -> Sequence[str] | None:
+    if settings.header_fields is not None:
+        return settings.header_fields
+    return registry.header_fields
+
+
+@dataclass
+class Planned:
+    session_id: str
+    plan: Plan
+    headers: dict[str, Any]
+    ready: list[str]
+    status: str
+
+
+def compute_plan(
+    level: str, uid: str, event: str, *, revision: int = 1, session_id: str = "dry-run"
+) -> tuple[Plan, dict[str, Any]]:
+    """Headers and plan for a candidate, writing nothing (``plan --dry-run``)."""
+    settings = get_settings()
+    registry = current_registry(settings)
+    with session_scope() as session:
+        headers = build_headers(session, level, uid, header_fields(settings, registry))
+    context = {
+        "session_id": session_id,
+        "level": level,
+        "uid": uid,
+        "session_dir": str(session_dir(settings.output_dir, session_id)),
+    }
+    result = plan(
+        all_definitions(registry),
+        headers,
+        event=event,
+        revision=revision,
+        context=context,
+        run_callback=make_callback_runner(settings.callback_timeout),
+    )
+    if registry.problems:
+        result.trace["service_problems"] = [str(p) for p in registry.problems]
+    return result, headers
+
+
+def plan_session(session_id: str) -> Planned | None:
+    """Plan a ``planning`` session and send its ready jobs; None if already planned."""
+    with session_scope() as session:
+        row = session.get(SchedulingSession, session_id)
+        if row is None or row.status != "planning":
+            return None
+        level, uid, event, revision = row.level, row.uid, row.event, row.revision
+    try:
+        result, headers = compute_plan(level, uid, event, revision=revision, session_id=session_id)
+    except UnknownCandidateError as exc:
+        _fail_planning(session_id, str(exc))
+        return None
+    with session_scope() as session:
+        ready = write_plan(session, session_id, result, headers)
+    if ready is None:
+        return None
+    dispatch(ready)
+    return Planned(session_id, result, headers, ready, "running" if result.jobs else "empty")
+
+
+def _fail_planning(session_id: str, message: str) -> None:
+    with session_scope() as session:
+        row = session.get(SchedulingSession, session_id)
+        if row is not None and row.status == "planning":
+            row.status, row.error, row.finished_at = "failed", message, utcnow()
+
+
+def current_fingerprint(level: str, uid: str) -> tuple[str, int]:
+    """Fingerprint and revision of a resource now (for manual plans and triggers)."""
+    model, column = RESOURCE_LEVELS[level]
+    with session_scope() as session:
+        row = session.execute(
+            select(model.fingerprint, model.revision).where(column == uid)
+        ).first()
+        if row is None:
+            raise UnknownCandidateError(f"no {level} {uid!r} in the store")
+        fingerprint, revision = row
+        if not fingerprint:  # recorded by an old version: compute it now
+            uids = [i.sop_uid for *_rest, i in session.execute(candidate_query(level, uid))]
+            fingerprint = fingerprint_of(uids)
+    return fingerprint, max(revision, 1)
+
+
+def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | None:
+    """Create the session of a manual plan (idempotent) or trigger (always new)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}")
+    fingerprint, revision = current_fingerprint(level, uid)
+    trigger = uuid.uuid4().hex if manual else ""
+    with session_scope() as session:
+        return create_session(
+            session,
+            event=event,
+            level=level,
+            uid=uid,
+            fingerprint=fingerprint,
+            revision=revision,
+            trigger=trigger,
+        )
+
+
+def send_plans(session_ids: Sequence[str]) -> int:
+    """Send one ``scheduler.plan`` task per session; broker errors are logged
+    (the re-sender sends plans of sessions left in ``planning``)."""
+    if not session_ids:
+        return 0
+    from scheduler.tasks import plan as plan_task
+
+    sent = 0
+    try:
+        with plan_task.app.producer_or_acquire() as producer:
+            for session_id in session_ids:
+                plan_task.apply_async(
+                    kwargs={"session_id": session_id},
+                    producer=producer,
+                    retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0.2},
+                )
+                sent += 1
+    except Exception as exc:  # noqa: BLE001
+        log.warning(
+            "broker unavailable, %d plan(s) left for the re-sender: %s",
+            len(session_ids) - sent,
+            exc,
+        )
+    return sent

@@ -1,0 +1,31 @@
+"""Celery tasks of the scheduler side; thin shells over the library.
+
+All run on the ``dcm.planning`` queue: ``scheduler.detect`` and
+``scheduler.resend`` from beat, ``scheduler.plan`` once per new session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler import detection, resender, scheduling
+from scheduler.celery_app import app
+
+
+@app.task(name="scheduler.detect", ignore_result=True)
+def detect() -> dict[str, Any]:
+    run = detection.detect()
+    scheduling.send_plans(run.sessions)
+    return {"claimed": len(run.claimed), "sessions": run.sessions, "skipped": run.skipped}
+
+
+@app.task(name="scheduler.plan", ignore_result=True, acks_late=True)
+def plan(session_id: str) -> str | None:
+    planned = scheduling.plan_session(session_id)
+    return planned.status if planned else None
+
+
+@app.task(name="scheduler.resend", ignore_result=True)
+def resend() -> dict[str, int]:
+    report = resender.resend()
+    return {"plans": report.plans, "jobs": report.jobs, "lost": report.lost}

@@ -1,0 +1,106 @@
+"""Detection (SPEC §6): stability, atomic claims, revisions, onNewData."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from scheduler import detection
+from scheduler.config import Settings, get_settings
+from scheduler.store.db import session_scope
+from scheduler.store.models import SchedulingSession, Study, utcnow
+
+from .engine import record_study, sessions_of
+
+
+def test_a_study_is_stable_only_after_stable_age(env: Settings) -> None:
+    t0 = utcnow()
+    record_study("1.1", now=t0)
+    assert detection.detect(now=t0 + timedelta(seconds=59)).claimed == []
+    run = detection.detect(now=t0 + timedelta(seconds=61))
+    assert [(c.level, c.uid, c.revision, c.event) for c in run.claimed] == [
+        ("study", "1.1", 1, "study.stable")
+    ]
+    with session_scope() as s:
+        assert s.scalar(select(Study.state)) == "stable"
+
+
+def test_detecting_twice_creates_exactly_one_session(env: Settings) -> None:
+    t0 = utcnow() - timedelta(seconds=120)
+    record_study("1.2", now=t0)
+    first = detection.detect()
+    second = detection.detect()
+    assert len(first.sessions) == 1 and second.claimed == []
+    assert len(sessions_of("1.2")) == 1
+
+
+def test_concurrent_claims_without_the_lock_still_make_one_session_per_study(
+    env: Settings,
+) -> None:
+    t0 = utcnow() - timedelta(seconds=120)
+    for n in range(30):
+        record_study(f"2.{n}", now=t0)
+    cutoff = utcnow()
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: detection.claim_level("study", cutoff), range(4)))
+    claimed = [c.uid for run in runs for c in run]
+    assert sorted(claimed) == sorted(f"2.{n}" for n in range(30))  # each claimed once
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(SchedulingSession)) == 30
+
+
+def test_two_detect_processes_at_once_create_one_session_per_study(
+    pg_url: str, tmp_path: Path
+) -> None:
+    from .conftest import base_environment
+    from .support import environment
+
+    values = base_environment(tmp_path, pg_url) | {"DCM_STABLE_AGE": "0"}
+    with environment(values):
+        t0 = utcnow() - timedelta(seconds=5)
+        for n in range(40):
+            record_study(f"3.{n}", now=t0)
+        child_env = dict(os.environ)
+        command = [sys.executable, "-m", "scheduler.cli", "detect", "--json"]
+        processes = [
+            subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outputs = [json.loads(p.communicate(timeout=120)[0]) for p in processes]
+        assert all(p.returncode == 0 for p in processes)
+        claimed = [c["uid"] for out in outputs for c in out["claimed"]]
+        assert sorted(claimed) == sorted(f"3.{n}" for n in range(40))
+        with session_scope() as s:
+            assert s.scalar(select(func.count()).select_from(SchedulingSession)) == 40
+
+
+def test_a_late_instance_gives_a_new_revision(env: Settings) -> None:
+    t0 = utcnow() - timedelta(seconds=300)
+    record_study("4.1", now=t0)
+    detection.detect()
+    record_study("4.1", instances=1, first=10, now=t0 + timedelta(seconds=100))
+    with session_scope() as s:
+        assert s.scalar(select(Study.state)) == "receiving"
+    run = detection.detect()
+    assert [(c.uid, c.revision) for c in run.claimed] == [("4.1", 2)]
+    revisions = [(s.revision, s.fingerprint) for s in sessions_of("4.1")]
+    assert [r for r, _ in revisions] == [1, 2]
+    assert revisions[0][1] != revisions[1][1]
+
+
+def test_detection_covers_each_configured_level(env: Settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DCM_DETECT_LEVELS", "series,study,patient")
+    from scheduler.config import reset_settings
+
+    reset_settings()
+    record_study("5.1", now=utcnow() - timedelta(seconds=120), patient="P5")
+    events = sorted(c.event for c in detection.detect(get_settings()).claimed)
+    assert events == ["patient.stable", "series.stable", "study.stable"]
+    reset_settings()

@@ -1,0 +1,188 @@
+"""Emission and the workers bridge on a real worker, Redis and PostgreSQL (SPEC §9, §10)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery.signals import task_postrun
+from sqlalchemy import select
+
+from scheduler.config import Settings
+from scheduler.store.db import session_scope
+from scheduler.store.models import Job, utcnow
+from workers_bridge.tasks import run_job
+
+from .conftest import Define
+from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
+
+ENTRY = "dcm_testjobs:work"
+
+
+def job(name: str, **fields: Any) -> dict[str, Any]:
+    return {"jobName": name, "workerEntry": ENTRY, **fields}
+
+
+def start(uid: str) -> str:
+    record_study(uid, now=utcnow() - timedelta(seconds=1))
+    sessions = detect_and_send()
+    assert len(sessions) == 1
+    return sessions[0]
+
+
+def job_status(session_id: str, name: str) -> str | None:
+    with session_scope() as s:
+        return s.scalar(
+            select(Job.status).where(Job.session_id == session_id, Job.job_name == name)
+        )
+
+
+def calls_of(path: Path, name: str) -> int:
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.split()[0] == name)
+
+
+def test_diamond_dag_runs_in_dependency_order_and_passes_results(
+    live: Settings, define: Define
+) -> None:
+    define(
+        [
+            job("a", params={"value": 1}),
+            job("b", dependsOn="a", params={"value": 2}),
+            job("c", dependsOn="a", params={"value": 3}),
+            job("d", dependsOn=["b", "c"], params={"value": 4}),
+        ]
+    )
+    doc = wait_session(start("10.1"))
+    assert doc["status"] == "succeeded"
+    jobs = jobs_by_name(doc)
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in jobs.values())
+    for later, earlier in [("b", "a"), ("c", "a"), ("d", "b"), ("d", "c")]:
+        assert jobs[later]["started_at"] >= jobs[earlier]["finished_at"]
+    results = jobs["d"]["result"]["results"]
+    assert {name: r["value"] for name, r in results.items()} == {"b": 2, "c": 3}
+    assert sorted(jobs["d"]["depends_on"]) == ["b", "c"]
+
+
+def test_a_job_starts_when_its_own_dependencies_succeed_not_later(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    gate = tmp_path / "open-a"
+    define(
+        [
+            job("a", params={"wait_for": str(gate)}),
+            job("b", dependsOn="a"),
+            job("c"),
+            job("d", dependsOn="c"),
+        ]
+    )
+    session_id = start("10.2")
+
+    wait_until(lambda: job_status(session_id, "d") == "succeeded", what="d to succeed while a runs")
+    gate.write_text("go")
+    jobs = jobs_by_name(wait_session(session_id))
+    assert jobs["d"]["finished_at"] < jobs["a"]["finished_at"]
+    assert jobs["b"]["started_at"] >= jobs["a"]["finished_at"]
+
+
+def test_a_failing_job_marks_only_its_descendants_upstream_failed(
+    live: Settings, define: Define
+) -> None:
+    define(
+        [
+            job("a", params={"raise": "scanner data is corrupt"}),
+            job("b", dependsOn="a"),
+            job("c", dependsOn="b"),
+            job("d"),
+            job("e", dependsOn="d"),
+            job("final", phase="post"),
+        ]
+    )
+    doc = wait_session(start("10.3"))
+    jobs = jobs_by_name(doc)
+    status = {name: j["status"] for name, j in jobs.items()}
+    assert status == {
+        "a": "failed",
+        "b": "upstream_failed",
+        "c": "upstream_failed",
+        "d": "succeeded",
+        "e": "succeeded",
+        "final": "succeeded",
+    }
+    assert jobs["a"]["error"].startswith("ValueError: scanner data is corrupt")
+    assert "Traceback" in jobs["a"]["error"]
+    assert jobs["b"]["error"] == "upstream_failed: dependency 'a' did not succeed"
+    assert jobs["final"]["result"]["outcomes"]["a"] == "failed"
+    assert doc["status"] == "partial"
+
+
+def test_a_job_failing_twice_then_succeeding_with_two_retries_succeeds_in_three_attempts(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    calls = tmp_path / "calls"
+    define([job("flaky", retries=2, retryDelay=0.2, params={"fail_times": 2, "calls": str(calls)})])
+    doc = wait_session(start("10.4"))
+    flaky = jobs_by_name(doc)["flaky"]
+    assert (flaky["status"], flaky["attempts"]) == ("succeeded", 3)
+    assert [e["status"] for e in flaky["attempt_log"]] == ["failed", "failed", "succeeded"]
+    assert calls_of(calls, "flaky") == 3
+    assert doc["status"] == "succeeded"
+
+
+def test_a_job_exceeding_its_timeout_fails_as_a_timeout(live: Settings, define: Define) -> None:
+    define([job("slow", timeout=1, params={"hang": True}), job("after", dependsOn="slow")])
+    doc = wait_session(start("10.5"))
+    jobs = jobs_by_name(doc)
+    assert jobs["slow"]["status"] == "failed"
+    assert jobs["slow"]["error"].startswith(
+        "timeout: the attempt ran longer than its timeout of 1s and was killed"
+    )
+    assert jobs["after"]["status"] == "upstream_failed"
+    assert doc["status"] == "failed"
+
+
+def test_the_same_task_delivered_twice_runs_the_worker_once(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    calls, gate = tmp_path / "calls", tmp_path / "gate"
+    define([job("once", params={"calls": str(calls), "wait_for": str(gate)})])
+    session_id = start("10.6")
+    wait_until(lambda: calls_of(calls, "once") == 1, what="the first delivery to start")
+    with session_scope() as s:
+        job_id = s.scalars(select(Job.id).where(Job.session_id == session_id)).one()
+
+    duplicates: list[str] = []
+
+    def count(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+        if task_id == job_id:
+            duplicates.append(task_id)
+
+    task_postrun.connect(count, weak=False)
+    try:
+        for _ in range(3):  # while the first one runs
+            run_job.apply_async(args=(job_id,), task_id=job_id)
+        wait_until(lambda: len(duplicates) >= 3, what="the duplicates to be handled")
+        gate.write_text("go")
+        doc = wait_session(session_id)
+        for _ in range(2):  # and after it finished
+            run_job.apply_async(args=(job_id,), task_id=job_id)
+        wait_until(lambda: len(duplicates) >= 6, what="the late duplicates to be handled")
+    finally:
+        task_postrun.disconnect(count)
+    assert calls_of(calls, "once") == 1
+    once = jobs_by_name(wait_session(session_id))["once"]
+    assert (once["status"], once["attempts"]) == ("succeeded", 1)
+    assert doc["status"] == "succeeded"
+
+
+def test_workers_get_headers_params_added_params_and_context(
+    live: Settings, define: Define
+) -> None:
+    define([job("probe", registryEntry="dcm_testjobs:accept", params={"value": "v"})])
+    doc = wait_session(start("10.7"))
+    result = jobs_by_name(doc)["probe"]["result"]
+    assert result["value"] == "v"
+    assert result["uid"] == "10.7"
+    assert result["added_params"] == {"probe": {"seen": [], "uid": "10.7", "job": "probe"}}

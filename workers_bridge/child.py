@@ -1,0 +1,102 @@
+"""Calling a service's worker function, in the process that runs one attempt.
+
+Standard library only: this file also runs as a script under a service's own
+interpreter (the ``python`` field, a separate virtualenv without the
+scheduler installed): ``python child.py REQUEST.json RESULT.json``.
+
+A request names the entry, the folders it is imported from and the call's
+arguments; the response is ``{"ok": true, "result": …}`` or ``{"ok": false,
+"error": …, "traceback": …}``. Exceptions, ``sys.exit`` and results that are
+not JSON all become errors with a message that says which.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import traceback
+from typing import Any
+
+
+def resolve(entry: str, roots: list[str]) -> Any:
+    """Import ``module.sub:function`` or ``module.sub.function`` from ``roots``."""
+    for root in reversed(roots):
+        if root and root not in sys.path:
+            sys.path.insert(0, root)
+    if ":" in entry:
+        module_name, _, attribute = entry.partition(":")
+        return _attribute(importlib.import_module(module_name), attribute)
+    parts = entry.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        return _attribute(module, ".".join(parts[cut:]))
+    raise ImportError(f"no importable module in {entry!r}")
+
+
+def _attribute(module: Any, path: str) -> Any:
+    target = module
+    for name in path.split("."):
+        target = getattr(target, name)
+    return target
+
+
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    """Call the worker of ``request``; never raises."""
+    try:
+        worker = resolve(request["entry"], request.get("roots", []))
+    except BaseException as exc:  # noqa: BLE001
+        return {
+            "ok": False,
+            "error": f"cannot import workerEntry {request['entry']!r}: {type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    try:
+        value = worker(
+            request["job_name"],
+            request["headers"],
+            request["params"],
+            request["added_params"],
+            **request.get("kwargs", {}),
+        )
+    except SystemExit as exc:
+        return {"ok": False, "error": f"worker called sys.exit({exc.code!r})", "traceback": ""}
+    except BaseException as exc:  # noqa: BLE001 - the worker's failure is the job's error
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return {
+            "ok": False,
+            "error": f"worker returned a value that is not JSON-serialisable "
+            f"({type(value).__name__}): {exc}",
+            "traceback": "",
+        }
+    return {"ok": True, "result": value}
+
+
+def write_response(path: str, response: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(response, handle, allow_nan=False)
+
+
+def main(argv: list[str]) -> int:
+    request_path, response_path = argv[1], argv[2]
+    with open(request_path, encoding="utf-8") as handle:
+        request = json.load(handle)
+    response = run(request)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    write_response(response_path, response)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

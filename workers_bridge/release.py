@@ -1,0 +1,177 @@
+"""Recording how an attempt ended and releasing what waits for it (SPEC §9, §10).
+
+All transitions of a session's jobs happen with the session row locked, so
+concurrent endings in one session are serialised (PostgreSQL ``SELECT … FOR
+UPDATE``; SQLite takes its write lock at ``BEGIN``) while sessions stay
+independent. That makes the ``pending_deps`` counter an exact chord counter:
+the job whose ending brings a dependent to zero is the one that sends it.
+
+On success every dependent is decremented. On a final failure (or a
+cancellation) every job that needs it to succeed, directly or transitively,
+becomes ``upstream_failed``; post jobs, which only wait for an end, are
+decremented instead, so they still run. When a session's last job ends the
+session gets ``succeeded``, ``failed`` (nothing succeeded) or ``partial``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from scheduler.store.db import rowcount
+from scheduler.store.models import (
+    JOB_FINAL_STATUSES,
+    Job,
+    JobDependency,
+    SchedulingSession,
+    utcnow,
+)
+
+# A job whose worker vanished (killed, machine lost) is re-run this many
+# times beyond its own retries before it is failed: losing a worker is
+# rarely the job's fault, but a job that kills every worker must stop.
+LOST_WORKER_GRACE = 2
+
+
+@dataclass
+class Ending:
+    """How one attempt ended."""
+
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    lost: bool = False
+    timed_out: bool = False
+
+
+@dataclass
+class Released:
+    """What to send after the transaction commits."""
+
+    ready: list[str]
+    retry: tuple[str, float] | None = None
+    recorded: bool = True
+
+
+def lock_session(session: Session, session_id: str) -> None:
+    session.execute(
+        select(SchedulingSession.id).where(SchedulingSession.id == session_id).with_for_update()
+    )
+
+
+def record_ending(
+    session: Session, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
+) -> Released:
+    """Store the ending of ``attempt`` of ``job_id``; see the module docstring.
+
+    An ending for an attempt that is no longer the running one (the job was
+    re-queued as lost, or cancelled meanwhile) is ignored.
+    """
+    now = now or utcnow()
+    session_id = session.scalar(select(Job.session_id).where(Job.id == job_id))
+    if session_id is None:
+        return Released([], recorded=False)
+    lock_session(session, session_id)
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != "running" or job.attempts != attempt:
+        return Released([], recorded=False)
+
+    entry = {
+        "attempt": attempt,
+        "status": "succeeded" if ending.ok else ("lost" if ending.lost else "failed"),
+        "worker": job.worker,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": now.isoformat(),
+        "error": None if ending.ok else _first_line(ending.error),
+    }
+    job.attempt_log = [*job.attempt_log, entry]
+
+    if ending.ok:
+        job.status, job.result, job.error, job.finished_at = "succeeded", ending.result, None, now
+        ready = release_dependents(session, job_id, succeeded=True, now=now)
+        finish_session_if_done(session, session_id, now)
+        return Released(ready)
+
+    job.error = ending.error
+    budget = job.max_attempts + (LOST_WORKER_GRACE if ending.lost else 0)
+    if attempt < budget:
+        delay = 0.0 if ending.lost else job.retry_delay_s * (2 ** (attempt - 1))
+        job.status, job.run_after, job.dispatched_at = "queued", now + timedelta(seconds=delay), now
+        job.heartbeat_at = None
+        return Released([], retry=(job_id, delay))
+
+    job.status, job.finished_at = "failed", now
+    ready = release_dependents(session, job_id, succeeded=False, now=now)
+    finish_session_if_done(session, session_id, now)
+    return Released(ready)
+
+
+def _first_line(text: str | None) -> str | None:
+    return text.splitlines()[0][:500] if text else text
+
+
+def release_dependents(
+    session: Session, job_id: str, *, succeeded: bool, now: datetime
+) -> list[str]:
+    """Propagate the end of ``job_id``; returns dependents that became ready."""
+    ready: list[str] = []
+    ended: list[tuple[str, bool]] = [(job_id, succeeded)]
+    names = dict(session.execute(select(Job.id, Job.job_name).where(Job.id == job_id)).all())
+    while ended:
+        current, ok = ended.pop()
+        edges = session.execute(
+            select(JobDependency.job_id, JobDependency.requires_success).where(
+                JobDependency.depends_on_id == current
+            )
+        ).all()
+        for dependent, requires_success in edges:
+            if requires_success and not ok:
+                name = names.get(current) or session.scalar(
+                    select(Job.job_name).where(Job.id == current)
+                )
+                marked = session.execute(
+                    update(Job)
+                    .where(Job.id == dependent, Job.status == "queued")
+                    .values(
+                        status="upstream_failed",
+                        finished_at=now,
+                        error=f"upstream_failed: dependency {name!r} did not succeed",
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if rowcount(marked):
+                    ended.append((dependent, False))
+                continue
+            row = session.execute(
+                update(Job)
+                .where(Job.id == dependent)
+                .values(pending_deps=Job.pending_deps - 1)
+                .returning(Job.pending_deps, Job.status)
+                .execution_options(synchronize_session=False)
+            ).one()
+            if row.pending_deps == 0 and row.status == "queued":
+                ready.append(dependent)
+    return ready
+
+
+def finish_session_if_done(session: Session, session_id: str, now: datetime) -> str | None:
+    """Give the session its final status once none of its jobs can still run."""
+    statuses = list(session.scalars(select(Job.status).where(Job.session_id == session_id)))
+    if not statuses or any(s not in JOB_FINAL_STATUSES for s in statuses):
+        return None
+    if all(s == "succeeded" for s in statuses):
+        final = "succeeded"
+    elif "succeeded" not in statuses:
+        final = "failed"
+    else:
+        final = "partial"
+    done = session.execute(
+        update(SchedulingSession)
+        .where(SchedulingSession.id == session_id, SchedulingSession.status == "running")
+        .values(status=final, finished_at=now)
+    )
+    return final if rowcount(done) else None

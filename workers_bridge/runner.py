@@ -1,0 +1,174 @@
+"""One job, from message to recorded outcome (SPEC §10).
+
+:func:`run_job` claims the job atomically (``queued`` → ``running``, so a
+duplicate delivery of a running or finished job does nothing), gathers the
+call's arguments from the store (headers, the session's ``added_params``, the
+results of its dependencies, and for post jobs every job's outcome), runs
+the attempt in a child process (:mod:`workers_bridge.process`), records the
+ending (:mod:`workers_bridge.release`) and sends what became ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from scheduler.config import get_settings
+from scheduler.emission import dispatch, session_dir
+from scheduler.store.db import rowcount, session_scope
+from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
+from workers_bridge.process import execute
+from workers_bridge.release import Ending, record_ending
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claim:
+    job_id: str
+    attempt: int
+    timeout: float
+    python: str | None
+    request: dict[str, Any]
+
+
+def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | None:
+    """Take the job if it is ``queued``; build the worker call."""
+    now = now or utcnow()
+    with session_scope() as session:
+        taken = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                started_at=now,
+                heartbeat_at=now,
+                finished_at=None,
+                worker=hostname,
+            )
+        )
+        if rowcount(taken) != 1:
+            return None
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        _touch_worker(session, hostname, job.channel, now)
+        parent = session.get(SchedulingSession, job.session_id)
+        assert parent is not None
+        results: dict[str, Any] = dict(
+            session.execute(
+                select(Job.job_name, Job.result)
+                .join(JobDependency, JobDependency.depends_on_id == Job.id)
+                .where(JobDependency.job_id == job_id)
+            ).all()
+        )
+        folder = session_dir(get_settings().output_dir, parent.id)
+        output_dir = folder / job.job_name
+        output_dir.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {
+            "job_id": job.id,
+            "session_id": parent.id,
+            "event": parent.event,
+            "level": parent.level,
+            "uid": parent.uid,
+            "revision": parent.revision,
+            "attempt": job.attempts,
+            "results": results,
+            "session_dir": str(folder),
+            "output_dir": str(output_dir),
+        }
+        if job.phase == "post":
+            kwargs["outcomes"] = dict(
+                session.execute(
+                    select(Job.job_name, Job.status).where(Job.session_id == parent.id)
+                ).all()
+            )
+        request = {
+            "entry": job.worker_entry,
+            "roots": [r for r in job.entry_root.split(os.pathsep) if r],
+            "job_name": job.job_name,
+            "headers": parent.headers or {},
+            "params": job.params,
+            "added_params": parent.added_params,
+            "kwargs": kwargs,
+        }
+        return Claim(job.id, job.attempts, job.timeout_s, job.python, request)
+
+
+def heartbeat(job_id: str, attempt: int) -> None:
+    """Tell the re-sender this attempt is alive."""
+    try:
+        with session_scope() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+                .values(heartbeat_at=utcnow())
+            )
+    except Exception as exc:  # noqa: BLE001 - a missed beat is not worth failing the job
+        log.warning("heartbeat of job %s failed: %s", job_id, exc)
+
+
+def _touch_worker(session: Any, hostname: str, channel: str, now: datetime) -> None:
+    """Record that ``hostname`` consumes ``channel`` and is alive now (an upsert:
+    several jobs of one worker start at once)."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(Worker).values(
+        hostname=hostname,
+        channels={channel: True},
+        pid=os.getpid(),
+        started_at=now,
+        last_heartbeat=now,
+    )
+    session.execute(
+        statement.on_conflict_do_update(index_elements=["hostname"], set_={"last_heartbeat": now})
+    )
+    channels = session.scalar(select(Worker.channels).where(Worker.hostname == hostname))
+    if channels is not None and channel not in channels:
+        session.execute(
+            update(Worker)
+            .where(Worker.hostname == hostname)
+            .values(channels={**channels, channel: True})
+        )
+
+
+def finish(job_id: str, attempt: int, ending: Ending) -> None:
+    """Record an ending and send what it made ready (or the retry)."""
+    with session_scope() as session:
+        released = record_ending(session, job_id, attempt, ending)
+    if released.retry:
+        retry_id, delay = released.retry
+        dispatch([retry_id], countdown=delay)
+    dispatch(released.ready)
+
+
+def run_job(job_id: str, hostname: str | None = None) -> str | None:
+    """Run one job if it can be claimed; returns its attempt's status or None."""
+    hostname = hostname or socket.gethostname()
+    taken = claim(job_id, hostname)
+    if taken is None:
+        log.info("job %s is not queued any more; duplicate delivery ignored", job_id)
+        return None
+    settings = get_settings()
+    outcome = execute(
+        taken.request,
+        timeout=taken.timeout,
+        python=taken.python,
+        heartbeat=lambda: heartbeat(job_id, taken.attempt),
+        heartbeat_interval=settings.heartbeat_interval,
+    )
+    finish(
+        job_id,
+        taken.attempt,
+        Ending(
+            ok=outcome.ok, result=outcome.result, error=outcome.error, timed_out=outcome.timed_out
+        ),
+    )
+    return "succeeded" if outcome.ok else "failed"

@@ -1,0 +1,25 @@
+"""The Celery task that runs one job: ``workers_bridge.run_job``.
+
+``acks_late`` with ``reject_on_worker_lost``: a message is acknowledged only
+after the job's outcome is stored, so a worker that dies mid-job leaves the
+message to be delivered again; the atomic claim makes any duplicate a no-op.
+Results are ignored: job state and results live in the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.celery_app import app
+from workers_bridge import runner
+
+
+@app.task(
+    name="workers_bridge.run_job",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def run_job(self: Any, job_id: str) -> str | None:
+    return runner.run_job(job_id, hostname=self.request.hostname)
