@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from scheduler.config import Settings, get_settings
 
@@ -43,6 +43,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {}
 
 
+def channel_queue(name: str) -> Queue:
+    return Queue(name, Exchange(name), routing_key=name)
+
+
 def celery_settings(settings: Settings) -> dict[str, Any]:
     """The Celery configuration mapping for ``settings``."""
     beat_schedule: dict[str, Any] = {
@@ -57,8 +61,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 5.0)},
         },
     }
+    broker_url = settings.broker_url
+    if broker_url == "filesystem://":
+        broker_url = "filesystem://localhost//"  # kombu warns about a missing host otherwise
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": broker_url,
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "result_backend": settings.result_backend,
@@ -75,7 +82,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_default_queue": DEFAULT_CHANNEL,
-        "task_queues": [Queue(PLANNING_QUEUE), Queue(DEFAULT_CHANNEL)],
+        # Each queue on its own exchange and key, like the ones Celery creates
+        # for `-Q gpu`: a message for one queue is never copied to another.
+        "task_queues": [channel_queue(PLANNING_QUEUE), channel_queue(DEFAULT_CHANNEL)],
         "task_create_missing_queues": True,
         "task_routes": {"scheduler.*": {"queue": PLANNING_QUEUE}},
         "beat_schedule": beat_schedule,

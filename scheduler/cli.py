@@ -502,11 +502,14 @@ def demo(
         Path | None,
         typer.Option(help="Folder for the demo's state (default: a new temporary one)."),
     ] = None,
+    all_samples: Annotated[
+        bool, typer.Option("--all-samples", help="Ingest every pydicom sample, odd ones too.")
+    ] = False,
 ) -> None:
     """Run the example services on pydicom's sample files, start to finish."""
     from scheduler.demo import run_demo
 
-    code = run_demo(home, console)
+    code = run_demo(home, console, all_samples=all_samples)
     raise typer.Exit(code)
 
 

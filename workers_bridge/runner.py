@@ -87,7 +87,9 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
         if job.phase == "post":
             kwargs["outcomes"] = dict(
                 session.execute(
-                    select(Job.job_name, Job.status).where(Job.session_id == parent.id)
+                    select(Job.job_name, Job.status).where(
+                        Job.session_id == parent.id, Job.id != job.id
+                    )
                 ).all()
             )
         request = {

@@ -38,7 +38,8 @@ def _safe_name(uid: str) -> str:
 
 def anonymize_file(path: str, output_dir: str, profile: Profile) -> tuple[str, str, str]:
     """De-identify one file; return (written path, new series UID, original series UID)."""
-    ds = pydicom.dcmread(path)
+    # force: files written without a preamble are still DICOM (ingest takes them too).
+    ds = pydicom.dcmread(path, force=True)
     original_series = str(ds.get("SeriesInstanceUID", ""))
     deidentify(ds, profile)
     series_uid = str(ds.get("SeriesInstanceUID", "")) or "unknown-series"

@@ -32,7 +32,7 @@ def frame_count(ds: Dataset) -> int:
 
 def read_middle_frame(path: str) -> tuple[np.ndarray, Dataset]:
     """Decode only the middle frame of ``path``; return it with its dataset."""
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path, force=True)
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise NotRenderableError("no pixel data")
     try:

@@ -1,0 +1,110 @@
+"""The re-sender (SPEC §9.3): a lost message is a delay, never a lost job."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import select, update
+
+from scheduler import resender, scheduling
+from scheduler.celery_app import app
+from scheduler.config import Settings
+from scheduler.store.db import session_scope
+from scheduler.store.models import Job, SchedulingSession, utcnow
+from workers_bridge import runner
+
+from .conftest import Define, base_environment
+from .engine import jobs_by_name, record_study, wait_session
+from .support import environment
+
+WORK = "dcm_testjobs:work"
+
+
+def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
+    tmp_path: Path, pg_url: str, redis_url: str, services_root: Path, define: Define
+) -> None:
+    define(
+        [
+            {"jobName": "a", "workerEntry": WORK},
+            {"jobName": "b", "workerEntry": WORK, "dependsOn": "a"},
+        ]
+    )
+    values = base_environment(tmp_path, pg_url, "redis://127.0.0.1:1/0") | {
+        "DCM_SERVICES_PATH": str(services_root)
+    }
+    with environment(values):
+        record_study("20.1")
+        session_id = scheduling.open_session("study", "20.1", "study.stable", manual=False)
+        assert session_id is not None
+        planned = scheduling.plan_session(session_id)  # the broker refuses: rows stay
+        assert planned is not None and planned.ready
+        with session_scope() as s:
+            a = s.scalars(select(Job).where(Job.job_name == "a")).one()
+            assert (a.status, a.dispatched_at) == ("queued", None)
+
+    values["CELERY_BROKER_URL"] = redis_url
+    with (
+        environment(values) as settings,
+        start_worker(
+            app,
+            pool="threads",
+            concurrency=2,
+            perform_ping_check=False,
+            queues=["dcm.planning", "default"],
+            loglevel="WARNING",
+        ),
+    ):
+        assert resender.resend(settings).jobs == 0  # just committed: still in its grace time
+        report = resender.resend(settings, now=utcnow() + timedelta(seconds=30))
+        assert report.jobs == 1
+        doc = wait_session(session_id)
+    assert doc["status"] == "succeeded"
+    assert [j["attempts"] for j in doc["jobs"]] == [1, 1]
+
+
+def test_a_running_job_whose_worker_went_silent_is_run_again(
+    live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    define([{"jobName": "a", "workerEntry": WORK}])
+    record_study("20.2")
+    session_id = scheduling.open_session("study", "20.2", "study.stable", manual=False)
+    assert session_id is not None
+    # Plan without sending, then take the job as a worker that dies at once.
+    monkeypatch.setattr(scheduling, "dispatch", lambda *args, **kwargs: 0)
+    planned = scheduling.plan_session(session_id)
+    assert planned is not None
+    job_id = planned.ready[0]
+    assert runner.claim(job_id, "ghost@nowhere") is not None
+    with session_scope() as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(minutes=5))
+        )
+
+    report = resender.resend(live)
+    assert report.lost == 1
+    doc = wait_session(session_id)
+    job = jobs_by_name(doc)["a"]
+    assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    assert job["attempt_log"][0]["status"] == "lost"
+    assert "ghost@nowhere stopped heart-beating" in job["attempt_log"][0]["error"]
+
+
+def test_a_session_whose_plan_message_was_lost_is_planned_again(
+    live: Settings, define: Define
+) -> None:
+    define([{"jobName": "a", "workerEntry": WORK}])
+    record_study("20.3")
+    session_id = scheduling.open_session("study", "20.3", "study.stable", manual=False)
+    assert session_id is not None  # and no plan task was sent
+    assert resender.resend(live).plans == 0
+    with session_scope() as s:
+        s.execute(
+            update(SchedulingSession)
+            .where(SchedulingSession.id == session_id)
+            .values(created_at=utcnow() - timedelta(minutes=5))
+        )
+    assert resender.resend(live).plans == 1
+    assert wait_session(session_id)["status"] == "succeeded"
