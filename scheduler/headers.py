@@ -32,12 +32,11 @@ def _filter(tags: dict[str, Any], fields: frozenset[str] | None) -> dict[str, An
     return {k: v for k, v in tags.items() if k in fields or k in STRUCTURAL}
 
 
-def _instance_key(item: dict[str, Any]) -> tuple[int, str]:
-    number = item.get("InstanceNumber")
+def _number(value: Any) -> int:
     try:
-        return int(str(number)), str(item.get("location", ""))
+        return int(str(value))
     except (TypeError, ValueError):
-        return 2**31, str(item.get("location", ""))
+        return 2**31  # unnumbered last
 
 
 def _common_folder(locations: Iterable[str]) -> str:
@@ -75,6 +74,8 @@ def build_headers(
     patient = rows[0][0]
     studies: dict[int, dict[str, Any]] = {}
     series: dict[int, dict[str, Any]] = {}
+    sort_keys: dict[int, tuple[str, int, str]] = {}
+    instance_keys: dict[str, tuple[int, str]] = {}
     for _patient, study, serie, instance in rows:
         if study.id not in studies:
             studies[study.id] = {
@@ -84,6 +85,12 @@ def build_headers(
                 "series": [],
             }
         if serie.id not in series:
+            # Sorted on the stored tags: the order must not depend on the filter.
+            sort_keys[serie.id] = (
+                study.study_uid,
+                _number(serie.tags.get("SeriesNumber")),
+                serie.series_uid,
+            )
             series[serie.id] = {
                 **_filter(serie.tags, allowed),
                 "SeriesInstanceUID": serie.series_uid,
@@ -94,6 +101,10 @@ def build_headers(
             studies[study.id]["series"].append(serie.series_uid)
         studies[study.id]["instance_count"] += 1
         series[serie.id]["instance_count"] += 1
+        instance_keys[instance.sop_uid] = (
+            _number(instance.tags.get("InstanceNumber")),
+            instance.location,
+        )
         series[serie.id]["instances"].append(
             {
                 **_filter(instance.tags, allowed),
@@ -101,11 +112,12 @@ def build_headers(
                 "location": instance.location,
             }
         )
-    series_list = sorted(
-        series.values(), key=lambda s: (s["StudyInstanceUID"], str(s.get("SeriesNumber", "")))
-    )
+    series_list = [series[pk] for pk in sorted(series, key=sort_keys.__getitem__)]
     for item in series_list:
-        item["instances"].sort(key=_instance_key)
+        item["instances"].sort(key=lambda i: instance_keys[i["SOPInstanceUID"]])
+    order = {item["SeriesInstanceUID"]: index for index, item in enumerate(series_list)}
+    for study_doc in studies.values():
+        study_doc["series"].sort(key=order.__getitem__)
     patient_tags = _filter(patient.tags, allowed)
     if level == "patient":
         patient_tags["PatientID"] = patient.patient_id

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from scheduler import detection
@@ -17,6 +18,7 @@ from scheduler.config import Settings, get_settings
 from scheduler.store.db import session_scope
 from scheduler.store.models import SchedulingSession, Study, utcnow
 
+from .conftest import Define
 from .engine import record_study, sessions_of
 
 
@@ -95,7 +97,9 @@ def test_a_late_instance_gives_a_new_revision(env: Settings) -> None:
     assert revisions[0][1] != revisions[1][1]
 
 
-def test_detection_covers_each_configured_level(env: Settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_detection_covers_each_configured_level(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DCM_DETECT_LEVELS", "series,study,patient")
     from scheduler.config import reset_settings
 
@@ -104,3 +108,44 @@ def test_detection_covers_each_configured_level(env: Settings, monkeypatch) -> N
     events = sorted(c.event for c in detection.detect(get_settings()).claimed)
     assert events == ["patient.stable", "series.stable", "study.stable"]
     reset_settings()
+
+
+def test_detection_runs_never_overlap(env: Settings) -> None:
+    from scheduler.leases import lease
+
+    record_study("6.1", now=utcnow() - timedelta(seconds=120))
+    with lease("detect", 60) as held:
+        assert held
+        blocked = detection.detect()
+    assert blocked.skipped and blocked.claimed == []
+    assert len(detection.detect().claimed) == 1  # released: the next run goes ahead
+
+
+def test_on_new_data_ignore_job_is_absent_in_revision_two(
+    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scheduler import scheduling
+    from scheduler.celery_app import app
+
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
+    apply_environment({})
+    define(
+        [
+            {"jobName": "first-only", "workerEntry": "dcm_testjobs:work", "onNewData": "ignore"},
+            {"jobName": "every-time", "workerEntry": "dcm_testjobs:work"},
+        ]
+    )
+    t0 = utcnow() - timedelta(seconds=600)
+    record_study("6.2", now=t0)
+    app.conf.task_always_eager = True
+    try:
+        first = [scheduling.plan_session(s) for s in detection.detect().sessions]
+        record_study("6.2", instances=1, first=9, now=t0 + timedelta(seconds=100))
+        second = [scheduling.plan_session(s) for s in detection.detect().sessions]
+    finally:
+        app.conf.task_always_eager = False
+    assert [sorted(p.plan.job_names) for p in first if p] == [["every-time", "first-only"]]
+    assert [p.plan.job_names for p in second if p] == [["every-time"]]
+    assert "revision 2" in second[0].plan.trace["jobs"]["first-only"]["reason"]  # type: ignore[union-attr]

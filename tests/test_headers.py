@@ -1,0 +1,96 @@
+"""The headers document (SPEC §8): structure, legacy keys, DCM_HEADER_FIELDS filtering."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.config import Settings
+from scheduler.headers import UnknownCandidateError, build_headers
+from scheduler.ingest import record_instances
+from scheduler.store.db import session_scope
+
+
+def record() -> None:
+    base = {
+        "PatientID": "PAT-1",
+        "PatientName": "Doe^Jane",
+        "PatientBirthDate": "19700101",
+        "StudyInstanceUID": "1.5",
+        "StudyDescription": "Head CT",
+    }
+    items = [
+        base
+        | {
+            "SeriesInstanceUID": "1.5.2",
+            "SeriesNumber": "2",
+            "Modality": "CT",
+            "SOPInstanceUID": f"1.5.2.{n}",
+            "InstanceNumber": str(n),
+            "location": f"/data/1.5/2/{n}.dcm",
+        }
+        for n in (3, 1, 2)
+    ] + [
+        base
+        | {
+            "SeriesInstanceUID": "1.5.1",
+            "SeriesNumber": "1",
+            "Modality": "SR",
+            "SOPInstanceUID": "1.5.1.1",
+            "location": "/data/1.5/1/1.dcm",
+        }
+    ]
+    with session_scope() as s:
+        record_instances(s, items)
+
+
+def test_headers_summarise_patient_studies_series_and_files(env: Settings) -> None:
+    record()
+    with session_scope() as s:
+        headers = build_headers(s, "study", "1.5")
+    assert headers["level"] == "study" and headers["uid"] == "1.5"
+    assert headers["id"] == "PAT-1"
+    assert headers["patient"]["PatientName"] == "Doe^Jane"
+    assert headers["studies"] == [
+        {
+            "StudyInstanceUID": "1.5",
+            "StudyDescription": "Head CT",
+            "instance_count": 4,
+            "series": ["1.5.1", "1.5.2"],
+        }
+    ]
+    assert headers["seriesIds"] == ["1.5.1", "1.5.2"]
+    ct = headers["series"][1]
+    assert (ct["Modality"], ct["instance_count"]) == ("CT", 3)
+    assert [i["InstanceNumber"] for i in ct["instances"]] == ["1", "2", "3"]
+    assert ct["instances"][0]["location"] == "/data/1.5/2/1.dcm"
+    assert headers["dcmpath"] == "/data/1.5"
+    assert headers["instance_count"] == 4
+
+
+def test_header_fields_limit_the_tags_but_keep_the_structure(env: Settings) -> None:
+    record()
+    with session_scope() as s:
+        headers = build_headers(s, "study", "1.5", fields=["Modality"])
+    assert headers["patient"] == {}
+    assert "id" not in headers  # PatientID was not allowed
+    assert headers["studies"][0].keys() == {"StudyInstanceUID", "instance_count", "series"}
+    assert headers["series"][1]["Modality"] == "CT"
+    assert "SeriesNumber" not in headers["series"][1]
+    assert headers["series"][1]["instances"][0].keys() == {"SOPInstanceUID", "location"}
+    # the order still follows InstanceNumber, though the tag itself is filtered out
+    assert [i["SOPInstanceUID"] for i in headers["series"][1]["instances"]] == [
+        "1.5.2.1",
+        "1.5.2.2",
+        "1.5.2.3",
+    ]
+
+
+def test_series_and_patient_candidates(env: Settings) -> None:
+    record()
+    with session_scope() as s:
+        series = build_headers(s, "series", "1.5.2")
+        patient = build_headers(s, "patient", "PAT-1")
+        with pytest.raises(UnknownCandidateError, match="no study '9'"):
+            build_headers(s, "study", "9")
+    assert series["seriesIds"] == ["1.5.2"] and series["instance_count"] == 3
+    assert patient["instance_count"] == 4 and patient["patient"]["PatientID"] == "PAT-1"
