@@ -14,7 +14,9 @@ import redis
 from scheduler.config import Settings, get_settings, reset_settings
 
 PG_ADMIN_URL = os.environ.get("DCM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("DCM_TEST_REDIS", "redis://127.0.0.1:6379/11")
+# One Redis database per test process, so two test runs on one machine
+# (a developer's and CI's) never flush each other's queues.
+REDIS_URL = os.environ.get("DCM_TEST_REDIS", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "services"
 
 
