@@ -125,6 +125,7 @@ def write_plan(
                 "status": "queued",
                 "attempts": 0,
                 "max_attempts": d.retries + 1,
+                "retries": d.retries,
                 "timeout_s": d.timeout_s,
                 "retry_delay_s": d.retry_delay_s,
                 "attempt_log": [],

@@ -140,9 +140,8 @@ def list_jobs(
 
 def show_session(session: Session, session_id: str) -> dict[str, Any]:
     """The session with its ``trace`` and ``jobs`` (``show --json``)."""
-    row = session.get(SchedulingSession, session_id)
-    if row is None:
-        row = _by_prefix(session, session_id)
+    row = session.get(SchedulingSession, resolve_session_id(session, session_id))
+    assert row is not None
     document = session_json(row)
     document["trace"] = row.trace
     document["added_params"] = row.added_params
@@ -150,20 +149,23 @@ def show_session(session: Session, session_id: str) -> dict[str, Any]:
     return document
 
 
-def _by_prefix(session: Session, prefix: str) -> SchedulingSession:
-    """Operators paste the short ids the tables print."""
-    if len(prefix) < 4:
-        raise NotFoundError(f"no session {prefix!r}")
-    rows = list(
+def resolve_session_id(session: Session, given: str) -> str:
+    """The full id of a session given by id or by a unique prefix (operators
+    paste the short ids the tables print)."""
+    if session.get(SchedulingSession, given) is not None:
+        return given
+    if len(given) < 4:
+        raise NotFoundError(f"no session {given!r}")
+    ids = list(
         session.scalars(
-            select(SchedulingSession).where(SchedulingSession.id.startswith(prefix)).limit(2)
+            select(SchedulingSession.id).where(SchedulingSession.id.startswith(given)).limit(2)
         )
     )
-    if len(rows) != 1:
+    if len(ids) != 1:
         raise NotFoundError(
-            f"no session {prefix!r}" if not rows else f"session id {prefix!r} is ambiguous"
+            f"no session {given!r}" if not ids else f"session id {given!r} is ambiguous"
         )
-    return rows[0]
+    return ids[0]
 
 
 def stages(jobs: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -45,10 +45,14 @@ def execute(
     *,
     timeout: float,
     python: str | None = None,
-    heartbeat: Callable[[], None] | None = None,
+    heartbeat: Callable[[], bool] | None = None,
     heartbeat_interval: float = 10.0,
 ) -> AttemptOutcome:
-    """Run ``request`` (see :mod:`workers_bridge.child`) within ``timeout`` seconds."""
+    """Run ``request`` (see :mod:`workers_bridge.child`) within ``timeout`` seconds.
+
+    ``heartbeat`` is called every ``heartbeat_interval`` seconds while the
+    attempt runs; when it returns False the attempt is killed.
+    """
     with tempfile.TemporaryDirectory(prefix="dcm-attempt-") as folder:
         work = Path(folder)
         response_path = work / "response.json"
@@ -113,7 +117,7 @@ def _wait(
     pid: int,
     reap: Callable[[], int],
     timeout: float,
-    heartbeat: Callable[[], None] | None,
+    heartbeat: Callable[[], bool] | None,
     heartbeat_interval: float,
 ) -> tuple[int, bool]:
     """Wait for the child; kill its process group at the deadline.
@@ -132,7 +136,9 @@ def _wait(
             if ready:
                 return reap(), False
             if heartbeat and time.monotonic() >= next_beat:
-                heartbeat()
+                if not heartbeat():  # the job was cancelled or taken over: stop
+                    _kill_group(pid)
+                    return reap(), False
                 next_beat = time.monotonic() + heartbeat_interval
     finally:
         os.close(pidfd)

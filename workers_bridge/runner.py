@@ -104,17 +104,20 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
         return Claim(job.id, job.attempts, job.timeout_s, job.python, request)
 
 
-def heartbeat(job_id: str, attempt: int) -> None:
-    """Tell the re-sender this attempt is alive."""
+def heartbeat(job_id: str, attempt: int) -> bool:
+    """Tell the re-sender this attempt is alive; False when the job is no
+    longer this attempt's (cancelled, or re-queued as lost): stop it."""
     try:
         with session_scope() as session:
-            session.execute(
+            beat = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
                 .values(heartbeat_at=utcnow())
             )
+            return rowcount(beat) == 1
     except Exception as exc:  # noqa: BLE001 - a missed beat is not worth failing the job
         log.warning("heartbeat of job %s failed: %s", job_id, exc)
+        return True
 
 
 def _touch_worker(session: Any, hostname: str, channel: str, now: datetime) -> None:
@@ -164,7 +167,8 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
         timeout=taken.timeout,
         python=taken.python,
         heartbeat=lambda: heartbeat(job_id, taken.attempt),
-        heartbeat_interval=settings.heartbeat_interval,
+        # Cancellation is noticed at a heartbeat: beat at least every 5 s.
+        heartbeat_interval=min(settings.heartbeat_interval, 5.0),
     )
     finish(
         job_id,

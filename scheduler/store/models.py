@@ -215,6 +215,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
     timeout_s: Mapped[float] = mapped_column(Float, default=3600)
     retry_delay_s: Mapped[float] = mapped_column(Float, default=30)
     result: Mapped[Any | None] = mapped_column(JSONType, nullable=True)

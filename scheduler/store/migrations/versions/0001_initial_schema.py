@@ -114,6 +114,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("max_attempts", sa.Integer(), nullable=False),
+        sa.Column("retries", sa.Integer(), nullable=False),
         sa.Column("timeout_s", sa.Float(), nullable=False),
         sa.Column("retry_delay_s", sa.Float(), nullable=False),
         sa.Column("result", JSON_, nullable=True),

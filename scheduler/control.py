@@ -1,0 +1,206 @@
+"""Manual control of sessions: trigger, retry, cancel (SPEC §11).
+
+- :func:`trigger` plans a new session for a resource with a custom event
+  (``reprocess`` …); every trigger is a new session, even for the same data.
+- :func:`retry_jobs` re-runs failed jobs in their session, with everything
+  downstream of them (their ``upstream_failed`` descendants and the post jobs
+  that waited for them), keeping each job's earlier attempts in its log.
+- :func:`cancel_session` cancels what has not started and stops what runs:
+  a running attempt sees its job cancelled at its next heartbeat and is
+  killed; queued messages are revoked.
+
+The CLI and the HTTP API both call these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from scheduler.emission import dispatch
+from scheduler.queries import NotFoundError, resolve_session_id
+from scheduler.scheduling import Planned, open_session, plan_session
+from scheduler.store.db import session_scope
+from scheduler.store.models import (
+    JOB_FINAL_STATUSES,
+    Job,
+    JobDependency,
+    SchedulingSession,
+    utcnow,
+)
+from workers_bridge.release import lock_session
+
+log = logging.getLogger(__name__)
+
+
+class NothingToDoError(ValueError):
+    """The request is valid but there is nothing to retry or cancel."""
+
+
+def trigger(event: str, level: str, uid: str) -> Planned:
+    """A new session for ``level``/``uid`` with ``event``, planned now."""
+    session_id = open_session(level, uid, event, manual=True)
+    assert session_id is not None  # a fresh trigger id never collides
+    planned = plan_session(session_id)
+    if planned is None:  # pragma: no cover - only if someone else planned it meanwhile
+        raise NothingToDoError(f"session {session_id} was planned elsewhere")
+    return planned
+
+
+@dataclass
+class RetryReport:
+    session_id: str
+    requeued: list[str] = field(default_factory=list)  # job names
+    dispatched: int = 0
+
+
+def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> RetryReport:
+    """Re-run one failed job (``job_id``) or every failed job of a session."""
+    with session_scope() as session:
+        if job_id is not None:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            session_id = job.session_id
+            lock_session(session, session_id)
+            session.refresh(job)
+            if job.status not in ("failed", "cancelled", "upstream_failed"):
+                raise NothingToDoError(
+                    f"job {job.job_name} is {job.status}; only failed, upstream_failed "
+                    "or cancelled jobs are retried"
+                )
+            seeds = [job.id]
+        else:
+            assert session_id is not None
+            session_id = resolve_session_id(session, session_id)
+            lock_session(session, session_id)
+            seeds = list(
+                session.scalars(
+                    select(Job.id).where(
+                        Job.session_id == session_id, Job.status.in_(("failed", "cancelled"))
+                    )
+                )
+            )
+            if not seeds:
+                raise NothingToDoError(f"session {session_id} has no failed job to retry")
+        report = RetryReport(session_id)
+        reset = _downstream(session, seeds)
+        ready = _requeue(session, session_id, reset)
+        report.requeued = list(
+            session.scalars(select(Job.job_name).where(Job.id.in_(reset)).order_by(Job.created_seq))
+        )
+        session.execute(
+            update(SchedulingSession)
+            .where(SchedulingSession.id == session_id)
+            .values(status="running", finished_at=None)
+        )
+    report.dispatched = dispatch(ready)
+    return report
+
+
+def _downstream(session: Session, seeds: Sequence[str]) -> set[str]:
+    """The seeds and every job that depends on them, directly or not."""
+    found = set(seeds)
+    frontier = list(seeds)
+    while frontier:
+        children = session.scalars(
+            select(JobDependency.job_id).where(JobDependency.depends_on_id.in_(frontier))
+        ).all()
+        frontier = [c for c in children if c not in found]
+        found.update(frontier)
+    return found
+
+
+def _requeue(session: Session, session_id: str, reset: set[str]) -> list[str]:
+    """Queue the ``reset`` jobs again with recomputed dependency counters."""
+    jobs = {j.id: j for j in session.scalars(select(Job).where(Job.session_id == session_id))}
+    edges = session.execute(
+        select(JobDependency.job_id, JobDependency.depends_on_id, JobDependency.requires_success)
+        .join(Job, Job.id == JobDependency.job_id)
+        .where(Job.session_id == session_id)
+    ).all()
+    pending = dict.fromkeys(reset, 0)
+    for job_id, depends_on, requires_success in edges:
+        if job_id not in reset:
+            continue
+        upstream = jobs[depends_on]
+        satisfied = depends_on not in reset and (
+            upstream.status == "succeeded"
+            or (not requires_success and upstream.status in JOB_FINAL_STATUSES)
+        )
+        if not satisfied:
+            pending[job_id] += 1
+    for job_id in reset:
+        job = jobs[job_id]
+        if job.status not in JOB_FINAL_STATUSES:
+            continue  # still queued or running: leave it alone
+        job.status = "queued"
+        job.pending_deps = pending[job_id]
+        # A fresh budget of attempts; the log keeps the earlier ones.
+        job.max_attempts = job.attempts + job.retries + 1
+        job.error = None
+        job.result = None
+        job.started_at = job.finished_at = job.heartbeat_at = None
+        job.run_after = None
+        job.dispatched_at = None
+    return [j for j in reset if jobs[j].status == "queued" and pending[j] == 0]
+
+
+@dataclass
+class CancelReport:
+    session_id: str
+    cancelled: list[str] = field(default_factory=list)  # job names not started
+    stopped: list[str] = field(default_factory=list)  # job names that were running
+
+
+def cancel_session(session_id: str) -> CancelReport:
+    """Cancel every job of the session that has not ended; stop the running ones."""
+    now = utcnow()
+    with session_scope() as session:
+        session_id = resolve_session_id(session, session_id)
+        lock_session(session, session_id)
+        row = session.get(SchedulingSession, session_id)
+        assert row is not None
+        open_jobs = list(
+            session.scalars(
+                select(Job).where(
+                    Job.session_id == session_id, Job.status.in_(("queued", "running"))
+                )
+            )
+        )
+        if row.status not in ("planning", "running") and not open_jobs:
+            raise NothingToDoError(f"session {session_id} has already ended ({row.status})")
+        report = CancelReport(session_id)
+        for job in open_jobs:
+            if job.status == "running":
+                report.stopped.append(job.job_name)
+                job.attempt_log = [
+                    *job.attempt_log,
+                    {
+                        "attempt": job.attempts,
+                        "status": "cancelled",
+                        "worker": job.worker,
+                        "started_at": job.started_at.isoformat() if job.started_at else None,
+                        "finished_at": now.isoformat(),
+                        "error": "cancelled by an operator while running",
+                    },
+                ]
+            else:
+                report.cancelled.append(job.job_name)
+            job.status = "cancelled"
+            job.finished_at = now
+            job.error = "cancelled by an operator"
+        row.status, row.finished_at = "cancelled", now
+        job_ids = [job.id for job in open_jobs]
+    if job_ids:
+        from scheduler.celery_app import app
+
+        try:
+            app.control.revoke(job_ids)
+        except Exception as exc:  # noqa: BLE001 - the store says cancelled: claims refuse anyway
+            log.warning("could not revoke the messages of session %s: %s", session_id, exc)
+    return report
