@@ -16,6 +16,15 @@ app = Celery("scheduler", include=["scheduler.tasks", "workers_bridge.tasks"])
 app.config_from_object(celeryconfig)
 
 
+def _add_worker_steps() -> None:
+    from workers_bridge.presence import Presence
+
+    app.steps["worker"].add(Presence)
+
+
+_add_worker_steps()
+
+
 def configure(settings: Settings) -> Celery:
     """Point the app at the store and broker of ``settings`` (demo, tests)."""
     app.conf.update(celeryconfig.celery_settings(settings))

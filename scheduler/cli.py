@@ -360,6 +360,136 @@ def print_trace(trace: dict[str, Any]) -> None:
     console.print(table)
     for problem in trace.get("service_problems", []):
         errors.print(f"[red]service problem:[/red] {problem}", highlight=False)
+    for warning in trace.get("warnings", []):
+        errors.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+
+
+@app.command()
+def trigger(
+    event: Annotated[str, typer.Argument(help="Event name, e.g. reprocess.")],
+    study: StudyOption = None,
+    series: SeriesOption = None,
+    patient: PatientOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a new session for a resource with a custom event."""
+    from scheduler import control
+    from scheduler.headers import UnknownCandidateError
+    from scheduler.store.db import init_db
+
+    level, uid = candidate(study, series, patient)
+    init_db()
+    try:
+        planned = control.trigger(event, level, uid)
+    except UnknownCandidateError as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print_json(
+            {
+                "session_id": planned.session_id,
+                "event": event,
+                "level": level,
+                "uid": uid,
+                "status": planned.status,
+                "jobs": planned.plan.job_names,
+                "trace": planned.plan.trace,
+            }
+        )
+        return
+    print_trace(planned.plan.trace)
+    console.print(
+        f"session {planned.session_id} ({event}) planned with {len(planned.plan.jobs)} job(s)"
+    )
+
+
+@app.command()
+def retry(
+    job_id: Annotated[str | None, typer.Argument(help="A failed job's id.")] = None,
+    session: Annotated[
+        str | None, typer.Option("--session", help="Retry every failed job of this session.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-run failed jobs and what depends on them, in the same session."""
+    from scheduler import control, queries
+    from scheduler.store.db import init_db
+
+    if (job_id is None) == (session is None):
+        raise fail("give a JOB_ID or --session ID", 2)
+    init_db()
+    try:
+        report = control.retry_jobs(job_id=job_id, session_id=session)
+    except (queries.NotFoundError, control.NothingToDoError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print_json(
+            {
+                "session_id": report.session_id,
+                "requeued": report.requeued,
+                "dispatched": report.dispatched,
+            }
+        )
+        return
+    console.print(
+        f"session {report.session_id}: re-queued {', '.join(report.requeued)} "
+        f"({report.dispatched} sent now, the rest when their dependencies succeed)"
+    )
+
+
+@app.command()
+def cancel(
+    session_id: Annotated[str, typer.Argument(help="Session id (or a unique prefix).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel what has not started and stop what runs."""
+    from scheduler import control, queries
+    from scheduler.store.db import init_db
+
+    init_db()
+    try:
+        report = control.cancel_session(session_id)
+    except (queries.NotFoundError, control.NothingToDoError) as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print_json(
+            {
+                "session_id": report.session_id,
+                "cancelled": report.cancelled,
+                "stopped": report.stopped,
+            }
+        )
+        return
+    console.print(
+        f"session {report.session_id} cancelled: {len(report.cancelled)} job(s) not started"
+        + (f", stopping {', '.join(report.stopped)}" if report.stopped else "")
+    )
+
+
+@app.command()
+def workers(as_json: JsonOption = False) -> None:
+    """Celery workers seen, the channels they consume, their last heartbeat."""
+    from scheduler import queries
+    from scheduler.store.db import init_db, session_scope
+
+    init_db()
+    with session_scope() as s:
+        rows = queries.list_workers(s)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("worker", "channels", "last heartbeat", "age", "state")
+    for row in rows:
+        state = "[green]live[/green]" if row["live"] else "[red]silent[/red]"
+        table.add_row(
+            row["hostname"],
+            ", ".join(row["channels"]),
+            row["last_heartbeat"] or "",
+            f"{row['age_s']:.0f}s",
+            state,
+        )
+    console.print(table)
+    if not rows:
+        console.print("no worker has been seen yet: start one with `celery -A scheduler worker`")
 
 
 @app.command()
@@ -494,6 +624,19 @@ def render_session(document: dict[str, Any]) -> None:
         console.print("not scheduled:")
         for name, entry in skipped.items():
             console.print(f"  {name}: {entry.get('reason')}", highlight=False)
+
+
+@app.command("run")
+def run_command(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker processes (default: one per CPU).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show the worker's own output.")] = False,
+) -> None:
+    """All-in-one on this machine: a Celery worker with embedded beat."""
+    from scheduler.allinone import run
+
+    raise typer.Exit(run(console, concurrency=concurrency, verbose=verbose))
 
 
 @app.command()

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from scheduler.store.models import Job, JobDependency, SchedulingSession
+from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
 
 
 class NotFoundError(LookupError):
@@ -184,3 +184,24 @@ def stages(jobs: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     for job in jobs:
         grouped[level(job["job_name"])].append(job)
     return [grouped[key] for key in sorted(grouped)]
+
+
+def list_workers(session: Session) -> list[dict[str, Any]]:
+    """Workers seen, newest heartbeat first, with their age and liveness."""
+    from workers_bridge.presence import live_after
+
+    now = utcnow()
+    threshold = live_after(now)
+    rows = session.scalars(select(Worker).order_by(Worker.last_heartbeat.desc()))
+    return [
+        {
+            "hostname": row.hostname,
+            "channels": sorted(row.channels),
+            "pid": row.pid,
+            "started_at": iso(row.started_at),
+            "last_heartbeat": iso(row.last_heartbeat),
+            "age_s": round((now - row.last_heartbeat).total_seconds(), 1),
+            "live": row.last_heartbeat >= threshold,
+        }
+        for row in rows
+    ]

@@ -120,7 +120,34 @@ def compute_plan(
     )
     if registry.problems:
         result.trace["service_problems"] = [str(p) for p in registry.problems]
+    warn_unconsumed_channels(result)
     return result, headers
+
+
+def warn_unconsumed_channels(result: Plan) -> None:
+    """Record in the trace every job sent to a channel no live worker consumes."""
+    from workers_bridge.presence import live_channels
+
+    channels = {job.definition.channel for job in result.jobs}
+    if not channels:
+        return
+    with session_scope() as session:
+        live = live_channels(session)
+    warnings = []
+    for job in result.jobs:
+        channel = job.definition.channel
+        if channel in live:
+            continue
+        message = (
+            f"job {job.definition.job_name!r} is sent to channel {channel!r}, which no live "
+            f"worker consumes; start one with: celery -A scheduler worker -Q {channel}"
+        )
+        result.trace["jobs"][job.definition.job_name]["warning"] = message
+        warnings.append(message)
+    if warnings:
+        result.trace["warnings"] = warnings
+        for message in warnings:
+            log.warning(message)
 
 
 def plan_session(session_id: str) -> Planned | None:

@@ -13,21 +13,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from scheduler.config import get_settings
 from scheduler.emission import dispatch, session_dir
 from scheduler.store.db import rowcount, session_scope
 from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
+from workers_bridge.presence import record_presence
 from workers_bridge.process import execute
 from workers_bridge.release import Ending, record_ending
 
 log = logging.getLogger(__name__)
+
+TOUCH_EVERY = 5.0
 
 
 @dataclass
@@ -120,21 +123,16 @@ def heartbeat(job_id: str, attempt: int) -> bool:
         return True
 
 
+_touched: dict[tuple[str, str], float] = {}
+
+
 def _touch_worker(session: Any, hostname: str, channel: str, now: datetime) -> None:
-    """Record that ``hostname`` consumes ``channel`` and is alive now (an upsert:
-    several jobs of one worker start at once)."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(Worker).values(
-        hostname=hostname,
-        channels={channel: True},
-        pid=os.getpid(),
-        started_at=now,
-        last_heartbeat=now,
-    )
-    session.execute(
-        statement.on_conflict_do_update(index_elements=["hostname"], set_={"last_heartbeat": now})
-    )
+    """Record that ``hostname`` consumes ``channel`` and is alive (at most every
+    few seconds per worker and channel: the presence thread beats too)."""
+    key = (hostname, channel)
+    if time.monotonic() - _touched.get(key, -1e9) < TOUCH_EVERY:
+        return
+    record_presence(session, hostname, None, now)
     channels = session.scalar(select(Worker.channels).where(Worker.hostname == hostname))
     if channels is not None and channel not in channels:
         session.execute(
@@ -142,6 +140,7 @@ def _touch_worker(session: Any, hostname: str, channel: str, now: datetime) -> N
             .where(Worker.hostname == hostname)
             .values(channels={**channels, channel: True})
         )
+    _touched[key] = time.monotonic()
 
 
 def finish(job_id: str, attempt: int, ending: Ending) -> None:

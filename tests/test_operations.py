@@ -1,0 +1,223 @@
+"""Operating it (SPEC §11): trigger, retry, cancel, workers, channel warnings, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from scheduler.cli import app as cli
+from scheduler.config import Settings
+from scheduler.store.db import init_db, session_scope
+from scheduler.store.models import Job, utcnow
+
+from .conftest import Define
+from .engine import (
+    detect_and_send,
+    jobs_by_name,
+    record_study,
+    sessions_of,
+    wait_session,
+    wait_until,
+)
+
+WORK = "dcm_testjobs:work"
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout) if code == 0 else result
+
+
+def job_row(session_id: str, name: str) -> Job | None:
+    with session_scope() as s:
+        return s.scalars(
+            select(Job).where(Job.session_id == session_id, Job.job_name == name)
+        ).first()
+
+
+def test_trigger_runs_only_the_jobs_listening_to_that_event(live: Settings, define: Define) -> None:
+    define(
+        [
+            {"jobName": "routine", "workerEntry": WORK},
+            {"jobName": "redo", "workerEntry": WORK, "events": ["reprocess"]},
+        ]
+    )
+    record_study("30.1", now=utcnow() - timedelta(seconds=1))
+    [detected] = detect_and_send()
+    assert set(jobs_by_name(wait_session(detected))) == {"routine"}
+
+    first = run_json("trigger", "reprocess", "--study", "30.1")
+    second = run_json("trigger", "reprocess", "--study", "30.1")
+    assert first["jobs"] == ["redo"] and first["session_id"] != second["session_id"]
+    for planned in (first, second):
+        doc = wait_session(planned["session_id"])
+        assert (doc["event"], doc["status"]) == ("reprocess", "succeeded")
+        assert set(jobs_by_name(doc)) == {"redo"}
+    assert len(sessions_of("30.1")) == 3
+    assert run_json("trigger", "reprocess", "--study", "nope", code=1).exit_code == 1
+
+
+def test_retry_after_the_fault_is_fixed_ends_the_session_succeeded(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    marker = tmp_path / "fixed"
+    define(
+        [
+            {"jobName": "flaky", "workerEntry": WORK, "params": {"fail_until": str(marker)}},
+            {"jobName": "after", "workerEntry": WORK, "dependsOn": "flaky"},
+            {"jobName": "final", "workerEntry": WORK, "phase": "post"},
+        ]
+    )
+    record_study("30.2", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    doc = wait_session(session_id)
+    assert doc["status"] == "partial"
+    assert {n: j["status"] for n, j in jobs_by_name(doc).items()} == {
+        "flaky": "failed",
+        "after": "upstream_failed",
+        "final": "succeeded",
+    }
+
+    marker.write_text("fixed")
+    report = run_json("retry", "--session", session_id)
+    assert report["requeued"] == ["flaky", "after", "final"]
+    doc = wait_session(session_id)
+    jobs = jobs_by_name(doc)
+    assert doc["status"] == "succeeded"
+    assert {n: (j["status"], j["attempts"]) for n, j in jobs.items()} == {
+        "flaky": ("succeeded", 2),
+        "after": ("succeeded", 1),
+        "final": ("succeeded", 2),
+    }
+    assert [e["status"] for e in jobs["flaky"]["attempt_log"]] == ["failed", "succeeded"]
+    assert jobs["final"]["result"]["outcomes"] == {"flaky": "succeeded", "after": "succeeded"}
+    assert run_json("retry", "--session", session_id, code=1).exit_code == 1  # nothing failed now
+
+
+def test_retry_of_one_job_by_id(live: Settings, define: Define, tmp_path: Path) -> None:
+    marker = tmp_path / "fixed"
+    define([{"jobName": "flaky", "workerEntry": WORK, "params": {"fail_until": str(marker)}}])
+    record_study("30.3", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    job_id = jobs_by_name(wait_session(session_id))["flaky"]["id"]
+    marker.write_text("fixed")
+    assert run_json("retry", job_id)["requeued"] == ["flaky"]
+    assert wait_session(session_id)["status"] == "succeeded"
+
+
+def test_cancel_stops_the_running_attempt_and_leaves_no_job_running(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    pidfile, gate = tmp_path / "pid", tmp_path / "never"
+    define(
+        [
+            {
+                "jobName": "long",
+                "workerEntry": WORK,
+                "params": {"pidfile": str(pidfile), "wait_for": str(gate)},
+            },
+            {"jobName": "next", "workerEntry": WORK, "dependsOn": "long"},
+        ]
+    )
+    record_study("30.4", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    wait_until(pidfile.exists, what="the long job to start")
+    attempt = psutil.Process(int(pidfile.read_text()))
+
+    report = run_json("cancel", session_id)
+    assert report == {"session_id": session_id, "cancelled": ["next"], "stopped": ["long"]}
+    attempt.wait(timeout=30)  # killed at its next heartbeat
+    doc = wait_session(session_id)
+    assert doc["status"] == "cancelled"
+    assert {j["status"] for j in doc["jobs"]} == {"cancelled"}
+    assert jobs_by_name(doc)["long"]["attempt_log"][-1]["status"] == "cancelled"
+    assert run_json("cancel", session_id, code=1).exit_code == 1
+
+
+def test_workers_are_listed_with_channels_and_unconsumed_channels_are_warned(
+    live: Settings, define: Define
+) -> None:
+    workers = run_json("workers")
+    assert workers and workers[0]["live"] is True
+    assert {"dcm.planning", "default"} <= set(workers[0]["channels"])
+
+    define(
+        [
+            {"jobName": "cpu", "workerEntry": WORK},
+            {"jobName": "gpu-seg", "workerEntry": WORK, "channel": "gpu"},
+        ]
+    )
+    record_study("30.5")
+    doc = run_json("plan", "--study", "30.5", "--dry-run")
+    assert doc["trace"]["jobs"]["gpu-seg"]["warning"].startswith(
+        "job 'gpu-seg' is sent to channel 'gpu', which no live worker consumes"
+    )
+    assert "warning" not in doc["trace"]["jobs"]["cpu"]
+
+
+def test_run_works_on_the_defaults_and_stops_its_whole_process_group(
+    tmp_path: Path, services_root: Path, define: Define
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    env = {
+        **os.environ,
+        "DCM_HOME": str(tmp_path / "home"),
+        "DCM_DATABASE_URL": "",
+        "CELERY_BROKER_URL": "",
+        "DCM_SERVICES_PATH": str(services_root),
+        "DCM_STABLE_AGE": "0.5",
+        "DCM_DETECT_INTERVAL": "0.5",
+        "DCM_OUTPUT_DIR": "",
+    }
+    from .support import environment
+
+    with environment(
+        {
+            k: env[k]
+            for k in (
+                "DCM_HOME",
+                "DCM_DATABASE_URL",
+                "CELERY_BROKER_URL",
+                "DCM_SERVICES_PATH",
+                "DCM_OUTPUT_DIR",
+            )
+        }
+    ):
+        init_db()
+        record_study("30.6")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.cli", "run", "--concurrency", "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+
+            def finished() -> bool:
+                found = sessions_of("30.6")
+                return bool(found) and found[0].status == "succeeded"
+
+            wait_until(finished, timeout=90, what="the session to run under `dcm-scheduler run`")
+            tree = psutil.Process(process.pid).children(recursive=True)
+            assert len(tree) >= 3  # the worker, its pool and beat
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, output
+    assert "sessions:" in output and "stopping" in output
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == []
