@@ -916,6 +916,10 @@ def _check_entries(draft: _Draft, claims: _ModuleClaims, check_imports: bool) ->
             claims.claim(draft, target.top, target.location)
             if draft.code_from_entries:
                 draft.code.append(target.location)
+            if canonical == "workerEntry" and job.python:
+                # It runs under its own interpreter, with dependencies this
+                # process may lack: check where it is, never import it here.
+                continue
             to_import.append((job.job_name, canonical, written, entry))
     if not check_imports or clashes:
         return  # never run code that would share another service's modules

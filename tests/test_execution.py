@@ -139,6 +139,7 @@ def test_a_job_exceeding_its_timeout_fails_as_a_timeout(live: Settings, define: 
     assert jobs["slow"]["error"].startswith(
         "timeout: the attempt ran longer than its timeout of 1s and was killed"
     )
+    assert "slow is about to hang" in jobs["slow"]["error"]  # output tail of the killed attempt
     assert jobs["after"]["status"] == "upstream_failed"
     assert doc["status"] == "failed"
 

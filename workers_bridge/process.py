@@ -82,6 +82,10 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
             os.dup2(output, 2)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Line buffering: the tail of a killed attempt is still in the file.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(AttributeError, ValueError):
+                    stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
             response = child.run(request)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -109,6 +113,7 @@ def _spawn(
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     return process
 
