@@ -82,10 +82,11 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
             os.dup2(output, 2)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            # Line buffering: the tail of a killed attempt is still in the file.
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(AttributeError, ValueError):
-                    stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+            # Celery (and pytest) replace sys.stdout with proxies that do not
+            # write to fd 1: give the worker plain line-buffered streams on the
+            # output file, so even a killed attempt leaves its tail there.
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             response = child.run(request)
             sys.stdout.flush()
             sys.stderr.flush()
