@@ -61,6 +61,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 5.0)},
         },
     }
+    if settings.orthanc_url:
+        beat_schedule["dcm-orthanc"] = {
+            "task": "scheduler.follow_orthanc",
+            "schedule": timedelta(seconds=settings.detect_interval),
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 1)},
+        }
     broker_url = settings.broker_url
     if broker_url == "filesystem://":
         broker_url = "filesystem://localhost//"  # kombu warns about a missing host otherwise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler import detection, resender, scheduling
+from scheduler import detection, orthanc, resender, scheduling
 from scheduler.celery_app import app
 
 
@@ -29,3 +29,9 @@ def plan(session_id: str) -> str | None:
 def resend() -> dict[str, int]:
     report = resender.resend()
     return {"plans": report.plans, "jobs": report.jobs, "lost": report.lost}
+
+
+@app.task(name="scheduler.follow_orthanc", ignore_result=True)
+def follow_orthanc() -> dict[str, object]:
+    report = orthanc.follow_changes()
+    return {"recorded": report.recorded, "seq": report.seq, "error": report.error}

@@ -30,7 +30,7 @@ from tests.support import (
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TABLES = (
     "job_dependencies, jobs, sessions, instances, series, studies, patients, "
-    "services, workers, leases"
+    "services, workers, leases, cursors"
 )
 
 

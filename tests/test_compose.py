@@ -19,9 +19,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = (
-    "DCM_HOME", "DCM_DATABASE_URL", "CELERY_BROKER_URL", "DCM_SERVICES_PATH", "DCM_SETTINGS",
-    "DCM_STABLE_AGE", "DCM_DETECT_INTERVAL", "DCM_DETECT_LEVELS", "DCM_DEFAULT_EVENTS",
-    "DCM_HEADER_FIELDS", "DCM_ORTHANC_URL", "DCM_API_TOKEN",
+    "DCM_HOME",
+    "DCM_DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "DCM_SERVICES_PATH",
+    "DCM_SETTINGS",
+    "DCM_STABLE_AGE",
+    "DCM_DETECT_INTERVAL",
+    "DCM_DETECT_LEVELS",
+    "DCM_DEFAULT_EVENTS",
+    "DCM_HEADER_FIELDS",
+    "DCM_ORTHANC_URL",
+    "DCM_API_TOKEN",
 )
 
 
@@ -56,11 +65,10 @@ def test_compose_has_the_production_shape(compose: dict[str, Any]) -> None:
         assert any(v.endswith(":/data/outputs") for v in services[name]["volumes"])
 
 
-@pytest.mark.parametrize("service", ["migrate", "beat", "planner", "worker-default",
-                                     "worker-gpu", "flower"])
-def test_every_command_the_compose_file_runs_exists(
-    compose: dict[str, Any], service: str
-) -> None:
+@pytest.mark.parametrize(
+    "service", ["migrate", "beat", "planner", "worker-default", "worker-gpu", "flower"]
+)
+def test_every_command_the_compose_file_runs_exists(compose: dict[str, Any], service: str) -> None:
     command = our_commands(compose)[service]
     executable = shutil.which(command[0])
     assert executable, f"{command[0]} is not installed"
@@ -81,9 +89,14 @@ def test_the_dockerfile_copies_what_exists() -> None:
 
 def test_a_plain_worker_consumes_planning_and_default() -> None:
     done = subprocess.run(
-        [sys.executable, "-c",
-         "from scheduler.celery_app import app; "
-         "print(sorted(q.name for q in app.conf.task_queues))"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "from scheduler.celery_app import app; "
+            "print(sorted(q.name for q in app.conf.task_queues))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert done.stdout.strip() == "['dcm.planning', 'default']"

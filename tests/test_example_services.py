@@ -244,7 +244,7 @@ def test_anonymize_callback_schedules_only_when_an_instance_is_a_local_file(
     callback = entry("anonymize", "registryEntry")
     kwargs = callback_kwargs(session_dir, "anonymize")
     scheduled = callback("anonymize", study_headers, {}, {}, **kwargs)
-    assert scheduled == (True, {"localFiles": study_headers["instance_count"]})
+    assert scheduled == (True, {"readableFiles": study_headers["instance_count"]})
     assert callback("anonymize", uri_only(study_headers), {}, {}, **kwargs) is False
 
 
@@ -340,7 +340,7 @@ def test_anonymize_reports_uri_instances_as_skipped_and_fails_with_no_local_file
     mixed["series"][0]["instances"].append({"location": "orthanc://instances/extra"})
     result = anonymize(mixed, session_dir)
     assert result["skipped"] == [
-        {"location": "orthanc://instances/extra", "reason": "not a local file"}
+        {"location": "orthanc://instances/extra", "reason": "not a readable location"}
     ]
     with pytest.raises(NothingAnonymizedError, match="no file could be anonymized"):
         anonymize(uri_only(study_headers), session_dir)

@@ -28,7 +28,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = root / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     Path(purelib, "onlyinvenv.py").write_text('MARKER = "from the service virtualenv"\n')
     assert Path(purelib) != Path(sysconfig.get_paths()["purelib"])
@@ -56,7 +58,9 @@ def test_a_job_runs_under_its_own_interpreter(live: Settings, define: Define, ve
     job = jobs_by_name(wait_session(session_id))["isolated"]
     assert job["status"] == "succeeded", job["error"]
     assert job["result"] == {
-        "marker": "from the service virtualenv", "executable": str(venv), "uid": "40.1"
+        "marker": "from the service virtualenv",
+        "executable": str(venv),
+        "uid": "40.1",
     }
 
 
@@ -65,10 +69,19 @@ def test_timeout_kills_the_subprocess_and_output_tail_is_kept(
 ) -> None:
     define(
         [
-            {"jobName": "stuck", "workerEntry": ENTRY, "python": str(venv), "timeout": 1,
-             "params": {"hang": True}},
-            {"jobName": "broken", "workerEntry": ENTRY, "python": str(venv),
-             "params": {"raise": "no GPU here"}},
+            {
+                "jobName": "stuck",
+                "workerEntry": ENTRY,
+                "python": str(venv),
+                "timeout": 1,
+                "params": {"hang": True},
+            },
+            {
+                "jobName": "broken",
+                "workerEntry": ENTRY,
+                "python": str(venv),
+                "params": {"raise": "no GPU here"},
+            },
         ]
     )
     record_study("40.2", now=utcnow() - timedelta(seconds=1))

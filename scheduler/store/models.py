@@ -252,6 +252,17 @@ class Lease(Base):
 
     __tablename__ = "leases"
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Cursor(Base):
+    """Where a source stopped reading (e.g. the last Orthanc change ``Seq``),
+    saved in the same transaction as what it recorded."""
+
+    __tablename__ = "cursors"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255), default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

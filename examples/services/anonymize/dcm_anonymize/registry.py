@@ -1,28 +1,25 @@
-"""Registry callback of the anonymize job: schedule only when there is a local file.
+"""Registry callback of the anonymize job: schedule only when a file can be read.
 
-Candidates known only by URI (for example ``orthanc://...`` instances that were
-never written to disk) cannot be copied by this worker, so scheduling it would
-only produce a failed job. The callback looks at the form of each location,
-not at the filesystem: the planner may run on a machine that does not mount
-the storage the workers read.
+The worker reads local paths, ``file://`` URLs and ``http(s)://`` URLs (the
+instance files of the Orthanc source). Candidates known only by another kind
+of URI cannot be copied, so scheduling the job would only produce a failure.
+The callback looks at the form of each location, not at the filesystem: the
+planner may run on a machine that does not mount the storage workers read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 
-def local_path(location: object) -> str | None:
-    """The filesystem path of an instance location, or None for other URIs."""
+def readable(location: object) -> bool:
+    """Whether the worker can read a file at this location."""
     if not isinstance(location, str) or not location:
-        return None
-    if location.startswith("file://"):
-        return unquote(urlparse(location).path)
-    if "://" in location:
-        return None
-    return location
+        return False
+    scheme = urlparse(location).scheme
+    return scheme in ("file", "http", "https") or "://" not in location
 
 
 def iter_instances(headers: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -40,7 +37,7 @@ def callback(
     **kwargs: Any,
 ) -> bool | tuple[bool, dict[str, Any]]:
     """Schedule when at least one instance has a local path; pass the count on."""
-    local = sum(1 for _, inst in iter_instances(headers) if local_path(inst.get("location")))
+    local = sum(1 for _, inst in iter_instances(headers) if readable(inst.get("location")))
     if local == 0:
         return False
-    return True, {"localFiles": local}
+    return True, {"readableFiles": local}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from typing import Any
 
 import pydicom
 
 from dcm_anonymize.deidentify import Profile, deidentify
-from dcm_anonymize.registry import iter_instances, local_path
+from dcm_anonymize.locations import local_copy
+from dcm_anonymize.registry import iter_instances
 
 
 class NothingAnonymizedError(RuntimeError):
@@ -65,19 +67,24 @@ def worker(
     written = 0
     series_map: dict[str, str] = {}
     skipped: list[dict[str, str]] = []
-    for _, instance in iter_instances(headers):
-        location = instance.get("location")
-        path = local_path(location)
-        if path is None:
-            skipped.append({"location": str(location), "reason": "not a local file"})
-            continue
-        try:
-            _, new_series, original_series = anonymize_file(path, output_dir, profile)
-        except Exception as exc:  # one bad file must not stop the batch
-            skipped.append({"location": path, "reason": f"{type(exc).__name__}: {exc}"})
-            continue
-        written += 1
-        series_map[original_series] = new_series
+    with tempfile.TemporaryDirectory(prefix="anonymize-") as downloads:
+        for _, instance in iter_instances(headers):
+            location = instance.get("location")
+            try:
+                path = local_copy(location, downloads)
+            except OSError as exc:
+                skipped.append({"location": str(location), "reason": f"cannot fetch: {exc}"})
+                continue
+            if path is None:
+                skipped.append({"location": str(location), "reason": "not a readable location"})
+                continue
+            try:
+                _, new_series, original_series = anonymize_file(path, output_dir, profile)
+            except Exception as exc:  # one bad file must not stop the batch
+                skipped.append({"location": path, "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            written += 1
+            series_map[original_series] = new_series
     if written == 0:
         raise NothingAnonymizedError(
             f"job {jobName}: no file could be anonymized ({len(skipped)} skipped): {skipped[:5]}"

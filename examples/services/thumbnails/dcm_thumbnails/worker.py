@@ -1,7 +1,7 @@
 """Worker of the thumbnails job: one PNG per image series of the candidate.
 
 For each image series (see :mod:`dcm_thumbnails.registry`) the middle instance
-by InstanceNumber is rendered; when it cannot be (not a local file, no pixel
+by InstanceNumber is rendered; when it cannot be (unreadable location, no pixel
 data, no decoder installed for its transfer syntax) the other instances are
 tried, nearest to the middle first, so the thumbnail still shows a
 representative image. A series with no renderable instance is reported under
@@ -11,24 +11,16 @@ representative image. A series with no renderable instance is reported under
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
-from urllib.parse import unquote, urlparse
 
+from dcm_thumbnails.locations import local_copy
 from dcm_thumbnails.registry import image_series, thumbnail_path
 from dcm_thumbnails.render import MAX_SIDE, NotRenderableError, render
 
 
 class NoThumbnailError(RuntimeError):
     """Raised when not one series of the candidate could be rendered."""
-
-
-def local_path(location: object) -> str | None:
-    """The filesystem path of an instance location, or None for other URIs."""
-    if not isinstance(location, str) or not location:
-        return None
-    if location.startswith("file://"):
-        return unquote(urlparse(location).path)
-    return None if "://" in location else location
 
 
 def _instance_number(instance: dict[str, Any]) -> float:
@@ -49,14 +41,18 @@ def instances_middle_first(series: dict[str, Any]) -> list[dict[str, Any]]:
     return [instance for _, instance in by_distance]
 
 
-def render_series(series: dict[str, Any], target: str, max_side: int) -> str | None:
+def render_series(series: dict[str, Any], target: str, max_side: int, downloads: str) -> str | None:
     """Write the series' thumbnail to ``target``; return None, or why it could not."""
     reasons: list[str] = []
     for instance in instances_middle_first(series):
         location = instance.get("location")
-        path = local_path(location)
+        try:
+            path = local_copy(location, downloads)
+        except OSError as exc:
+            reasons.append(f"{location}: cannot fetch: {exc}")
+            continue
         if path is None:
-            reasons.append(f"{location}: not a local file")
+            reasons.append(f"{location}: not a readable location")
             continue
         try:
             image = render(path, max_side)
@@ -84,14 +80,15 @@ def worker(
     max_side = min(int(params.get("maxSide") or MAX_SIDE), MAX_SIDE)
     thumbnails: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    for series in image_series(headers):
-        uid = str(series["SeriesInstanceUID"])
-        target = thumbnail_path(output_dir, uid)
-        failure = render_series(series, target, max_side)
-        if failure is None:
-            thumbnails[uid] = target
-        else:
-            skipped[uid] = failure
+    with tempfile.TemporaryDirectory(prefix="thumbnails-") as downloads:
+        for series in image_series(headers):
+            uid = str(series["SeriesInstanceUID"])
+            target = thumbnail_path(output_dir, uid)
+            failure = render_series(series, target, max_side, downloads)
+            if failure is None:
+                thumbnails[uid] = target
+            else:
+                skipped[uid] = failure
     if not thumbnails:
         raise NoThumbnailError(
             f"job {jobName}: no thumbnail could be produced; skipped series: {skipped or 'none'}"

@@ -1,4 +1,4 @@
-"""Initial schema: received data, services, workers, sessions, jobs, leases.
+"""Initial schema: received data, services, workers, sessions, jobs, leases, cursors.
 
 Revision ID: 0001
 Revises:
@@ -22,8 +22,15 @@ JSON_ = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 def upgrade() -> None:
     op.create_table(
+        "cursors",
+        sa.Column("name", sa.String(length=255), nullable=False),
+        sa.Column("value", sa.String(length=255), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
+    op.create_table(
         "leases",
-        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("name", sa.String(length=255), nullable=False),
         sa.Column("holder", sa.String(length=128), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name"),
@@ -228,6 +235,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("cursors")
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_instances_series_pk"))
 

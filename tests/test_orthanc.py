@@ -1,0 +1,182 @@
+"""The Orthanc source (SPEC §5.3) against a real Orthanc fed by dcmtk's storescu."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from scheduler.config import Settings
+from scheduler.orthanc import follow_changes
+from scheduler.store.db import session_scope
+from scheduler.store.models import Instance, utcnow
+
+from .conftest import base_environment, require
+from .engine import detect_and_send, jobs_by_name, wait_session, wait_until
+from .support import EXAMPLES, environment
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class OrthancServer:
+    def __init__(self, folder: Path) -> None:
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config = folder / "orthanc.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "Name": "dcm-scheduler-test",
+                    "StorageDirectory": str(folder / "storage"),
+                    "IndexDirectory": str(folder / "index"),
+                    "HttpPort": self.http_port,
+                    "DicomPort": self.dicom_port,
+                    "DicomAet": "ORTHANC",
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "Plugins": [],
+                }
+            )
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [ORTHANC, str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+        def up() -> bool:
+            assert self.process is not None and self.process.poll() is None, "Orthanc exited"
+            try:
+                return httpx.get(f"{self.url}/system", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=60, what="Orthanc to answer")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def send(self, *files: str) -> None:
+        """A real DICOM C-STORE association, as a modality would do it."""
+        subprocess.run(
+            ["storescu", "-aec", "ORTHANC", "127.0.0.1", str(self.dicom_port), *files],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    require(
+        Path(ORTHANC).exists() and bool(shutil.which("storescu")),
+        "Orthanc and dcmtk (apt-get install orthanc dcmtk)",
+    )
+    server = OrthancServer(tmp_path / "orthanc")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def instances_recorded() -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Instance)) or 0
+
+
+def test_sent_files_are_recorded_and_a_restart_resumes_without_duplicates_or_gaps(
+    orthanc: OrthancServer, env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_ORTHANC_URL", orthanc.url)
+    settings = apply_environment({})
+    orthanc.send(str(get_testdata_file("CT_small.dcm")))
+    first = follow_changes(settings)
+    assert (first.recorded, first.error) == (1, None)
+    with session_scope() as s:
+        instance = s.scalars(select(Instance)).one()
+        assert instance.location == f"{orthanc.url}/instances/{instance.source_id}/file"
+        assert instance.series.tags["Modality"] == "CT"
+
+    orthanc.send(str(get_testdata_file("MR_small.dcm")))
+    # "Restart": a fresh process state reads the saved Seq from the store.
+    again = follow_changes(apply_environment({}))
+    assert (again.recorded, again.known) == (1, 0)
+    assert again.seq > first.seq
+    assert follow_changes(settings).recorded == 0
+    assert instances_recorded() == 2
+
+
+def test_orthanc_down_is_reported_and_nothing_is_lost(
+    env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_ORTHANC_URL", f"http://user:secret@127.0.0.1:{free_port()}")
+    report = follow_changes(apply_environment({}))
+    assert report.error is not None and "unavailable" in report.error
+    assert "secret" not in report.error
+    assert report.seq == 0 and instances_recorded() == 0
+
+
+def test_files_sent_to_orthanc_are_planned_and_their_jobs_run(
+    orthanc: OrthancServer, tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from scheduler.celery_app import app
+
+    values = base_environment(tmp_path, pg_url, redis_url) | {
+        "DCM_SERVICES_PATH": str(EXAMPLES),
+        "DCM_STABLE_AGE": "0",
+        "DCM_ORTHANC_URL": orthanc.url,
+    }
+    with (
+        environment(values) as settings,
+        start_worker(
+            app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            queues=["dcm.planning", "default"],
+            loglevel="WARNING",
+        ),
+    ):
+        orthanc.send(str(get_testdata_file("CT_small.dcm")))
+        assert follow_changes(settings).recorded == 1
+        with session_scope() as s:
+            s.execute(  # make the study old enough to be stable
+                Instance.__table__.update().values(received_at=utcnow() - timedelta(seconds=5))
+            )
+        [session_id] = detect_and_send()
+        doc = wait_session(session_id, timeout=120)
+    jobs = jobs_by_name(doc)
+    assert doc["status"] == "succeeded", {n: j["error"] for n, j in jobs.items()}
+    assert set(jobs) == {"anonymize", "thumbnails", "study-report", "archive"}
+    thumbnail = next(iter(jobs["thumbnails"]["result"]["thumbnails"].values()))
+    assert Path(thumbnail).read_bytes()[:4] == b"\x89PNG"
