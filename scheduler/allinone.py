@@ -25,6 +25,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from scheduler.config import get_settings
+from scheduler.redact import mask
 from scheduler.store.db import init_db, session_scope
 from scheduler.store.models import Job, SchedulingSession
 
@@ -116,7 +117,7 @@ def run(console: Console, *, concurrency: int | None = None, verbose: bool = Fal
     log_file = settings.home / "run.log"
     queues = channels_to_consume()
     command = worker_command(queues, log_file, concurrency)
-    console.print(f"store:   {settings.database_url}", highlight=False)
+    console.print(f"store:   {mask(settings.database_url)}", highlight=False)
     console.print(f"queues:  {', '.join(queues)}", highlight=False)
     console.print(f"log:     {log_file}  (Ctrl-C to stop)", highlight=False)
     output = None if verbose else subprocess.DEVNULL

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from scheduler.config import ConfigError, get_settings
+from scheduler.redact import mask
 
 app = typer.Typer(
     help="dcm-processor job scheduler: detect stable DICOM data, plan and run service jobs.",
@@ -88,21 +89,6 @@ def init_db_command() -> None:
     settings = get_settings()
     revision = init_db()
     console.print(f"store ready at revision {revision}: {mask(settings.database_url)}")
-
-
-def mask(url: str) -> str:
-    """A URL with its password replaced, for output and logs."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: hide anything after a colon
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            credentials, host = rest.rsplit("@", 1)
-            user = credentials.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
-        return url
 
 
 @app.command()
@@ -637,6 +623,17 @@ def run_command(
     from scheduler.allinone import run
 
     raise typer.Exit(run(console, concurrency=concurrency, verbose=verbose))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+) -> None:
+    """HTTP API, dashboard and dcm-processor's POST /stable-patient push."""
+    from scheduler.api import serve as serve_api
+
+    serve_api(host, port)
 
 
 @app.command()

@@ -68,6 +68,7 @@ class Settings:
     resend_after: float
     heartbeat_interval: float
     visibility_timeout: float
+    data_root: Path | None
 
     @property
     def broker_folder(self) -> Path:
@@ -127,6 +128,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         resend_after=seconds("DCM_RESEND_AFTER", 300.0),
         heartbeat_interval=seconds("DCM_HEARTBEAT_INTERVAL", 10.0),
         visibility_timeout=seconds("DCM_VISIBILITY_TIMEOUT", 43200.0),
+        data_root=Path(get("DCM_DATA_ROOT") or "").expanduser().absolute()
+        if get("DCM_DATA_ROOT")
+        else None,
     )
 
 

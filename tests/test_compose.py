@@ -50,9 +50,16 @@ def our_commands(compose: dict[str, Any]) -> dict[str, list[str]]:
 
 def test_compose_has_the_production_shape(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"redis", "postgres", "orthanc", "beat", "planner", "worker-default", "flower"} <= set(
-        services
-    )
+    assert {
+        "redis",
+        "postgres",
+        "orthanc",
+        "beat",
+        "planner",
+        "worker-default",
+        "api",
+        "flower",
+    } <= set(services)
     commands = our_commands(compose)
     assert commands["beat"][:4] == ["celery", "-A", "scheduler", "beat"]
     assert commands["planner"][commands["planner"].index("-Q") + 1] == "dcm.planning"
