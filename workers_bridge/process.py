@@ -13,6 +13,8 @@ tell a long job from a lost one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import json
 import os
@@ -30,6 +32,11 @@ from typing import Any
 from workers_bridge import child
 
 OUTPUT_TAIL_BYTES = 8192
+PR_SET_PDEATHSIG = 1
+try:
+    _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:  # not Linux: attempts then outlive a killed worker
+    _libc = None
 
 
 @dataclass
@@ -72,11 +79,13 @@ def execute(
 def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
         try:
             os.setsid()
+            _die_with_parent(parent)
             output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(output, 1)
             os.dup2(output, 2)
@@ -98,6 +107,15 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
     return pid
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this attempt if the worker process that runs it
+    dies (SIGKILL, OOM): a re-delivered job must not run twice at once."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _reap(pid: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
@@ -115,6 +133,7 @@ def _spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
     return process
 

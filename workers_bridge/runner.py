@@ -16,16 +16,17 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 
 from scheduler.config import get_settings
 from scheduler.emission import dispatch, session_dir
-from scheduler.store.db import rowcount, session_scope
+from scheduler.store.db import retrying, rowcount, session_scope
 from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
 from workers_bridge.presence import record_presence
-from workers_bridge.process import execute
+from workers_bridge.process import AttemptOutcome, execute
 from workers_bridge.release import Ending, record_ending
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
                 heartbeat_at=now,
                 finished_at=None,
                 worker=hostname,
+                worker_pid=os.getpid(),
             )
         )
         if rowcount(taken) != 1:
@@ -74,7 +76,6 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
         )
         folder = session_dir(get_settings().output_dir, parent.id)
         output_dir = folder / job.job_name
-        output_dir.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = {
             "job_id": job.id,
             "session_id": parent.id,
@@ -153,27 +154,67 @@ def finish(job_id: str, attempt: int, ending: Ending) -> None:
     dispatch(released.ready)
 
 
+def dead_local_attempt(job_id: str, hostname: str) -> tuple[int, str] | None:
+    """(attempt, reason) when the job runs "on this worker" in a process that
+    no longer exists: the pool process was killed and Celery re-delivered
+    the message (``reject_on_worker_lost``). Then there is no need to wait
+    for the re-sender to notice the missing heartbeats."""
+    with session_scope() as session:
+        row = session.execute(
+            select(Job.status, Job.worker, Job.worker_pid, Job.attempts).where(Job.id == job_id)
+        ).one_or_none()
+    if row is None or row.status != "running" or row.worker != hostname or not row.worker_pid:
+        return None
+    if row.worker_pid == os.getpid() or _alive(row.worker_pid):
+        return None
+    return (
+        row.attempts,
+        f"worker lost: process {row.worker_pid} on {hostname} died during the attempt",
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_job(job_id: str, hostname: str | None = None) -> str | None:
     """Run one job if it can be claimed; returns its attempt's status or None."""
     hostname = hostname or socket.gethostname()
-    taken = claim(job_id, hostname)
+    taken = retrying(lambda: claim(job_id, hostname), what=f"claiming job {job_id}", patience=60)
     if taken is None:
-        log.info("job %s is not queued any more; duplicate delivery ignored", job_id)
+        lost = dead_local_attempt(job_id, hostname)
+        if lost is not None:
+            attempt, reason = lost
+            log.warning("job %s: %s; re-queueing", job_id, reason)
+            finish(job_id, attempt, Ending(ok=False, lost=True, error=reason))
+        else:
+            log.info("job %s is not queued any more; duplicate delivery ignored", job_id)
         return None
     settings = get_settings()
-    outcome = execute(
-        taken.request,
-        timeout=taken.timeout,
-        python=taken.python,
-        heartbeat=lambda: heartbeat(job_id, taken.attempt),
-        # Cancellation is noticed at a heartbeat: beat at least every 5 s.
-        heartbeat_interval=min(settings.heartbeat_interval, 5.0),
+    try:
+        Path(taken.request["kwargs"]["output_dir"]).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        outcome = AttemptOutcome(False, error=f"cannot create the job's output folder: {exc}")
+    else:
+        outcome = execute(
+            taken.request,
+            timeout=taken.timeout,
+            python=taken.python,
+            heartbeat=lambda: heartbeat(job_id, taken.attempt),
+            # Cancellation is noticed at a heartbeat: beat at least every 5 s.
+            heartbeat_interval=min(settings.heartbeat_interval, 5.0),
+        )
+    ending = Ending(
+        ok=outcome.ok, result=outcome.result, error=outcome.error, timed_out=outcome.timed_out
     )
-    finish(
-        job_id,
-        taken.attempt,
-        Ending(
-            ok=outcome.ok, result=outcome.result, error=outcome.error, timed_out=outcome.timed_out
-        ),
+    # The attempt ran: its outcome must not be lost to a brief store outage.
+    retrying(
+        lambda: finish(job_id, taken.attempt, ending), what=f"recording job {job_id}", patience=600
     )
     return "succeeded" if outcome.ok else "failed"

@@ -8,18 +8,24 @@ special. Code opens explicit scopes: ``with session_scope() as s: ...``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.config import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _engines: dict[tuple[str, int], Engine] = {}
 _lock = threading.Lock()
@@ -117,3 +123,41 @@ def init_db(url: str | None = None) -> str:
 def rowcount(result: Any) -> int:
     """Rows matched by an UPDATE/DELETE (typed ``Result`` hides ``rowcount``)."""
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+TRANSIENT = (OperationalError, InterfaceError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """A database error worth retrying: connection lost, server restarting,
+    SQLite busy. Integrity and programming errors are not."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, TRANSIENT)
+
+
+def retrying(
+    operation: Callable[[], T], *, what: str, patience: float = 120.0, first_wait: float = 0.2
+) -> T:
+    """Run ``operation`` again while the store is briefly unavailable.
+
+    Waits double from ``first_wait`` up to 5 s, for ``patience`` seconds in
+    all; then the last error is raised. Used where losing the outcome would
+    cost more than waiting (recording a finished job, claiming one).
+    """
+    deadline = time.monotonic() + patience
+    wait = first_wait
+    while True:
+        try:
+            return operation()
+        except DBAPIError as exc:
+            if not is_transient(exc) or time.monotonic() + wait > deadline:
+                raise
+            log.warning(
+                "store unavailable while %s (%s); retrying in %.1fs",
+                what,
+                type(exc.orig).__name__ if exc.orig else exc,
+                wait,
+            )
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)

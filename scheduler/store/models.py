@@ -223,6 +223,9 @@ class Job(Base):
     # One entry per ended attempt: status, error, worker, times (retry keeps history).
     attempt_log: Mapped[list[Any]] = mapped_column(JSONType, default=list)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Process that runs the attempt on `worker`: a redelivered message can
+    # tell a dead local attempt from a live one at once.
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pending_deps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Earliest time the job may run (retry back-off).

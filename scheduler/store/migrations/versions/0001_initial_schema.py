@@ -128,6 +128,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("attempt_log", JSON_, nullable=False),
         sa.Column("worker", sa.String(length=255), nullable=True),
+        sa.Column("worker_pid", sa.Integer(), nullable=True),
         sa.Column("pending_deps", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("run_after", sa.DateTime(timezone=True), nullable=True),
