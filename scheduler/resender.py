@@ -43,7 +43,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
     now = now or utcnow()
     report = ResendReport()
     stale_dispatch = now - timedelta(seconds=settings.resend_after)
-    silent = now - timedelta(seconds=max(3 * settings.heartbeat_interval, 30.0))
+    silent = now - timedelta(seconds=3 * settings.heartbeat_interval)
     with session_scope() as session:
         planning = list(
             session.scalars(

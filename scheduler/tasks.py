@@ -10,6 +10,7 @@ from typing import Any
 
 from scheduler import detection, orthanc, resender, scheduling
 from scheduler.celery_app import app
+from scheduler.store.db import TRANSIENT
 
 
 @app.task(name="scheduler.detect", ignore_result=True)
@@ -19,7 +20,16 @@ def detect() -> dict[str, Any]:
     return {"claimed": len(run.claimed), "sessions": run.sessions, "skipped": run.skipped}
 
 
-@app.task(name="scheduler.plan", ignore_result=True, acks_late=True)
+@app.task(
+    name="scheduler.plan",
+    ignore_result=True,
+    acks_late=True,
+    # Planning is idempotent: while the store is briefly away, try again.
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=20,
+)
 def plan(session_id: str) -> str | None:
     planned = scheduling.plan_session(session_id)
     return planned.status if planned else None

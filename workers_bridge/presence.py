@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def live_after(now: datetime | None = None) -> datetime:
     """Heartbeats older than this mean the worker is gone."""
     interval = get_settings().heartbeat_interval
-    return (now or utcnow()) - timedelta(seconds=max(3 * interval, 30.0))
+    return (now or utcnow()) - timedelta(seconds=3 * interval)
 
 
 def record_presence(
