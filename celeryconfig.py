@@ -36,6 +36,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # Longer than the longest job timeout: a message in flight is not
             # handed to a second worker while the first still runs it.
             "visibility_timeout": settings.visibility_timeout,
+            # Sweep for expired unacknowledged messages at a pace that fits
+            # the timeout (kombu's default sweep is every ~100 s).
+            "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout // 4))),
+            "unacked_restore_throttle": 1 if settings.visibility_timeout < 600 else 10,
             "priority_steps": list(range(10)),
             "sep": ":",
             "queue_order_strategy": "priority",
