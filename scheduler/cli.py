@@ -626,6 +626,28 @@ def run_command(
 
 
 @app.command()
+def doctor(as_json: JsonOption = False) -> None:
+    """Check store, broker, services, workers and Orthanc; say how to fix problems."""
+    from scheduler.doctor import OK, PROBLEM, run_checks
+
+    checks = run_checks()
+    if as_json:
+        print_json([c.as_dict() for c in checks])
+    else:
+        marks = {
+            OK: "[green]ok[/green]",
+            "warning": "[yellow]warning[/yellow]",
+            PROBLEM: "[red]problem[/red]",
+        }
+        for check in checks:
+            console.print(f"{marks[check.status]} {check.name}: {check.detail}", highlight=False)
+            if check.fix:
+                console.print(f"         fix: {check.fix}", highlight=False)
+    if any(c.status == PROBLEM for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,

@@ -1,0 +1,198 @@
+"""``dcm-scheduler doctor``: check every moving part and say how to fix it.
+
+Each check returns a :class:`Check` with a status (``ok``, ``warning``,
+``problem``), what was found, and the fix. Nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from scheduler.config import Settings, get_settings
+from scheduler.redact import hide_secrets, mask
+
+OK, WARNING, PROBLEM = "ok", "warning", "problem"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_store(settings: Settings) -> Check:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from scheduler.store.db import alembic_config, get_engine
+
+    url = mask(settings.database_url)
+    try:
+        with get_engine().connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except Exception as exc:  # noqa: BLE001 - any failure is the finding
+        return Check(
+            "store",
+            PROBLEM,
+            f"cannot connect to {url}: "
+            f"{hide_secrets(str(exc).splitlines()[0], settings.database_url)}",
+            "check DCM_DATABASE_URL and that the database server runs",
+        )
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if current != head:
+        return Check(
+            "store",
+            PROBLEM,
+            f"{url} is at schema {current or 'none'}, code needs {head}",
+            "run: dcm-scheduler init-db",
+        )
+    return Check("store", OK, f"{url}, schema {current}")
+
+
+def check_broker(settings: Settings) -> Check:
+    from scheduler.celery_app import app
+
+    url = mask(str(app.conf.broker_url))
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "broker",
+            PROBLEM,
+            f"cannot reach {url}: {hide_secrets(str(exc), settings.broker_url)}",
+            "check CELERY_BROKER_URL and that Redis/RabbitMQ runs; jobs planned "
+            "meanwhile are kept and sent by the re-sender when it is back",
+        )
+    return Check("broker", OK, url)
+
+
+def check_services(settings: Settings) -> Check:
+    from scheduler.scheduling import current_registry
+
+    registry = current_registry(settings)
+    jobs = registry.jobs()
+    summary = f"{len(registry.services)} service(s), {len(jobs)} job(s) from " + ", ".join(
+        str(p) for p in settings.services_path
+    )
+    if registry.problems:
+        return Check(
+            "services",
+            PROBLEM,
+            summary + "; " + "; ".join(map(str, registry.problems)),
+            "run: dcm-scheduler services validate, fix the files named above",
+        )
+    if not jobs:
+        return Check(
+            "services",
+            WARNING,
+            summary,
+            "put service folders (with dcm-processor.json) on DCM_SERVICES_PATH",
+        )
+    return Check("services", OK, summary)
+
+
+def check_workers(settings: Settings) -> Check:
+    from celeryconfig import PLANNING_QUEUE
+    from scheduler.scheduling import current_registry
+    from scheduler.store.db import session_scope
+    from workers_bridge.presence import live_channels
+
+    with session_scope() as session:
+        live = live_channels(session)
+    needed = {PLANNING_QUEUE} | {job.channel for job in current_registry(settings).jobs()}
+    missing = sorted(needed - live)
+    if missing:
+        commands = "; ".join(f"celery -A scheduler worker -Q {c}" for c in missing)
+        return Check(
+            "workers",
+            PROBLEM,
+            f"no live worker consumes: {', '.join(missing)} "
+            f"(live channels: {', '.join(sorted(live)) or 'none'})",
+            f"start: {commands} (or dcm-scheduler run on one machine)",
+        )
+    return Check("workers", OK, f"live channels: {', '.join(sorted(live))}")
+
+
+def check_backlog(settings: Settings) -> Check:
+    """Work that should have moved and did not: beat or the re-sender may be down."""
+    from scheduler.store.db import session_scope
+    from scheduler.store.models import Job, SchedulingSession, utcnow
+
+    now = utcnow()
+    old = now - timedelta(seconds=max(settings.resend_after, 120))
+    with session_scope() as session:
+        planning = (
+            session.scalar(
+                select(func.count())
+                .select_from(SchedulingSession)
+                .where(SchedulingSession.status == "planning", SchedulingSession.created_at < old)
+            )
+            or 0
+        )
+        stale = (
+            session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    Job.status == "queued",
+                    Job.pending_deps == 0,
+                    Job.created_at < old,
+                    Job.started_at.is_(None),
+                )
+            )
+            or 0
+        )
+    if planning or stale:
+        return Check(
+            "backlog",
+            WARNING,
+            f"{planning} session(s) waiting to be planned and {stale} ready job(s) "
+            "not started for a while",
+            "check that beat runs (celery -A scheduler beat: it re-sends lost "
+            "messages) and that workers consume those channels",
+        )
+    return Check("backlog", OK, "nothing stuck")
+
+
+def check_orthanc(settings: Settings) -> Check | None:
+    if not settings.orthanc_url:
+        return None
+    import httpx
+
+    from scheduler.orthanc import split_credentials
+
+    base, auth = split_credentials(settings.orthanc_url)
+    try:
+        response = httpx.get(f"{base}/system", auth=auth, timeout=5)
+        response.raise_for_status()
+        version = response.json().get("Version", "?")
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "orthanc",
+            PROBLEM,
+            f"{base}: {hide_secrets(str(exc), settings.orthanc_url)}",
+            "check DCM_ORTHANC_URL (and its credentials) and that Orthanc runs",
+        )
+    return Check("orthanc", OK, f"{base}, Orthanc {version}")
+
+
+def run_checks(settings: Settings | None = None) -> list[Check]:
+    settings = settings or get_settings()
+    store = check_store(settings)
+    checks = [store, check_broker(settings), check_services(settings)]
+    if store.status == OK:
+        checks += [check_workers(settings), check_backlog(settings)]
+    orthanc = check_orthanc(settings)
+    if orthanc:
+        checks.append(orthanc)
+    return checks

@@ -1,0 +1,109 @@
+"""Security (issue 5): JSON only, PHI minimisation, no credentials shown, doctor."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from scheduler import scheduling
+from scheduler.cli import app as cli
+from scheduler.config import Settings
+from scheduler.store.db import session_scope
+from scheduler.store.models import Job, SchedulingSession, utcnow
+from workers_bridge.tasks import run_job
+
+from .conftest import Define
+from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
+from .support import apply_environment
+
+WORK = "dcm_testjobs:work"
+
+
+def test_a_pickled_message_is_refused_and_runs_nothing(
+    live: Settings, define: Define, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = tmp_path / "calls"
+    define([{"jobName": "target", "workerEntry": WORK, "params": {"calls": str(calls)}}])
+    record_study("90.1")
+    monkeypatch.setattr(scheduling, "dispatch", lambda *args, **kwargs: 0)  # plan, send nothing
+    session_id = scheduling.open_session("study", "90.1", "study.stable", manual=False)
+    assert session_id is not None
+    planned = scheduling.plan_session(session_id)
+    assert planned is not None
+    [job_id] = planned.ready
+
+    caplog.set_level(logging.ERROR)
+    # A producer that does not follow our settings: the payload is pickled.
+    run_job.apply_async(args=(job_id,), task_id=job_id, queue="default", serializer="pickle")
+    wait_until(lambda: any("pickle" in r.getMessage() or "ContentDisallowed" in r.getMessage()
+                           or "untrusted content" in r.getMessage() for r in caplog.records),
+               timeout=30, what="the worker to refuse the pickled message")
+    with session_scope() as s:
+        assert s.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
+    assert not calls.exists()
+
+
+def test_header_fields_limit_what_callbacks_workers_and_rows_see(
+    live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DCM_HEADER_FIELDS", "Modality")
+    apply_environment({})
+    define([{"jobName": "echo", "workerEntry": WORK, "registryEntry": "dcm_testjobs:inspect",
+             "params": {"echo_headers": True}}])
+    from scheduler.ingest import record_instances
+
+    with session_scope() as s:
+        record_instances(s, [{
+            "PatientID": "SECRET-ID", "PatientName": "Secret^Name", "PatientBirthDate": "19500101",
+            "StudyInstanceUID": "90.2", "StudyDescription": "private", "SeriesInstanceUID": "90.2.1",
+            "Modality": "MR", "SOPInstanceUID": "90.2.1.1", "location": "/x/1.dcm",
+        }], now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    doc = wait_session(session_id)
+    echoed = jobs_by_name(doc)["echo"]["result"]["headers"]
+    with session_scope() as s:
+        stored = s.scalar(select(SchedulingSession.headers).where(SchedulingSession.id == session_id))
+        job = s.scalars(select(Job).where(Job.session_id == session_id)).one()
+        row = json.dumps([job.params, job.added_params, job.result])
+    for document in (json.dumps(echoed), json.dumps(stored)):
+        assert "Secret" not in document and "SECRET-ID" not in document
+        assert "19500101" not in document and "private" not in document
+        assert '"Modality": "MR"' in document
+    assert "SECRET-ID" not in row.replace(json.dumps(echoed), "")
+
+
+def test_credentials_never_appear_in_cli_output(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DCM_DATABASE_URL", "postgresql+psycopg://scheduler:hunter2@127.0.0.1:1/x")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
+    monkeypatch.setenv("DCM_ORTHANC_URL", "http://orthanc:hunter2@127.0.0.1:1")
+    apply_environment({})
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 1
+    assert "hunter2" not in result.output
+    assert "scheduler:***@127.0.0.1" in result.output
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["store"]["status"] == checks["broker"]["status"] == "problem"
+    assert checks["orthanc"]["status"] == "problem"
+    assert "hunter2" not in result.stdout
+
+
+def test_doctor_says_what_is_wrong_and_how_to_fix_it(live: Settings, define: Define) -> None:
+    define([{"jobName": "gpu-job", "workerEntry": WORK, "channel": "gpu"}])
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["store"]["status"] == checks["broker"]["status"] == "ok"
+    assert checks["services"]["status"] == "ok"
+    assert checks["workers"]["status"] == "problem"
+    assert "no live worker consumes: gpu" in checks["workers"]["detail"]
+    assert "celery -A scheduler worker -Q gpu" in checks["workers"]["fix"]
+    define([{"jobName": "cpu-job", "workerEntry": WORK}])
+    assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0
