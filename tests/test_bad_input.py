@@ -26,7 +26,10 @@ def test_truncated_dicom_is_rejected_with_its_reason_and_the_batch_goes_on(
     data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(data[:400])  # cut inside the header
     (tmp_path / "whole.dcm").write_bytes(data)
-    result = ingest_paths(functools.partial(session_scope, store_url), [tmp_path / "truncated.dcm", tmp_path / "whole.dcm"])
+    result = ingest_paths(
+        functools.partial(session_scope, store_url),
+        [tmp_path / "truncated.dcm", tmp_path / "whole.dcm"],
+    )
     assert result.recorded == 1
     [rejection] = result.rejected
     assert rejection.location.endswith("truncated.dcm")
@@ -56,8 +59,13 @@ def test_ten_thousand_instances_in_one_series(store_url: str) -> None:
     uids = [f"9.9.1.{n}" for n in range(10_000)]
     for start in range(0, len(uids), 1000):
         with session_scope(store_url) as s:
-            record_instances(s, [base | {"SOPInstanceUID": uid, "location": f"/big/{uid}.dcm"}
-                                 for uid in uids[start:start + 1000]])
+            record_instances(
+                s,
+                [
+                    base | {"SOPInstanceUID": uid, "location": f"/big/{uid}.dcm"}
+                    for uid in uids[start : start + 1000]
+                ],
+            )
     with session_scope(store_url) as s:
         series = s.scalars(select(Series)).one()
         assert series.instance_count == 10_000
@@ -104,13 +112,22 @@ def test_a_worker_printing_megabytes_still_succeeds() -> None:
 
 
 def test_a_worker_whose_entry_does_not_import_fails_with_the_reason() -> None:
-    request = {"entry": "dcm_testjobs_missing:work", "roots": [str(FIXTURES)], "job_name": "x",
-               "headers": {}, "params": {}, "added_params": {}, "kwargs": {}}
+    request = {
+        "entry": "dcm_testjobs_missing:work",
+        "roots": [str(FIXTURES)],
+        "job_name": "x",
+        "headers": {},
+        "params": {},
+        "added_params": {},
+        "kwargs": {},
+    }
     outcome = execute(request, timeout=30)
     assert outcome.error.startswith("cannot import workerEntry 'dcm_testjobs_missing:work'")
 
 
-@pytest.mark.parametrize("entry", ["os:system", "subprocess:run", "../outside:work", "os.path.join"])
+@pytest.mark.parametrize(
+    "entry", ["os:system", "subprocess:run", "../outside:work", "os.path.join"]
+)
 def test_entries_outside_their_service_folder_are_rejected_at_validation(
     entry: str, tmp_path: Path
 ) -> None:

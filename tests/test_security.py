@@ -26,7 +26,10 @@ WORK = "dcm_testjobs:work"
 
 
 def test_a_pickled_message_is_refused_and_runs_nothing(
-    live: Settings, define: Define, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    live: Settings,
+    define: Define,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = tmp_path / "calls"
@@ -42,9 +45,16 @@ def test_a_pickled_message_is_refused_and_runs_nothing(
     caplog.set_level(logging.ERROR)
     # A producer that does not follow our settings: the payload is pickled.
     run_job.apply_async(args=(job_id,), task_id=job_id, queue="default", serializer="pickle")
-    wait_until(lambda: any("pickle" in r.getMessage() or "ContentDisallowed" in r.getMessage()
-                           or "untrusted content" in r.getMessage() for r in caplog.records),
-               timeout=30, what="the worker to refuse the pickled message")
+    wait_until(
+        lambda: any(
+            "pickle" in r.getMessage()
+            or "ContentDisallowed" in r.getMessage()
+            or "untrusted content" in r.getMessage()
+            for r in caplog.records
+        ),
+        timeout=30,
+        what="the worker to refuse the pickled message",
+    )
     with session_scope() as s:
         assert s.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
     assert not calls.exists()
@@ -55,21 +65,43 @@ def test_header_fields_limit_what_callbacks_workers_and_rows_see(
 ) -> None:
     monkeypatch.setenv("DCM_HEADER_FIELDS", "Modality")
     apply_environment({})
-    define([{"jobName": "echo", "workerEntry": WORK, "registryEntry": "dcm_testjobs:inspect",
-             "params": {"echo_headers": True}}])
+    define(
+        [
+            {
+                "jobName": "echo",
+                "workerEntry": WORK,
+                "registryEntry": "dcm_testjobs:inspect",
+                "params": {"echo_headers": True},
+            }
+        ]
+    )
     from scheduler.ingest import record_instances
 
     with session_scope() as s:
-        record_instances(s, [{
-            "PatientID": "SECRET-ID", "PatientName": "Secret^Name", "PatientBirthDate": "19500101",
-            "StudyInstanceUID": "90.2", "StudyDescription": "private", "SeriesInstanceUID": "90.2.1",
-            "Modality": "MR", "SOPInstanceUID": "90.2.1.1", "location": "/x/1.dcm",
-        }], now=utcnow() - timedelta(seconds=1))
+        record_instances(
+            s,
+            [
+                {
+                    "PatientID": "SECRET-ID",
+                    "PatientName": "Secret^Name",
+                    "PatientBirthDate": "19500101",
+                    "StudyInstanceUID": "90.2",
+                    "StudyDescription": "private",
+                    "SeriesInstanceUID": "90.2.1",
+                    "Modality": "MR",
+                    "SOPInstanceUID": "90.2.1.1",
+                    "location": "/x/1.dcm",
+                }
+            ],
+            now=utcnow() - timedelta(seconds=1),
+        )
     [session_id] = detect_and_send()
     doc = wait_session(session_id)
     echoed = jobs_by_name(doc)["echo"]["result"]["headers"]
     with session_scope() as s:
-        stored = s.scalar(select(SchedulingSession.headers).where(SchedulingSession.id == session_id))
+        stored = s.scalar(
+            select(SchedulingSession.headers).where(SchedulingSession.id == session_id)
+        )
         job = s.scalars(select(Job).where(Job.session_id == session_id)).one()
         row = json.dumps([job.params, job.added_params, job.result])
     for document in (json.dumps(echoed), json.dumps(stored)):
@@ -79,7 +111,9 @@ def test_header_fields_limit_what_callbacks_workers_and_rows_see(
     assert "SECRET-ID" not in row.replace(json.dumps(echoed), "")
 
 
-def test_credentials_never_appear_in_cli_output(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_never_appear_in_cli_output(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DCM_DATABASE_URL", "postgresql+psycopg://scheduler:hunter2@127.0.0.1:1/x")
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
     monkeypatch.setenv("DCM_ORTHANC_URL", "http://orthanc:hunter2@127.0.0.1:1")
