@@ -35,6 +35,7 @@ from scheduler.config import get_settings
 from scheduler.dicom import InstanceItem, NotDicomError, item_from_mapping, read_header
 from scheduler.headers import UnknownCandidateError
 from scheduler.ingest import record_instances
+from scheduler.queries import job_definition_json
 from scheduler.redact import hide_secrets, mask
 from scheduler.scheduling import current_fingerprint, current_registry, open_session, plan_session
 from scheduler.store.db import session_scope
@@ -137,24 +138,6 @@ def _may_read(request: Request) -> bool:
 # --------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------
-
-
-def job_definition_json(job: Any) -> dict[str, Any]:
-    """A loaded job definition (the ``services list --json`` shape)."""
-    return {
-        "job_name": job.job_name,
-        "phase": job.phase,
-        "events": list(job.events),
-        "depends_on": list(job.depends_on),
-        "channel": job.channel,
-        "worker_entry": job.worker_entry,
-        "registry_entry": job.registry_entry,
-        "sort_position": job.sort_position,
-        "priority": job.priority,
-        "timeout_s": job.timeout_s,
-        "retries": job.retries,
-        "disabled": job.disabled,
-    }
 
 
 class TriggerRequest(BaseModel):

@@ -132,6 +132,7 @@ def ingest(
 @services_app.command("list")
 def services_list(as_json: JsonOption = False) -> None:
     """Services on DCM_SERVICES_PATH and their jobs."""
+    from scheduler import queries
     from scheduler.scheduling import current_registry
 
     registry = current_registry()
@@ -143,7 +144,7 @@ def services_list(as_json: JsonOption = False) -> None:
                         "name": s.name,
                         "version": s.version,
                         "source": str(s.source),
-                        "jobs": [job_summary(j) for j in s.jobs],
+                        "jobs": [queries.job_definition_json(j) for j in s.jobs],
                     }
                     for s in registry.services
                 ],
@@ -166,23 +167,6 @@ def services_list(as_json: JsonOption = False) -> None:
     console.print(table)
     for problem in registry.problems:
         errors.print(f"[red]problem:[/red] {problem}", highlight=False)
-
-
-def job_summary(job: Any) -> dict[str, Any]:
-    return {
-        "job_name": job.job_name,
-        "phase": job.phase,
-        "events": list(job.events),
-        "depends_on": list(job.depends_on),
-        "channel": job.channel,
-        "worker_entry": job.worker_entry,
-        "registry_entry": job.registry_entry,
-        "sort_position": job.sort_position,
-        "priority": job.priority,
-        "timeout_s": job.timeout_s,
-        "retries": job.retries,
-        "disabled": job.disabled,
-    }
 
 
 @services_app.command("validate")

@@ -205,3 +205,21 @@ def list_workers(session: Session) -> list[dict[str, Any]]:
         }
         for row in rows
     ]
+
+
+def job_definition_json(job: Any) -> dict[str, Any]:
+    """A loaded job definition (the ``services list --json`` shape)."""
+    return {
+        "job_name": job.job_name,
+        "phase": job.phase,
+        "events": list(job.events),
+        "depends_on": list(job.depends_on),
+        "channel": job.channel,
+        "worker_entry": job.worker_entry,
+        "registry_entry": job.registry_entry,
+        "sort_position": job.sort_position,
+        "priority": job.priority,
+        "timeout_s": job.timeout_s,
+        "retries": job.retries,
+        "disabled": job.disabled,
+    }

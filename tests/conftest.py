@@ -158,26 +158,12 @@ def define(services_root: Path) -> Iterator[Define]:
 @pytest.fixture
 def live(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) -> Iterator[Settings]:
     """PostgreSQL + Redis + a real Celery worker (threads pool) in this process."""
-    from celery.contrib.testing.worker import start_worker
-
-    from scheduler.celery_app import app
-    from tests.support import environment
+    from tests.support import worker_in_process
 
     values = base_environment(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_HEARTBEAT_INTERVAL": "1",
     }
-    with (
-        environment(values) as settings,
-        start_worker(
-            app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            queues=["dcm.planning", "default"],
-            loglevel="WARNING",
-            shutdown_timeout=60,
-        ),
-    ):
+    with worker_in_process(values) as settings:
         yield settings

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import redis
 
-from scheduler.config import Settings, get_settings, reset_settings
+from scheduler.config import Settings
 
 PG_ADMIN_URL = os.environ.get("DCM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 # One Redis database per test process, so two test runs on one machine
@@ -50,18 +50,9 @@ def drop_database(name: str) -> None:
 
 def apply_environment(values: dict[str, str]) -> Settings:
     """Set DCM_* variables and make every cached piece follow them."""
-    from scheduler.celery_app import configure
-    from scheduler.scheduling import forget_registry
-    from scheduler.store.db import dispose_engines
+    from scheduler.demo import use_environment
 
-    for key, value in values.items():
-        os.environ[key] = value
-    reset_settings()
-    dispose_engines()
-    forget_registry()
-    settings = get_settings()
-    configure(settings)
-    return settings
+    return use_environment(values)
 
 
 @contextmanager
@@ -84,3 +75,26 @@ def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+@contextmanager
+def worker_in_process(values: dict[str, str], concurrency: int = 4) -> Iterator[Settings]:
+    """The environment ``values`` plus a real Celery worker (threads pool) in
+    this process, consuming the planning queue and the default channel."""
+    from celery.contrib.testing.worker import start_worker
+
+    from scheduler.celery_app import app
+
+    with (
+        environment(values) as settings,
+        start_worker(
+            app,
+            pool="threads",
+            concurrency=concurrency,
+            perform_ping_check=False,
+            queues=["dcm.planning", "default"],
+            loglevel="WARNING",
+            shutdown_timeout=60,
+        ),
+    ):
+        yield settings

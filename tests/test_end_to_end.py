@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
@@ -16,7 +15,7 @@ from scheduler.cli import app as cli
 
 from .conftest import base_environment
 from .engine import detect_and_send, jobs_by_name, wait_session
-from .support import EXAMPLES, environment
+from .support import EXAMPLES, environment, worker_in_process
 
 
 @pytest.fixture
@@ -25,18 +24,7 @@ def examples_live(tmp_path: Path, pg_url: str, redis_url: str):  # type: ignore[
         "DCM_SERVICES_PATH": str(EXAMPLES),
         "DCM_STABLE_AGE": "0",
     }
-    with (
-        environment(values) as settings,
-        start_worker(
-            app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            queues=["dcm.planning", "default"],
-            loglevel="WARNING",
-            shutdown_timeout=60,
-        ),
-    ):
+    with worker_in_process(values) as settings:
         yield settings
 
 

@@ -22,7 +22,7 @@ from scheduler.store.models import Instance, utcnow
 
 from .conftest import base_environment, require
 from .engine import detect_and_send, jobs_by_name, wait_session, wait_until
-from .support import EXAMPLES, environment
+from .support import EXAMPLES, worker_in_process
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -147,26 +147,12 @@ def test_orthanc_down_is_reported_and_nothing_is_lost(
 def test_files_sent_to_orthanc_are_planned_and_their_jobs_run(
     orthanc: OrthancServer, tmp_path: Path, pg_url: str, redis_url: str
 ) -> None:
-    from celery.contrib.testing.worker import start_worker
-
-    from scheduler.celery_app import app
-
     values = base_environment(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(EXAMPLES),
         "DCM_STABLE_AGE": "0",
         "DCM_ORTHANC_URL": orthanc.url,
     }
-    with (
-        environment(values) as settings,
-        start_worker(
-            app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            queues=["dcm.planning", "default"],
-            loglevel="WARNING",
-        ),
-    ):
+    with worker_in_process(values) as settings:
         orthanc.send(str(get_testdata_file("CT_small.dcm")))
         assert follow_changes(settings).recorded == 1
         with session_scope() as s:

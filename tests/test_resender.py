@@ -6,11 +6,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select, update
 
 from scheduler import resender, scheduling
-from scheduler.celery_app import app
 from scheduler.config import Settings
 from scheduler.store.db import session_scope
 from scheduler.store.models import Job, SchedulingSession, utcnow
@@ -18,7 +16,7 @@ from workers_bridge import runner
 
 from .conftest import Define, base_environment
 from .engine import jobs_by_name, record_study, wait_session
-from .support import environment
+from .support import environment, worker_in_process
 
 WORK = "dcm_testjobs:work"
 
@@ -46,17 +44,7 @@ def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
             assert (a.status, a.dispatched_at) == ("queued", None)
 
     values["CELERY_BROKER_URL"] = redis_url
-    with (
-        environment(values) as settings,
-        start_worker(
-            app,
-            pool="threads",
-            concurrency=2,
-            perform_ping_check=False,
-            queues=["dcm.planning", "default"],
-            loglevel="WARNING",
-        ),
-    ):
+    with worker_in_process(values, concurrency=2) as settings:
         assert resender.resend(settings).jobs == 0  # just committed: still in its grace time
         report = resender.resend(settings, now=utcnow() + timedelta(seconds=30))
         assert report.jobs == 1
