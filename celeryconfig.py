@@ -22,8 +22,6 @@ DEFAULT_CHANNEL = "default"
 def transport_options(settings: Settings) -> dict[str, Any]:
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder
-        for sub in ("queue", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
@@ -76,6 +74,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         broker_url = "filesystem://localhost//"  # kombu warns about a missing host otherwise
     return {
         "broker_url": broker_url,
+        # kombu's filesystem transport, creating its folders when first used.
+        "broker_transport": (
+            "scheduler.broker:Transport" if settings.uses_filesystem_broker else None
+        ),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "result_backend": settings.result_backend,

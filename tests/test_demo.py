@@ -1,0 +1,35 @@
+"""`dcm-scheduler demo`: the README's first command works from any folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+
+def test_demo_runs_every_session_to_the_end_with_outputs(tmp_path: Path) -> None:
+    home = tmp_path / "demo"
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DCM_", "CELERY_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "demo", "--home", str(home)],
+        cwd=elsewhere,
+        env=environment | {"PYTHONPATH": str(Path(__file__).parent.parent), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = re.search(r"(\d+) sessions: \1 succeeded; (\d+) jobs: \2 succeeded", done.stdout)
+    assert summary and int(summary.group(1)) >= 5, done.stdout
+    archives = list((home / "outputs").rglob("session-*.zip"))
+    thumbnails = list((home / "outputs").rglob("*.png"))
+    reports = list((home / "outputs").rglob("*.html"))
+    assert archives and thumbnails and reports
+    with zipfile.ZipFile(archives[0]) as bundle:
+        assert bundle.testzip() is None
+    assert not list(elsewhere.iterdir())  # nothing written outside the demo folder
