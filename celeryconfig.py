@@ -55,19 +55,20 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "dcm-detect": {
             "task": "scheduler.detect",
             "schedule": timedelta(seconds=settings.detect_interval),
-            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 1)},
+            # Generous expiry: behind a planning backlog the run is late, not lost.
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         },
         "dcm-resend": {
             "task": "scheduler.resend",
             "schedule": timedelta(seconds=max(settings.detect_interval, 5.0)),
-            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 5.0)},
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         },
     }
     if settings.orthanc_url:
         beat_schedule["dcm-orthanc"] = {
             "task": "scheduler.follow_orthanc",
             "schedule": timedelta(seconds=settings.detect_interval),
-            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval, 1)},
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         }
     broker_url = settings.broker_url
     if broker_url == "filesystem://":

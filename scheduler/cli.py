@@ -508,9 +508,12 @@ def jobs(
     from scheduler.store.db import init_db, session_scope
 
     init_db()
-    with session_scope() as s:
-        session_id = queries.show_session(s, session)["id"] if session else None
-        rows = queries.list_jobs(s, session_id=session_id, status=status, limit=limit)
+    try:
+        with session_scope() as s:
+            session_id = queries.resolve_session_id(s, session) if session else None
+            rows = queries.list_jobs(s, session_id=session_id, status=status, limit=limit)
+    except queries.NotFoundError as exc:
+        raise fail(str(exc)) from exc
     if as_json:
         print_json(rows)
         return

@@ -7,14 +7,15 @@
   that waited for them), keeping each job's earlier attempts in its log.
 - :func:`cancel_session` cancels what has not started and stops what runs:
   a running attempt sees its job cancelled at its next heartbeat and is
-  killed; queued messages are revoked.
+  killed; a queued message finds its job cancelled and is dropped. (No
+  Celery revoke: task ids are job ids, and a revoked id would make workers
+  drop the job's messages for hours, retries included.)
 
 The CLI and the HTTP API both call these functions.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,8 +34,6 @@ from scheduler.store.models import (
     utcnow,
 )
 from workers_bridge.release import lock_session
-
-log = logging.getLogger(__name__)
 
 
 class NothingToDoError(ValueError):
@@ -73,7 +72,12 @@ def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> R
                     f"job {job.job_name} is {job.status}; only failed, upstream_failed "
                     "or cancelled jobs are retried"
                 )
-            seeds = [job.id]
+            # An upstream_failed job can only run again with what made it fail.
+            seeds = (
+                [job.id] if job.status != "upstream_failed" else _failed_ancestors(session, job.id)
+            )
+            if not seeds:
+                raise NothingToDoError(f"job {job.job_name} has no failed job upstream to retry")
         else:
             assert session_id is not None
             session_id = resolve_session_id(session, session_id)
@@ -100,6 +104,29 @@ def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> R
         )
     report.dispatched = dispatch(ready)
     return report
+
+
+def _failed_ancestors(session: Session, job_id: str) -> list[str]:
+    """The failed or cancelled jobs an ``upstream_failed`` job depends on, at any depth."""
+    found: list[str] = []
+    seen = {job_id}
+    frontier = [job_id]
+    while frontier:
+        parents = session.execute(
+            select(Job.id, Job.status)
+            .join(JobDependency, JobDependency.depends_on_id == Job.id)
+            .where(JobDependency.job_id.in_(frontier))
+        ).all()
+        frontier = []
+        for parent, status in parents:
+            if parent in seen:
+                continue
+            seen.add(parent)
+            if status in ("failed", "cancelled"):
+                found.append(parent)
+            elif status == "upstream_failed":
+                frontier.append(parent)
+    return found
 
 
 def _downstream(session: Session, seeds: Sequence[str]) -> set[str]:
@@ -136,8 +163,10 @@ def _requeue(session: Session, session_id: str, reset: set[str]) -> list[str]:
             pending[job_id] += 1
     for job_id in reset:
         job = jobs[job_id]
-        if job.status not in JOB_FINAL_STATUSES:
-            continue  # still queued or running: leave it alone
+        if job.status == "running":
+            continue  # it ends on its own; what follows it was counted above
+        # Queued ones too: a post job waiting for a retried job must wait
+        # for its new run, with a counter recomputed from scratch.
         job.status = "queued"
         job.pending_deps = pending[job_id]
         # A fresh budget of attempts; the log keeps the earlier ones.
@@ -195,12 +224,4 @@ def cancel_session(session_id: str) -> CancelReport:
             job.finished_at = now
             job.error = "cancelled by an operator"
         row.status, row.finished_at = "cancelled", now
-        job_ids = [job.id for job in open_jobs]
-    if job_ids:
-        from scheduler.celery_app import app
-
-        try:
-            app.control.revoke(job_ids)
-        except Exception as exc:  # noqa: BLE001 - the store says cancelled: claims refuse anyway
-            log.warning("could not revoke the messages of session %s: %s", session_id, exc)
     return report

@@ -139,7 +139,11 @@ def record_instances(
 
     present = set(_ids(session, Instance.sop_uid, batch))
     result.known += len(present)
-    fresh = [item for uid, item in batch.items() if uid not in present]
+    # One order for every ingest, so concurrent ones take locks alike.
+    fresh = sorted(
+        (item for uid, item in batch.items() if uid not in present),
+        key=lambda i: (i.patient_id, i.study_uid, i.series_uid, i.sop_uid),
+    )
     if not fresh:
         return result
 
@@ -204,7 +208,16 @@ def _refresh(
     now: datetime,
     joins: Sequence[Any],
 ) -> None:
-    """Recompute count, first/last received, fingerprint; back to ``receiving``."""
+    """Recompute count, first/last received, fingerprint; back to ``receiving``.
+
+    The rows are locked first (in key order): a concurrent ingest into the
+    same resource waits, and the recount then sees its committed instances,
+    so neither overwrites the other's count or fingerprint.
+    """
+    # NO KEY UPDATE: compatible with the KEY SHARE locks our own FK inserts take.
+    session.execute(
+        select(model.id).where(model.id.in_(pks)).order_by(model.id).with_for_update(key_share=True)
+    )
     query = select(owner, Instance.sop_uid, Instance.received_at).select_from(Instance)
     if joins:
         query = query.join(Series, Instance.series_pk == Series.id)

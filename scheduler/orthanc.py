@@ -118,8 +118,15 @@ def _follow(
             feed = response.json()
             items: list[dict[str, Any]] = []
             for change in feed.get("Changes", []):
-                if change.get("ChangeType") == "NewInstance":
+                if change.get("ChangeType") != "NewInstance":
+                    continue
+                try:
                     items.append(instance_item(client, base, change["ID"]))
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code != 404:
+                        raise
+                    # Deleted from Orthanc before we read it: skip, never stall.
+                    report.rejected.append(f"{base}/instances/{change['ID']}: gone (404)")
             last = int(feed.get("Last", report.seq))
             with session_scope() as session:
                 result = record_instances(session, items)

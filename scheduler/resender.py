@@ -20,7 +20,7 @@ from scheduler.config import Settings, get_settings
 from scheduler.emission import dispatch
 from scheduler.scheduling import send_plans
 from scheduler.store.db import session_scope
-from scheduler.store.models import Job, SchedulingSession, utcnow
+from scheduler.store.models import Job, Lease, SchedulingSession, utcnow
 from workers_bridge.release import Ending
 from workers_bridge.runner import finish
 
@@ -45,14 +45,22 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
     stale_dispatch = now - timedelta(seconds=settings.resend_after)
     silent = now - timedelta(seconds=3 * settings.heartbeat_interval)
     with session_scope() as session:
-        planning = list(
-            session.scalars(
+        being_planned = {
+            name.removeprefix("plan:")
+            for name in session.scalars(
+                select(Lease.name).where(Lease.name.startswith("plan:"), Lease.expires_at > now)
+            )
+        }
+        planning = [
+            session_id
+            for session_id in session.scalars(
                 select(SchedulingSession.id).where(
                     SchedulingSession.status == "planning",
                     SchedulingSession.created_at < now - PLANNING_GRACE,
                 )
             )
-        )
+            if session_id not in being_planned
+        ]
         ready = list(
             session.scalars(
                 select(Job.id).where(

@@ -23,6 +23,7 @@ from scheduler.detection import LEVELS as RESOURCE_LEVELS
 from scheduler.emission import create_session, dispatch, session_dir, write_plan
 from scheduler.headers import LEVELS, UnknownCandidateError, build_headers, candidate_query
 from scheduler.ingest import fingerprint as fingerprint_of
+from scheduler.leases import lease
 from scheduler.planning import Plan, make_callback_runner, plan
 from scheduler.registry import Registry, load_registry
 from scheduler.store.db import session_scope
@@ -150,8 +151,23 @@ def warn_unconsumed_channels(result: Plan) -> None:
             log.warning(message)
 
 
+def plan_lease(session_id: str) -> str:
+    return f"plan:{session_id}"
+
+
 def plan_session(session_id: str) -> Planned | None:
-    """Plan a ``planning`` session and send its ready jobs; None if already planned."""
+    """Plan a ``planning`` session and send its ready jobs; None if already
+    planned, or being planned by another process right now."""
+    settings = get_settings()
+    # Callbacks may take DCM_CALLBACK_TIMEOUT each; a duplicate plan message
+    # (the re-sender's, or a redelivery) must not run them all again meanwhile.
+    with lease(plan_lease(session_id), ttl=settings.callback_timeout * 20 + 60) as held:
+        if not held:
+            return None
+        return _plan_session(session_id)
+
+
+def _plan_session(session_id: str) -> Planned | None:
     with session_scope() as session:
         row = session.get(SchedulingSession, session_id)
         if row is None or row.status != "planning":

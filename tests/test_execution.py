@@ -187,3 +187,40 @@ def test_workers_get_headers_params_added_params_and_context(
     assert result["value"] == "v"
     assert result["uid"] == "10.7"
     assert result["added_params"] == {"probe": {"seen": [], "uid": "10.7", "job": "probe"}}
+
+
+def test_an_attempt_that_cannot_start_fails_with_the_reason(live: Settings, define: Define) -> None:
+    define([{"jobName": "nowhere", "workerEntry": ENTRY, "python": "/nonexistent/bin/python"}])
+    doc = wait_session(start("10.8"))
+    job = jobs_by_name(doc)["nowhere"]
+    assert job["status"] == "failed"
+    assert job["error"].startswith(
+        "the attempt could not be started (/nonexistent/bin/python): FileNotFoundError"
+    )
+
+
+def test_a_timed_out_attempt_is_logged_as_a_timeout(live: Settings, define: Define) -> None:
+    define([{"jobName": "slow", "workerEntry": ENTRY, "timeout": 1, "params": {"hang": True}}])
+    doc = wait_session(start("10.9"))
+    assert [e["status"] for e in jobs_by_name(doc)["slow"]["attempt_log"]] == ["timeout"]
+
+
+def test_a_long_running_worker_picks_up_a_changed_service(
+    live: Settings, define: Define, services_root: Path
+) -> None:
+    package = services_root / "updatable" / "dcm_updatable"
+    package.mkdir(parents=True, exist_ok=True)
+    module = package / "__init__.py"
+    module.write_text("def work(*args, **kwargs):\n    return {'version': 1}\n")
+    define([{"jobName": "versioned", "workerEntry": "dcm_updatable:work"}], name="updatable")
+    try:
+        first = jobs_by_name(wait_session(start("10.10")))["versioned"]
+        module.write_text("def work(*args, **kwargs):\n    return {'version': 2}\n")
+        second = jobs_by_name(wait_session(start("10.11")))["versioned"]
+    finally:
+        import shutil
+        import sys
+
+        shutil.rmtree(services_root / "updatable")
+        sys.modules.pop("dcm_updatable", None)
+    assert (first["result"], second["result"]) == ({"version": 1}, {"version": 2})

@@ -194,3 +194,28 @@ def test_cli_ingest_descends_only_with_recursive(
     args = ["ingest", str(tmp_path / "in"), "--json"] + (["--recursive"] if recursive else [])
     result = CliRunner().invoke(cli, args)
     assert json.loads(result.output)["recorded"] == (1 if recursive else 0)
+
+
+def test_concurrent_ingests_into_one_series_keep_exact_counts(store_url: str) -> None:
+    import threading
+
+    base = {"PatientID": "P", "StudyInstanceUID": "3.1", "SeriesInstanceUID": "3.1.1"}
+
+    def ingest(offset: int) -> None:
+        for n in range(30):
+            with session_scope(store_url) as s:
+                record_instances(
+                    s, [base | {"SOPInstanceUID": f"3.1.1.{offset}.{n}.{k}"} for k in range(20)]
+                )
+
+    threads = [threading.Thread(target=ingest, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with session_scope(store_url) as s:
+        uids = list(s.scalars(select(Instance.sop_uid)))
+        assert len(uids) == 2400
+        for model in (Series, Study, Patient):
+            row = s.scalars(select(model)).one()
+            assert (row.instance_count, row.fingerprint) == (2400, fingerprint(uids))

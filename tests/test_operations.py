@@ -221,3 +221,85 @@ def test_run_works_on_the_defaults_and_stops_its_whole_process_group(
     assert "sessions:" in output and "stopping" in output
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert alive == []
+
+
+def test_retrying_an_upstream_failed_job_reruns_what_failed_upstream(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    marker = tmp_path / "fixed"
+    define(
+        [
+            {"jobName": "root", "workerEntry": WORK, "params": {"fail_until": str(marker)}},
+            {"jobName": "leaf", "workerEntry": WORK, "dependsOn": "root"},
+        ]
+    )
+    record_study("31.1", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    leaf_id = jobs_by_name(wait_session(session_id))["leaf"]["id"]
+    marker.write_text("fixed")
+    assert run_json("retry", leaf_id)["requeued"] == ["root", "leaf"]
+    doc = wait_session(session_id)
+    assert {j["job_name"]: j["status"] for j in doc["jobs"]} == {
+        "root": "succeeded",
+        "leaf": "succeeded",
+    }
+
+
+def test_a_post_job_waits_for_the_new_run_of_a_retried_job(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    marker, gate = tmp_path / "fixed", tmp_path / "gate"
+    define(
+        [
+            {"jobName": "quick", "workerEntry": WORK, "params": {"fail_until": str(marker)}},
+            {"jobName": "slow", "workerEntry": WORK, "params": {"wait_for": str(gate)}},
+            {"jobName": "store", "workerEntry": WORK, "phase": "post"},
+        ]
+    )
+    record_study("31.2", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    wait_until(
+        lambda: (j := job_row(session_id, "quick")) is not None and j.status == "failed",
+        what="quick to fail while slow runs",
+    )
+    marker.write_text("fixed")
+    run_json("retry", "--session", session_id)
+    wait_until(
+        lambda: (j := job_row(session_id, "quick")) is not None and j.status == "succeeded",
+        what="quick to succeed on retry",
+    )
+    store = job_row(session_id, "store")
+    assert store is not None and store.status == "queued"  # slow still runs
+    gate.write_text("go")
+    jobs = jobs_by_name(wait_session(session_id))
+    assert jobs["store"]["attempts"] == 1
+    assert jobs["store"]["started_at"] >= jobs["slow"]["finished_at"]
+    assert jobs["store"]["result"]["outcomes"] == {"quick": "succeeded", "slow": "succeeded"}
+
+
+def test_a_cancelled_session_can_be_retried(live: Settings, define: Define, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    define(
+        [
+            {"jobName": "held", "workerEntry": WORK, "params": {"wait_for": str(gate)}},
+            {"jobName": "next", "workerEntry": WORK, "dependsOn": "held"},
+        ]
+    )
+    record_study("31.3", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    wait_until(
+        lambda: (j := job_row(session_id, "held")) is not None and j.status == "running",
+        what="held to start",
+    )
+    run_json("cancel", session_id)
+    assert wait_session(session_id)["status"] == "cancelled"
+    gate.write_text("go")
+    assert run_json("retry", "--session", session_id)["requeued"] == ["held", "next"]
+    doc = wait_session(session_id)
+    assert doc["status"] == "succeeded"
+    assert jobs_by_name(doc)["held"]["attempts"] == 2
+
+
+def test_jobs_of_an_unknown_session_is_a_reported_problem(env: Settings) -> None:
+    result = run_json("jobs", "--session", "no-such-session", code=1)
+    assert "no session" in result.output

@@ -166,3 +166,43 @@ def test_files_sent_to_orthanc_are_planned_and_their_jobs_run(
     assert set(jobs) == {"anonymize", "thumbnails", "study-report", "archive"}
     thumbnail = next(iter(jobs["thumbnails"]["result"]["thumbnails"].values()))
     assert Path(thumbnail).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_instance_deleted_before_it_is_read_is_skipped_not_a_stall(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .support import apply_environment
+
+    def orthanc_api(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/changes":
+            return httpx.Response(
+                200,
+                json={
+                    "Changes": [
+                        {"ChangeType": "NewInstance", "ID": "gone", "Seq": 1},
+                        {"ChangeType": "NewInstance", "ID": "here", "Seq": 2},
+                    ],
+                    "Done": True,
+                    "Last": 2,
+                },
+            )
+        if request.url.path == "/instances/gone/simplified-tags":
+            return httpx.Response(404, json={"Message": "Unknown resource"})
+        return httpx.Response(
+            200,
+            json={
+                "PatientID": "P",
+                "StudyInstanceUID": "1.1",
+                "SeriesInstanceUID": "1.1.1",
+                "SOPInstanceUID": "1.1.1.1",
+                "Modality": "CT",
+                "ReferencedSeriesSequence": [],
+            },
+        )
+
+    monkeypatch.setenv("DCM_ORTHANC_URL", "http://orthanc.test")
+    settings = apply_environment({})
+    with httpx.Client(transport=httpx.MockTransport(orthanc_api)) as client:
+        report = follow_changes(settings, client=client)
+    assert (report.recorded, report.seq, report.error) == (1, 2, None)
+    assert report.rejected == ["http://orthanc.test/instances/gone: gone (404)"]

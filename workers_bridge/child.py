@@ -14,9 +14,27 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import sys
 import traceback
 from typing import Any
+
+
+def stop_group(_signum: int = 0, _frame: Any = None) -> None:
+    """Kill this attempt's process group: the attempt and what it started.
+    Installed for the signal sent when the worker process running the
+    attempt dies."""
+    os.killpg(0, signal.SIGKILL)
+
+
+def fresh_imports(entry: str) -> None:
+    """Forget the entry's package, so an attempt forked from a long-running
+    worker imports the service's current code, not the copy the worker
+    loaded when it first validated or ran it."""
+    top = entry.partition(":")[0].split(".")[0]
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
 
 
 def resolve(entry: str, roots: list[str]) -> Any:
@@ -47,6 +65,7 @@ def _attribute(module: Any, path: str) -> Any:
 def run(request: dict[str, Any]) -> dict[str, Any]:
     """Call the worker of ``request``; never raises."""
     try:
+        fresh_imports(request["entry"])
         worker = resolve(request["entry"], request.get("roots", []))
     except BaseException as exc:  # noqa: BLE001
         return {
@@ -88,6 +107,7 @@ def write_response(path: str, response: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGUSR2, stop_group)
     request_path, response_path = argv[1], argv[2]
     with open(request_path, encoding="utf-8") as handle:
         request = json.load(handle)

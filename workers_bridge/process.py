@@ -85,6 +85,7 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
         code = 0
         try:
             os.setsid()
+            signal.signal(signal.SIGUSR2, child.stop_group)
             _die_with_parent(parent)
             output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(output, 1)
@@ -108,10 +109,12 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
 
 
 def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this attempt if the worker process that runs it
-    dies (SIGKILL, OOM): a re-delivered job must not run twice at once."""
+    """Have the kernel signal this attempt if the worker process that runs it
+    dies (SIGKILL, OOM): a re-delivered job must not run twice at once. The
+    signal is SIGUSR2, whose handler (:func:`workers_bridge.child.stop_group`)
+    kills the attempt's whole process group, programs it started included."""
     if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -205,7 +208,11 @@ def _outcome(
         response = json.loads(response_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         if code < 0:
-            how = f"was killed by signal {-code} ({signal.Signals(-code).name})"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "unknown signal"
+            how = f"was killed by signal {-code} ({name})"
         else:
             how = f"exited with status {code}"
         return AttemptOutcome(False, error=f"the worker process {how} without a result{suffix}")

@@ -82,7 +82,7 @@ def record_ending(
 
     entry = {
         "attempt": attempt,
-        "status": "succeeded" if ending.ok else ("lost" if ending.lost else "failed"),
+        "status": _attempt_status(ending),
         "worker": job.worker,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": now.isoformat(),
@@ -99,8 +99,14 @@ def record_ending(
     job.error = ending.error
     budget = job.max_attempts + (LOST_WORKER_GRACE if ending.lost else 0)
     if attempt < budget:
-        delay = 0.0 if ending.lost else job.retry_delay_s * (2 ** (attempt - 1))
-        job.status, job.run_after, job.dispatched_at = "queued", now + timedelta(seconds=delay), now
+        # Back-off counts the attempts of the current budget: a job retried by
+        # an operator starts again from retryDelay.
+        first_of_budget = job.max_attempts - job.retries
+        delay = 0.0 if ending.lost else job.retry_delay_s * 2 ** max(attempt - first_of_budget, 0)
+        job.status, job.run_after = "queued", now + timedelta(seconds=delay)
+        # Not dispatched until the message is out: if the broker refuses it,
+        # the re-sender sends it once run_after has passed.
+        job.dispatched_at = None
         job.heartbeat_at = None
         return Released([], retry=(job_id, delay))
 
@@ -108,6 +114,14 @@ def record_ending(
     ready = release_dependents(session, job_id, succeeded=False, now=now)
     finish_session_if_done(session, session_id, now)
     return Released(ready)
+
+
+def _attempt_status(ending: Ending) -> str:
+    if ending.ok:
+        return "succeeded"
+    if ending.lost:
+        return "lost"
+    return "timeout" if ending.timed_out else "failed"
 
 
 def _first_line(text: str | None) -> str | None:

@@ -15,11 +15,11 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from scheduler.config import get_settings
 from scheduler.emission import dispatch, session_dir
@@ -32,6 +32,9 @@ from workers_bridge.release import Ending, record_ending
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 5.0
+# Tolerated difference between the clocks of the machine that set a retry's
+# run_after and the worker that receives the delayed message.
+CLOCK_SKEW = timedelta(seconds=5)
 
 
 @dataclass
@@ -49,7 +52,13 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
     with session_scope() as session:
         taken = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
+            .where(
+                Job.id == job_id,
+                Job.status == "queued",
+                # A duplicate message must not skip dependencies or back-off.
+                Job.pending_deps == 0,
+                or_(Job.run_after.is_(None), Job.run_after <= now + CLOCK_SKEW),
+            )
             .values(
                 status="running",
                 attempts=Job.attempts + 1,
@@ -108,20 +117,33 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
         return Claim(job.id, job.attempts, job.timeout_s, job.python, request)
 
 
-def heartbeat(job_id: str, attempt: int) -> bool:
-    """Tell the re-sender this attempt is alive; False when the job is no
-    longer this attempt's (cancelled, or re-queued as lost): stop it."""
-    try:
-        with session_scope() as session:
-            beat = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-                .values(heartbeat_at=utcnow())
-            )
-            return rowcount(beat) == 1
-    except Exception as exc:  # noqa: BLE001 - a missed beat is not worth failing the job
-        log.warning("heartbeat of job %s failed: %s", job_id, exc)
-        return True
+class Heartbeat:
+    """Tells the re-sender an attempt is alive; says stop when the job is no
+    longer this attempt's (cancelled, re-queued as lost), or when the store
+    has been unreachable so long that the re-sender will have re-queued it."""
+
+    def __init__(self, job_id: str, attempt: int, interval: float) -> None:
+        self.job_id, self.attempt, self.interval = job_id, attempt, interval
+        self.last_ok = time.monotonic()
+
+    def __call__(self) -> bool:
+        try:
+            with session_scope() as session:
+                beat = session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == self.job_id, Job.status == "running", Job.attempts == self.attempt
+                    )
+                    .values(heartbeat_at=utcnow())
+                )
+                mine = rowcount(beat) == 1
+        except Exception as exc:  # noqa: BLE001 - the store may be briefly away
+            silent = time.monotonic() - self.last_ok
+            log.warning("heartbeat of job %s failed for %.0fs: %s", self.job_id, silent, exc)
+            # Past 3 missed beats the job counts as lost and runs elsewhere.
+            return silent < 3 * self.interval
+        self.last_ok = time.monotonic()
+        return mine
 
 
 _touched: dict[tuple[str, str], float] = {}
@@ -183,6 +205,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def attempt_safely(taken: Claim, heartbeat_interval: float, job_id: str) -> AttemptOutcome:
+    """Run the attempt; a failure to even start it (a missing interpreter, no
+    process slot, a full temp folder) is the attempt's error, not a crash
+    that would leave the job running until the re-sender calls it lost."""
+    try:
+        return execute(
+            taken.request,
+            timeout=taken.timeout,
+            python=taken.python,
+            heartbeat=Heartbeat(job_id, taken.attempt, heartbeat_interval),
+            # Cancellation is noticed at a heartbeat: beat at least every 5 s.
+            heartbeat_interval=min(heartbeat_interval, 5.0),
+        )
+    except Exception as exc:  # noqa: BLE001
+        where = f" ({taken.python})" if taken.python else ""
+        return AttemptOutcome(
+            False, error=f"the attempt could not be started{where}: {type(exc).__name__}: {exc}"
+        )
+
+
 def run_job(job_id: str, hostname: str | None = None) -> str | None:
     """Run one job if it can be claimed; returns its attempt's status or None."""
     hostname = hostname or socket.gethostname()
@@ -202,14 +244,7 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
     except OSError as exc:
         outcome = AttemptOutcome(False, error=f"cannot create the job's output folder: {exc}")
     else:
-        outcome = execute(
-            taken.request,
-            timeout=taken.timeout,
-            python=taken.python,
-            heartbeat=lambda: heartbeat(job_id, taken.attempt),
-            # Cancellation is noticed at a heartbeat: beat at least every 5 s.
-            heartbeat_interval=min(settings.heartbeat_interval, 5.0),
-        )
+        outcome = attempt_safely(taken, settings.heartbeat_interval, job_id)
     ending = Ending(
         ok=outcome.ok, result=outcome.result, error=outcome.error, timed_out=outcome.timed_out
     )
