@@ -89,6 +89,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
             Ending(
                 ok=False,
                 lost=True,
+                last_heartbeat=beat,
                 error=f"worker lost: {worker} stopped heart-beating this attempt "
                 f"(last heartbeat {beat.isoformat() if beat else 'never'})",
             ),

@@ -46,6 +46,9 @@ class Ending:
     error: str | None = None
     lost: bool = False
     timed_out: bool = False
+    # For a lost attempt: the heartbeat the re-sender saw. A newer one means
+    # the attempt is alive after all, and the ending is ignored.
+    last_heartbeat: datetime | None = None
 
 
 @dataclass
@@ -78,6 +81,13 @@ def record_ending(
     lock_session(session, session_id)
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.status != "running" or job.attempts != attempt:
+        return Released([], recorded=False)
+    if (
+        ending.lost
+        and ending.last_heartbeat is not None
+        and job.heartbeat_at is not None
+        and job.heartbeat_at > ending.last_heartbeat
+    ):
         return Released([], recorded=False)
 
     entry = {
