@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,4 +62,41 @@ def lease(name: str, ttl: float) -> Iterator[bool]:
         yield held
     finally:
         if held:
+            release(name, holder)
+
+
+def renew(name: str, holder: str, ttl: float) -> bool:
+    with session_scope() as session:
+        kept = session.execute(
+            update(Lease)
+            .where(Lease.name == name, Lease.holder == holder)
+            .values(expires_at=utcnow() + timedelta(seconds=ttl))
+        )
+        return rowcount(kept) == 1
+
+
+@contextmanager
+def kept_lease(name: str, ttl: float = 15.0) -> Iterator[bool]:
+    """Like :func:`lease`, renewed every ``ttl / 3`` seconds while the block
+    runs: work of unknown length keeps it, a dead holder loses it in ``ttl``."""
+    holder = _holder()
+    held = acquire(name, ttl, holder)
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                renew(name, holder, ttl)
+            except Exception:  # noqa: BLE001 - the store may be briefly away
+                continue
+
+    thread = threading.Thread(target=keep, name=f"lease:{name}", daemon=True)
+    if held:
+        thread.start()
+    try:
+        yield held
+    finally:
+        stop.set()
+        if held:
+            thread.join(timeout=5)
             release(name, holder)

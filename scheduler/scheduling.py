@@ -23,7 +23,7 @@ from scheduler.detection import LEVELS as RESOURCE_LEVELS
 from scheduler.emission import create_session, dispatch, session_dir, write_plan
 from scheduler.headers import LEVELS, UnknownCandidateError, build_headers, candidate_query
 from scheduler.ingest import fingerprint as fingerprint_of
-from scheduler.leases import lease
+from scheduler.leases import kept_lease
 from scheduler.planning import Plan, make_callback_runner, plan
 from scheduler.registry import Registry, load_registry
 from scheduler.store.db import session_scope
@@ -158,10 +158,10 @@ def plan_lease(session_id: str) -> str:
 def plan_session(session_id: str) -> Planned | None:
     """Plan a ``planning`` session and send its ready jobs; None if already
     planned, or being planned by another process right now."""
-    settings = get_settings()
-    # Callbacks may take DCM_CALLBACK_TIMEOUT each; a duplicate plan message
-    # (the re-sender's, or a redelivery) must not run them all again meanwhile.
-    with lease(plan_lease(session_id), ttl=settings.callback_timeout * 20 + 60) as held:
+    # A duplicate plan message (the re-sender's, or a redelivery) must not run
+    # every callback again while this planner works; if it dies, the lease
+    # lapses within seconds and the re-sender plans the session again.
+    with kept_lease(plan_lease(session_id)) as held:
         if not held:
             return None
         return _plan_session(session_id)

@@ -96,3 +96,28 @@ def test_a_session_whose_plan_message_was_lost_is_planned_again(
         )
     assert resender.resend(live).plans == 1
     assert wait_session(session_id)["status"] == "succeeded"
+
+
+def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses(
+    live: Settings, define: Define
+) -> None:
+    from scheduler.leases import acquire
+    from scheduler.scheduling import plan_lease
+
+    define([{"jobName": "a", "workerEntry": WORK}])
+    record_study("20.4")
+    session_id = scheduling.open_session("study", "20.4", "study.stable", manual=False)
+    assert session_id is not None
+    with session_scope() as s:
+        s.execute(
+            update(SchedulingSession)
+            .where(SchedulingSession.id == session_id)
+            .values(created_at=utcnow() - timedelta(minutes=5))
+        )
+    assert acquire(plan_lease(session_id), ttl=60, holder="planner-elsewhere")
+    assert scheduling.plan_session(session_id) is None  # someone is planning it
+    assert resender.resend(live).plans == 0
+    # That planner died: its lease (never renewed) lapses.
+    assert acquire(plan_lease(session_id), ttl=-1, holder="planner-elsewhere")
+    assert resender.resend(live).plans == 1
+    assert wait_session(session_id)["status"] == "succeeded"
