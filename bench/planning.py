@@ -1,0 +1,137 @@
+"""Figure 2: planning + emission throughput through ``plan_session``.
+
+One study (20 instances, two series) and a service of 10 job definitions,
+each with a trivial ``registryEntry`` callback (``return True``). Sessions
+are opened beforehand (manual triggers, so each is new); the figure is how
+many of them one process plans per second with
+``scheduler.scheduling.plan_session``: headers, the 10 callbacks, the rows
+(session, jobs, edges) on PostgreSQL and the messages of the ready jobs on a
+real Redis broker (database 0, flushed before each round; no worker consumes
+them). A live worker row for channel ``default`` is recorded first, as in
+production, so planning does not warn about an unconsumed channel.
+
+Two shapes: ``flat`` (10 independent main jobs: 10 messages per session)
+and ``dag`` (1 pre job, 8 main jobs, 1 post job: 1 message per session).
+
+    python -m bench.planning [--sessions 200] [--rounds 3] [--shapes flat,dag]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.common import (
+    ACCEPT,
+    NOOP,
+    REDIS_URL,
+    bench_environment,
+    create_database,
+    drop_database,
+    emit,
+    environment,
+    flush_redis,
+    log,
+    machine,
+    manual_sessions,
+    median,
+    record_study,
+    write_service,
+)
+
+TARGET = 200.0
+STUDY = "1.2.826.0.1.3680043.20.1"
+
+
+def jobs_of(shape: str) -> list[dict[str, Any]]:
+    def job(name: str, **fields: Any) -> dict[str, Any]:
+        return {"jobName": name, "workerEntry": NOOP, "registryEntry": ACCEPT, **fields}
+
+    if shape == "flat":
+        return [job(f"job{n}") for n in range(10)]
+    return (
+        [job("pre", phase="pre")]
+        + [job(f"main{n}") for n in range(8)]
+        + [job("post", phase="post")]
+    )
+
+
+def queued_messages() -> int:
+    client = redis.Redis.from_url(REDIS_URL)
+    return sum(int(client.llen(key)) for key in client.scan_iter("default*"))
+
+
+def measure(shape: str, sessions: int, rounds: int, folder: Path) -> None:
+    from scheduler.scheduling import plan_session
+    from scheduler.store.db import init_db, session_scope
+    from workers_bridge.presence import record_presence
+
+    name = f"dcm_bench_planning_{shape}"
+    url = create_database(name)
+    home = folder / shape
+    values = bench_environment(home, url) | {"DCM_SERVICES_PATH": str(folder / "services")}
+    with environment(values):
+        init_db(url)
+        # One services folder per process: a service module is imported once.
+        write_service(folder / "services", jobs_of(shape))
+        record_study(STUDY)
+        with session_scope() as session:
+            record_presence(session, "bench-planning@localhost", ["dcm.planning", "default"])
+        for ready in (plan_session(s) for s in manual_sessions(STUDY, 20)):  # warm-up
+            assert ready is not None and len(ready.plan.jobs) == 10
+        rates = []
+        for _ in range(rounds):
+            flush_redis()
+            ids = manual_sessions(STUDY, sessions)
+            begin = time.perf_counter()
+            for session_id in ids:
+                plan_session(session_id)
+            elapsed = time.perf_counter() - begin
+            rates.append(sessions / elapsed)
+            per_session = 10 if shape == "flat" else 1
+            sent = queued_messages()
+            assert sent == sessions * per_session, (sent, sessions * per_session)
+            log(f"{shape}: {sessions} sessions in {elapsed:.2f}s, {sent} messages")
+        flush_redis()
+    drop_database(name)
+    value = median(rates)
+    emit(
+        "planning.sessions_per_second",
+        value,
+        "sessions/s",
+        {
+            "shape": shape,
+            "jobs_per_session": 10,
+            "messages_per_session": 10 if shape == "flat" else 1,
+            "sessions": sessions,
+            "rounds": rounds,
+            "statistic": "median",
+            "store": "postgresql",
+            "broker": "redis",
+            "instances": 20,
+            **machine(),
+        },
+        target=f">= {TARGET:g} sessions/s",
+        met=value >= TARGET,
+        samples=[round(r, 1) for r in rates],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shapes", default="flat,dag")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dcm-bench-planning-") as tmp:
+        for shape in args.shapes.split(","):
+            measure(shape, args.sessions, args.rounds, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
