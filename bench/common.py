@@ -15,8 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,33 +127,16 @@ def bench_environment(home: Path, database_url: str, broker_url: str = REDIS_URL
 
 def apply_environment(values: dict[str, str]) -> Any:
     """Set DCM_* variables and make every cached piece follow them."""
-    from scheduler.celery_app import configure
-    from scheduler.config import get_settings, reset_settings
-    from scheduler.scheduling import forget_registry
-    from scheduler.store.db import dispose_engines
+    from scheduler.demo import use_environment
 
-    for key, value in values.items():
-        os.environ[key] = value
-    reset_settings()
-    dispose_engines()
-    forget_registry()
-    settings = get_settings()
-    configure(settings)
-    return settings
+    return use_environment(values)
 
 
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[Any]:
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        yield apply_environment(values)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        apply_environment({})
+def environment(values: dict[str, str]) -> Any:
+    """The environment ``values`` for a block, restored afterwards."""
+    from scheduler.demo import using_environment
+
+    return using_environment(values)
 
 
 # --- services -----------------------------------------------------------------

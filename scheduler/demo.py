@@ -107,6 +107,21 @@ def use_environment(values: dict[str, str]) -> Settings:
 
 
 @contextmanager
+def using_environment(values: dict[str, str]) -> Iterator[Settings]:
+    """:func:`use_environment` for a block; the previous values come back after."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        yield use_environment(values)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        use_environment({})
+
+
+@contextmanager
 def embedded_worker(app: Any, queues: list[str], concurrency: int = 2) -> Iterator[Any]:
     """A Celery worker in a thread of this process (threads pool)."""
     from celery.contrib.testing.worker import start_worker

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +55,11 @@ def apply_environment(values: dict[str, str]) -> Settings:
     return use_environment(values)
 
 
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[Settings]:
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        yield apply_environment(values)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        apply_environment({})
+def environment(values: dict[str, str]) -> AbstractContextManager[Settings]:
+    """The environment ``values`` for a block (see scheduler.demo.using_environment)."""
+    from scheduler.demo import using_environment
+
+    return using_environment(values)
 
 
 def write_json(path: Path, data: Any) -> Path:
