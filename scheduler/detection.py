@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, or_, select, update
 
 from scheduler.config import Settings, get_settings
-from scheduler.emission import create_session
+from scheduler.emission import create_sessions
 from scheduler.leases import lease
-from scheduler.store.db import rowcount, session_scope
+from scheduler.store.db import session_scope
 from scheduler.store.models import RECEIVING, STABLE, Patient, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
     model, uid_column = LEVELS[level]
     claimed: list[Claimed] = []
     with session_scope() as session:
+        # Lock what we claim (PostgreSQL; SQLite holds its write lock from
+        # BEGIN): the rows cannot change before the UPDATE below, and a row
+        # that another detector or an ingest holds is left for the next run.
         rows = session.execute(
             select(
                 model.id,
@@ -87,32 +90,44 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
             .where(model.state == RECEIVING, model.last_received_at <= cutoff)
             .order_by(model.last_received_at)
             .limit(BATCH)
+            .with_for_update(skip_locked=True)
         ).all()
-        for pk, uid, fingerprint, stable_fingerprint, revision in rows:
-            changed = fingerprint != stable_fingerprint
-            revision = revision + 1 if changed else revision
-            taken = session.execute(
-                update(model)
-                .where(
-                    model.id == pk,
-                    model.state == RECEIVING,
-                    model.fingerprint == fingerprint,
-                    model.last_received_at <= cutoff,
-                )
-                .values(state=STABLE, stable_fingerprint=fingerprint, revision=revision)
+        if not rows:
+            return claimed
+        # One UPDATE and one INSERT for the whole batch, not two statements
+        # per candidate: the run's cost is a few round trips, whatever the count.
+        changed = or_(
+            model.stable_fingerprint.is_(None), model.stable_fingerprint != model.fingerprint
+        )
+        session.execute(
+            update(model)
+            .where(model.id.in_([row[0] for row in rows]))
+            .values(
+                state=STABLE,
+                stable_fingerprint=model.fingerprint,
+                revision=case((changed, model.revision + 1), else_=model.revision),
             )
-            if rowcount(taken) != 1:
-                continue
-            event = f"{level}.stable"
-            session_id = None
-            if changed:
-                session_id = create_session(
-                    session,
-                    event=event,
-                    level=level,
-                    uid=uid,
-                    fingerprint=fingerprint,
-                    revision=revision,
-                )
-            claimed.append(Claimed(level, uid, revision, fingerprint, event, session_id))
+            .execution_options(synchronize_session=False)
+        )
+        event = f"{level}.stable"
+        for _pk, uid, fingerprint, stable_fingerprint, revision in rows:
+            if fingerprint != stable_fingerprint:
+                revision += 1
+            claimed.append(Claimed(level, uid, revision, fingerprint, event, None))
+        fresh = [c for c, row in zip(claimed, rows, strict=True) if row[2] != row[3]]
+        created = create_sessions(
+            session,
+            [
+                {
+                    "event": event,
+                    "level": level,
+                    "uid": c.uid,
+                    "fingerprint": c.fingerprint,
+                    "revision": c.revision,
+                }
+                for c in fresh
+            ],
+        )
+        for c in fresh:
+            c.session_id = created.get(c.uid)
     return claimed

@@ -168,7 +168,29 @@ class _DatasetView(Mapping[str, Any]):
 
 
 def item_from_dataset(dataset: Dataset, location: str = "") -> InstanceItem:
-    return item_from_mapping(_DatasetView(dataset), location=location)
+    return item_from_mapping(_plain_tags(dataset), location=location)
+
+
+_WANTED = frozenset(ALL_TAGS)
+
+
+def _plain_tags(dataset: Dataset) -> dict[str, Any]:
+    """``{keyword: value}`` of the wanted elements present, sequences skipped.
+
+    One pass over the elements the dataset holds (``read_header`` reads only
+    the wanted ones) instead of a keyword lookup per wanted tag, which costs
+    more than reading the file. A value pydicom cannot convert is left out.
+    """
+    tags: dict[str, Any] = {}
+    for tag in list(dataset.keys()):
+        try:
+            element = dataset[tag]
+        except Exception:  # noqa: BLE001 - a corrupt value is treated as absent
+            continue
+        keyword = element.keyword
+        if keyword in _WANTED and element.VR != "SQ":
+            tags[keyword] = element.value
+    return tags
 
 
 def read_header(path: Path) -> InstanceItem:

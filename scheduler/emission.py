@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,39 @@ def create_session(
     return session.scalar(statement)
 
 
+def create_sessions(
+    session: Session, candidates: Sequence[dict[str, Any]], now: datetime | None = None
+) -> dict[str, str]:
+    """Insert the ``planning`` sessions of many detected candidates (dicts of
+    ``event``, ``level``, ``uid``, ``fingerprint``, ``revision``) in one
+    executemany; returns uid → session id for those whose idempotency key was new."""
+    if not candidates:
+        return {}
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    now = now or utcnow()
+    rows = [
+        {
+            "id": new_id(),
+            "trigger": "",
+            "status": "planning",
+            "added_params": {},
+            "trace": {},
+            "created_at": now,
+            **candidate,
+        }
+        for candidate in candidates
+    ]
+    statement = (
+        insert(SchedulingSession)
+        .on_conflict_do_nothing()
+        .returning(SchedulingSession.uid, SchedulingSession.id)
+    )
+    # SQLAlchemy sends an executemany with RETURNING as batched multi-row
+    # INSERTs ("insertmanyvalues") with one cached compiled statement.
+    return {uid: session_id for uid, session_id in session.execute(statement, rows)}
+
+
 def session_dir(output_dir: Path, session_id: str) -> Path:
     return output_dir / session_id
 
@@ -80,9 +114,11 @@ def write_plan(
     headers: dict[str, Any],
     *,
     now: datetime | None = None,
+    job_ids: dict[str, str] | None = None,
 ) -> list[str] | None:
     """Store the plan of a ``planning`` session; returns the ids of the jobs
-    ready to run, or ``None`` if the session was planned already."""
+    ready to run, or ``None`` if the session was planned already.
+    ``job_ids`` (jobName → id) lets the caller choose the ids."""
     now = now or utcnow()
     status = "running" if plan.jobs else "empty"
     claimed = session.execute(
@@ -99,7 +135,7 @@ def write_plan(
     )
     if rowcount(claimed) != 1:
         return None
-    ids = {job.definition.job_name: new_id() for job in plan.jobs}
+    ids = job_ids or {job.definition.job_name: new_id() for job in plan.jobs}
     pending = {name: 0 for name in ids}
     for edge in plan.edges:
         pending[edge.job] += 1
@@ -159,7 +195,28 @@ def broker_priority(app: Any, priority: int) -> int:
     return 9 - priority if url.startswith(("redis", "rediss")) else priority
 
 
-def job_signature(job: Job, countdown: float | None = None) -> Any:
+@dataclass(frozen=True)
+class ReadyJob:
+    """What sending a job needs, without loading its row."""
+
+    id: str
+    job_name: str
+    channel: str
+    priority: int
+    sort_position: float
+
+    @classmethod
+    def of(cls, job_id: str, definition: Any) -> ReadyJob:
+        return cls(
+            job_id,
+            definition.job_name,
+            definition.channel,
+            definition.priority,
+            definition.sort_position,
+        )
+
+
+def job_signature(job: Job | ReadyJob, countdown: float | None = None) -> Any:
     from workers_bridge.tasks import run_job
 
     options: dict[str, Any] = {
@@ -173,26 +230,36 @@ def job_signature(job: Job, countdown: float | None = None) -> Any:
     return run_job.signature(args=(job.id,), **options)
 
 
-def dispatch(job_ids: Sequence[str], countdown: float | None = None) -> int:
+def dispatch(jobs: Sequence[str | ReadyJob], countdown: float | None = None) -> int:
     """Send the given queued jobs; returns how many went out.
 
+    ``jobs`` are ids, read from the store, or :class:`ReadyJob` when the
+    caller knows them already (the planner, which just wrote them).
     Ready jobs are ordered by priority (higher first), then sortPosition.
     A broker error is logged, not raised: the re-sender sends them later.
     """
-    if not job_ids:
-        return 0
-    with session_scope() as session:
-        jobs = list(
-            session.scalars(
-                select(Job)
-                .where(Job.id.in_(list(job_ids)), Job.status == "queued")
-                .order_by(Job.priority.desc(), Job.sort_position, Job.job_name)
+    known = [job for job in jobs if isinstance(job, ReadyJob)]
+    ids = [job for job in jobs if isinstance(job, str)]
+    if ids:
+        with session_scope() as session:
+            known.extend(
+                ReadyJob(*row)
+                for row in session.execute(
+                    select(
+                        Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position
+                    ).where(Job.id.in_(ids), Job.status == "queued")
+                )
             )
-        )
+    return send_ready(known, countdown)
+
+
+def send_ready(jobs: Sequence[ReadyJob], countdown: float | None = None) -> int:
+    """Send jobs known to be queued and ready (one group), then mark them dispatched."""
     if not jobs:
         return 0
+    ordered = sorted(jobs, key=lambda j: (-j.priority, j.sort_position, j.job_name))
     try:
-        group(job_signature(job, countdown) for job in jobs).apply_async(
+        group(job_signature(job, countdown) for job in ordered).apply_async(
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2}
         )
     except Exception as exc:  # noqa: BLE001 - any broker failure: leave it to the re-sender

@@ -12,6 +12,7 @@ instance in a ``stable`` resource turns it back to ``receiving``.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -81,6 +82,11 @@ def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]], key
     """Insert rows whose ``key`` is not present yet; returns the keys inserted."""
     if not rows:
         return []
+    # Many instances share a patient, study or series: one row per key.
+    unique: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(row[key], row)
+    rows = list(unique.values())
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = insert(model).on_conflict_do_nothing(index_elements=[key])
@@ -253,6 +259,38 @@ def iter_files(paths: Iterable[Path], recursive: bool) -> Iterator[Path]:
             yield path
 
 
+# Below this many files a pool of header readers costs more to start than it saves.
+PARALLEL_MIN_FILES = 1000
+
+
+def _read_one(path: Path) -> InstanceItem | Rejection:
+    if not path.exists():
+        return Rejection(str(path), "no such file or folder")
+    try:
+        return read_header(path)
+    except NotDicomError as exc:
+        return Rejection(exc.location, exc.reason)
+
+
+def _read_all(files: list[Path], readers: int) -> Iterator[InstanceItem | Rejection]:
+    """Headers of ``files`` in order; parsed by ``readers`` processes when > 1.
+
+    Parsing a header costs about as much as recording it, so the readers
+    parse while this process writes. ``forkserver``: the readers are never
+    forks of a process holding store connections.
+    """
+    if readers <= 1 or len(files) < PARALLEL_MIN_FILES:
+        yield from map(_read_one, files)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["scheduler.dicom"])
+    with ProcessPoolExecutor(readers, mp_context=context) as pool:
+        yield from pool.map(_read_one, files, chunksize=64)
+
+
 def ingest_paths(
     session_scope: Callable[[], Any],
     paths: Sequence[Path],
@@ -260,11 +298,13 @@ def ingest_paths(
     recursive: bool = False,
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int], None] | None = None,
+    readers: int | None = None,
 ) -> IngestResult:
     """Read headers of every file and record them, one transaction per batch.
 
     A file that is not DICOM or lacks a UID is reported and skipped; the
     batch goes on. ``progress`` is called with the number of files done.
+    ``readers`` processes parse headers (default: one per CPU) for large runs.
     """
     total = IngestResult()
     items: list[InstanceItem] = []
@@ -275,16 +315,14 @@ def ingest_paths(
                 total.add(record_instances(session, items))
             items.clear()
 
-    for path in iter_files(paths, recursive):
-        if not path.exists():
-            total.rejected.append(Rejection(str(path), "no such file or folder"))
-            continue
-        try:
-            items.append(read_header(path))
-        except NotDicomError as exc:
-            total.rejected.append(Rejection(exc.location, exc.reason))
-            if exc.reason.startswith(("not DICOM", "empty file")):
+    files = list(iter_files(paths, recursive))
+    for read in _read_all(files, readers or os.cpu_count() or 1):
+        if isinstance(read, Rejection):
+            total.rejected.append(read)
+            if read.reason.startswith(("not DICOM", "empty file")):
                 total.not_dicom += 1
+        else:
+            items.append(read)
         if progress:
             progress(1)
         if len(items) >= batch_size:

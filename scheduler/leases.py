@@ -15,33 +15,44 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from scheduler.store.db import rowcount, session_scope
 from scheduler.store.models import Lease, utcnow
 
 
-def _holder() -> str:
+def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def acquire(name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
+def take(session: Session, name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
+    """Take the lease in the caller's transaction (held once it commits): one
+    statement that inserts it, or takes it over when it lapsed or is ours."""
     now = now or utcnow()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(Lease).values(
+        name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[Lease.name],
+        set_={"holder": holder, "expires_at": statement.excluded.expires_at},
+        where=or_(Lease.expires_at < now, Lease.holder == holder),
+    )
+    return session.execute(statement.returning(Lease.name)).first() is not None
+
+
+def drop(session: Session, name: str, holder: str) -> None:
+    """Delete a one-off lease (``plan:<session>``) in the caller's transaction:
+    leases named after something that ends leave no row behind."""
+    session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+
+
+def acquire(name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
     with session_scope() as session:
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        session.execute(
-            insert(Lease)
-            .values(name=name, holder="", expires_at=now - timedelta(seconds=1))
-            .on_conflict_do_nothing()
-        )
-        taken = session.execute(
-            update(Lease)
-            .where(Lease.name == name, or_(Lease.expires_at < now, Lease.holder == holder))
-            .values(holder=holder, expires_at=now + timedelta(seconds=ttl))
-        )
-        return rowcount(taken) == 1
+        return take(session, name, ttl, holder, now)
 
 
 def release(name: str, holder: str) -> None:
@@ -56,7 +67,7 @@ def release(name: str, holder: str) -> None:
 @contextmanager
 def lease(name: str, ttl: float) -> Iterator[bool]:
     """``with lease("detect", 60) as held:`` — ``held`` is False if another holds it."""
-    holder = _holder()
+    holder = new_holder()
     held = acquire(name, ttl, holder)
     try:
         yield held
@@ -76,11 +87,9 @@ def renew(name: str, holder: str, ttl: float) -> bool:
 
 
 @contextmanager
-def kept_lease(name: str, ttl: float = 15.0) -> Iterator[bool]:
-    """Like :func:`lease`, renewed every ``ttl / 3`` seconds while the block
-    runs: work of unknown length keeps it, a dead holder loses it in ``ttl``."""
-    holder = _holder()
-    held = acquire(name, ttl, holder)
+def renewing(name: str, holder: str, ttl: float) -> Iterator[None]:
+    """Renew a held lease every ``ttl / 3`` seconds while the block runs: work
+    of unknown length keeps it, a dead holder loses it within ``ttl``."""
     stop = threading.Event()
 
     def keep() -> None:
@@ -91,12 +100,9 @@ def kept_lease(name: str, ttl: float = 15.0) -> Iterator[bool]:
                 continue
 
     thread = threading.Thread(target=keep, name=f"lease:{name}", daemon=True)
-    if held:
-        thread.start()
+    thread.start()
     try:
-        yield held
+        yield
     finally:
         stop.set()
-        if held:
-            thread.join(timeout=5)
-            release(name, holder)
+        thread.join(timeout=5)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import queue
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -215,12 +216,77 @@ def interpret_return(value: Any) -> CallbackOutcome:
     )
 
 
-def make_callback_runner(timeout: float) -> CallbackRunner:
+class _Call:
+    """One callback handed to the callback thread, and what came of it."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.function = function
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.function()
+        except BaseException as exc:  # noqa: BLE001 - reported to the planner, never raised here
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+def _serve(inbox: queue.SimpleQueue[_Call | None]) -> None:
+    while (call := inbox.get()) is not None:
+        call.run()
+
+
+class _CallbackThread:
+    """A daemon thread per planning thread that runs callbacks one after
+    another. A callback that overruns its time limit is abandoned with its
+    thread (Python cannot kill a thread): that thread exits once the callback
+    returns, if ever, and the next callback gets a fresh one. Daemon threads
+    never hold up the interpreter's exit."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def run(self, function: Callable[[], Any], timeout: float) -> _Call | None:
+        """The finished call, or None when ``function()`` overran ``timeout``."""
+        inbox, thread = getattr(self._local, "worker", None) or (None, None)
+        if inbox is None or thread is None or not thread.is_alive():  # none, hung, or forked
+            inbox = queue.SimpleQueue()
+            thread = threading.Thread(target=_serve, args=(inbox,), name="callback", daemon=True)
+            thread.start()
+            self._local.worker = (inbox, thread)
+        call = _Call(function)
+        inbox.put(call)
+        if call.done.wait(timeout):
+            return call
+        inbox.put(None)  # the thread ends after the hung callback, if it ever returns
+        self._local.worker = None
+        return None
+
+
+_callback_thread = _CallbackThread()
+
+
+def _private(value: Any) -> Any:
+    """A copy the callback may change freely: headers and params are JSON, and
+    a JSON round trip copies them several times faster than ``deepcopy``."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return copy.deepcopy(value)
+
+
+def make_callback_runner(
+    timeout: float, entries: dict[tuple[str, tuple[Any, ...]], Any] | None = None
+) -> CallbackRunner:
     """Run callbacks on private copies of their inputs, within ``timeout`` seconds.
 
     A callback gets deep copies, so one that mutates the headers or params it
     was given cannot affect any other. It runs in a daemon thread: a hanging
     callback is abandoned (Python cannot kill a thread) and the planner moves on.
+    ``entries`` caches imported callbacks for as long as the caller's registry.
     """
 
     def run(
@@ -230,40 +296,38 @@ def make_callback_runner(timeout: float) -> CallbackRunner:
         kwargs: dict[str, Any],
     ) -> CallbackOutcome:
         entry = definition.registry_entry or ""
-        try:
-            callback = load_entry(entry, definition.entry_roots)
-        except EntryError as exc:
-            return CallbackOutcome(False, f"cannot import registryEntry {entry!r}: {exc}")
-        box: dict[str, Any] = {}
-
-        def target() -> None:
+        key = (entry, tuple(definition.entry_roots))
+        callback = entries.get(key) if entries is not None else None
+        if callback is None:
             try:
-                box["value"] = callback(
-                    definition.job_name,
-                    copy.deepcopy(headers),
-                    copy.deepcopy(definition.params),
-                    copy.deepcopy(added_params),
-                    **kwargs,
-                )
-            except BaseException as exc:  # noqa: BLE001 - a callback must never crash the planner
-                box["error"] = exc
-                box["traceback"] = traceback.format_exc()
+                callback = load_entry(entry, definition.entry_roots)
+            except EntryError as exc:
+                return CallbackOutcome(False, f"cannot import registryEntry {entry!r}: {exc}")
+            if entries is not None:
+                entries[key] = callback
 
-        thread = threading.Thread(target=target, name=f"callback:{definition.job_name}")
-        thread.daemon = True
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive():
+        def call() -> Any:
+            return callback(
+                definition.job_name,
+                _private(headers),
+                _private(definition.params),
+                _private(added_params),
+                **kwargs,
+            )
+
+        done = _callback_thread.run(call, timeout)
+        if done is None:
             return CallbackOutcome(
                 False, f"callback exceeded its time limit of {timeout:g}s: not scheduled"
             )
-        if "error" in box:
-            error = box["error"]
+        error = done.error
+        if error is not None:
+            trace = "".join(traceback.format_exception(error))
             return CallbackOutcome(
                 False,
                 f"callback raised {type(error).__name__}: {error}",
-                traceback=box["traceback"],
+                traceback=trace,
             )
-        return interpret_return(box.get("value"))
+        return interpret_return(done.value)
 
     return run

@@ -20,14 +20,20 @@ from sqlalchemy import select
 
 from scheduler.config import Settings, get_settings
 from scheduler.detection import LEVELS as RESOURCE_LEVELS
-from scheduler.emission import create_session, dispatch, session_dir, write_plan
+from scheduler.emission import (
+    ReadyJob,
+    create_session,
+    dispatch,
+    session_dir,
+    write_plan,
+)
 from scheduler.headers import LEVELS, UnknownCandidateError, build_headers, candidate_query
 from scheduler.ingest import fingerprint as fingerprint_of
-from scheduler.leases import kept_lease
+from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.planning import Plan, make_callback_runner, plan
 from scheduler.registry import Registry, load_registry
 from scheduler.store.db import session_scope
-from scheduler.store.models import SchedulingSession, utcnow
+from scheduler.store.models import SchedulingSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ def current_registry(settings: Settings | None = None) -> Registry:
             )
             for problem in loaded.problems:
                 log.warning("service problem: %s", problem)
-            _registry_cache.update(stamp=stamp, registry=loaded)
+            _registry_cache.update(stamp=stamp, registry=loaded, entries={})
         registry: Registry = _registry_cache["registry"]
         return registry
 
@@ -98,13 +104,25 @@ class Planned:
 
 
 def compute_plan(
-    level: str, uid: str, event: str, *, revision: int = 1, session_id: str = "dry-run"
+    level: str,
+    uid: str,
+    event: str,
+    *,
+    revision: int = 1,
+    session_id: str = "dry-run",
+    inputs: tuple[dict[str, Any], set[str]] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
-    """Headers and plan for a candidate, writing nothing (``plan --dry-run``)."""
+    """Headers and plan for a candidate, writing nothing (``plan --dry-run``).
+
+    ``inputs`` are the headers and live channels when the caller already
+    read them (:func:`read_inputs`) in its own transaction.
+    """
     settings = get_settings()
     registry = current_registry(settings)
-    with session_scope() as session:
-        headers = build_headers(session, level, uid, header_fields(settings, registry))
+    if inputs is None:
+        with session_scope() as session:
+            inputs = read_inputs(session, level, uid, settings, registry)
+    headers, live = inputs
     context = {
         "session_id": session_id,
         "level": level,
@@ -117,23 +135,31 @@ def compute_plan(
         event=event,
         revision=revision,
         context=context,
-        run_callback=make_callback_runner(settings.callback_timeout),
+        run_callback=make_callback_runner(
+            settings.callback_timeout, entries=_registry_cache.setdefault("entries", {})
+        ),
     )
     if registry.problems:
         result.trace["service_problems"] = [str(p) for p in registry.problems]
-    warn_unconsumed_channels(result)
+    warn_unconsumed_channels(result, live)
     return result, headers
 
 
-def warn_unconsumed_channels(result: Plan) -> None:
-    """Record in the trace every job sent to a channel no live worker consumes."""
+def read_inputs(
+    session: Any, level: str, uid: str, settings: Settings, registry: Registry
+) -> tuple[dict[str, Any], set[str]]:
+    """What planning reads from the store: the headers and the live channels."""
     from workers_bridge.presence import live_channels
 
+    headers = build_headers(session, level, uid, header_fields(settings, registry))
+    return headers, live_channels(session)
+
+
+def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
+    """Record in the trace every job sent to a channel no live worker consumes."""
     channels = {job.definition.channel for job in result.jobs}
     if not channels:
         return
-    with session_scope() as session:
-        live = live_channels(session)
     warnings = []
     for job in result.jobs:
         channel = job.definition.channel
@@ -155,34 +181,65 @@ def plan_lease(session_id: str) -> str:
     return f"plan:{session_id}"
 
 
+PLAN_LEASE_TTL = 15.0
+
+
 def plan_session(session_id: str) -> Planned | None:
     """Plan a ``planning`` session and send its ready jobs; None if already
-    planned, or being planned by another process right now."""
-    # A duplicate plan message (the re-sender's, or a redelivery) must not run
-    # every callback again while this planner works; if it dies, the lease
-    # lapses within seconds and the re-sender plans the session again.
-    with kept_lease(plan_lease(session_id)) as held:
-        if not held:
-            return None
-        return _plan_session(session_id)
+    planned, or being planned by another process right now.
 
-
-def _plan_session(session_id: str) -> Planned | None:
+    A duplicate plan message (the re-sender's, or a redelivery) must not run
+    every callback again while this planner works: the planner holds the
+    lease ``plan:<session>``, renewed while the callbacks run, so it lapses
+    within seconds if the planner dies and the re-sender plans it again.
+    The lease is taken in the transaction that reads the session and dropped
+    in the one that writes the plan: two transactions per session in all.
+    """
+    settings = get_settings()
+    registry = current_registry(settings)
+    name, holder = plan_lease(session_id), new_holder()
+    inputs: tuple[dict[str, Any], set[str]] | None = None
+    error = ""
     with session_scope() as session:
-        row = session.get(SchedulingSession, session_id)
-        if row is None or row.status != "planning":
+        row = session.execute(
+            select(
+                SchedulingSession.level,
+                SchedulingSession.uid,
+                SchedulingSession.event,
+                SchedulingSession.revision,
+            ).where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
+        ).first()
+        if row is None or not take(session, name, PLAN_LEASE_TTL, holder):
             return None
-        level, uid, event, revision = row.level, row.uid, row.event, row.revision
+        level, uid, event, revision = row
+        try:
+            inputs = read_inputs(session, level, uid, settings, registry)
+        except UnknownCandidateError as exc:
+            error = str(exc)
+    planned = False
     try:
-        result, headers = compute_plan(level, uid, event, revision=revision, session_id=session_id)
-    except UnknownCandidateError as exc:
-        _fail_planning(session_id, str(exc))
-        return None
-    with session_scope() as session:
-        ready = write_plan(session, session_id, result, headers)
+        if inputs is None:
+            _fail_planning(session_id, error)
+            return None
+        # The callbacks run outside any transaction: they may take seconds.
+        with renewing(name, holder, PLAN_LEASE_TTL):
+            result, headers = compute_plan(
+                level, uid, event, revision=revision, session_id=session_id, inputs=inputs
+            )
+        ids = {job.definition.job_name: new_id() for job in result.jobs}
+        with session_scope() as session:
+            ready = write_plan(session, session_id, result, headers, job_ids=ids)
+            drop(session, name, holder)
+        planned = True
+    finally:
+        if not planned:
+            with session_scope() as session:
+                drop(session, name, holder)
     if ready is None:
         return None
-    dispatch(ready)
+    # The planner knows what it just wrote: send it without reading it back.
+    definitions = {ids[job.definition.job_name]: job.definition for job in result.jobs}
+    dispatch([ReadyJob.of(job_id, definitions[job_id]) for job_id in ready])
     return Planned(session_id, result, headers, ready, "running" if result.jobs else "empty")
 
 

@@ -99,6 +99,31 @@ def test_callback_hanging_past_the_limit_is_not_scheduled(
     assert "exceeded its time limit of 0.3s" in reason(result, "stuck")
 
 
+def test_a_hung_callback_does_not_keep_the_planner_from_exiting(
+    define: Define, services_root: Path
+) -> None:
+    # Python joins non-daemon threads at exit: a planner whose callback hangs
+    # must still stop when Celery shuts it down.
+    import subprocess
+    import sys
+
+    define([job("stuck", registryEntry="dcm_testjobs:hang"), job("fine")])
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_planning import make_plan\n"
+        "print(make_plan(Path(sys.argv[1]), timeout=0.2).job_names, flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(services_root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "['fine']"), done.stderr
+
+
 def test_callback_returning_garbage_is_not_scheduled(define: Define, services_root: Path) -> None:
     define([job("odd", registryEntry="dcm_testjobs:garbage")])
     result = make_plan(services_root)

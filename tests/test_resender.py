@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from scheduler import resender, scheduling
 from scheduler.config import Settings
 from scheduler.store.db import session_scope
-from scheduler.store.models import Job, SchedulingSession, utcnow
+from scheduler.store.models import Job, Lease, SchedulingSession, utcnow
 from workers_bridge import runner
 
 from .conftest import Define, base_environment
@@ -120,4 +120,20 @@ def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses
     # That planner died: its lease (never renewed) lapses.
     assert acquire(plan_lease(session_id), ttl=-1, holder="planner-elsewhere")
     assert resender.resend(live).plans == 1
+    assert wait_session(session_id)["status"] == "succeeded"
+
+
+def test_planning_leaves_no_lease_row_behind(live: Settings, define: Define) -> None:
+    from scheduler.scheduling import plan_lease
+
+    define([{"jobName": "a", "workerEntry": WORK}])
+    record_study("20.5")
+    session_id = scheduling.open_session("study", "20.5", "study.stable", manual=True)
+    assert session_id is not None
+    assert scheduling.plan_session(session_id) is not None
+    # A second plan message for the same session finds it planned.
+    assert scheduling.plan_session(session_id) is None
+    with session_scope() as s:
+        names = set(s.scalars(select(Lease.name)))
+    assert plan_lease(session_id) not in names
     assert wait_session(session_id)["status"] == "succeeded"

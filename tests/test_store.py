@@ -65,3 +65,26 @@ def test_every_table_round_trips_a_row(store_url: str) -> None:
         assert session is not None
         assert session.status == "planning" and session.trigger == ""
         assert [j.job_name for j in session.jobs] == ["a", "b"]
+
+
+def test_a_lease_is_held_by_one_holder_until_it_lapses_or_is_dropped(store_url: str) -> None:
+    from datetime import timedelta
+
+    from scheduler.leases import drop, take
+    from scheduler.store.models import Lease, utcnow
+
+    now = utcnow()
+    with session_scope(store_url) as s:
+        assert take(s, "plan:x", 60, "a", now)
+    with session_scope(store_url) as s:
+        assert not take(s, "plan:x", 60, "b", now)  # held by a
+        assert take(s, "plan:x", 60, "a", now)  # a renews its own
+    with session_scope(store_url) as s:
+        assert take(s, "plan:x", 60, "b", now + timedelta(seconds=61))  # a's lapsed
+        assert s.get(Lease, "plan:x").holder == "b"  # type: ignore[union-attr]
+    with session_scope(store_url) as s:
+        drop(s, "plan:x", "a")  # not a's any more: stays
+        assert s.get(Lease, "plan:x") is not None
+        drop(s, "plan:x", "b")
+    with session_scope(store_url) as s:
+        assert s.get(Lease, "plan:x") is None
