@@ -80,6 +80,7 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
+    loaded = child.service_modules(str(request.get("entry", "")))
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
@@ -97,7 +98,7 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
             # output file, so even a killed attempt leaves its tail there.
             sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
             sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-            response = child.run(request)
+            response = child.run(request, loaded)
             sys.stdout.flush()
             sys.stderr.flush()
             child.write_response(str(response_path), response)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from scheduler.emission import ReadyJob
 from scheduler.store.db import rowcount
 from scheduler.store.models import (
     JOB_FINAL_STATUSES,
@@ -55,7 +56,7 @@ class Ending:
 class Released:
     """What to send after the transaction commits."""
 
-    ready: list[str]
+    ready: list[ReadyJob]
     retry: tuple[str, float] | None = None
     recorded: bool = True
 
@@ -138,25 +139,32 @@ def _first_line(text: str | None) -> str | None:
     return text.splitlines()[0][:500] if text else text
 
 
+_SENDING = (Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position)
+
+
 def release_dependents(
     session: Session, job_id: str, *, succeeded: bool, now: datetime
-) -> list[str]:
-    """Propagate the end of ``job_id``; returns dependents that became ready."""
-    ready: list[str] = []
+) -> list[ReadyJob]:
+    """Propagate the end of ``job_id``; returns dependents that became ready,
+    with what sending them needs, so the caller sends without reading back."""
+    ready: list[ReadyJob] = []
     ended: list[tuple[str, bool]] = [(job_id, succeeded)]
-    names = dict(session.execute(select(Job.id, Job.job_name).where(Job.id == job_id)).all())
     while ended:
         current, ok = ended.pop()
+        if ok:
+            # Every dependent waits for this one: one decrement for them all.
+            waiting = select(JobDependency.job_id).where(JobDependency.depends_on_id == current)
+            ready.extend(_decrement(session, Job.id.in_(waiting)))
+            continue
         edges = session.execute(
             select(JobDependency.job_id, JobDependency.requires_success).where(
                 JobDependency.depends_on_id == current
             )
         ).all()
+        name = ""
         for dependent, requires_success in edges:
-            if requires_success and not ok:
-                name = names.get(current) or session.scalar(
-                    select(Job.job_name).where(Job.id == current)
-                )
+            if requires_success:
+                name = name or session.scalar(select(Job.job_name).where(Job.id == current)) or ""
                 marked = session.execute(
                     update(Job)
                     .where(Job.id == dependent, Job.status == "queued")
@@ -169,27 +177,41 @@ def release_dependents(
                 )
                 if rowcount(marked):
                     ended.append((dependent, False))
-                continue
-            row = session.execute(
-                update(Job)
-                .where(Job.id == dependent)
-                .values(pending_deps=Job.pending_deps - 1)
-                .returning(Job.pending_deps, Job.status)
-                .execution_options(synchronize_session=False)
-            ).one()
-            if row.pending_deps == 0 and row.status == "queued":
-                ready.append(dependent)
+            else:
+                ready.extend(_decrement(session, Job.id == dependent))
     return ready
+
+
+def _decrement(session: Session, which: Any) -> list[ReadyJob]:
+    """One dependency of the jobs ``which`` ended; those left waiting for none are ready."""
+    rows = session.execute(
+        update(Job)
+        .where(which)
+        .values(pending_deps=Job.pending_deps - 1)
+        .returning(Job.pending_deps, Job.status, *_SENDING)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [
+        ReadyJob(row.id, row.job_name, row.channel, row.priority, row.sort_position)
+        for row in rows
+        if row.pending_deps == 0 and row.status == "queued"
+    ]
 
 
 def finish_session_if_done(session: Session, session_id: str, now: datetime) -> str | None:
     """Give the session its final status once none of its jobs can still run."""
-    statuses = list(session.scalars(select(Job.status).where(Job.session_id == session_id)))
-    if not statuses or any(s not in JOB_FINAL_STATUSES for s in statuses):
+    counts: dict[str, int] = dict(
+        session.execute(
+            select(Job.status, func.count())
+            .where(Job.session_id == session_id)
+            .group_by(Job.status)
+        ).all()
+    )
+    if not counts or any(s not in JOB_FINAL_STATUSES for s in counts):
         return None
-    if all(s == "succeeded" for s in statuses):
+    if set(counts) == {"succeeded"}:
         final = "succeeded"
-    elif "succeeded" not in statuses:
+    elif "succeeded" not in counts:
         final = "failed"
     else:
         final = "partial"

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from scheduler.config import get_settings
-from scheduler.emission import dispatch, session_dir
+from scheduler.emission import dispatch, send_ready, session_dir
 from scheduler.store.db import retrying, rowcount, session_scope
 from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
 from workers_bridge.presence import record_presence
@@ -173,7 +173,7 @@ def finish(job_id: str, attempt: int, ending: Ending) -> None:
     if released.retry:
         retry_id, delay = released.retry
         dispatch([retry_id], countdown=delay)
-    dispatch(released.ready)
+    send_ready(released.ready)
 
 
 def dead_local_attempt(job_id: str, hostname: str) -> tuple[int, str] | None:
