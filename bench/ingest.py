@@ -126,7 +126,9 @@ def measure(backend: str, args: argparse.Namespace, files: Path, count: int, tmp
         for _ in range(args.rounds):
             empty_store(url)
             begin = time.perf_counter()
-            result = ingest_paths(session_scope, [files], recursive=True)
+            result = ingest_paths(
+                session_scope, [files], recursive=True, readers=os.cpu_count() or 1
+            )
             elapsed = time.perf_counter() - begin
             assert result.recorded == count, result.as_dict()
             rates.append(count / elapsed)

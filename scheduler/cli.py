@@ -8,6 +8,7 @@ unknown id), 2 wrong usage.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -116,7 +117,11 @@ def ingest(
     ) as progress:
         task = progress.add_task("ingest", total=total)
         result = ingest_paths(
-            session_scope, paths, recursive=recursive, progress=lambda n: progress.advance(task, n)
+            session_scope,
+            paths,
+            recursive=recursive,
+            progress=lambda n: progress.advance(task, n),
+            readers=os.cpu_count() or 1,
         )
     if as_json:
         print_json(result.as_dict())

@@ -12,7 +12,7 @@ instance in a ``stable`` resource turns it back to ``receiving``.
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +29,8 @@ from scheduler.dicom import read_header as read_header
 from scheduler.store.models import RECEIVING, Instance, Patient, Series, Study, utcnow
 
 BATCH_SIZE = 500
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -277,18 +279,28 @@ def _read_all(files: list[Path], readers: int) -> Iterator[InstanceItem | Reject
 
     Parsing a header costs about as much as recording it, so the readers
     parse while this process writes. ``forkserver``: the readers are never
-    forks of a process holding store connections.
+    forks of a process holding store connections or threads. If the pool
+    breaks (a reader killed, a caller's script without a ``__main__`` guard),
+    the files not read yet are read here.
     """
     if readers <= 1 or len(files) < PARALLEL_MIN_FILES:
         yield from map(_read_one, files)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["scheduler.dicom"])
-    with ProcessPoolExecutor(readers, mp_context=context) as pool:
-        yield from pool.map(_read_one, files, chunksize=64)
+    done = 0
+    try:
+        with ProcessPoolExecutor(readers, mp_context=context) as pool:
+            for read in pool.map(_read_one, files, chunksize=64):
+                yield read
+                done += 1
+    except (BrokenProcessPool, OSError) as exc:
+        log.warning("header readers failed (%s); reading the remaining files here", exc)
+        yield from map(_read_one, files[done:])
 
 
 def ingest_paths(
@@ -298,13 +310,14 @@ def ingest_paths(
     recursive: bool = False,
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int], None] | None = None,
-    readers: int | None = None,
+    readers: int = 1,
 ) -> IngestResult:
     """Read headers of every file and record them, one transaction per batch.
 
     A file that is not DICOM or lacks a UID is reported and skipped; the
     batch goes on. ``progress`` is called with the number of files done.
-    ``readers`` processes parse headers (default: one per CPU) for large runs.
+    ``readers`` processes parse headers for runs of ``PARALLEL_MIN_FILES`` or
+    more (the CLI uses one per CPU; the default, 1, starts no process).
     """
     total = IngestResult()
     items: list[InstanceItem] = []
@@ -316,7 +329,7 @@ def ingest_paths(
             items.clear()
 
     files = list(iter_files(paths, recursive))
-    for read in _read_all(files, readers or os.cpu_count() or 1):
+    for read in _read_all(files, readers):
         if isinstance(read, Rejection):
             total.rejected.append(read)
             if read.reason.startswith(("not DICOM", "empty file")):

@@ -7,6 +7,7 @@ import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from scheduler.cli import app as cli
-from scheduler.ingest import fingerprint, ingest_paths, record_instances
+from scheduler.ingest import Rejection, fingerprint, ingest_paths, record_instances
 from scheduler.store.db import session_scope
 from scheduler.store.models import Instance, Patient, Series, Study, utcnow
 
@@ -219,3 +220,52 @@ def test_concurrent_ingests_into_one_series_keep_exact_counts(store_url: str) ->
         for model in (Series, Study, Patient):
             row = s.scalars(select(model)).one()
             assert (row.instance_count, row.fingerprint) == (2400, fingerprint(uids))
+
+
+def test_header_readers_record_what_one_process_records(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scheduler.ingest
+
+    incoming = tmp_path / "incoming"
+    shutil.copytree(SAMPLES, incoming)
+    (incoming / "notes.txt").write_text("not an image\n")
+    monkeypatch.setattr(scheduler.ingest, "PARALLEL_MIN_FILES", 1)
+    scope = functools.partial(session_scope, store_url)
+    result = ingest_paths(scope, [incoming], recursive=True, readers=2)
+    reference = pydicom_reference(SAMPLES)
+    assert counts(store_url) == {k: len(v) for k, v in reference.items()}
+    assert result.recorded == len(reference["sops"])
+    files = list(scheduler.ingest.iter_files([incoming], recursive=True))
+    alone = [r for r in scheduler.ingest._read_all(files, 1) if isinstance(r, Rejection)]
+    assert result.rejected == alone  # same reasons, same order
+    assert "notes.txt" in {Path(r.location).name for r in alone}
+
+
+def test_a_broken_reader_pool_leaves_the_rest_to_this_process(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    import scheduler.ingest
+
+    class DyingPool:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __enter__(self) -> DyingPool:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            pass
+
+        def map(self, function: Any, items: list[Path], chunksize: int = 1) -> Any:
+            yield from map(function, items[:3])
+            raise BrokenProcessPool("a reader was killed")
+
+    monkeypatch.setattr(scheduler.ingest, "PARALLEL_MIN_FILES", 1)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DyingPool)
+    scope = functools.partial(session_scope, store_url)
+    result = ingest_paths(scope, [SAMPLES], recursive=True, readers=2)
+    assert result.recorded == len(pydicom_reference(SAMPLES)["sops"])
