@@ -76,12 +76,30 @@ def record_ending(
     re-queued as lost, or cancelled meanwhile) is ignored.
     """
     now = now or utcnow()
-    session_id = session.scalar(select(Job.session_id).where(Job.id == job_id))
+    # Lock the job's session row first (one statement): see the module docstring.
+    session_id = session.scalar(
+        select(SchedulingSession.id)
+        .where(
+            SchedulingSession.id == select(Job.session_id).where(Job.id == job_id).scalar_subquery()
+        )
+        .with_for_update()
+    )
     if session_id is None:
         return Released([], recorded=False)
-    lock_session(session, session_id)
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status != "running" or job.attempts != attempt:
+    job = session.execute(
+        select(
+            Job.status,
+            Job.attempts,
+            Job.heartbeat_at,
+            Job.worker,
+            Job.started_at,
+            Job.attempt_log,
+            Job.max_attempts,
+            Job.retries,
+            Job.retry_delay_s,
+        ).where(Job.id == job_id)
+    ).one()
+    if job.status != "running" or job.attempts != attempt:
         return Released([], recorded=False)
     if (
         ending.lost
@@ -99,32 +117,46 @@ def record_ending(
         "finished_at": now.isoformat(),
         "error": None if ending.ok else _first_line(ending.error),
     }
-    job.attempt_log = [*job.attempt_log, entry]
+    changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
 
     if ending.ok:
-        job.status, job.result, job.error, job.finished_at = "succeeded", ending.result, None, now
+        changes |= {"status": "succeeded", "result": ending.result, "error": None}
+        _update_job(session, job_id, changes | {"finished_at": now})
         ready = release_dependents(session, job_id, succeeded=True, now=now)
         finish_session_if_done(session, session_id, now)
         return Released(ready)
 
-    job.error = ending.error
+    changes["error"] = ending.error
     budget = job.max_attempts + (LOST_WORKER_GRACE if ending.lost else 0)
     if attempt < budget:
         # Back-off counts the attempts of the current budget: a job retried by
         # an operator starts again from retryDelay.
         first_of_budget = job.max_attempts - job.retries
         delay = 0.0 if ending.lost else job.retry_delay_s * 2 ** max(attempt - first_of_budget, 0)
-        job.status, job.run_after = "queued", now + timedelta(seconds=delay)
         # Not dispatched until the message is out: if the broker refuses it,
         # the re-sender sends it once run_after has passed.
-        job.dispatched_at = None
-        job.heartbeat_at = None
+        changes |= {
+            "status": "queued",
+            "run_after": now + timedelta(seconds=delay),
+            "dispatched_at": None,
+            "heartbeat_at": None,
+        }
+        _update_job(session, job_id, changes)
         return Released([], retry=(job_id, delay))
 
-    job.status, job.finished_at = "failed", now
+    _update_job(session, job_id, changes | {"status": "failed", "finished_at": now})
     ready = release_dependents(session, job_id, succeeded=False, now=now)
     finish_session_if_done(session, session_id, now)
     return Released(ready)
+
+
+def _update_job(session: Session, job_id: str, changes: dict[str, Any]) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(**changes)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _attempt_status(ending: Ending) -> str:

@@ -50,7 +50,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
     """Take the job if it is ``queued``; build the worker call."""
     now = now or utcnow()
     with session_scope() as session:
-        taken = session.execute(
+        job = session.execute(
             update(Job)
             .where(
                 Job.id == job_id,
@@ -68,14 +68,33 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
                 worker=hostname,
                 worker_pid=os.getpid(),
             )
-        )
-        if rowcount(taken) != 1:
+            .returning(
+                Job.session_id,
+                Job.job_name,
+                Job.phase,
+                Job.channel,
+                Job.attempts,
+                Job.worker_entry,
+                Job.entry_root,
+                Job.params,
+                Job.timeout_s,
+                Job.python,
+            )
+            .execution_options(synchronize_session=False)
+        ).one_or_none()
+        if job is None:
             return None
-        job = session.get(Job, job_id, populate_existing=True)
-        assert job is not None
         _touch_worker(session, hostname, job.channel, now)
-        parent = session.get(SchedulingSession, job.session_id)
-        assert parent is not None
+        parent = session.execute(
+            select(
+                SchedulingSession.event,
+                SchedulingSession.level,
+                SchedulingSession.uid,
+                SchedulingSession.revision,
+                SchedulingSession.headers,
+                SchedulingSession.added_params,
+            ).where(SchedulingSession.id == job.session_id)
+        ).one()
         results: dict[str, Any] = dict(
             session.execute(
                 select(Job.job_name, Job.result)
@@ -83,11 +102,11 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
                 .where(JobDependency.job_id == job_id)
             ).all()
         )
-        folder = session_dir(get_settings().output_dir, parent.id)
+        folder = session_dir(get_settings().output_dir, job.session_id)
         output_dir = folder / job.job_name
         kwargs: dict[str, Any] = {
-            "job_id": job.id,
-            "session_id": parent.id,
+            "job_id": job_id,
+            "session_id": job.session_id,
             "event": parent.event,
             "level": parent.level,
             "uid": parent.uid,
@@ -101,7 +120,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
             kwargs["outcomes"] = dict(
                 session.execute(
                     select(Job.job_name, Job.status).where(
-                        Job.session_id == parent.id, Job.id != job.id
+                        Job.session_id == job.session_id, Job.id != job_id
                     )
                 ).all()
             )
@@ -114,7 +133,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
             "added_params": parent.added_params,
             "kwargs": kwargs,
         }
-        return Claim(job.id, job.attempts, job.timeout_s, job.python, request)
+        return Claim(job_id, job.attempts, job.timeout_s, job.python, request)
 
 
 class Heartbeat:
