@@ -7,9 +7,11 @@ it is one conditional statement, so two processes never both hold it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,17 +89,21 @@ def renew(name: str, holder: str, ttl: float) -> bool:
 
 
 @contextmanager
-def renewing(name: str, holder: str, ttl: float) -> Iterator[None]:
+def renewing(name: str, holder: str, ttl: float, taken_at: float | None = None) -> Iterator[None]:
     """Renew a held lease every ``ttl / 3`` seconds while the block runs: work
-    of unknown length keeps it, a dead holder loses it within ``ttl``."""
+    of unknown length keeps it, a dead holder loses it within ``ttl``.
+    ``taken_at`` (``time.monotonic()`` when it was taken or last renewed)
+    counts the time already spent, so a lease taken at the start of a long
+    transaction is renewed at once rather than ``ttl / 3`` later."""
     stop = threading.Event()
+    first = ttl / 3 - (time.monotonic() - taken_at if taken_at is not None else 0.0)
 
     def keep() -> None:
-        while not stop.wait(ttl / 3):
-            try:
+        wait = max(first, 0.0)
+        while not stop.wait(wait):
+            with contextlib.suppress(Exception):  # the store may be briefly away
                 renew(name, holder, ttl)
-            except Exception:  # noqa: BLE001 - the store may be briefly away
-                continue
+            wait = ttl / 3
 
     thread = threading.Thread(target=keep, name=f"lease:{name}", daemon=True)
     thread.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,7 +201,12 @@ def plan_session(session_id: str) -> Planned | None:
     name, holder = plan_lease(session_id), new_holder()
     inputs: tuple[dict[str, Any], set[str]] | None = None
     error = ""
+    taken_at = time.monotonic()
     with session_scope() as session:
+        # Lease first, then the status: read after the lease, the status is
+        # never one that a planner which just finished has already changed.
+        if not take(session, name, PLAN_LEASE_TTL, holder):
+            return None
         row = session.execute(
             select(
                 SchedulingSession.level,
@@ -209,7 +215,8 @@ def plan_session(session_id: str) -> Planned | None:
                 SchedulingSession.revision,
             ).where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
         ).first()
-        if row is None or not take(session, name, PLAN_LEASE_TTL, holder):
+        if row is None:
+            drop(session, name, holder)
             return None
         level, uid, event, revision = row
         try:
@@ -222,15 +229,15 @@ def plan_session(session_id: str) -> Planned | None:
             _fail_planning(session_id, error)
             return None
         # The callbacks run outside any transaction: they may take seconds.
-        with renewing(name, holder, PLAN_LEASE_TTL):
+        with renewing(name, holder, PLAN_LEASE_TTL, taken_at):
             result, headers = compute_plan(
                 level, uid, event, revision=revision, session_id=session_id, inputs=inputs
             )
-        ids = {job.definition.job_name: new_id() for job in result.jobs}
-        with session_scope() as session:
-            ready = write_plan(session, session_id, result, headers, job_ids=ids)
-            drop(session, name, holder)
-        planned = True
+            ids = {job.definition.job_name: new_id() for job in result.jobs}
+            with session_scope() as session:
+                ready = write_plan(session, session_id, result, headers, job_ids=ids)
+                drop(session, name, holder)
+            planned = True
     finally:
         if not planned:
             with session_scope() as session:

@@ -137,3 +137,37 @@ def test_planning_leaves_no_lease_row_behind(live: Settings, define: Define) -> 
         names = set(s.scalars(select(Lease.name)))
     assert plan_lease(session_id) not in names
     assert wait_session(session_id)["status"] == "succeeded"
+
+
+def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
+    live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The status is read after the lease is taken: a planner that has just
+    # written the plan (and dropped its lease) is never planned again.
+    define([{"jobName": "a", "workerEntry": WORK}])
+    record_study("20.6")
+    session_id = scheduling.open_session("study", "20.6", "study.stable", manual=True)
+    assert session_id is not None
+    real_take = scheduling.take
+
+    def take_as_the_other_planner_commits(*args: object, **kwargs: object) -> bool:
+        with session_scope() as other:  # the other planner's write transaction
+            other.execute(
+                update(SchedulingSession)
+                .where(SchedulingSession.id == session_id)
+                .values(status="running")
+            )
+        return real_take(*args, **kwargs)  # type: ignore[arg-type]
+
+    computed: list[str] = []
+    real_compute = scheduling.compute_plan
+    monkeypatch.setattr(scheduling, "take", take_as_the_other_planner_commits)
+    monkeypatch.setattr(
+        scheduling,
+        "compute_plan",
+        lambda *a, **k: computed.append(a[1]) or real_compute(*a, **k),  # type: ignore[func-returns-value]
+    )
+    assert scheduling.plan_session(session_id) is None
+    assert computed == []  # no callback ran
+    with session_scope() as s:
+        assert s.get(Lease, scheduling.plan_lease(session_id)) is None

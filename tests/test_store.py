@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import inspect, select
 
+from scheduler.config import Settings
 from scheduler.store.db import get_engine, init_db, session_scope
 from scheduler.store.models import (
     Base,
@@ -97,3 +98,26 @@ def test_postgresql_plans_each_statement_for_the_table_as_it_is_now(pg_url: str)
 
     with get_engine(pg_url).connect() as connection:
         assert connection.execute(text("SHOW plan_cache_mode")).scalar() == "force_custom_plan"
+
+
+def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:
+    import time
+    from datetime import timedelta
+
+    from scheduler.leases import renewing, take
+    from scheduler.store.models import Lease, utcnow
+
+    from .engine import wait_until
+
+    with session_scope() as s:
+        assert take(s, "plan:slow", 60, "a")
+
+    def renewed() -> bool:
+        with session_scope() as s:
+            expiry = s.scalar(select(Lease.expires_at).where(Lease.name == "plan:slow"))
+        return expiry is not None and expiry > utcnow() + timedelta(seconds=300)
+
+    # Taken 1,000 s ago by this process's clock (a long header read, say):
+    # waiting ttl / 3 = 200 s before the first renewal would let it lapse.
+    with renewing("plan:slow", "a", ttl=600, taken_at=time.monotonic() - 1000):
+        wait_until(renewed, 30, "the first renewal")

@@ -31,7 +31,8 @@ def stop_group(_signum: int = 0, _frame: Any = None) -> None:
 def service_modules(entry: str) -> list[str]:
     """The loaded modules of the entry's top-level package."""
     top = entry.partition(":")[0].split(".")[0]
-    return [n for n in sys.modules if n == top or n.startswith(top + ".")]
+    # A snapshot: another thread of the worker may be importing meanwhile.
+    return [n for n in tuple(sys.modules) if n == top or n.startswith(top + ".")]
 
 
 def fresh_imports(entry: str, loaded: list[str] | None = None) -> None:
