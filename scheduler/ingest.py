@@ -274,12 +274,21 @@ def _read_one(path: Path) -> InstanceItem | Rejection:
         return Rejection(exc.location, exc.reason)
 
 
+def _read_chunk(paths: list[Path]) -> list[InstanceItem | Rejection]:
+    return [_read_one(path) for path in paths]
+
+
+READER_CHUNK = 64
+
+
 def _read_all(files: list[Path], readers: int) -> Iterator[InstanceItem | Rejection]:
     """Headers of ``files`` in order; parsed by ``readers`` processes when > 1.
 
     Parsing a header costs about as much as recording it, so the readers
     parse while this process writes. ``forkserver``: the readers are never
-    forks of a process holding store connections or threads. If the pool
+    forks of a process holding store connections or threads. At most two
+    chunks per reader are parsed ahead of the writer, so memory stays bounded
+    and an error in the writer stops the readers within a chunk. If the pool
     breaks (a reader killed, a caller's script without a ``__main__`` guard),
     the files not read yet are read here.
     """
@@ -287,20 +296,31 @@ def _read_all(files: list[Path], readers: int) -> Iterator[InstanceItem | Reject
         yield from map(_read_one, files)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from collections import deque
+    from concurrent.futures import Future, ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["scheduler.dicom"])
-    done = 0
+    chunks = [files[n : n + READER_CHUNK] for n in range(0, len(files), READER_CHUNK)]
+    done = 0  # chunks yielded
+    pool = ProcessPoolExecutor(readers, mp_context=context)
     try:
-        with ProcessPoolExecutor(readers, mp_context=context) as pool:
-            for read in pool.map(_read_one, files, chunksize=64):
-                yield read
+        ahead: deque[Future[list[InstanceItem | Rejection]]] = deque()
+        for chunk in chunks:
+            ahead.append(pool.submit(_read_chunk, chunk))
+            if len(ahead) >= 2 * readers:
+                yield from ahead.popleft().result()
                 done += 1
-    except (BrokenProcessPool, OSError) as exc:
+        while ahead:
+            yield from ahead.popleft().result()
+            done += 1
+    except BrokenProcessPool as exc:
         log.warning("header readers failed (%s); reading the remaining files here", exc)
-        yield from map(_read_one, files[done:])
+        for chunk in chunks[done:]:
+            yield from map(_read_one, chunk)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ingest_paths(

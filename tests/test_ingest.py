@@ -251,21 +251,64 @@ def test_a_broken_reader_pool_leaves_the_rest_to_this_process(
     import scheduler.ingest
 
     class DyingPool:
+        """Parses the first chunk, then its readers are gone."""
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.submitted = 0
+
+        def submit(self, function: Any, chunk: list[Path]) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self.submitted += 1
+            if self.submitted == 1:
+                future.set_result(function(chunk))
+            else:
+                future.set_exception(BrokenProcessPool("a reader was killed"))
+            return future
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
             pass
 
-        def __enter__(self) -> DyingPool:
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            pass
-
-        def map(self, function: Any, items: list[Path], chunksize: int = 1) -> Any:
-            yield from map(function, items[:3])
-            raise BrokenProcessPool("a reader was killed")
-
+    monkeypatch.setattr(scheduler.ingest, "READER_CHUNK", 2)
     monkeypatch.setattr(scheduler.ingest, "PARALLEL_MIN_FILES", 1)
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DyingPool)
     scope = functools.partial(session_scope, store_url)
     result = ingest_paths(scope, [SAMPLES], recursive=True, readers=2)
     assert result.recorded == len(pydicom_reference(SAMPLES)["sops"])
+
+
+def test_header_readers_parse_only_a_little_ahead_of_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Readers outpace the one writer: without a bound, a large archive would be
+    # parsed into memory whole before it is recorded.
+    import concurrent.futures
+
+    import scheduler.ingest
+
+    pools: list[Any] = []
+
+    class CountingPool:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.submitted = 0
+            pools.append(self)
+
+        def submit(self, function: Any, chunk: list[Path]) -> concurrent.futures.Future[Any]:
+            self.submitted += 1
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_result(function(chunk))
+            return future
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+            self.cancelled = cancel_futures
+
+    monkeypatch.setattr(scheduler.ingest, "PARALLEL_MIN_FILES", 1)
+    monkeypatch.setattr(scheduler.ingest, "READER_CHUNK", 1)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    files = [tmp_path / f"missing-{n}.dcm" for n in range(50)]
+    reads = scheduler.ingest._read_all(files, readers=2)
+    first = next(reads)
+    assert isinstance(first, Rejection) and first.location == str(files[0])
+    assert pools[0].submitted <= 4  # two chunks per reader
+    reads.close()  # the writer failed: what is queued is cancelled
+    assert pools[0].cancelled
+    assert pools[0].submitted <= 4
