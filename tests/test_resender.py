@@ -21,6 +21,15 @@ from .support import environment, worker_in_process
 WORK = "dcm_testjobs:work"
 
 
+def one_job_session(define: Define, study_uid: str) -> str:
+    """A study with one job to run, and its session opened but not planned."""
+    define([{"jobName": "a", "workerEntry": WORK}])
+    record_study(study_uid)
+    session_id = scheduling.open_session("study", study_uid, "study.stable", manual=False)
+    assert session_id is not None
+    return session_id
+
+
 def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
     tmp_path: Path, pg_url: str, redis_url: str, services_root: Path, define: Define
 ) -> None:
@@ -56,10 +65,7 @@ def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
 def test_a_running_job_whose_worker_went_silent_is_run_again(
     live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    define([{"jobName": "a", "workerEntry": WORK}])
-    record_study("20.2")
-    session_id = scheduling.open_session("study", "20.2", "study.stable", manual=False)
-    assert session_id is not None
+    session_id = one_job_session(define, "20.2")
     # Plan without sending, then take the job as a worker that dies at once.
     monkeypatch.setattr(scheduling, "dispatch", lambda *args, **kwargs: 0)
     planned = scheduling.plan_session(session_id)
@@ -83,10 +89,7 @@ def test_a_running_job_whose_worker_went_silent_is_run_again(
 def test_a_session_whose_plan_message_was_lost_is_planned_again(
     live: Settings, define: Define
 ) -> None:
-    define([{"jobName": "a", "workerEntry": WORK}])
-    record_study("20.3")
-    session_id = scheduling.open_session("study", "20.3", "study.stable", manual=False)
-    assert session_id is not None  # and no plan task was sent
+    session_id = one_job_session(define, "20.3")  # and no plan task was sent
     assert resender.resend(live).plans == 0
     with session_scope() as s:
         s.execute(
@@ -104,10 +107,7 @@ def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses
     from scheduler.leases import acquire
     from scheduler.scheduling import plan_lease
 
-    define([{"jobName": "a", "workerEntry": WORK}])
-    record_study("20.4")
-    session_id = scheduling.open_session("study", "20.4", "study.stable", manual=False)
-    assert session_id is not None
+    session_id = one_job_session(define, "20.4")
     with session_scope() as s:
         s.execute(
             update(SchedulingSession)
@@ -126,10 +126,7 @@ def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses
 def test_planning_leaves_no_lease_row_behind(live: Settings, define: Define) -> None:
     from scheduler.scheduling import plan_lease
 
-    define([{"jobName": "a", "workerEntry": WORK}])
-    record_study("20.5")
-    session_id = scheduling.open_session("study", "20.5", "study.stable", manual=True)
-    assert session_id is not None
+    session_id = one_job_session(define, "20.5")
     assert scheduling.plan_session(session_id) is not None
     # A second plan message for the same session finds it planned.
     assert scheduling.plan_session(session_id) is None
@@ -144,10 +141,7 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
 ) -> None:
     # The status is read after the lease is taken: a planner that has just
     # written the plan (and dropped its lease) is never planned again.
-    define([{"jobName": "a", "workerEntry": WORK}])
-    record_study("20.6")
-    session_id = scheduling.open_session("study", "20.6", "study.stable", manual=True)
-    assert session_id is not None
+    session_id = one_job_session(define, "20.6")
     real_take = scheduling.take
 
     def take_as_the_other_planner_commits(*args: object, **kwargs: object) -> bool:
