@@ -193,8 +193,8 @@ def plan_session(session_id: str) -> Planned | None:
     every callback again while this planner works: the planner holds the
     lease ``plan:<session>``, renewed while the callbacks run, so it lapses
     within seconds if the planner dies and the re-sender plans it again.
-    The lease is taken in the transaction that reads the session and dropped
-    in the one that writes the plan: two transactions per session in all.
+    The lease costs no transaction of its own: it is taken in the one that
+    reads the session and dropped in the one that writes the plan.
     """
     settings = get_settings()
     registry = current_registry(settings)
