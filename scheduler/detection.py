@@ -110,11 +110,14 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
             .execution_options(synchronize_session=False)
         )
         event = f"{level}.stable"
+        fresh: list[Claimed] = []  # a new fingerprint: a new session
         for _pk, uid, fingerprint, stable_fingerprint, revision in rows:
-            if fingerprint != stable_fingerprint:
-                revision += 1
-            claimed.append(Claimed(level, uid, revision, fingerprint, event, None))
-        fresh = [c for c, row in zip(claimed, rows, strict=True) if row[2] != row[3]]
+            changed_now = fingerprint != stable_fingerprint
+            revision = revision + 1 if changed_now else revision
+            item = Claimed(level, uid, revision, fingerprint, event, None)
+            claimed.append(item)
+            if changed_now:
+                fresh.append(item)
         created = create_sessions(
             session,
             [

@@ -142,31 +142,6 @@ def item_from_mapping(
     )
 
 
-class _DatasetView(Mapping[str, Any]):
-    """Keyword access to a dataset that yields raw values, skipping sequences."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self._dataset = dataset
-
-    def __getitem__(self, keyword: str) -> Any:
-        element = self._dataset.data_element(keyword)
-        if element is None or element.VR == "SQ":
-            raise KeyError(keyword)
-        return element.value
-
-    def get(self, keyword: str, default: Any = None) -> Any:
-        try:
-            return self[keyword]
-        except Exception:  # noqa: BLE001 - a corrupt value is treated as absent
-            return default
-
-    def __iter__(self) -> Any:
-        return iter(ALL_TAGS)
-
-    def __len__(self) -> int:
-        return len(ALL_TAGS)
-
-
 def item_from_dataset(dataset: Dataset, location: str = "") -> InstanceItem:
     return item_from_mapping(_plain_tags(dataset), location=location)
 

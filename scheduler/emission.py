@@ -24,11 +24,10 @@ from typing import Any
 from celery import group
 from sqlalchemy import insert as insert_statement
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from scheduler.planning import Plan
-from scheduler.store.db import rowcount, session_scope
+from scheduler.store.db import insert_for, rowcount, session_scope
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -46,40 +45,27 @@ def create_session(
     now: datetime | None = None,
 ) -> str | None:
     """Insert a ``planning`` session; ``None`` when its idempotency key exists."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    now = now or utcnow()
-    statement = (
-        insert(SchedulingSession)
-        .values(
-            id=new_id(),
-            event=event,
-            level=level,
-            uid=uid,
-            fingerprint=fingerprint,
-            revision=revision,
-            trigger=trigger,
-            status="planning",
-            added_params={},
-            trace={},
-            created_at=now,
-        )
-        .on_conflict_do_nothing()
-        .returning(SchedulingSession.id)
-    )
-    return session.scalar(statement)
+    candidate = {
+        "event": event,
+        "level": level,
+        "uid": uid,
+        "fingerprint": fingerprint,
+        "revision": revision,
+        "trigger": trigger,
+    }
+    return create_sessions(session, [candidate], now).get(uid)
 
 
 def create_sessions(
     session: Session, candidates: Sequence[dict[str, Any]], now: datetime | None = None
 ) -> dict[str, str]:
-    """Insert the ``planning`` sessions of many detected candidates (dicts of
-    ``event``, ``level``, ``uid``, ``fingerprint``, ``revision``) in one
-    executemany; returns uid → session id for those whose idempotency key was new."""
+    """Insert the ``planning`` sessions of many candidates (dicts of ``event``,
+    ``level``, ``uid``, ``fingerprint``, ``revision`` and optionally
+    ``trigger``) in one executemany; returns uid → session id for those whose
+    idempotency key was new."""
     if not candidates:
         return {}
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(session)
     now = now or utcnow()
     rows = [
         {

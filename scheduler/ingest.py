@@ -21,11 +21,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from scheduler.dicom import InstanceItem, NotDicomError, item_from_dataset, item_from_mapping
 from scheduler.dicom import read_header as read_header
+from scheduler.store.db import insert_for
 from scheduler.store.models import RECEIVING, Instance, Patient, Series, Study, utcnow
 
 BATCH_SIZE = 500
@@ -89,8 +89,7 @@ def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]], key
     for row in rows:
         unique.setdefault(row[key], row)
     rows = list(unique.values())
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(session)
     statement = insert(model).on_conflict_do_nothing(index_elements=[key])
     column = getattr(model, key)
     return list(session.scalars(statement.returning(column), rows))

@@ -18,10 +18,9 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, or_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from scheduler.store.db import rowcount, session_scope
+from scheduler.store.db import insert_for, rowcount, session_scope
 from scheduler.store.models import Lease, utcnow
 
 
@@ -33,8 +32,7 @@ def take(session: Session, name: str, ttl: float, holder: str, now: datetime | N
     """Take the lease in the caller's transaction (held once it commits): one
     statement that inserts it, or takes it over when it lapsed or is ours."""
     now = now or utcnow()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(session)
     statement = insert(Lease).values(
         name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)
     )

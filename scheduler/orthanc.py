@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from scheduler.config import Settings, get_settings
 from scheduler.dicom import NotDicomError
 from scheduler.ingest import record_instances
 from scheduler.leases import lease
-from scheduler.store.db import session_scope
+from scheduler.store.db import insert_for, session_scope
 from scheduler.store.models import Cursor, utcnow
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,7 @@ def read_cursor(session: Session, name: str) -> int:
 
 
 def save_cursor(session: Session, name: str, seq: int) -> None:
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(session)
     now = utcnow()
     session.execute(
         insert(Cursor)

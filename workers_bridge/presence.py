@@ -17,11 +17,10 @@ from typing import Any
 
 from celery import bootsteps
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from scheduler.config import get_settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import insert_for, session_scope
 from scheduler.store.models import Worker, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,7 @@ def record_presence(
 ) -> None:
     """Upsert the worker's row; ``channels`` replaces its list when given."""
     now = now or utcnow()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(session)
     values: dict[str, Any] = {
         "hostname": hostname,
         "channels": {c: True for c in channels or []},

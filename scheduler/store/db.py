@@ -145,6 +145,13 @@ def init_db(url: str | None = None) -> str:
         return MigrationContext.configure(connection).get_current_revision() or ""
 
 
+def insert_for(session: Session) -> Any:
+    """``insert`` of the session's dialect, for ``ON CONFLICT`` clauses."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
 def rowcount(result: Any) -> int:
     """Rows matched by an UPDATE/DELETE (typed ``Result`` hides ``rowcount``)."""
     return int(cast(CursorResult[Any], result).rowcount)
