@@ -17,6 +17,20 @@ from scheduler.config import Settings, get_settings
 
 PLANNING_QUEUE = "dcm.planning"
 DEFAULT_CHANNEL = "default"
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
+# RabbitMQ orders messages by priority only in a queue declared with
+# x-max-priority; our priorities (0-9) are sent unchanged on AMQP, where the
+# highest runs first. The value is part of each queue's declaration: a queue
+# that exists with other arguments is refused by RabbitMQ (PRECONDITION_FAILED).
+AMQP_MAX_PRIORITY = 10
+# Messages sent without a priority (planning tasks, a hand-sent run_job) get
+# the default job priority instead of the lowest.
+AMQP_DEFAULT_PRIORITY = 5
+
+
+def uses_amqp(settings: Settings) -> bool:
+    """True when the broker is RabbitMQ (or another AMQP 0-9-1 server)."""
+    return settings.broker_url.startswith(AMQP_SCHEMES)
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -42,11 +56,14 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "sep": ":",
             "queue_order_strategy": "priority",
         }
+    # RabbitMQ's counterpart of the visibility timeout is its consumer_timeout,
+    # set on the server (README, "Run in production").
     return {}
 
 
-def channel_queue(name: str) -> Queue:
-    return Queue(name, Exchange(name), routing_key=name)
+def channel_queue(name: str, max_priority: int | None = None) -> Queue:
+    arguments = {"x-max-priority": max_priority} if max_priority is not None else None
+    return Queue(name, Exchange(name), routing_key=name, queue_arguments=arguments)
 
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
@@ -70,6 +87,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "schedule": timedelta(seconds=settings.detect_interval),
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         }
+    # On AMQP every queue is a priority queue: the configured ones here, and
+    # through task_queue_max_priority the ones Celery creates for a channel
+    # such as `gpu` (task_create_missing_queues, `worker -Q gpu`). Redis and
+    # the filesystem broker take priorities from the message alone.
+    max_priority = AMQP_MAX_PRIORITY if uses_amqp(settings) else None
     broker_url = settings.broker_url
     if broker_url == "filesystem://":
         broker_url = "filesystem://localhost//"  # kombu warns about a missing host otherwise
@@ -97,8 +119,13 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_default_queue": DEFAULT_CHANNEL,
         # Each queue on its own exchange and key, like the ones Celery creates
         # for `-Q gpu`: a message for one queue is never copied to another.
-        "task_queues": [channel_queue(PLANNING_QUEUE), channel_queue(DEFAULT_CHANNEL)],
+        "task_queues": [
+            channel_queue(PLANNING_QUEUE, max_priority),
+            channel_queue(DEFAULT_CHANNEL, max_priority),
+        ],
         "task_create_missing_queues": True,
+        "task_queue_max_priority": max_priority,
+        "task_default_priority": AMQP_DEFAULT_PRIORITY if max_priority else None,
         "task_routes": {"scheduler.*": {"queue": PLANNING_QUEUE}},
         "beat_schedule": beat_schedule,
         "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),

@@ -1,8 +1,9 @@
-"""Fixtures: stores on SQLite and PostgreSQL, Redis, an environment per test.
+"""Fixtures: stores on SQLite and PostgreSQL, Redis and RabbitMQ brokers, an
+environment per test.
 
 Server-backed fixtures skip with a reason when the server is absent on a
 developer machine, and fail under CI (``CI=true``), where ``.ci/run``
-starts PostgreSQL and Redis: a test that needs a server must run there.
+starts PostgreSQL, Redis and RabbitMQ: a test that needs a server must run there.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from sqlalchemy import create_engine, text
 from scheduler.config import Settings
 from scheduler.store.db import dispose_engines, init_db
 from tests.support import (
+    RABBITMQ_VHOST,
     REDIS_URL,
     create_database,
+    create_vhost,
+    delete_vhost,
     drop_database,
     environment,
     postgres_available,
+    purge_queues,
+    rabbitmq_available,
     redis_available,
 )
 
@@ -83,6 +89,30 @@ def redis_url() -> str:
     require(redis_available(), "Redis at 127.0.0.1:6379")
     redis.Redis.from_url(REDIS_URL).flushdb()
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost() -> Iterator[str]:
+    """A virtual host of this test process on the machine's RabbitMQ."""
+    require(rabbitmq_available(), "RabbitMQ at 127.0.0.1:5672 (managed by rabbitmqctl)")
+    url = create_vhost(RABBITMQ_VHOST)
+    yield url
+    delete_vhost(RABBITMQ_VHOST)
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_vhost: str) -> str:
+    """RabbitMQ with no message left by an earlier test in the scheduler's
+    queues and the `gpu` channel of the tests."""
+    purge_queues(rabbitmq_vhost, ["dcm.planning", "default", "gpu"])
+    return rabbitmq_vhost
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each production broker in turn."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
 
 
 def base_environment(tmp_path: Path, database_url: str, broker_url: str = "") -> dict[str, str]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import redis
+from kombu import Connection
 
 from scheduler.config import Settings
 
@@ -17,6 +21,11 @@ PG_ADMIN_URL = os.environ.get("DCM_TEST_PG_ADMIN", "postgresql://postgres@127.0.
 # One Redis database per test process, so two test runs on one machine
 # (a developer's and CI's) never flush each other's queues.
 REDIS_URL = os.environ.get("DCM_TEST_REDIS", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
+# RabbitMQ on this machine, managed with `rabbitmqctl` (as root); each test
+# process gets a virtual host of its own, for the same reason.
+RABBITMQ_SERVER = os.environ.get("DCM_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
+RABBITMQ_VHOST_PREFIX = "dcm-test-"
+RABBITMQ_VHOST = f"{RABBITMQ_VHOST_PREFIX}{os.getpid()}"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "services"
 
 
@@ -33,6 +42,68 @@ def redis_available() -> bool:
         return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
     except redis.RedisError:
         return False
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+def rabbitmq_available() -> bool:
+    """RabbitMQ answers on AMQP and `rabbitmqctl` may manage it."""
+    try:
+        with Connection(f"{RABBITMQ_SERVER}//", connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+        rabbitmqctl("list_vhosts", "--no-table-headers", "name")
+    except Exception:  # noqa: BLE001 - whatever fails, the tests cannot use it
+        return False
+    return True
+
+
+def create_vhost(name: str) -> str:
+    """A fresh virtual host for the guest user; returns its broker URL.
+
+    Virtual hosts left by test processes that died without cleaning up are
+    deleted on the way."""
+    for vhost in rabbitmqctl("list_vhosts", "--no-table-headers", "name").split():
+        pid = vhost.removeprefix(RABBITMQ_VHOST_PREFIX)
+        if vhost == name or (pid.isdigit() and not psutil.pid_exists(int(pid))):
+            delete_vhost(vhost)
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return f"{RABBITMQ_SERVER}/{name}"
+
+
+def delete_vhost(name: str) -> None:
+    with contextlib.suppress(subprocess.CalledProcessError):
+        rabbitmqctl("delete_vhost", name)
+
+
+def rabbitmq_queues(vhost: str) -> dict[str, dict[str, Any]]:
+    """name → declared arguments of each queue of ``vhost``."""
+    import json
+
+    listed = json.loads(
+        rabbitmqctl("list_queues", "-p", vhost, "--formatter", "json", "name", "arguments")
+    )
+    # Each argument is listed as [name, AMQP type, value].
+    return {
+        queue["name"]: {name: value for name, _type, value in queue["arguments"]}
+        for queue in listed
+    }
+
+
+def purge_queues(url: str, names: list[str]) -> None:
+    """Drop the messages a previous test left in these queues of ``url``."""
+    with Connection(url) as conn:
+        for name in names:
+            channel = conn.channel()
+            with contextlib.suppress(Exception):  # a queue not declared yet
+                channel.queue_purge(name)
+            with contextlib.suppress(Exception):
+                channel.close()
 
 
 def create_database(name: str) -> str:

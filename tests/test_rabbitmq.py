@@ -1,0 +1,235 @@
+"""RabbitMQ as the broker, beside Redis: the same sessions, the same outcomes.
+
+Real worker processes, PostgreSQL, and each broker in turn (``broker_url``):
+priorities decided by the broker, a retry after its delay, a cancelled
+session, and a killed worker on RabbitMQ (the fault tests of
+``test_faults.py``, run unchanged on RabbitMQ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from celery import Celery
+
+import celeryconfig
+from scheduler.config import load_settings
+from scheduler.control import cancel_session, trigger
+from scheduler.store.models import utcnow
+
+from . import test_faults
+from .conftest import Define, base_environment
+from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
+from .support import RABBITMQ_VHOST, environment, rabbitmq_queues
+from .test_faults import Cluster, calls
+
+WORK = "dcm_testjobs:work"
+
+
+def job(name: str, **fields: Any) -> dict[str, Any]:
+    return {"jobName": name, "workerEntry": WORK, **fields}
+
+
+def cluster_on(tmp_path: Path, pg_url: str, broker: str, services_root: Path) -> Iterator[Cluster]:
+    values = base_environment(tmp_path, pg_url, broker) | {
+        "DCM_SERVICES_PATH": str(services_root),
+        "DCM_STABLE_AGE": "0",
+        "DCM_HEARTBEAT_INTERVAL": "1",
+        "DCM_DETECT_INTERVAL": "0.5",
+    }
+    with environment(values):
+        group = Cluster(tmp_path)
+        try:
+            yield group
+        finally:
+            # Nothing to wait for at the end of a test: a worker's warm
+            # shutdown takes seconds, a kill none (the next test purges the
+            # queues and truncates the store).
+            for process in group.processes:
+                process.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str, broker_url: str, services_root: Path) -> Iterator[Cluster]:
+    """Worker processes on PostgreSQL and, in turn, Redis and RabbitMQ."""
+    yield from cluster_on(tmp_path, pg_url, broker_url, services_root)
+
+
+@pytest.fixture
+def rabbitmq_cluster(
+    tmp_path: Path, pg_url: str, rabbitmq_url: str, services_root: Path
+) -> Iterator[Cluster]:
+    """Worker processes on PostgreSQL and RabbitMQ."""
+    yield from cluster_on(tmp_path, pg_url, rabbitmq_url, services_root)
+
+
+def start(uid: str) -> str:
+    record_study(uid, now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    return session_id
+
+
+def run_order(calls_file: Path) -> list[str]:
+    return [line.split()[0] for line in calls_file.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("url", "arguments"),
+    [
+        ("amqp://guest:guest@rabbit:5672//", {"x-max-priority": 10}),
+        ("pyamqp://rabbit//", {"x-max-priority": 10}),
+        ("redis://127.0.0.1:6379/0", None),
+        ("filesystem://", None),
+    ],
+)
+def test_on_amqp_every_queue_of_the_scheduler_is_a_priority_queue(
+    url: str, arguments: dict[str, int] | None, tmp_path: Path
+) -> None:
+    settings = load_settings({"DCM_HOME": str(tmp_path), "CELERY_BROKER_URL": url})
+    app = Celery("probe", set_as_current=False)
+    app.config_from_object(celeryconfig.celery_settings(settings))
+    queues = app.amqp.queues
+    # The configured queues, and one Celery creates for a channel (`-Q gpu`).
+    for name in ("dcm.planning", "default", "gpu"):
+        assert queues[name].queue_arguments == arguments, name
+    assert app.conf.task_default_priority == (5 if arguments else None)
+
+
+def test_among_ready_jobs_of_a_channel_the_higher_priority_runs_first(
+    cluster: Cluster, define: Define, tmp_path: Path, broker_url: str
+) -> None:
+    gate, calls_file = tmp_path / "gate", tmp_path / "calls"
+    recorded = {"calls": str(calls_file)}
+    # One event per job, so each is sent on its own, in the order the test
+    # chooses; all on the `gpu` channel, a queue Celery creates on demand.
+    define(
+        [
+            job(
+                "blocker",
+                events=["block"],
+                channel="gpu",
+                params={**recorded, "wait_for": str(gate)},
+            ),
+            job("routine", events=["routine"], channel="gpu", priority=1, params=recorded),
+            job("normal", events=["normal"], channel="gpu", params=recorded),
+            job("urgent", events=["urgent"], channel="gpu", priority=9, params=recorded),
+            job(
+                "urgent-report",
+                events=["urgent"],
+                channel="gpu",
+                priority=7,
+                dependsOn="urgent",
+                params=recorded,
+            ),
+        ]
+    )
+    cluster.worker("w1", queues="gpu", concurrency=1)
+    record_study("90.1")
+    blocked = trigger("block", "study", "90.1").session_id
+    wait_until(lambda: calls(calls_file, "blocker") == 1, what="the blocker to occupy the worker")
+    # Sent lowest priority first while the only worker process is busy: the
+    # broker, not the order of sending, decides what runs next.
+    waiting = [
+        trigger(event, "study", "90.1").session_id for event in ("routine", "normal", "urgent")
+    ]
+    gate.write_text("go")
+    for session_id in [blocked, *waiting]:
+        assert wait_session(session_id)["status"] == "succeeded"
+    # urgent-report is sent only when urgent ends, after normal and routine,
+    # and still runs before them.
+    assert run_order(calls_file) == ["blocker", "urgent", "urgent-report", "normal", "routine"]
+    if broker_url.startswith("amqp"):
+        declared = rabbitmq_queues(RABBITMQ_VHOST)
+        assert declared["gpu"].get("x-max-priority") == 10
+
+
+def test_a_retry_runs_after_its_delay_and_succeeds(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    calls_file = tmp_path / "calls"
+    define(
+        [
+            job(
+                "flaky",
+                retries=1,
+                retryDelay="2s",
+                params={"fail_times": 1, "calls": str(calls_file)},
+            )
+        ]
+    )
+    cluster.worker("w1")
+    doc = wait_session(start("90.2"))
+    flaky = jobs_by_name(doc)["flaky"]
+    assert (doc["status"], flaky["status"], flaky["attempts"]) == ("succeeded", "succeeded", 2)
+    first, second = flaky["attempt_log"]
+    assert (first["status"], second["status"]) == ("failed", "succeeded")
+    assert first["error"].startswith("RuntimeError: planned failure 1 of flaky")
+    waited = datetime.fromisoformat(second["started_at"]) - datetime.fromisoformat(
+        first["finished_at"]
+    )
+    assert waited >= timedelta(seconds=2)
+    assert calls(calls_file, "flaky") == 2
+
+
+def test_a_cancelled_session_stops_its_running_attempt_and_runs_nothing_queued(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    pidfile, never, calls_file = tmp_path / "pid", tmp_path / "never", tmp_path / "calls"
+    recorded = {"calls": str(calls_file)}
+    define(
+        [
+            job(
+                "long",
+                priority=9,
+                params={**recorded, "pidfile": str(pidfile), "wait_for": str(never)},
+            ),
+            # Ready, but the only worker process is busy: its message waits
+            # in the broker.
+            job("waiting", params=recorded),
+            job("next", dependsOn="long", params=recorded),
+        ]
+    )
+    worker = cluster.worker("w1")
+    session_id = start("90.3")
+    wait_until(pidfile.exists, what="the long job to start")
+    attempt = psutil.Process(int(pidfile.read_text()))
+
+    report = cancel_session(session_id)
+    assert (report.stopped, sorted(report.cancelled)) == (["long"], ["next", "waiting"])
+    attempt.wait(timeout=30)  # killed at its next heartbeat
+    doc = wait_session(session_id)
+    assert doc["status"] == "cancelled"
+    assert {j["status"] for j in doc["jobs"]} == {"cancelled"}
+    assert jobs_by_name(doc)["long"]["attempt_log"][-1]["status"] == "cancelled"
+    # The waiting job's message is delivered once the worker is free, and
+    # turned away.
+    turned_away = f"job {jobs_by_name(doc)['waiting']['id']} is not queued any more"
+    wait_until(
+        lambda: turned_away in worker.log_text(),
+        what="the cancelled job's message to be turned away",
+    )
+    assert run_order(calls_file) == ["long"]
+
+
+def test_a_killed_pool_process_re_runs_its_job_once(
+    rabbitmq_cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    """On RabbitMQ the pool's death re-queues the message at once (late
+    acks, reject_on_worker_lost); the job's second attempt finishes it."""
+    test_faults.test_a_killed_pool_process_re_runs_its_job_once(rabbitmq_cluster, define, tmp_path)
+
+
+def test_a_killed_worker_s_job_is_requeued_by_the_re_sender_and_finishes_once(
+    rabbitmq_cluster: Cluster, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On RabbitMQ the dead worker's message comes back at once, reaches the
+    second worker while the job still counts as running and is turned away;
+    the re-sender re-queues the job once its heartbeats stop."""
+    test_faults.test_a_killed_worker_s_job_is_requeued_by_the_re_sender_and_finishes_once(
+        rabbitmq_cluster, define, tmp_path, monkeypatch
+    )
