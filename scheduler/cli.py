@@ -610,11 +610,17 @@ def run_command(
         int | None, typer.Option(help="Worker processes (default: one per CPU).")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show the worker's own output.")] = False,
+    restarts: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Restarts of a dying worker allowed within ten minutes; then stop."
+        ),
+    ] = 5,
 ) -> None:
-    """All-in-one on this machine: a Celery worker with embedded beat."""
+    """All-in-one on this machine: a supervised Celery worker with embedded beat."""
     from scheduler.allinone import run
 
-    raise typer.Exit(run(console, concurrency=concurrency, verbose=verbose))
+    raise typer.Exit(run(console, concurrency=concurrency, verbose=verbose, restarts=restarts))
 
 
 @app.command()

@@ -1,0 +1,211 @@
+"""`dcm-scheduler run` owns its process tree (README, "Failure modes").
+
+Whatever kills `run`, nothing it started keeps running; a second `run` on the
+same home refuses to start; a worker that dies is restarted within limits;
+workers on one host have names of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from sqlalchemy import select
+
+from scheduler.store.db import init_db, session_scope
+from scheduler.store.models import Worker
+
+from .conftest import Define
+from .engine import record_study, wait_until
+from .processes import CeleryProcess
+from .support import environment
+
+WORK = "dcm_testjobs:work"
+
+
+class Run:
+    """One `dcm-scheduler run` process, its output in a file."""
+
+    def __init__(self, env: dict[str, str], output: Path, *args: str) -> None:
+        self.output = output
+        with open(output, "wb") as sink:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "scheduler.cli", "run", "--concurrency", "1", *args],
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def tree(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children(recursive=True)
+
+    def worker_main(self) -> psutil.Process | None:
+        for child in psutil.Process(self.pid).children():
+            try:
+                if "celery" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:  # a worker that just died, not reaped yet
+                continue
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, services_root: Path, define: Define) -> Iterator[dict[str, str]]:
+    """The embedded defaults (SQLite, filesystem broker) under a fresh DCM_HOME."""
+    values = {
+        "DCM_HOME": str(tmp_path / "home"),
+        "DCM_DATABASE_URL": "",
+        "CELERY_BROKER_URL": "",
+        "DCM_SERVICES_PATH": str(services_root),
+        "DCM_OUTPUT_DIR": "",
+        "DCM_STABLE_AGE": "0.5",
+        "DCM_DETECT_INTERVAL": "0.5",
+        "DCM_HEARTBEAT_INTERVAL": "1",
+        "DCM_SETTINGS": "",
+        "DCM_HEADER_FIELDS": "",
+    }
+    with environment(values):
+        init_db()
+        yield dict(os.environ)
+
+
+def live_worker_pids() -> set[int]:
+    with session_scope() as s:
+        return {pid for pid in s.scalars(select(Worker.pid)) if pid and psutil.pid_exists(pid)}
+
+
+def test_a_killed_run_leaves_nothing_of_its_tree_running(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define(
+        [
+            {
+                "jobName": "slow",
+                "workerEntry": WORK,
+                "registryEntry": "dcm_testjobs:accept",
+                "params": {"wait_for": str(tmp_path / "never"), "pidfile": str(tmp_path / "pid")},
+            }
+        ]
+    )
+    record_study("90.1")
+    run = Run(embedded, tmp_path / "run.out")
+    try:
+        wait_until((tmp_path / "pid").exists, timeout=90, what="a job to run under `run`")
+        tree = run.tree()
+        # the worker, its pool process, beat, the callback host, the attempt
+        assert len(tree) >= 5, [p.cmdline() for p in tree]
+        run.process.kill()
+        run.process.wait(10)
+        _gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        run.stop()
+
+
+def test_a_second_run_on_the_same_home_refuses_and_names_the_first(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    first = Run(embedded, tmp_path / "first.out")
+    try:
+        wait_until(live_worker_pids, timeout=90, what="the first run's worker")
+        home = Path(embedded["DCM_HOME"])
+        assert f"log:     {home / 'run.log'}" in first.text()
+        second = Run(embedded, tmp_path / "second.out")
+        assert second.process.wait(60) == 1
+        assert f"PID {first.pid}" in second.text() and str(home) in second.text()
+        assert first.process.poll() is None  # the first one is untouched
+    finally:
+        first.stop()
+    assert first.process.returncode == 0
+    third = Run(embedded, tmp_path / "third.out")  # the lock went with the first
+    try:
+        wait_until(live_worker_pids, timeout=90, what="the third run's worker")
+        assert third.process.poll() is None
+    finally:
+        third.stop()
+
+
+def test_a_dead_worker_is_restarted_and_run_stops_past_its_restarts(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    run = Run(embedded, tmp_path / "run.out", "--restarts", "1")
+    try:
+        wait_until(run.worker_main, timeout=60, what="the worker")
+        worker = run.worker_main()
+        assert worker is not None
+        wait_until(lambda: worker.pid in live_worker_pids(), timeout=90, what="it to register")
+        old_tree = [worker, *worker.children(recursive=True)]
+        worker.kill()
+
+        def replaced() -> psutil.Process | None:
+            new = run.worker_main()
+            return new if new is not None and new.pid != worker.pid else None
+
+        successor = wait_until(replaced, timeout=60, what="the worker to be restarted")
+        _gone, alive = psutil.wait_procs(old_tree, timeout=10)
+        assert alive == []  # its beat and pool process did not stay behind
+        assert "was killed by signal 9 (SIGKILL); restarting it in 1s" in run.text()
+        wait_until(lambda: successor.pid in live_worker_pids(), timeout=90, what="registration")
+        # one restart allowed: the next death stops `run`, and all it started
+        successor_tree = [successor, *successor.children(recursive=True)]
+        successor.kill()
+        assert run.process.wait(60) == 1
+        assert "has died 2 times within 600s; stopping" in run.text()
+        _gone, alive = psutil.wait_procs(successor_tree, timeout=10)
+        assert alive == []
+        log = (Path(embedded["DCM_HOME"]) / "run.log").read_text()
+        assert "restarted worker as" in log and "stopping" in log
+    finally:
+        run.stop()
+
+
+def test_two_workers_on_one_host_are_two_workers(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    workers = [
+        CeleryProcess("worker", "-c", "1", log=tmp_path / f"w{n}.log", env=embedded).start()
+        for n in (1, 2)
+    ]
+    try:
+
+        def both() -> bool:
+            with session_scope() as s:
+                return len(list(s.scalars(select(Worker.hostname)))) == 2
+
+        wait_until(both, timeout=90, what="both workers to register")
+        with session_scope() as s:
+            rows = {pid: name for pid, name in s.execute(select(Worker.pid, Worker.hostname))}
+        assert set(rows) == {w.pid for w in workers}
+        for pid, name in rows.items():
+            assert name.startswith(f"celery-{pid}@")
+    finally:
+        for worker in workers:
+            worker.stop()
