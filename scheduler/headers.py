@@ -64,11 +64,23 @@ def candidate_query(level: str, uid: str) -> Any:
 
 
 def build_headers(
-    session: Session, level: str, uid: str, fields: Iterable[str] | None = None
+    session: Session,
+    level: str,
+    uid: str,
+    fields: Iterable[str] | None = None,
+    *,
+    up_to: int | None = None,
 ) -> dict[str, Any]:
-    """The headers document of the candidate ``level``/``uid``."""
+    """The headers document of the candidate ``level``/``uid``.
+
+    ``up_to``: only instances with an id up to this one, the instances a
+    session's fingerprint covers (later ones belong to the next revision).
+    """
     allowed = None if fields is None else frozenset(fields)
-    rows = session.execute(candidate_query(level, uid)).all()
+    query = candidate_query(level, uid)
+    if up_to is not None:
+        query = query.where(Instance.id <= up_to)
+    rows = session.execute(query).all()
     if not rows:
         raise UnknownCandidateError(f"no {level} {uid!r} in the store")
     patient = rows[0][0]

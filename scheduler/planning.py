@@ -16,27 +16,16 @@ past its time limit means "not scheduled", with the reason in the trace.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import queue
-import threading
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.registry import EntryError, JobDefinition, load_entry
+from scheduler.callbacks import CallbackOutcome, run_in_host
+from scheduler.registry import JobDefinition
 
 PHASE_ORDER = {"pre": 0, "main": 1, "post": 2}
-
-
-@dataclass
-class CallbackOutcome:
-    scheduled: bool
-    reason: str
-    params: dict[str, Any] | None = None
-    traceback: str | None = None
 
 
 @dataclass
@@ -190,104 +179,17 @@ def _edges(jobs: list[JobDefinition]) -> list[Edge]:
     return edges
 
 
-def interpret_return(value: Any) -> CallbackOutcome:
-    """Map a callback's return value to a decision, never raising."""
-    if value is True or value is False:
-        return CallbackOutcome(value, f"callback returned {value}")
-    if isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[0], bool):
-        decision, params = value
-        if params is not None and not isinstance(params, dict):
-            return CallbackOutcome(
-                False,
-                f"callback returned ({decision}, {type(params).__name__}); "
-                "the second item must be a dict of parameters",
-            )
-        try:
-            json.dumps(params)
-        except (TypeError, ValueError) as exc:
-            return CallbackOutcome(False, f"callback returned parameters that are not JSON: {exc}")
-        verb = "returned" if decision else "declined with"
-        return CallbackOutcome(decision, f"callback {verb} ({decision}, params)", params or {})
-    shown = repr(value)
-    if len(shown) > 200:
-        shown = shown[:200] + "…"
-    return CallbackOutcome(
-        False, f"callback returned {shown}; expected True, False or (bool, dict): not scheduled"
-    )
+def make_callback_runner(timeout: float, version: str = "") -> CallbackRunner:
+    """Run callbacks in this thread's callback host (:mod:`scheduler.callbacks`),
+    within ``timeout`` seconds each.
 
-
-class _Call:
-    """One callback handed to the callback thread, and what came of it."""
-
-    def __init__(self, function: Callable[[], Any]) -> None:
-        self.function = function
-        self.done = threading.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.value = self.function()
-        except BaseException as exc:  # noqa: BLE001 - reported to the planner, never raised here
-            self.error = exc
-        finally:
-            self.done.set()
-
-
-def _serve(inbox: queue.SimpleQueue[_Call | None]) -> None:
-    while (call := inbox.get()) is not None:
-        call.run()
-
-
-class _CallbackThread:
-    """A daemon thread per planning thread that runs callbacks one after
-    another. A callback that overruns its time limit is abandoned with its
-    thread (Python cannot kill a thread): that thread exits once the callback
-    returns, if ever, and the next callback gets a fresh one. Daemon threads
-    never hold up the interpreter's exit."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def run(self, function: Callable[[], Any], timeout: float) -> _Call | None:
-        """The finished call, or None when ``function()`` overran ``timeout``."""
-        inbox, thread = getattr(self._local, "worker", None) or (None, None)
-        if inbox is None or thread is None or not thread.is_alive():  # none, hung, or forked
-            inbox = queue.SimpleQueue()
-            thread = threading.Thread(target=_serve, args=(inbox,), name="callback", daemon=True)
-            thread.start()
-            self._local.worker = (inbox, thread)
-        call = _Call(function)
-        inbox.put(call)
-        if call.done.wait(timeout):
-            return call
-        inbox.put(None)  # the thread ends after the hung callback, if it ever returns
-        self._local.worker = None
-        return None
-
-
-_callback_thread = _CallbackThread()
-
-
-def _private(value: Any) -> Any:
-    """A copy the callback may change freely: headers and params are JSON, and
-    a JSON round trip copies them several times faster than ``deepcopy``."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError):
-        return copy.deepcopy(value)
-
-
-def make_callback_runner(
-    timeout: float, entries: dict[tuple[str, tuple[Any, ...]], Any] | None = None
-) -> CallbackRunner:
-    """Run callbacks on private copies of their inputs, within ``timeout`` seconds.
-
-    A callback gets deep copies, so one that mutates the headers or params it
-    was given cannot affect any other. It runs in a daemon thread: a hanging
-    callback is abandoned (Python cannot kill a thread) and the planner moves on.
-    ``entries`` caches imported callbacks for as long as the caller's registry.
+    Each callback gets its own copy of the headers, params and added_params
+    (they cross a process boundary as JSON), so one that mutates its inputs
+    cannot affect any other. ``version`` identifies the services' code: a
+    host that imported another version is replaced first. One runner serves
+    one plan: the headers document is encoded once for all its callbacks.
     """
+    encoded: list[tuple[dict[str, Any], bytes]] = []
 
     def run(
         definition: JobDefinition,
@@ -295,39 +197,22 @@ def make_callback_runner(
         added_params: dict[str, Any],
         kwargs: dict[str, Any],
     ) -> CallbackOutcome:
-        entry = definition.registry_entry or ""
-        key = (entry, tuple(definition.entry_roots))
-        callback = entries.get(key) if entries is not None else None
-        if callback is None:
-            try:
-                callback = load_entry(entry, definition.entry_roots)
-            except EntryError as exc:
-                return CallbackOutcome(False, f"cannot import registryEntry {entry!r}: {exc}")
-            if entries is not None:
-                entries[key] = callback
-
-        def call() -> Any:
-            return callback(
-                definition.job_name,
-                _private(headers),
-                _private(definition.params),
-                _private(added_params),
-                **kwargs,
-            )
-
-        done = _callback_thread.run(call, timeout)
-        if done is None:
-            return CallbackOutcome(
-                False, f"callback exceeded its time limit of {timeout:g}s: not scheduled"
-            )
-        error = done.error
-        if error is not None:
-            trace = "".join(traceback.format_exception(error))
-            return CallbackOutcome(
-                False,
-                f"callback raised {type(error).__name__}: {error}",
-                traceback=trace,
-            )
-        return interpret_return(done.value)
+        if not encoded or encoded[0][0] is not headers:
+            encoded[:] = [(headers, json.dumps(headers).encode())]
+        request = {
+            "entry": definition.registry_entry or "",
+            "roots": [str(root) for root in definition.entry_roots],
+            "job_name": definition.job_name,
+            "params": definition.params,
+            "added_params": added_params,
+            "kwargs": kwargs,
+        }
+        decision = run_in_host(request, encoded[0][1], timeout, version)
+        return CallbackOutcome(
+            bool(decision.get("scheduled")),
+            str(decision.get("reason", "")),
+            decision.get("params"),
+            decision.get("traceback"),
+        )
 
     return run

@@ -26,18 +26,24 @@ import math
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.config import ConfigError, parse_duration
+from scheduler.entries import (
+    EntryError,
+    inside,
+    load_entry,
+    locate,
+    module_location,
+    same_path,
+    spec_location,
+)
 from scheduler.store.models import PHASES, Service, utcnow
 
 DEFINITION_FILE = "dcm-processor.json"
@@ -56,8 +62,6 @@ ON_NEW_DATA = ("rerun", "ignore")
 
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 JOB_NAME_MAX = 128  # jobs.job_name column width
-_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
-_DOTTED = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*")
 
 # Job fields in the order of the SPEC §7 table, and the legacy names they replace.
 JOB_FIELDS = (
@@ -85,27 +89,6 @@ SERVICE_FIELDS = ("name", "version", "jobs")
 # Folders whose *.py files are not the service's code: caches, VCS data and
 # virtualenvs (a job's `python` may live inside its service folder).
 _SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
-
-# Importing runs service code that may itself import; one loader at a time
-# keeps the "already imported from elsewhere" checks and sys.path edits sound.
-_import_lock = threading.RLock()
-
-
-class RegistryError(Exception):
-    """A service definition problem a user can meet and fix."""
-
-
-class EntryError(RegistryError):
-    """An entry (``module.sub:function``) that cannot be resolved or imported.
-
-    ``str()`` is the reason only, so callers can say which entry it was:
-    ``f"cannot import workerEntry {entry!r}: {exc}"``.
-    """
-
-    def __init__(self, entry: str, reason: str) -> None:
-        super().__init__(reason)
-        self.entry = entry
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -151,6 +134,9 @@ class ServiceDefinition:
     definition: Any
     legacy: bool
     jobs: list[JobDefinition] = field(default_factory=list)
+    # sha256 of the *.py files alone, and where they are.
+    code_hash: str = ""
+    code: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -202,201 +188,18 @@ class Registry:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def code_version(self) -> str:
+        """One hash over the code of every loaded service."""
+        digest = hashlib.sha256()
+        for service in sorted(self.services, key=lambda s: s.name):
+            digest.update(f"{service.name}\0{service.code_hash}\0".encode())
+        return digest.hexdigest()
 
-# --------------------------------------------------------------------------
-# Entries
-
-
-@dataclass(frozen=True)
-class _Target:
-    """Where an entry's top-level module was found, before anything is imported."""
-
-    module: str
-    attribute: str | None  # None for the dotted form: split at import
-    top: str
-    root: Path
-    location: Path  # the package folder or module file
-
-
-def _parse_entry(entry: str) -> tuple[str, str | None]:
-    text = entry.strip()
-    if "/" in text or "\\" in text or text.startswith("."):
-        raise EntryError(
-            entry,
-            "a path points outside its service folder; name a module inside it,"
-            " like 'package.module:function'",
-        )
-    module, colon, attribute = text.partition(":")
-    if colon:
-        if _DOTTED.fullmatch(module) and _DOTTED.fullmatch(attribute):
-            return module, attribute
-    elif _DOTTED.fullmatch(text) and "." in text:
-        return text, None
-    raise EntryError(entry, "expected 'module.sub:function' or 'module.sub.function'")
-
-
-def _roots_text(roots: Sequence[Path]) -> str:
-    return ", ".join(str(r) for r in roots) or "no folder"
-
-
-def _spec_location(spec: ModuleSpec) -> Path | None:
-    if spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(spec.origin) if spec.origin else None
-
-
-def _module_location(module: ModuleType) -> Path | None:
-    path = getattr(module, "__path__", None)
-    if path:
-        return Path(next(iter(path)))
-    file = getattr(module, "__file__", None)
-    return Path(file) if file else None
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
-
-
-def _known_elsewhere(top: str) -> bool:
-    if top in sys.modules:
-        return True
-    try:
-        # Finding a top-level module runs none of its code.
-        return importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _locate(entry: str, roots: Sequence[Path], package: str | None) -> _Target:
-    """Find the entry's top-level module in ``roots`` without importing it, so
-    an entry such as ``os:system`` is refused before any code runs."""
-    module, attribute = _parse_entry(entry)
-    if package is not None and module != package and not module.startswith(package + "."):
-        raise EntryError(
-            entry,
-            f"module {module!r} is outside its service folder: entries of this service"
-            f" must be inside its package {package!r}",
-        )
-    top = module.partition(".")[0]
-    for root in roots:
-        spec = PathFinder.find_spec(top, [str(root)])
-        location = _spec_location(spec) if spec else None
-        if location is not None:
-            return _Target(module, attribute, top, root, location)
-    if _known_elsewhere(top):
-        raise EntryError(
-            entry,
-            f"module {top!r} is outside its service folder (looked in {_roots_text(roots)})",
-        )
-    raise EntryError(entry, f"no module named {top!r} in {_roots_text(roots)}")
-
-
-def _import_top(entry: str, target: _Target) -> None:
-    """Import the top-level module from exactly where it was found, so another
-    module of the same name earlier on sys.path can never stand in for it."""
-    existing = sys.modules.get(target.top)
-    if existing is not None:
-        location = _module_location(existing)
-        if location is None or not _same_path(location, target.location):
-            raise EntryError(
-                entry,
-                f"module {target.top!r} is also provided by {location or 'a built-in module'},"
-                " which is already imported; rename the service's module",
-            )
-        return
-    spec = PathFinder.find_spec(target.top, [str(target.root)])
-    if spec is None or spec.loader is None:
-        raise EntryError(entry, f"no module named {target.top!r} in {target.root}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[target.top] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(target.top, None)
-        raise
-
-
-def _missing(error: ModuleNotFoundError, candidate: str) -> bool:
-    """Whether ``candidate`` itself is absent, not a module it imports."""
-    name = error.name or ""
-    return candidate == name or candidate.startswith(name + ".")
-
-
-def _import_target(target: _Target) -> tuple[ModuleType, list[str]]:
-    if target.attribute is not None:
-        return importlib.import_module(target.module), target.attribute.split(".")
-    # Dotted form: the longest importable prefix is the module, the rest attributes.
-    parts = target.module.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:cut])
-        try:
-            return importlib.import_module(candidate), parts[cut:]
-        except ModuleNotFoundError as exc:
-            if cut == 1 or not _missing(exc, candidate):
-                raise
-    raise AssertionError("unreachable: the loop returns or raises at cut == 1")
-
-
-def _resolve_attributes(
-    entry: str, module: ModuleType, attributes: list[str], roots: Sequence[Path]
-) -> Any:
-    value: Any = module
-    path = module.__name__
-    for name in attributes:
-        if not hasattr(value, name):
-            raise EntryError(entry, f"{path!r} has no attribute {name!r}")
-        value = getattr(value, name)
-        path = f"{path}.{name}"
-        # `mypkg.os.system` reaches outside through a module mypkg imported.
-        location = _module_location(value) if isinstance(value, ModuleType) else None
-        if isinstance(value, ModuleType) and (location is None or not _inside(location, roots)):
-            raise EntryError(entry, f"{path!r} is a module outside its service folder")
-    return value
-
-
-def _ensure_on_path(root: Path) -> None:
-    # Appended, not prepended: a service folder must never shadow an installed
-    # library for the rest of the process. Our own top-level import does not
-    # depend on the order (see _import_top); the service's sibling imports do.
-    if str(root) not in sys.path:
-        sys.path.append(str(root))
-
-
-def load_entry(
-    entry: str, roots: Sequence[Path], *, package: str | None = None
-) -> Callable[..., Any]:
-    """Import ``entry`` (``module.sub:function`` or ``module.sub.function``)
-    from the first of ``roots`` that holds its top-level module.
-
-    The entry must stay inside ``roots`` (and inside ``package`` when given);
-    that is checked before anything is imported. Raises :class:`EntryError`.
-    """
-    absolute = tuple(Path(root).absolute() for root in roots)
-    target = _locate(entry, absolute, package)
-    with _import_lock:
-        _ensure_on_path(target.root)
-        try:
-            _import_top(entry, target)
-            module, attributes = _import_target(target)
-        except EntryError:
-            raise
-        except (Exception, SystemExit) as exc:  # service code may raise anything
-            raise EntryError(entry, f"{type(exc).__name__}: {exc}") from exc
-    location = _module_location(module)
-    if location is None or not _inside(location, absolute):
-        raise EntryError(
-            entry,
-            f"module {module.__name__!r} comes from {location}, outside its service folder",
-        )
-    value = _resolve_attributes(entry, module, attributes, absolute)
-    if not callable(value):
-        raise EntryError(entry, f"{entry!r} is not callable (it is a {type(value).__name__})")
-    return value
+    def code_locations(self) -> list[Path]:
+        """Where the code of every service read lives, broken ones included."""
+        services = [*self.services, *self.rejected.values()]
+        return list(dict.fromkeys(path for s in services for path in s.code))
 
 
 # --------------------------------------------------------------------------
@@ -820,7 +623,7 @@ def _read_entry_point(ep: importlib.metadata.EntryPoint, default_events: tuple[s
     except (Exception, SystemExit) as exc:  # parents of a dotted package run code
         draft.report(None, None, f"cannot find package {package!r}: {exc}")
         return draft
-    folder = _spec_location(spec) if spec and spec.submodule_search_locations else None
+    folder = spec_location(spec) if spec and spec.submodule_search_locations else None
     if folder is None:
         draft.report(None, None, f"{package!r} is not an installed package")
         return draft
@@ -872,7 +675,7 @@ class _ModuleClaims:
 
     def conflict(self, draft: _Draft, top: str, location: Path) -> bool:
         owner = self.owners.get(top)
-        if owner is None or owner[0] is draft or _same_path(owner[1], location):
+        if owner is None or owner[0] is draft or same_path(owner[1], location):
             return False
         draft.report(
             None,
@@ -906,7 +709,7 @@ def _check_entries(draft: _Draft, claims: _ModuleClaims, check_imports: bool) ->
     for job in draft.service.jobs:
         for canonical, written, entry in _entries(draft, job):
             try:
-                target = _locate(entry, draft.roots, draft.package)
+                target = locate(entry, draft.roots, draft.package)
             except EntryError as exc:
                 draft.report(job.job_name, written, f"cannot import {canonical} {entry!r}: {exc}")
                 continue
@@ -932,8 +735,8 @@ def _check_entries(draft: _Draft, claims: _ModuleClaims, check_imports: bool) ->
         # Modules the entries imported in turn (a `utils` of the service) are
         # claimed too, so another service with its own `utils` is reported.
         module = sys.modules.get(top)
-        location = _module_location(module) if module else None
-        if own_root and location is not None and _inside(location, [own_root]):
+        location = module_location(module) if module else None
+        if own_root and location is not None and inside(location, [own_root]):
             claims.claim(draft, top, location)
 
 
@@ -1070,16 +873,17 @@ def _code_files(location: Path, prefix: str) -> Iterator[tuple[str, Path]]:
                 yield prefix + path.relative_to(location).as_posix(), path
 
 
-def _content_hash(draft: _Draft) -> str:
-    """sha256 over the definition file and the service's *.py files, in the
-    order of their relative paths, so a change to either is noticed."""
+def _code_of(draft: _Draft) -> dict[str, Path]:
+    """The service's *.py files by relative path."""
     files: dict[str, Path] = {}
     for location in draft.code:
         # Code found through entries sits in shared roots: keep its folder name.
         prefix = f"{location.name}/" if draft.code_from_entries and location.is_dir() else ""
         files.update(_code_files(location, prefix))
-    if draft.definition_file is not None and draft.definition_file.is_file():
-        files[draft.definition_file.name] = draft.definition_file
+    return files
+
+
+def _digest(files: dict[str, Path]) -> str:
     digest = hashlib.sha256()
     for relative, path in sorted(files.items()):
         try:
@@ -1089,6 +893,53 @@ def _content_hash(draft: _Draft) -> str:
         digest.update(f"{relative}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()
+
+
+def _hash(draft: _Draft) -> None:
+    """The content hash (definition file and *.py files, in the order of their
+    relative paths, so a change to either is noticed) and the code hash."""
+    files = _code_of(draft)
+    draft.service.code = tuple(draft.code)
+    draft.service.code_hash = _digest(files)
+    if draft.definition_file is not None and draft.definition_file.is_file():
+        files[draft.definition_file.name] = draft.definition_file
+    draft.service.content_hash = _digest(files)
+
+
+def code_stamp(locations: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Modification times and sizes of the *.py files under ``locations``:
+    cheap to take, and it changes when the code does."""
+    stamp = []
+    for location in locations:
+        for _relative, path in _code_files(location, ""):
+            try:
+                status = path.stat()
+            except OSError:
+                continue
+            stamp.append((str(path), status.st_mtime_ns, status.st_size))
+    return tuple(stamp)
+
+
+# Code hash of each service's code locations when this process last imported
+# it: a long-running planner re-imports a service whose code changed.
+_imported_code: dict[tuple[Path, ...], str] = {}
+
+
+def _forget_changed_code(draft: _Draft) -> None:
+    """Drop the modules of a service whose code changed since this process
+    imported it, so checking its entries imports the code on disk."""
+    locations = tuple(draft.code)
+    if not locations:
+        return
+    current = _digest(_code_of(draft))
+    previous = _imported_code.get(locations)
+    _imported_code[locations] = current
+    if previous is None or previous == current:
+        return
+    for name, module in list(sys.modules.items()):
+        location = module_location(module) if module is not None else None
+        if location is not None and inside(location, locations):
+            sys.modules.pop(name, None)
 
 
 def _registry(drafts: list[_Draft], header_fields: tuple[str, ...] | None) -> Registry:
@@ -1138,13 +989,15 @@ def load_registry(
     _check_service_names(drafts)
     claims = _ModuleClaims()
     for draft in drafts:
+        if check_imports:
+            _forget_changed_code(draft)
         _check_entries(draft, claims, check_imports)
     owners = _check_job_names(drafts)
     _check_dependencies(drafts, owners)
     _check_cycles(drafts, owners)
     _cascade(drafts, owners)
     for draft in drafts:
-        draft.service.content_hash = _content_hash(draft)
+        _hash(draft)
     return _registry(drafts, header_fields)
 
 

@@ -32,11 +32,15 @@ from scheduler.headers import LEVELS, UnknownCandidateError, build_headers, cand
 from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.planning import Plan, make_callback_runner, plan
-from scheduler.registry import Registry, load_registry
+from scheduler.registry import Registry, code_stamp, load_registry
 from scheduler.store.db import session_scope
 from scheduler.store.models import SchedulingSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
+# Problems that the trace and the CLI report too, on loggers of their own so
+# the CLI, which prints them, can keep them out of its stderr.
+service_log = logging.getLogger("scheduler.services")
+channel_log = logging.getLogger("scheduler.channels")
 
 _registry_lock = threading.Lock()
 _registry_cache: dict[str, Any] = {}
@@ -61,21 +65,24 @@ def _definition_stamp(settings: Settings) -> tuple[Any, ...]:
 
 
 def current_registry(settings: Settings | None = None) -> Registry:
-    """The loaded services, reloaded when a definition file changed."""
+    """The loaded services, reloaded when a definition file or the code of a
+    service changed (a running planner plans with the services on disk)."""
     settings = settings or get_settings()
-    stamp = _definition_stamp(settings)
+    definitions = _definition_stamp(settings)
     with _registry_lock:
-        if _registry_cache.get("stamp") != stamp:
-            loaded = load_registry(
+        cached: Registry | None = _registry_cache.get("registry")
+        code = code_stamp(cached.code_locations()) if cached is not None else ()
+        if cached is None or _registry_cache.get("stamp") != (definitions, code):
+            cached = load_registry(
                 settings.services_path,
                 settings.settings_file,
                 default_events=settings.default_events,
             )
-            for problem in loaded.problems:
-                log.warning("service problem: %s", problem)
-            _registry_cache.update(stamp=stamp, registry=loaded, entries={})
-        registry: Registry = _registry_cache["registry"]
-        return registry
+            for problem in cached.problems:
+                service_log.warning("service problem: %s", problem)
+            code = code_stamp(cached.code_locations())
+            _registry_cache.update(stamp=(definitions, code), registry=cached)
+        return cached
 
 
 def forget_registry() -> None:
@@ -136,23 +143,56 @@ def compute_plan(
         event=event,
         revision=revision,
         context=context,
-        run_callback=make_callback_runner(
-            settings.callback_timeout, entries=_registry_cache.setdefault("entries", {})
-        ),
+        run_callback=make_callback_runner(settings.callback_timeout, registry.code_version),
     )
-    if registry.problems:
-        result.trace["service_problems"] = [str(p) for p in registry.problems]
+    trace_left_out_services(result, registry)
     warn_unconsumed_channels(result, live)
     return result, headers
 
 
+def trace_left_out_services(result: Plan, registry: Registry) -> None:
+    """Every service left out of this session, and each of its jobs, in the
+    trace with the reason: a session never lacks a service silently."""
+    if not registry.problems:
+        return
+    result.trace["service_problems"] = [str(p) for p in registry.problems]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for problem in registry.problems:
+        where = "" if problem.job is None else f"job {problem.job!r}: "
+        groups.setdefault((problem.service, problem.file), []).append(where + problem.message)
+    result.trace["services_left_out"] = [
+        {"service": name, "file": file, "problems": reasons}
+        for (name, file), reasons in groups.items()
+    ]
+    for name, service in registry.rejected.items():
+        first = registry.broken[name][0]
+        why = first.message if first.job is None else f"job {first.job!r}: {first.message}"
+        for job in service.jobs:
+            if job.job_name in result.trace["jobs"]:
+                continue  # a jobName another service owns
+            result.trace["jobs"][job.job_name] = {
+                "service": name,
+                "phase": job.phase,
+                "scheduled": False,
+                "reason": f"service {name!r} is left out: {why}",
+            }
+
+
 def read_inputs(
-    session: Any, level: str, uid: str, settings: Settings, registry: Registry
+    session: Any,
+    level: str,
+    uid: str,
+    settings: Settings,
+    registry: Registry,
+    up_to: int | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
-    """What planning reads from the store: the headers and the live channels."""
+    """What planning reads from the store: the headers (of the instances up
+    to ``up_to``, see :func:`scheduler.headers.build_headers`) and the live
+    channels."""
     from workers_bridge.presence import live_channels
 
-    headers = build_headers(session, level, uid, header_fields(settings, registry))
+    fields = header_fields(settings, registry)
+    headers = build_headers(session, level, uid, fields, up_to=up_to)
     return headers, live_channels(session)
 
 

@@ -224,3 +224,53 @@ def test_a_long_running_worker_picks_up_a_changed_service(
         shutil.rmtree(services_root / "updatable")
         sys.modules.pop("dcm_updatable", None)
     assert (first["result"], second["result"]) == ({"version": 1}, {"version": 2})
+
+
+def test_a_changed_helper_module_beside_the_package_is_picked_up_too(
+    live: Settings, define: Define, services_root: Path
+) -> None:
+    import shutil
+    import sys
+
+    folder = services_root / "sibling"
+    (folder / "dcm_sibling").mkdir(parents=True, exist_ok=True)
+    helper = folder / "sibling_helpers.py"
+    helper.write_text("VERSION = 1\n")
+    (folder / "dcm_sibling" / "__init__.py").write_text(
+        "import sibling_helpers\n\n\ndef work(*args, **kwargs):\n"
+        "    return {'version': sibling_helpers.VERSION}\n"
+    )
+    define([{"jobName": "helped", "workerEntry": "dcm_sibling:work"}], name="sibling")
+    try:
+        first = jobs_by_name(wait_session(start("10.12")))["helped"]
+        helper.write_text("VERSION = 2\n")
+        second = jobs_by_name(wait_session(start("10.13")))["helped"]
+    finally:
+        shutil.rmtree(folder)
+        for name in ("dcm_sibling", "sibling_helpers"):
+            sys.modules.pop(name, None)
+    assert (first["result"], second["result"]) == ({"version": 1}, {"version": 2})
+
+
+def test_an_attempt_killed_with_sigkill_is_requeued_as_lost_with_its_peak_memory(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    """What the kernel's out-of-memory killer does to the attempt's own process."""
+    import os
+    import re
+    import signal
+
+    pidfile, calls = tmp_path / "pid", tmp_path / "calls"
+    params = {"megabytes": 512, "pidfile": str(pidfile), "calls": str(calls)}
+    define([job("hog", workerEntry="dcm_testjobs:hog", params=params)])
+    session_id = start("45.1")
+    wait_until(pidfile.exists, timeout=60, what="the attempt to hold its memory")
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    doc = wait_session(session_id)
+    hog = jobs_by_name(doc)["hog"]
+    assert (doc["status"], hog["status"], hog["attempts"]) == ("succeeded", "succeeded", 2)
+    first = hog["attempt_log"][0]
+    assert first["status"] == "lost"
+    assert "killed by signal 9 (SIGKILL" in first["error"]
+    peak = re.search(r"peak memory was (\d+) MiB", first["error"])
+    assert peak is not None and int(peak.group(1)) >= 512

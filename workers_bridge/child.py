@@ -28,14 +28,37 @@ def stop_group(_signum: int = 0, _frame: Any = None) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
-def service_modules(entry: str) -> list[str]:
-    """The loaded modules of the entry's top-level package."""
+# (top module, roots) -> (size of sys.modules when listed, module names)
+_listed: dict[tuple[str, tuple[str, ...]], tuple[int, list[str]]] = {}
+
+
+def service_modules(entry: str, roots: list[str] | None = None) -> list[str]:
+    """The loaded modules of the entry's top-level package, and every other
+    loaded module whose file lies in the service's ``roots`` (a ``helpers``
+    module beside the package). Listed again only when ``sys.modules``
+    changed size: a worker that runs the same jobs pays for one scan."""
     top = entry.partition(":")[0].split(".")[0]
+    folders = tuple(os.path.join(os.path.abspath(root), "") for root in roots or () if root)
+    key = (top, folders)
+    cached = _listed.get(key)
+    if cached is not None and cached[0] == len(sys.modules):
+        return cached[1]
     # A snapshot: another thread of the worker may be importing meanwhile.
-    return [n for n in tuple(sys.modules) if n == top or n.startswith(top + ".")]
+    modules = tuple(sys.modules.items())
+    names = [
+        name
+        for name, module in modules
+        if name == top
+        or name.startswith(top + ".")
+        or (folders and str(getattr(module, "__file__", None) or "").startswith(folders))
+    ]
+    _listed[key] = (len(modules), names)
+    return names
 
 
-def fresh_imports(entry: str, loaded: list[str] | None = None) -> None:
+def fresh_imports(
+    entry: str, roots: list[str] | None = None, loaded: list[str] | None = None
+) -> None:
     """Forget the entry's package, so an attempt forked from a long-running
     worker imports the service's current code, not the copy the worker
     loaded when it first validated or ran it.
@@ -44,7 +67,7 @@ def fresh_imports(entry: str, loaded: list[str] | None = None) -> None:
     forked: scanning ``sys.modules`` in the child touches every module name,
     and each touch copies a page of the parent's memory (2 ms per attempt).
     """
-    for name in service_modules(entry) if loaded is None else loaded:
+    for name in service_modules(entry, roots) if loaded is None else loaded:
         sys.modules.pop(name, None)
 
 
@@ -76,7 +99,7 @@ def _attribute(module: Any, path: str) -> Any:
 def run(request: dict[str, Any], loaded: list[str] | None = None) -> dict[str, Any]:
     """Call the worker of ``request``; never raises. ``loaded``: see :func:`fresh_imports`."""
     try:
-        fresh_imports(request["entry"], loaded)
+        fresh_imports(request["entry"], request.get("roots", []), loaded)
         worker = resolve(request["entry"], request.get("roots", []))
     except BaseException as exc:  # noqa: BLE001
         return {

@@ -1,0 +1,193 @@
+"""Registry callbacks run where they can be stopped, and always run the code on disk.
+
+A callback past its time limit leaves nothing running; a service edited while
+the planner runs is planned with its new code; a service left out of a
+session is named in the session's trace and in `show`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from scheduler.cli import app as cli
+from scheduler.config import Settings
+
+from .conftest import Define
+from .engine import detect_and_send, record_study, wait_session, wait_until
+from .test_planning import job, make_plan
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def cpu_settles(window: float = 1.0, budget: float = 0.3) -> bool:
+    """Whether this process and its descendants used less than ``budget``
+    seconds of CPU over ``window`` seconds (a spinning process uses ~window)."""
+    me = psutil.Process()
+    tree = [me, *me.children(recursive=True)]
+    before = cpu_seconds(tree)
+    time.sleep(window)  # a rate needs an interval
+    return cpu_seconds(tree) - before < budget
+
+
+def test_a_spinning_callback_is_stopped_at_its_time_limit(
+    define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "callback.pid"
+    define(
+        [
+            job("spinner", registryEntry="dcm_testjobs:spin", params={"pidfile": str(pidfile)}),
+            job("fine", registryEntry="dcm_testjobs:accept"),
+        ]
+    )
+    result = make_plan(services_root, timeout=1.0)
+    assert result.job_names == ["fine"]  # the next callback ran in a fresh process
+    assert "exceeded its time limit of 1s" in str(result.trace["jobs"]["spinner"]["reason"])
+    spinner = int(pidfile.read_text())
+    assert spinner != os.getpid()
+    assert not psutil.pid_exists(spinner)  # killed and reaped, not left spinning
+    wait_until(cpu_settles, timeout=10, what="CPU use to stop growing")
+
+
+def test_a_spinning_callback_under_a_real_worker_leaves_no_process_behind(
+    live: Settings, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_CALLBACK_TIMEOUT", "1")
+    apply_environment({})
+    pidfile = tmp_path / "callback.pid"
+    define(
+        [
+            job("spinner", registryEntry="dcm_testjobs:spin", params={"pidfile": str(pidfile)}),
+            job("after"),
+        ]
+    )
+    record_study("61.1")
+    [session_id] = detect_and_send()
+    doc = wait_session(session_id)
+    assert [j["job_name"] for j in doc["jobs"]] == ["after"]
+    assert "exceeded its time limit" in doc["trace"]["jobs"]["spinner"]["reason"]
+    assert not psutil.pid_exists(int(pidfile.read_text()))
+    wait_until(cpu_settles, timeout=10, what="CPU use to stop growing")
+
+
+@pytest.fixture
+def editable(services_root: Path) -> Iterator[Path]:
+    """A service of its own on the services path, with a module name used
+    nowhere else, removed afterwards."""
+    module = f"editable_{uuid.uuid4().hex[:8]}"
+    folder = services_root / module
+    (folder / module).mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder)
+
+
+WORKER = "def work(*a, **k):\n    return {}\n\n\n"
+
+
+def write_service(folder: Path, callback: str, source: str) -> None:
+    module = folder.name
+    (folder / module / "__init__.py").write_text(WORKER + source)
+    definition = {
+        "name": module,
+        "jobs": [
+            {
+                "jobName": f"{module}-job",
+                "workerEntry": f"{module}:work",
+                "registryEntry": f"{module}:{callback}",
+            }
+        ],
+    }
+    (folder / "dcm-processor.json").write_text(json.dumps(definition))
+    # A new mtime for sure: some filesystems keep whole seconds.
+    for path in (folder / "dcm-processor.json", folder / module / "__init__.py"):
+        stamp = time.time() + 2
+        os.utime(path, (stamp, stamp))
+
+
+def test_a_service_edited_while_the_worker_runs_is_planned_with_its_new_code(
+    live: Settings, define: Define, editable: Path
+) -> None:
+    define([job("base")])
+    name = f"{editable.name}-job"
+    write_service(editable, "decide", "def decide(*a, **k):\n    return True, {'version': 1}\n")
+    record_study("62.1")
+    [first] = detect_and_send()
+    assert wait_session(first)["added_params"][name] == {"version": 1}
+
+    # Renamed callback, new behaviour: the planner must import the new code.
+    write_service(editable, "choose", "def choose(*a, **k):\n    return True, {'version': 2}\n")
+    record_study("62.2")
+    [second] = detect_and_send()
+    doc = wait_session(second)
+    assert "services_left_out" not in doc["trace"], doc["trace"]
+    assert doc["added_params"][name] == {"version": 2}
+
+    # Only the body changes now, the definition file stays as it is.
+    (editable / editable.name / "__init__.py").write_text(
+        WORKER + "def choose(*a, **k):\n    return True, {'version': 3}\n"
+    )
+    stamp = time.time() + 4
+    os.utime(editable / editable.name / "__init__.py", (stamp, stamp))
+    record_study("62.3")
+    [third] = detect_and_send()
+    assert wait_session(third)["added_params"][name] == {"version": 3}
+
+
+def test_a_service_left_out_is_in_the_trace_and_show_prints_why(
+    live: Settings, define: Define, editable: Path
+) -> None:
+    define([job("base")])
+    write_service(editable, "decide", "def decide(*a, **k):\n    return True\n")
+    # Its callback now names a function that does not exist.
+    definition = json.loads((editable / "dcm-processor.json").read_text())
+    definition["jobs"][0]["registryEntry"] = f"{editable.name}:missing"
+    (editable / "dcm-processor.json").write_text(json.dumps(definition))
+    record_study("63.1")
+    [session_id] = detect_and_send()
+    doc = wait_session(session_id)
+    [left_out] = doc["trace"]["services_left_out"]
+    assert left_out["service"] == editable.name
+    assert "has no attribute 'missing'" in left_out["problems"][0]
+    reason = doc["trace"]["jobs"][f"{editable.name}-job"]["reason"]
+    assert reason.startswith(f"service {editable.name!r} is left out")
+
+    shown = CliRunner().invoke(cli, ["show", session_id])
+    assert shown.exit_code == 0, shown.output
+    assert f"service '{editable.name}' left out" in shown.output
+    assert "has no attribute 'missing'" in shown.output
+    assert f"{editable.name}-job: service" in shown.output
+
+
+def test_show_prints_the_first_line_of_a_callback_exception_and_json_keeps_the_traceback(
+    live: Settings, define: Define
+) -> None:
+    define([job("boom", registryEntry="dcm_testjobs:explode"), job("fine")])
+    record_study("64.1")
+    [session_id] = detect_and_send()
+    wait_session(session_id)
+    shown = CliRunner().invoke(cli, ["show", session_id])
+    assert shown.exit_code == 0, shown.output
+    assert "boom: callback raised ValueError: callback exploded" in shown.output
+    assert "Traceback" not in shown.output
+    document = json.loads(CliRunner().invoke(cli, ["show", session_id, "--json"]).stdout)
+    assert "Traceback" in document["trace"]["jobs"]["boom"]["traceback"]
