@@ -13,8 +13,6 @@ tell a long job from a lost one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import json
 import os
@@ -29,14 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scheduler.lifeline import die_with_parent
 from workers_bridge import child
 
 OUTPUT_TAIL_BYTES = 8192
-PR_SET_PDEATHSIG = 1
-try:
-    _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-except OSError:  # not Linux: attempts then outlive a killed worker
-    _libc = None
 
 
 @dataclass
@@ -45,6 +39,18 @@ class AttemptOutcome:
     result: Any = None
     error: str | None = None
     timed_out: bool = False
+    # Killed by SIGKILL from outside the scheduler (the kernel's out-of-memory
+    # killer, an operator): not the job's fault, so the job is re-queued.
+    killed: bool = False
+
+
+@dataclass
+class Ended:
+    """How the attempt's process ended."""
+
+    code: int  # exit status, or minus the signal that killed it
+    how: str  # "exited", "timeout", or "stopped" (cancelled, taken over)
+    peak_kib: int = 0  # peak resident memory of the process, in KiB
 
 
 def execute(
@@ -64,23 +70,24 @@ def execute(
         work = Path(folder)
         response_path = work / "response.json"
         output_path = work / "output.log"
-        reap: Callable[[], int]
+        ooms = oom_kills()
         if python:
             process = _spawn(python, request, work, response_path, output_path)
-            pid, reap = process.pid, process.wait
+            pid = process.pid
+            process.returncode = 0  # reaped here (with its memory use), not by Popen
         else:
             pid = _fork(request, response_path, output_path)
-            reap = functools.partial(_reap, pid)
-
-        code, timed_out = _wait(pid, reap, timeout, heartbeat, heartbeat_interval)
-        return _outcome(code, timed_out, timeout, response_path, output_path)
+        ended = _wait(pid, timeout, heartbeat, heartbeat_interval)
+        if ended.how == "exited" and ended.code == -signal.SIGKILL:
+            return _killed(ended, ooms, output_path)
+        return _outcome(ended, timeout, response_path, output_path)
 
 
 def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
-    loaded = child.service_modules(str(request.get("entry", "")))
+    loaded = child.service_modules(str(request.get("entry", "")), request.get("roots", []))
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
@@ -114,14 +121,29 @@ def _die_with_parent(parent: int) -> None:
     dies (SIGKILL, OOM): a re-delivered job must not run twice at once. The
     signal is SIGUSR2, whose handler (:func:`workers_bridge.child.stop_group`)
     kills the attempt's whole process group, programs it started included."""
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    die_with_parent(signal.SIGUSR2, parent)
 
 
-def _reap(pid: int) -> int:
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+def _reap(pid: int, how: str) -> Ended:
+    _pid, status, usage = os.wait4(pid, 0)
+    # ru_maxrss is in KiB on Linux.
+    return Ended(os.waitstatus_to_exitcode(status), how, int(usage.ru_maxrss))
+
+
+def oom_kills() -> int | None:
+    """Processes the out-of-memory killer ended in this process's cgroup so
+    far (cgroup v2), or None where that cannot be read."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            line = next(line for line in handle if line.startswith("0::"))
+        events = Path("/sys/fs/cgroup", line[3:].strip().lstrip("/"), "memory.events")
+        for entry in events.read_text(encoding="utf-8").splitlines():
+            name, _, value = entry.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, StopIteration, ValueError):
+        return None
+    return None
 
 
 def _spawn(
@@ -144,13 +166,12 @@ def _spawn(
 
 def _wait(
     pid: int,
-    reap: Callable[[], int],
     timeout: float,
     heartbeat: Callable[[], bool] | None,
     heartbeat_interval: float,
-) -> tuple[int, bool]:
-    """Wait for the child; kill its process group at the deadline.
-    Returns (exit code, negative for a signal; timed out)."""
+) -> Ended:
+    """Wait for the child; kill its process group at the deadline, or when
+    the heartbeat says the attempt is no longer wanted."""
     deadline = time.monotonic() + timeout
     next_beat = time.monotonic() + heartbeat_interval
     pidfd = os.pidfd_open(pid)
@@ -159,15 +180,15 @@ def _wait(
             now = time.monotonic()
             if now >= deadline:
                 _kill_group(pid)
-                return reap(), True
+                return _reap(pid, "timeout")
             wait = min(deadline, next_beat) - now
             ready, _, _ = select.select([pidfd], [], [], max(wait, 0.0))
             if ready:
-                return reap(), False
+                return _reap(pid, "exited")
             if heartbeat and time.monotonic() >= next_beat:
                 if not heartbeat():  # the job was cancelled or taken over: stop
                     _kill_group(pid)
-                    return reap(), False
+                    return _reap(pid, "stopped")
                 next_beat = time.monotonic() + heartbeat_interval
     finally:
         os.close(pidfd)
@@ -193,12 +214,37 @@ def _tail(path: Path) -> str:
     return text
 
 
-def _outcome(
-    code: int, timed_out: bool, timeout: float, response_path: Path, output_path: Path
-) -> AttemptOutcome:
+def _output_suffix(output_path: Path) -> str:
     output = _tail(output_path)
-    suffix = f"\n--- output (stdout/stderr tail) ---\n{output}" if output.strip() else ""
-    if timed_out:
+    return f"\n--- output (stdout/stderr tail) ---\n{output}" if output.strip() else ""
+
+
+def _killed(ended: Ended, ooms_before: int | None, output_path: Path) -> AttemptOutcome:
+    """The attempt's process was SIGKILLed by someone other than the scheduler."""
+    ooms_after = oom_kills()
+    if ooms_before is not None and ooms_after is not None and ooms_after > ooms_before:
+        who = "the kernel's out-of-memory killer ended a process of this worker's cgroup"
+    else:
+        who = "as the kernel's out-of-memory killer or `kill -9` do"
+    peak = f"; its peak memory was {ended.peak_kib / 1024:.0f} MiB" if ended.peak_kib else ""
+    return AttemptOutcome(
+        False,
+        error=f"killed: the attempt's process was killed by signal {signal.SIGKILL.value} "
+        f"(SIGKILL; {who}){peak}{_output_suffix(output_path)}",
+        killed=True,
+    )
+
+
+def _outcome(
+    ended: Ended, timeout: float, response_path: Path, output_path: Path
+) -> AttemptOutcome:
+    code = ended.code
+    suffix = _output_suffix(output_path)
+    if ended.how == "stopped":
+        return AttemptOutcome(
+            False, error=f"stopped: the job was cancelled or taken over by another worker{suffix}"
+        )
+    if ended.how == "timeout":
         return AttemptOutcome(
             False,
             error=f"timeout: the attempt ran longer than its timeout of {timeout:g}s "

@@ -265,7 +265,11 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
     else:
         outcome = attempt_safely(taken, settings.heartbeat_interval, job_id)
     ending = Ending(
-        ok=outcome.ok, result=outcome.result, error=outcome.error, timed_out=outcome.timed_out
+        ok=outcome.ok,
+        result=outcome.result,
+        error=outcome.error,
+        timed_out=outcome.timed_out,
+        lost=outcome.killed,
     )
     # The attempt ran: its outcome must not be lost to a brief store outage.
     retrying(
