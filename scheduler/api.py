@@ -358,7 +358,7 @@ def stable_patient(body: Any) -> dict[str, Any]:
 
 
 def _existing_session(patient_id: str) -> str:
-    fingerprint, _revision = current_fingerprint("patient", patient_id)
+    fingerprint = current_fingerprint("patient", patient_id).fingerprint
     with session_scope() as session:
         found = session.scalar(
             select(SchedulingSession.id).where(

@@ -46,6 +46,7 @@ class Claimed:
     fingerprint: str
     event: str
     session_id: str | None  # None when the fingerprint was already planned
+    last_instance_id: int | None = None
 
 
 @dataclass
@@ -86,6 +87,7 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
                 model.fingerprint,
                 model.stable_fingerprint,
                 model.revision,
+                model.last_instance_id,
             )
             .where(model.state == RECEIVING, model.last_received_at <= cutoff)
             .order_by(model.last_received_at)
@@ -111,10 +113,10 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
         )
         event = f"{level}.stable"
         fresh: list[Claimed] = []  # a new fingerprint: a new session
-        for _pk, uid, fingerprint, stable_fingerprint, revision in rows:
+        for _pk, uid, fingerprint, stable_fingerprint, revision, last_instance in rows:
             changed_now = fingerprint != stable_fingerprint
             revision = revision + 1 if changed_now else revision
-            item = Claimed(level, uid, revision, fingerprint, event, None)
+            item = Claimed(level, uid, revision, fingerprint, event, None, last_instance)
             claimed.append(item)
             if changed_now:
                 fresh.append(item)
@@ -127,6 +129,7 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
                     "uid": c.uid,
                     "fingerprint": c.fingerprint,
                     "revision": c.revision,
+                    "last_instance_id": c.last_instance_id,
                 }
                 for c in fresh
             ],

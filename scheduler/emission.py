@@ -42,6 +42,7 @@ def create_session(
     fingerprint: str,
     revision: int,
     trigger: str = "",
+    last_instance_id: int | None = None,
     now: datetime | None = None,
 ) -> str | None:
     """Insert a ``planning`` session; ``None`` when its idempotency key exists."""
@@ -52,6 +53,7 @@ def create_session(
         "fingerprint": fingerprint,
         "revision": revision,
         "trigger": trigger,
+        "last_instance_id": last_instance_id,
     }
     return create_sessions(session, [candidate], now).get(uid)
 
@@ -61,8 +63,8 @@ def create_sessions(
 ) -> dict[str, str]:
     """Insert the ``planning`` sessions of many candidates (dicts of ``event``,
     ``level``, ``uid``, ``fingerprint``, ``revision`` and optionally
-    ``trigger``) in one executemany; returns uid → session id for those whose
-    idempotency key was new."""
+    ``trigger`` and ``last_instance_id``) in one executemany; returns uid →
+    session id for those whose idempotency key was new."""
     if not candidates:
         return {}
     insert = insert_for(session)
@@ -71,6 +73,7 @@ def create_sessions(
         {
             "id": new_id(),
             "trigger": "",
+            "last_instance_id": None,
             "status": "planning",
             "added_params": {},
             "trace": {},

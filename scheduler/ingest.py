@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 class Rejection:
     location: str
     reason: str
+    # Nothing could be read there: a missing path, a folder or file without
+    # permission. Not DICOM, or DICOM without its UIDs, is not unreadable.
+    unreadable: bool = False
 
 
 @dataclass
@@ -52,11 +56,16 @@ class IngestResult:
         self.not_dicom += other.not_dicom
         self.rejected.extend(other.rejected)
 
+    @property
+    def unreadable(self) -> int:
+        return sum(1 for rejection in self.rejected if rejection.unreadable)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "recorded": self.recorded,
             "known": self.known,
             "not_dicom": self.not_dicom,
+            "unreadable": self.unreadable,
             "rejected": [{"location": r.location, "reason": r.reason} for r in self.rejected],
         }
 
@@ -183,6 +192,20 @@ def record_instances(
         "series_uid",
     )
     series = _ids(session, Series.series_uid, (i.series_uid for i in fresh))
+    touched_series = {series[i.series_uid] for i in fresh}
+    touched_studies = {studies[i.study_uid] for i in fresh}
+    touched_patients = {patients[i.patient_id] for i in fresh}
+    # Lock every resource that gains instances before adding any (series,
+    # studies, patients, each in key order, as every ingest does): another
+    # ingest into them waits for this one to commit, so a resource's instances
+    # are committed in id order and "id <= last_instance_id" is exactly the
+    # set its fingerprint covers. A detector skips locked rows.
+    for model, pks in (
+        (Series, touched_series),
+        (Study, touched_studies),
+        (Patient, touched_patients),
+    ):
+        _lock(session, model, pks)
     rows = [
         {
             "sop_uid": i.sop_uid,
@@ -198,13 +221,17 @@ def record_instances(
     result.recorded = len(_insert_ignore(session, Instance, rows, "sop_uid"))
     result.known += len(fresh) - result.recorded
 
-    touched_series = {series[i.series_uid] for i in fresh}
-    touched_studies = {studies[i.study_uid] for i in fresh}
-    touched_patients = {patients[i.patient_id] for i in fresh}
     _refresh(session, Series, Instance.series_pk, touched_series, now, joins=())
     _refresh(session, Study, Series.study_pk, touched_studies, now, joins=(Series,))
     _refresh(session, Patient, Study.patient_pk, touched_patients, now, joins=(Series, Study))
     return result
+
+
+def _lock(session: Session, model: Any, pks: set[int]) -> None:
+    # NO KEY UPDATE: compatible with the KEY SHARE locks our own FK inserts take.
+    session.execute(
+        select(model.id).where(model.id.in_(pks)).order_by(model.id).with_for_update(key_share=True)
+    )
 
 
 def _refresh(
@@ -215,27 +242,23 @@ def _refresh(
     now: datetime,
     joins: Sequence[Any],
 ) -> None:
-    """Recompute count, first/last received, fingerprint; back to ``receiving``.
-
-    The rows are locked first (in key order): a concurrent ingest into the
-    same resource waits, and the recount then sees its committed instances,
-    so neither overwrites the other's count or fingerprint.
-    """
-    # NO KEY UPDATE: compatible with the KEY SHARE locks our own FK inserts take.
-    session.execute(
-        select(model.id).where(model.id.in_(pks)).order_by(model.id).with_for_update(key_share=True)
-    )
-    query = select(owner, Instance.sop_uid, Instance.received_at).select_from(Instance)
+    """Recompute count, first/last received, fingerprint and the newest
+    instance; back to ``receiving``. The rows were locked before this
+    ingest added instances (:func:`record_instances`), so the recount sees
+    every committed instance and no other ingest changes them meanwhile."""
+    query = select(owner, Instance.sop_uid, Instance.received_at, Instance.id).select_from(Instance)
     if joins:
         query = query.join(Series, Instance.series_pk == Series.id)
     if Study in joins:
         query = query.join(Study, Series.study_pk == Study.id)
     uids: dict[int, list[str]] = {pk: [] for pk in pks}
     first: dict[int, datetime] = {}
-    for pk, uid, received in session.execute(query.where(owner.in_(pks))):
+    newest: dict[int, int] = {}
+    for pk, uid, received, instance_id in session.execute(query.where(owner.in_(pks))):
         uids[pk].append(uid)
         if pk not in first or received < first[pk]:
             first[pk] = received
+        newest[pk] = max(newest.get(pk, 0), instance_id)
     for pk, members in uids.items():
         session.execute(
             update(model)
@@ -245,19 +268,42 @@ def _refresh(
                 first_received_at=first.get(pk, now),
                 last_received_at=now,
                 fingerprint=fingerprint(members),
+                last_instance_id=newest.get(pk),
                 state=RECEIVING,
             )
         )
 
 
-def iter_files(paths: Iterable[Path], recursive: bool) -> Iterator[Path]:
-    """Files named directly, and the files in named folders (deeply with ``recursive``)."""
+def iter_files(paths: Iterable[Path], recursive: bool) -> Iterator[Path | Rejection]:
+    """Files named directly, and the files in named folders (deeply with
+    ``recursive``, never through a symlinked folder); a :class:`Rejection`
+    for each path that does not exist and each folder that cannot be read."""
     for path in paths:
         if path.is_dir():
-            children = path.rglob("*") if recursive else path.iterdir()
-            yield from sorted(p for p in children if p.is_file())
-        else:
+            yield from _folder_files(path, recursive)
+        elif path.exists() or path.is_symlink():
             yield path
+        else:
+            yield Rejection(str(path), "no such file or folder", unreadable=True)
+
+
+def _folder_files(folder: Path, recursive: bool) -> Iterator[Path | Rejection]:
+    problems: list[Rejection] = []
+
+    def unreadable(error: OSError) -> None:
+        where = error.filename or folder
+        problems.append(
+            Rejection(str(where), f"cannot read folder: {error.strerror or error}", True)
+        )
+
+    found: list[Path] = []
+    for parent, dirs, names in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        found.extend(Path(parent, name) for name in names)
+        if not recursive:
+            break
+    yield from problems
+    yield from sorted(path for path in found if path.is_file())
 
 
 # Below this many files a pool of header readers costs more to start than it saves.
@@ -266,11 +312,11 @@ PARALLEL_MIN_FILES = 1000
 
 def _read_one(path: Path) -> InstanceItem | Rejection:
     if not path.exists():
-        return Rejection(str(path), "no such file or folder")
+        return Rejection(str(path), "no such file or folder", unreadable=True)
     try:
         return read_header(path)
     except NotDicomError as exc:
-        return Rejection(exc.location, exc.reason)
+        return Rejection(exc.location, exc.reason, exc.reason.startswith("cannot read file"))
 
 
 def _read_chunk(paths: list[Path]) -> list[InstanceItem | Rejection]:
@@ -347,7 +393,12 @@ def ingest_paths(
                 total.add(record_instances(session, items))
             items.clear()
 
-    files = list(iter_files(paths, recursive))
+    files: list[Path] = []
+    for found in iter_files(paths, recursive):
+        if isinstance(found, Rejection):
+            total.rejected.append(found)
+        else:
+            files.append(found)
     for read in _read_all(files, readers):
         if isinstance(read, Rejection):
             total.rejected.append(read)

@@ -253,14 +253,15 @@ def plan_session(session_id: str) -> Planned | None:
                 SchedulingSession.uid,
                 SchedulingSession.event,
                 SchedulingSession.revision,
+                SchedulingSession.last_instance_id,
             ).where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
         ).first()
         if row is None:
             drop(session, name, holder)
             return None
-        level, uid, event, revision = row
+        level, uid, event, revision, last_instance = row
         try:
-            inputs = read_inputs(session, level, uid, settings, registry)
+            inputs = read_inputs(session, level, uid, settings, registry, up_to=last_instance)
         except UnknownCandidateError as exc:
             error = str(exc)
     planned = False
@@ -297,27 +298,37 @@ def _fail_planning(session_id: str, message: str) -> None:
             row.status, row.error, row.finished_at = "failed", message, utcnow()
 
 
-def current_fingerprint(level: str, uid: str) -> tuple[str, int]:
-    """Fingerprint and revision of a resource now (for manual plans and triggers)."""
+@dataclass(frozen=True)
+class Snapshot:
+    """What a resource holds now: its fingerprint, revision and newest instance."""
+
+    fingerprint: str
+    revision: int
+    last_instance_id: int | None
+
+
+def current_fingerprint(level: str, uid: str) -> Snapshot:
+    """The resource as it is now (for manual plans, triggers and pushes)."""
     model, column = RESOURCE_LEVELS[level]
     with session_scope() as session:
         row = session.execute(
-            select(model.fingerprint, model.revision).where(column == uid)
+            select(model.fingerprint, model.revision, model.last_instance_id).where(column == uid)
         ).first()
         if row is None:
             raise UnknownCandidateError(f"no {level} {uid!r} in the store")
-        fingerprint, revision = row
-        if not fingerprint:  # recorded by an old version: compute it now
-            uids = [i.sop_uid for *_rest, i in session.execute(candidate_query(level, uid))]
-            fingerprint = fingerprint_of(uids)
-    return fingerprint, max(revision, 1)
+        fingerprint, revision, last_instance = row
+        if not fingerprint or last_instance is None:  # recorded by an older version
+            instances = [i for *_rest, i in session.execute(candidate_query(level, uid))]
+            fingerprint = fingerprint_of(i.sop_uid for i in instances)
+            last_instance = max((i.id for i in instances), default=None)
+    return Snapshot(fingerprint, max(revision, 1), last_instance)
 
 
 def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | None:
     """Create the session of a manual plan (idempotent) or trigger (always new)."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}")
-    fingerprint, revision = current_fingerprint(level, uid)
+    now = current_fingerprint(level, uid)
     trigger = uuid.uuid4().hex if manual else ""
     with session_scope() as session:
         return create_session(
@@ -325,9 +336,10 @@ def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | Non
             event=event,
             level=level,
             uid=uid,
-            fingerprint=fingerprint,
-            revision=revision,
+            fingerprint=now.fingerprint,
+            revision=now.revision,
             trigger=trigger,
+            last_instance_id=now.last_instance_id,
         )
 
 

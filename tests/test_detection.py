@@ -149,3 +149,25 @@ def test_on_new_data_ignore_job_is_absent_in_revision_two(
     assert [sorted(p.plan.job_names) for p in first if p] == [["every-time", "first-only"]]
     assert [p.plan.job_names for p in second if p] == [["every-time"]]
     assert "revision 2" in second[0].plan.trace["jobs"]["first-only"]["reason"]  # type: ignore[union-attr]
+
+
+def test_a_session_holds_exactly_the_instances_its_fingerprint_covers(env: Settings) -> None:
+    from scheduler import scheduling
+    from scheduler.ingest import fingerprint
+
+    t0 = utcnow() - timedelta(seconds=120)
+    record_study("1.30", instances=2, now=t0)
+    [session_id] = detection.detect().sessions
+    # An instance arriving between detection and planning ...
+    record_study("1.30", instances=1, first=3, now=t0 + timedelta(seconds=1))
+    planned = scheduling.plan_session(session_id)
+    assert planned is not None
+    sops = [i["SOPInstanceUID"] for s in planned.headers["series"] for i in s["instances"]]
+    assert planned.headers["instance_count"] == 2 and len(sops) == 2
+    [session] = sessions_of("1.30")
+    assert fingerprint(sops) == session.fingerprint
+    # ... belongs to the next revision, and only there once more.
+    [second_id] = detection.detect().sessions
+    second = scheduling.plan_session(second_id)
+    assert second is not None and second.headers["instance_count"] == 3
+    assert [s.revision for s in sessions_of("1.30")] == [1, 2]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import inspect, select
 
 from scheduler.config import Settings
-from scheduler.store.db import get_engine, init_db, session_scope
+from scheduler.store.db import SCHEMA_HEAD, get_engine, init_db, session_scope
 from scheduler.store.models import (
     Base,
     Instance,
@@ -30,7 +30,23 @@ def test_migration_creates_every_model_table(store_url: str) -> None:
 
 
 def test_init_db_is_idempotent(store_url: str) -> None:
-    assert init_db(store_url) == init_db(store_url) == "0001"
+    assert init_db(store_url) == init_db(store_url) == SCHEMA_HEAD
+
+
+def test_the_schema_the_code_checks_for_is_the_newest_migration() -> None:
+    from alembic.script import ScriptDirectory
+
+    from scheduler.store.db import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head == SCHEMA_HEAD
+
+
+def test_the_columns_of_the_models_match_the_migrated_schema(store_url: str) -> None:
+    inspector = inspect(get_engine(store_url))
+    for name, table in Base.metadata.tables.items():
+        migrated = {column["name"] for column in inspector.get_columns(name)}
+        assert set(table.columns.keys()) == migrated, name
 
 
 def test_every_table_round_trips_a_row(store_url: str) -> None:

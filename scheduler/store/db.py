@@ -31,6 +31,13 @@ _engines: dict[tuple[str, int], Engine] = {}
 _lock = threading.Lock()
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The newest migration: what this code needs. A test keeps it equal to
+# Alembic's head, so reading commands can check the schema without Alembic.
+SCHEMA_HEAD = "0002"
+
+
+class StoreNotReadyError(RuntimeError):
+    """The store does not exist yet, or has an older schema than this code."""
 
 
 def _configure_sqlite(engine: Engine) -> None:

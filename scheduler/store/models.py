@@ -87,6 +87,10 @@ class ResourceMixin:
     # Fingerprint of the last revision that became stable; a new one bumps `revision`.
     stable_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     revision: Mapped[int] = mapped_column(Integer, default=0)
+    # The newest instance the fingerprint covers. Ingest locks a resource
+    # before it adds instances to it, so the instances with an id up to this
+    # one are exactly those the fingerprint was computed from.
+    last_instance_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Patient(ResourceMixin, Base):
@@ -176,6 +180,9 @@ class SchedulingSession(Base):
     uid: Mapped[str] = mapped_column(String(128))
     revision: Mapped[int] = mapped_column(Integer, default=1)
     fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    # The resource's last_instance_id when the session was created: its
+    # headers hold the instances up to it, whatever arrived since.
+    last_instance_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Empty for detection; a fresh id for every manual trigger.
     trigger: Mapped[str] = mapped_column(String(64), default="")
     headers: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
