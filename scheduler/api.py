@@ -17,6 +17,7 @@ import binascii
 import hmac
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -204,21 +205,40 @@ def data_root() -> Path:
     return (get_settings().data_root or Path.cwd()).resolve()
 
 
-def _folder(value: Any, root: Path, confined: bool) -> Path:
+class OutsideDataRootError(BadPushError):
+    """A pushed path that leads outside the data root (absolute, ``..``, or a
+    symlink): refused whole, never read."""
+
+
+def _inside_root(given: Any, path: Path, root: Path) -> Path:
+    """``path`` with every symlink resolved, if it stays inside ``root``."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise OutsideDataRootError(
+            f"path {str(given)!r} is outside DCM_DATA_ROOT ({root}; when it is not set, "
+            "the server's working folder): refused"
+        )
+    return resolved
+
+
+def _folder(value: Any, root: Path) -> Path:
     path = Path(str(value)).expanduser()
-    path = (path if path.is_absolute() else root / path).resolve()
-    if confined and not path.is_relative_to(root):
-        raise BadPushError(f"dcmpath {str(value)!r} is outside DCM_DATA_ROOT ({root})")
-    return path
+    return _inside_root(value, path if path.is_absolute() else root / path, root)
 
 
-def _files(folder: Path) -> Iterator[Path]:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            yield path
+def _files(folder: Path, root: Path) -> Iterator[Path]:
+    """Files under ``folder``, never through a symlink that leaves ``root``."""
+    for parent, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = Path(parent, name)
+            if path.is_file():
+                yield _inside_root(path, path, root)
 
 
-def push_items(body: Any, root: Path, *, confined: bool) -> tuple[list[InstanceItem], list[dict]]:
+def push_items(body: Any, root: Path) -> tuple[list[InstanceItem], list[dict]]:
     """The instances a ``/stable-patient`` body describes, and what was skipped.
 
     Instances listed in the body are taken with their tags (the study's and
@@ -230,7 +250,7 @@ def push_items(body: Any, root: Path, *, confined: bool) -> tuple[list[InstanceI
         raise BadPushError("the body must be a JSON object describing one patient")
     patient_tags = _tags(body) | _tags(_lookup(body, "patient"))
     given = _lookup(body, "dcmpath", "path", "folder", "dicomPath")
-    base = _folder(given, root, confined) if given else None
+    base = _folder(given, root) if given else None
 
     series_nodes: list[tuple[Any, dict[str, Any]]] = []
     for study in _list(_lookup(body, "studies")):
@@ -268,19 +288,19 @@ def push_items(body: Any, root: Path, *, confined: bool) -> tuple[list[InstanceI
                 instance = {"location": str(folder / str(instance))}
             location = _lookup(instance, "location", "path", "file", "filename") or ""
             if location and not _tags(instance).get("SOPInstanceUID"):
-                try:  # only a file: read its header
-                    folders.append(_folder(location, root, confined))
-                except BadPushError as exc:
-                    skipped.append({"location": str(location), "reason": str(exc)})
+                folders.append(_folder(location, root))  # only a file: read its header
                 continue
+            if location and "://" not in str(location):
+                # Workers will read it: a local path must lie in the data root too.
+                location = str(_folder(location, root))
             take(series_tags | _tags(instance), str(location))
         if instances:
             continue
         own = _lookup(node, "dcmpath", "path", "folder")
         if own:
-            folders.append(_folder(own, root, confined))
+            folders.append(_folder(own, root))
         elif base is not None and series_id:
-            folders.append(_folder(base / str(series_id), root, confined))
+            folders.append(_folder(base / str(series_id), root))
         else:
             skipped.append(
                 {
@@ -296,7 +316,9 @@ def push_items(body: Any, root: Path, *, confined: bool) -> tuple[list[InstanceI
         folders.append(base)
 
     for folder in folders:
-        paths = [folder] if folder.is_file() else list(_files(folder)) if folder.is_dir() else []
+        paths = (
+            [folder] if folder.is_file() else list(_files(folder, root)) if folder.is_dir() else []
+        )
         if not paths:
             skipped.append({"location": str(folder), "reason": "no such file or folder, or empty"})
         for path in paths:
@@ -310,8 +332,7 @@ def push_items(body: Any, root: Path, *, confined: bool) -> tuple[list[InstanceI
 def stable_patient(body: Any) -> dict[str, Any]:
     """Record what a dcm-processor push describes, then open and plan one
     ``patient.stable`` session per patient in it (idempotent per data)."""
-    confined = get_settings().data_root is not None
-    items, skipped = push_items(body, data_root(), confined=confined)
+    items, skipped = push_items(body, data_root())
     if not items:
         raise BadPushError("no DICOM instance found in the body or under its dcmpath", skipped)
     # Files without a PatientID belong to the patient the body names.
@@ -611,8 +632,9 @@ def post_stable_patient(
       no series at all means every file under ``dcmpath``. Files that are not
       DICOM are skipped and listed with their reason.
     - A relative ``dcmpath`` is taken from ``DCM_DATA_ROOT`` (dcm-processor's
-      shared DATA folder; default: the server's working folder); when
-      ``DCM_DATA_ROOT`` is set, paths outside it are refused.
+      shared DATA folder; default: the server's working folder). A path that
+      leads outside it — absolute, with ``..``, or through a symlink — is
+      refused with 400 and logged; nothing of that body is recorded.
 
     Then one ``patient.stable`` session is opened and planned per patient
     (``open_session(manual=False)``: the same data pushed again returns the
@@ -630,8 +652,11 @@ def post_stable_patient(
 
 
 def _error(status: int) -> Callable[[Request, Exception], Any]:
-    async def handler(_request: Request, exc: Exception) -> JSONResponse:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
         content: dict[str, Any] = {"detail": str(exc)}
+        if isinstance(exc, OutsideDataRootError):
+            client = request.client.host if request.client else "unknown client"
+            log.warning("refused a push from %s: %s", client, exc)
         if isinstance(exc, BadPushError) and exc.skipped:
             content["skipped"] = exc.skipped
         return JSONResponse(content, status_code=status)

@@ -573,9 +573,12 @@ def test_stable_patient_accepts_listed_instances_and_lenient_keys(
                     {
                         "tags": {"SeriesInstanceUID": "5.1.1", "Modality": "CT"},
                         "instances": [
-                            {"SOPInstanceUID": "5.1.1.1", "location": "/data/5.1.1/1.dcm"},
-                            {"tags": {"SOPInstanceUID": "5.1.1.2"}, "path": "/data/5.1.1/2.dcm"},
-                            {"location": "/data/missing.dcm", "tags": {"SOPInstanceUID": ""}},
+                            {"SOPInstanceUID": "5.1.1.1", "location": "5.1.1/1.dcm"},
+                            {
+                                "tags": {"SOPInstanceUID": "5.1.1.2"},
+                                "path": f"{data_root}/5.1.1/2.dcm",
+                            },
+                            {"location": "missing.dcm", "tags": {"SOPInstanceUID": ""}},
                         ],
                     }
                 ],
@@ -590,8 +593,8 @@ def test_stable_patient_accepts_listed_instances_and_lenient_keys(
     with session_scope() as s:
         rows = list(s.scalars(select(Instance).order_by(Instance.sop_uid)))
     assert [(i.sop_uid, i.location) for i in rows] == [
-        ("5.1.1.1", "/data/5.1.1/1.dcm"),
-        ("5.1.1.2", "/data/5.1.1/2.dcm"),
+        ("5.1.1.1", f"{data_root.resolve()}/5.1.1/1.dcm"),
+        ("5.1.1.2", f"{data_root.resolve()}/5.1.1/2.dcm"),
     ]
 
 
@@ -644,6 +647,75 @@ def test_stable_patient_bodies_that_describe_nothing_are_refused(
     assert reason in str(response.json())
     with session_scope() as s:
         assert s.query(SchedulingSession).count() == 0
+
+
+def _recorded() -> int:
+    with session_scope() as s:
+        return s.query(Instance).count()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder outside the data root holding one real DICOM file."""
+    folder = tmp_path / "elsewhere"
+    dicom_copy("CT_small.dcm", folder / "secret.dcm")
+    return folder
+
+
+def test_without_a_data_root_pushes_are_confined_to_the_working_folder(
+    client: TestClient,
+    define: Define,
+    tmp_path: Path,
+    outside: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    work = tmp_path / "work"
+    dicom_copy("CT_small.dcm", work / "inside" / "1.dcm")
+    monkeypatch.delenv("DCM_DATA_ROOT", raising=False)
+    monkeypatch.chdir(work)
+    reset_settings()
+    define(PATIENT_JOBS)
+    for dcmpath in (str(outside), "../elsewhere", f"{work}/../elsewhere"):
+        response = client.post(
+            "/stable-patient", json={"id": "p", "dcmpath": dcmpath}, headers=AUTH
+        )
+        assert response.status_code == 400, response.text
+        assert "outside DCM_DATA_ROOT" in response.json()["detail"]
+        assert dcmpath in caplog.text  # the refusal is logged
+    assert _recorded() == 0
+    inside = client.post("/stable-patient", json={"id": "p", "dcmpath": "inside"}, headers=AUTH)
+    assert inside.status_code == 200, inside.text
+    assert _recorded() == 1
+
+
+def test_a_symlink_leading_out_of_the_data_root_is_refused(
+    client: TestClient, data_root: Path, outside: Path
+) -> None:
+    (data_root / "linked").symlink_to(outside, target_is_directory=True)
+    folder = data_root / "mixed"
+    dicom_copy("CT_small.dcm", folder / "1.dcm")
+    (folder / "2.dcm").symlink_to(outside / "secret.dcm")
+    for dcmpath in ("linked", "mixed"):
+        response = client.post(
+            "/stable-patient", json={"id": "p", "dcmpath": dcmpath}, headers=AUTH
+        )
+        assert response.status_code == 400, response.text
+        assert "outside DCM_DATA_ROOT" in response.json()["detail"]
+    assert _recorded() == 0
+
+
+def test_a_listed_instance_outside_the_data_root_is_refused(
+    client: TestClient, data_root: Path, outside: Path
+) -> None:
+    for instance in (
+        {"location": str(outside / "secret.dcm")},  # a file to read
+        {"SOPInstanceUID": "9.9.9.1", "location": "../elsewhere/secret.dcm"},  # for workers
+    ):
+        body = {"id": "p", "series": [{"id": "9.9.9", "instances": [instance]}]}
+        response = client.post("/stable-patient", json=body, headers=AUTH)
+        assert response.status_code == 400, response.text
+    assert _recorded() == 0
 
 
 def test_stable_patient_malformed_json_is_422(client: TestClient) -> None:
