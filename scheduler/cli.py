@@ -8,8 +8,10 @@ unknown id), 2 wrong usage.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,8 +32,19 @@ app = typer.Typer(
 services_app = typer.Typer(help="Loaded services and their validation.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
 
-console = Console()
-errors = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A console; when it is not a terminal (a pipe, a file) tables are
+    never cut to 80 columns, unless COLUMNS says how wide to be."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=1000 if wide else None)
+
+
+console = _console()
+errors = _console(stderr=True)
+SESSION_STATUSES = ("planning", "running", "succeeded", "failed", "partial", "cancelled", "empty")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "upstream_failed", "cancelled")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 STATUS_STYLE = {
@@ -69,6 +82,44 @@ def styled(status: str) -> str:
     return f"[{style}]{status}[/{style}]" if style else status
 
 
+def table(*columns: str, title: str | None = None) -> Table:
+    """A listing: status and id columns are never cut or wrapped; long
+    values (UIDs, reasons) wrap within their column instead."""
+    grid = Table(title=title)
+    for name in columns:
+        if name in ("status", "state", "decision", "job id", "session", "phase", "attempts"):
+            grid.add_column(
+                name, no_wrap=True, min_width=len("upstream_failed") * (name == "status")
+            )
+        else:
+            grid.add_column(name, overflow="fold")
+    return grid
+
+
+def when(value: str | None) -> str:
+    """A stored ISO time as a table shows it: to the second."""
+    return value[:19].replace("T", " ") if value else ""
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+
+
+def open_store() -> None:
+    """Reading commands: the store must exist; nothing is created or upgraded."""
+    from scheduler.store.db import StoreNotReadyError
+    from scheduler.store.db import open_store as check
+
+    try:
+        check()
+    except StoreNotReadyError as exc:
+        raise fail(str(exc)) from exc
+
+
+SessionStatus = StrEnum("SessionStatus", {s: s for s in SESSION_STATUSES})  # type: ignore[misc]
+JobStatus = StrEnum("JobStatus", {s: s for s in JOB_STATUSES})  # type: ignore[misc]
+
+
 def short(identifier: str | None) -> str:
     return (identifier or "")[:8]
 
@@ -76,6 +127,13 @@ def short(identifier: str | None) -> str:
 @app.callback()
 def main_options() -> None:
     """Settings come from the environment (DCM_*, CELERY_*; see README)."""
+    global console, errors
+    console, errors = _console(), _console(stderr=True)  # this invocation's streams
+    # Warnings to stderr; service problems and unconsumed channels are
+    # printed by the commands themselves, from the registry and the trace.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for printed in ("scheduler.services", "scheduler.channels"):
+        logging.getLogger(printed).setLevel(logging.ERROR)
     try:
         get_settings()
     except ConfigError as exc:
@@ -101,11 +159,11 @@ def ingest(
     as_json: JsonOption = False,
 ) -> None:
     """Read DICOM headers (never pixel data) and record the instances."""
-    from scheduler.ingest import ingest_paths, iter_files
+    from scheduler.ingest import Rejection, ingest_paths, iter_files
     from scheduler.store.db import init_db, session_scope
 
     init_db()
-    total = sum(1 for _ in iter_files(paths, recursive))
+    total = sum(1 for found in iter_files(paths, recursive) if not isinstance(found, Rejection))
     with Progress(
         TextColumn("ingest"),
         BarColumn(),
@@ -125,13 +183,16 @@ def ingest(
         )
     if as_json:
         print_json(result.as_dict())
-        return
-    console.print(
-        f"recorded {result.recorded}, already known {result.known}, "
-        f"not DICOM {result.not_dicom}, rejected {len(result.rejected) - result.not_dicom}"
-    )
-    for rejection in result.rejected:
-        console.print(f"  skipped {rejection.location}: {rejection.reason}", highlight=False)
+    else:
+        invalid = len(result.rejected) - result.not_dicom - result.unreadable
+        console.print(
+            f"recorded {result.recorded}, already known {result.known}, "
+            f"not DICOM {result.not_dicom}, rejected {invalid}, unreadable {result.unreadable}"
+        )
+        for rejection in result.rejected:
+            console.print(f"  skipped {rejection.location}: {rejection.reason}", highlight=False)
+    if result.unreadable:
+        raise typer.Exit(1)  # a path that does not exist, or could not be read
 
 
 @services_app.command("list")
@@ -182,30 +243,43 @@ def services_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check service definitions; exit 1 when anything is wrong."""
-    from scheduler.registry import load_registry
+    from scheduler.registry import DEFINITION_FILE, LEGACY_DEFINITION_FILE, load_registry
 
     settings = get_settings()
+    folders: list[Path] = []
+    missing: list[str] = []
+    for path in [p.absolute() for p in paths] if paths else list(settings.services_path):
+        if path.is_file() and path.name in (DEFINITION_FILE, LEGACY_DEFINITION_FILE):
+            path = path.parent  # the definition file itself was named
+        if path.is_dir():
+            folders.append(path)
+        else:
+            what = "given" if paths else "on DCM_SERVICES_PATH"
+            missing.append(
+                f"{path}: no such folder ({what})" if not path.exists() else f"{path}: not a folder"
+            )
     registry = load_registry(
-        [p.absolute() for p in paths] if paths else settings.services_path,
+        folders,
         None if paths else settings.settings_file,
         default_events=settings.default_events,
     )
+    problems = missing + [str(p) for p in registry.problems]
     if as_json:
         print_json(
             {
-                "ok": registry.ok,
+                "ok": not problems,
                 "services": [s.name for s in registry.services],
-                "problems": [str(p) for p in registry.problems],
+                "problems": problems,
             }
         )
     else:
         for service in registry.services:
             console.print(f"[green]ok[/green] {service.name} ({len(service.jobs)} job(s))")
-        for problem in registry.problems:
+        for problem in problems:
             console.print(f"[red]problem:[/red] {problem}", highlight=False)
-        if not registry.services and not registry.problems:
-            console.print("no services found")
-    if not registry.ok:
+        if not registry.services and not problems:
+            console.print("no services found in " + ", ".join(map(str, folders)))
+    if problems:
         raise typer.Exit(1)
 
 
@@ -284,7 +358,10 @@ def plan(
 
     level, uid = candidate(study, series, patient)
     event = event or f"{level}.stable"
-    init_db()
+    if dry_run:
+        open_store()
+    else:
+        init_db()
     try:
         if dry_run:
             result, _headers = scheduling.compute_plan(level, uid, event)
@@ -326,13 +403,13 @@ def plan(
 
 
 def print_trace(trace: dict[str, Any]) -> None:
-    table = Table("job", "phase", "decision", "reason", title=f"plan for {trace.get('event')}")
+    grid = table("job", "phase", "decision", "reason", title=f"plan for {trace.get('event')}")
     for name, entry in trace.get("jobs", {}).items():
         decision = (
             "[green]scheduled[/green]" if entry.get("scheduled") else "[dim]not scheduled[/dim]"
         )
-        table.add_row(name, entry.get("phase", ""), decision, entry.get("reason", ""))
-    console.print(table)
+        grid.add_row(name, entry.get("phase", ""), decision, first_line(entry.get("reason")))
+    console.print(grid)
     for problem in trace.get("service_problems", []):
         errors.print(f"[red]service problem:[/red] {problem}", highlight=False)
     for warning in trace.get("warnings", []):
@@ -444,59 +521,61 @@ def cancel(
 def workers(as_json: JsonOption = False) -> None:
     """Celery workers seen, the channels they consume, their last heartbeat."""
     from scheduler import queries
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import session_scope
 
-    init_db()
+    open_store()
     with session_scope() as s:
         rows = queries.list_workers(s)
     if as_json:
         print_json(rows)
         return
-    table = Table("worker", "channels", "last heartbeat", "age", "state")
+    grid = table("worker", "channels", "last heartbeat", "age", "state")
     for row in rows:
         state = "[green]live[/green]" if row["live"] else "[red]silent[/red]"
-        table.add_row(
+        grid.add_row(
             row["hostname"],
             ", ".join(row["channels"]),
-            row["last_heartbeat"] or "",
+            when(row["last_heartbeat"]),
             f"{row['age_s']:.0f}s",
             state,
         )
-    console.print(table)
+    console.print(grid)
     if not rows:
         console.print("no worker has been seen yet: start one with `celery -A scheduler worker`")
 
 
 @app.command()
 def sessions(
-    status: Annotated[str | None, typer.Option(help="Only sessions with this status.")] = None,
+    status: Annotated[
+        SessionStatus | None, typer.Option(help="Only sessions with this status.")
+    ] = None,
     uid: Annotated[str | None, typer.Option(help="Only sessions of this UID.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """Scheduling sessions, newest first."""
     from scheduler import queries
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import session_scope
 
-    init_db()
+    open_store()
     with session_scope() as s:
         rows = queries.list_sessions(s, status=status, uid=uid, limit=limit)
     if as_json:
         print_json(rows)
         return
-    table = Table("session", "event", "level", "uid", "rev", "status", "created", "finished")
+    grid = table("session", "event", "level", "uid", "rev", "status", "created", "finished")
     for row in rows:
-        table.add_row(
+        grid.add_row(
             short(row["id"]),
             row["event"],
             row["level"],
             row["uid"],
             str(row["revision"]),
             styled(row["status"]),
-            row["created_at"] or "",
-            row["finished_at"] or "",
+            when(row["created_at"]),
+            when(row["finished_at"]),
         )
-    console.print(table)
+    console.print(grid)
 
 
 @app.command()
@@ -504,15 +583,15 @@ def jobs(
     session: Annotated[
         str | None, typer.Option("--session", help="Only this session's jobs.")
     ] = None,
-    status: Annotated[str | None, typer.Option(help="Only jobs with this status.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 500,
+    status: Annotated[JobStatus | None, typer.Option(help="Only jobs with this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 500,
     as_json: JsonOption = False,
 ) -> None:
     """Jobs, with their status, attempts and worker."""
     from scheduler import queries
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import session_scope
 
-    init_db()
+    open_store()
     try:
         with session_scope() as s:
             session_id = queries.resolve_session_id(s, session) if session else None
@@ -522,11 +601,11 @@ def jobs(
     if as_json:
         print_json(rows)
         return
-    table = Table(
+    grid = table(
         "job id", "session", "job", "phase", "channel", "status", "attempts", "worker", "duration"
     )
     for row in rows:
-        table.add_row(
+        grid.add_row(
             short(row["id"]),
             short(row["session_id"]),
             row["job_name"],
@@ -537,7 +616,7 @@ def jobs(
             row["worker"] or "",
             seconds(row["duration_s"]),
         )
-    console.print(table)
+    console.print(grid)
 
 
 def seconds(value: float | None) -> str:
@@ -551,9 +630,9 @@ def show(
 ) -> None:
     """A session's DAG with statuses, timings and the planning trace."""
     from scheduler import queries
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import session_scope
 
-    init_db()
+    open_store()
     try:
         with session_scope() as s:
             document = queries.show_session(s, session_id)
@@ -576,11 +655,11 @@ def render_session(document: dict[str, Any]) -> None:
     )
     if document.get("error"):
         console.print(f"[red]{document['error']}[/red]", highlight=False)
-    table = Table("stage", "job", "phase", "status", "attempts", "duration", "after")
+    grid = table("stage", "job", "phase", "status", "attempts", "duration", "after")
     for index, stage in enumerate(queries.stages(document["jobs"]), start=1):
         for job in stage:
             mark = STATUS_MARK.get(job["status"], " ")
-            table.add_row(
+            grid.add_row(
                 str(index),
                 f"{mark} {job['job_name']}",
                 job["phase"],
@@ -589,19 +668,33 @@ def render_session(document: dict[str, Any]) -> None:
                 seconds(job["duration_s"]),
                 ", ".join(job["depends_on"]),
             )
-    console.print(table)
+    if document["jobs"]:
+        console.print(grid)
     for job in document["jobs"]:
         if job["error"]:
-            console.print(f"[red]{job['job_name']}[/red]: {job['error']}", highlight=False)
+            console.print(
+                f"[red]{job['job_name']}[/red]: {first_line(job['error'])}", highlight=False
+            )
+    trace = document.get("trace") or {}
+    for left_out in trace.get("services_left_out", []):
+        console.print(
+            f"[red]service {left_out['service']!r} left out[/red] ({left_out['file']}): "
+            + "; ".join(left_out["problems"]),
+            highlight=False,
+        )
     skipped = {
-        name: entry
-        for name, entry in document.get("trace", {}).get("jobs", {}).items()
-        if not entry.get("scheduled")
+        name: entry for name, entry in trace.get("jobs", {}).items() if not entry.get("scheduled")
     }
     if skipped:
         console.print("not scheduled:")
         for name, entry in skipped.items():
-            console.print(f"  {name}: {entry.get('reason')}", highlight=False)
+            console.print(f"  {name}: {first_line(entry.get('reason'))}", highlight=False)
+    for warning in trace.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if any(job["error"] for job in document["jobs"]) or any(
+        entry.get("traceback") for entry in skipped.values()
+    ):
+        console.print(f"(full errors and tracebacks: dcm-scheduler show {document['id']} --json)")
 
 
 @app.command("run")

@@ -31,6 +31,7 @@ from scheduler.store.models import (
     Job,
     JobDependency,
     SchedulingSession,
+    iso,
     utcnow,
 )
 from workers_bridge.release import lock_session
@@ -213,8 +214,8 @@ def cancel_session(session_id: str) -> CancelReport:
                         "attempt": job.attempts,
                         "status": "cancelled",
                         "worker": job.worker,
-                        "started_at": job.started_at.isoformat() if job.started_at else None,
-                        "finished_at": now.isoformat(),
+                        "started_at": iso(job.started_at),
+                        "finished_at": iso(now),
                         "error": "cancelled by an operator while running",
                     },
                 ]

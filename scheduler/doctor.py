@@ -30,15 +30,14 @@ class Check:
 
 
 def check_store(settings: Settings) -> Check:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    from scheduler.store.db import alembic_config, get_engine
+    from scheduler.store.db import SCHEMA_HEAD, schema_revision, sqlite_path
 
     url = mask(settings.database_url)
+    path = sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():
+        return Check("store", PROBLEM, f"no store at {path}", "run: dcm-scheduler init-db")
     try:
-        with get_engine().connect() as connection:
-            current = MigrationContext.configure(connection).get_current_revision()
+        current = schema_revision(settings.database_url)
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
         return Check(
             "store",
@@ -47,12 +46,11 @@ def check_store(settings: Settings) -> Check:
             f"{hide_secrets(str(exc).splitlines()[0], settings.database_url)}",
             "check DCM_DATABASE_URL and that the database server runs",
         )
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    if current != head:
+    if current != SCHEMA_HEAD:
         return Check(
             "store",
             PROBLEM,
-            f"{url} is at schema {current or 'none'}, code needs {head}",
+            f"{url} is at schema {current or 'none'}, code needs {SCHEMA_HEAD}",
             "run: dcm-scheduler init-db",
         )
     return Check("store", OK, f"{url}, schema {current}")

@@ -15,15 +15,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
+from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, iso, utcnow
 
 
 class NotFoundError(LookupError):
     """No session or job with that id."""
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 def duration(start: datetime | None, end: datetime | None) -> float | None:
@@ -65,13 +61,24 @@ def job_json(row: Job, depends_on: Sequence[str] = ()) -> dict[str, Any]:
         "params": row.params,
         "result": row.result,
         "error": row.error,
-        "attempt_log": row.attempt_log,
+        "attempt_log": [_attempt_entry(entry) for entry in row.attempt_log],
         "worker": row.worker,
         "created_at": iso(row.created_at),
         "dispatched_at": iso(row.dispatched_at),
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),
         "duration_s": duration(row.started_at, row.finished_at),
+    }
+
+
+def _attempt_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """An attempt-log entry with its times in the one ISO form (entries
+    written by earlier versions end in ``+00:00``)."""
+    return {
+        key: value.replace("+00:00", "Z")
+        if key.endswith("_at") and isinstance(value, str)
+        else value
+        for key, value in entry.items()
     }
 
 

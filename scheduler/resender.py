@@ -20,7 +20,7 @@ from scheduler.config import Settings, get_settings
 from scheduler.emission import dispatch
 from scheduler.scheduling import send_plans
 from scheduler.store.db import session_scope
-from scheduler.store.models import Job, Lease, SchedulingSession, utcnow
+from scheduler.store.models import Job, Lease, SchedulingSession, iso, utcnow
 from workers_bridge.release import Ending
 from workers_bridge.runner import finish
 
@@ -91,7 +91,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
                 lost=True,
                 last_heartbeat=beat,
                 error=f"worker lost: {worker} stopped heart-beating this attempt "
-                f"(last heartbeat {beat.isoformat() if beat else 'never'})",
+                f"(last heartbeat {iso(beat) or 'never'})",
             ),
         )
         report.lost += 1

@@ -201,6 +201,11 @@ def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
     channels = {job.definition.channel for job in result.jobs}
     if not channels:
         return
+    if get_settings().uses_filesystem_broker:
+        # The embedded broker only reaches workers on this machine.
+        start_hint = "start `dcm-scheduler run`, which consumes every channel of the services"
+    else:
+        start_hint = "start one with: celery -A scheduler worker -Q {channel}"
     warnings = []
     for job in result.jobs:
         channel = job.definition.channel
@@ -208,14 +213,14 @@ def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
             continue
         message = (
             f"job {job.definition.job_name!r} is sent to channel {channel!r}, which no live "
-            f"worker consumes; start one with: celery -A scheduler worker -Q {channel}"
+            f"worker consumes; {start_hint.format(channel=channel)}"
         )
         result.trace["jobs"][job.definition.job_name]["warning"] = message
         warnings.append(message)
     if warnings:
         result.trace["warnings"] = warnings
         for message in warnings:
-            log.warning(message)
+            channel_log.warning(message)
 
 
 def plan_lease(session_id: str) -> str:

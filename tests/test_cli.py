@@ -188,3 +188,181 @@ def test_services_list_shows_jobs(env: Settings) -> None:
     assert jobs["study-report"]["depends_on"] == ["thumbnails"]
     assert jobs["anonymize"]["phase"] == "pre" and jobs["archive"]["phase"] == "post"
     assert run("services", "validate").exit_code == 0
+
+
+# -- inputs and exit codes a new user meets ---------------------------------------
+
+
+@pytest.fixture
+def nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder and the default settings: no store anywhere."""
+    from .support import apply_environment
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    apply_environment({"DCM_HOME": "", "DCM_DATABASE_URL": "", "CELERY_BROKER_URL": ""})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sessions"],
+        ["sessions", "--json"],
+        ["jobs"],
+        ["show", "0123abcd"],
+        ["workers", "--json"],
+        ["plan", "--study", "1.2.3", "--dry-run"],
+    ],
+)
+def test_reading_commands_without_a_store_write_nothing_and_say_init_db(
+    nowhere: Path, args: list[str]
+) -> None:
+    result = run(*args, code=1)
+    assert "dcm-scheduler init-db" in result.output
+    assert list(nowhere.iterdir()) == []  # no ./.dcm-scheduler, no store file
+
+
+def test_reading_commands_never_upgrade_the_schema(env: Settings) -> None:
+    from alembic import command
+
+    from scheduler.store.db import SCHEMA_HEAD, alembic_config, schema_revision
+
+    command.downgrade(alembic_config(), "0001")
+    result = run("sessions", code=1)
+    assert f"is at schema 0001, this version needs {SCHEMA_HEAD}" in result.output
+    assert schema_revision() == "0001"
+    run("init-db")
+    assert schema_revision() == SCHEMA_HEAD
+
+
+@pytest.mark.parametrize(
+    ("command", "allowed"),
+    [("sessions", ["planning", "partial", "empty"]), ("jobs", ["queued", "upstream_failed"])],
+)
+def test_an_unknown_status_is_wrong_usage_naming_the_statuses(
+    env: Settings, command: str, allowed: list[str]
+) -> None:
+    result = run(command, "--status", "bogus", code=2)
+    assert "bogus" in result.output
+    assert all(status in result.output for status in allowed)
+
+
+def test_services_validate_of_a_missing_path_exits_1_naming_it(env: Settings) -> None:
+    result = run("services", "validate", "/no/such/path", code=1)
+    assert "/no/such/path: no such folder" in result.output
+
+
+def test_services_validate_accepts_the_definition_file_itself(
+    env: Settings, define: Define, services_root: Path
+) -> None:
+    path = define([{"jobName": "a", "workerEntry": "dcm_testjobs:work"}])
+    assert "ok testjobs" in run("services", "validate", str(path)).output
+
+
+def test_ingest_of_a_missing_file_exits_1(env: Settings) -> None:
+    result = run("ingest", "/no/such/file.dcm", code=1)
+    assert "/no/such/file.dcm: no such file or folder" in result.output
+    assert "unreadable 1" in result.output
+
+
+def test_ingest_lists_a_folder_it_cannot_read_and_exits_1(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    top = tmp_path / "incoming"
+    (top / "locked").mkdir(parents=True)
+    source = get_testdata_file("CT_small.dcm")
+    assert source is not None
+    shutil.copyfile(source, top / "1.dcm")
+    # Tests run as root, whom permissions do not stop: refuse the listing here.
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path) == top / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = run("ingest", "--recursive", str(top), code=1)
+    assert "recorded 1" in result.output
+    assert f"{top / 'locked'}: cannot read folder: Permission denied" in result.output
+    document = json.loads(run("ingest", "--recursive", str(top), "--json", code=1).stdout)
+    assert document["unreadable"] == 1 and document["known"] == 1
+
+
+def test_tables_keep_statuses_whole_at_80_columns(planned: str) -> None:
+    result = CliRunner().invoke(cli, ["sessions"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    assert "succeeded" in result.output and "succeed…" not in result.output
+    jobs = CliRunner().invoke(cli, ["jobs"], env={"COLUMNS": "80"})
+    assert "succeeded" in jobs.output and "…" not in jobs.output
+
+
+def test_every_time_in_json_is_utc_with_a_z(planned: str) -> None:
+    def times(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            found = [v for k, v in value.items() if k.endswith("_at") and isinstance(v, str)]
+            return found + [t for v in value.values() for t in times(v)]
+        if isinstance(value, list):
+            return [t for v in value for t in times(v)]
+        return []
+
+    stamps = times(run_json("show", planned)) + times(run_json("jobs"))
+    assert stamps and all(stamp.endswith("Z") and "+00:00" not in stamp for stamp in stamps)
+
+
+def test_dry_run_prints_each_warning_once_with_the_embedded_hint(
+    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
+    apply_environment({})
+    define([{"jobName": "gpu-seg", "workerEntry": "dcm_testjobs:work", "channel": "gpu"}])
+    record_study("7.9")
+    output = run("plan", "--study", "7.9", "--dry-run").output
+    warning = "job 'gpu-seg' is sent to channel 'gpu', which no live worker consumes"
+    assert output.count(warning) == 1
+    assert "dcm-scheduler run" in output and "celery -A scheduler worker" not in output
+
+
+def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
+    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
+    apply_environment({})
+    define([{"jobName": "shared", "workerEntry": "dcm_testjobs:work"}])
+    later = services_root / "zz-later"
+    (later / "zz_later").mkdir(parents=True)
+    (later / "zz_later" / "__init__.py").write_text("def work(*a, **k):\n    return 1\n")
+    (later / "dcm-processor.json").write_text(
+        json.dumps(
+            {"name": "zz-later", "jobs": [{"jobName": "shared", "workerEntry": "zz_later:work"}]}
+        )
+    )
+    try:
+        listing = run("services", "list", code=0).output
+        problem = "duplicate jobName 'shared' (also in service 'testjobs'"
+        assert listing.count(problem) == 1
+        assert "testjobs" in listing and "shared" in listing
+        validation = run("services", "validate", code=1).output
+        assert validation.count(problem) == 1 and "ok testjobs" in validation
+        record_study("7.10")
+        dry = run("plan", "--study", "7.10", "--dry-run").output
+        assert dry.count(problem) == 1
+        document = run_json("plan", "--study", "7.10", "--dry-run")
+        assert document["jobs"] == ["shared"]  # the first service's job still runs
+        assert document["trace"]["services_left_out"][0]["service"] == "zz-later"
+    finally:
+        shutil.rmtree(later)

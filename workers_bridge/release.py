@@ -29,6 +29,7 @@ from scheduler.store.models import (
     Job,
     JobDependency,
     SchedulingSession,
+    iso,
     utcnow,
 )
 
@@ -113,8 +114,8 @@ def record_ending(
         "attempt": attempt,
         "status": _attempt_status(ending),
         "worker": job.worker,
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": now.isoformat(),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(now),
         "error": None if ending.ok else _first_line(ending.error),
     }
     changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
