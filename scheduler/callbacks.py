@@ -321,6 +321,9 @@ def main(argv: list[str]) -> int:
     die_with_parent(signal.SIGKILL, parent)
     # Ctrl-C in a terminal reaches the planner, which stops this host.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What callbacks print goes to the planner's stderr, never into the
+    # standard output of a command such as `plan --dry-run --json`.
+    os.dup2(2, 1)
     with socket.socket(fileno=fd) as sock:
         serve(sock)
     return 0

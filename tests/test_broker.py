@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 from kombu import Connection
 
+import celeryconfig
+from scheduler.config import load_settings
+
 TRANSPORT = "scheduler.broker:Transport"
 QUEUE = "dcm.stress"  # a dot in the name, like the scheduler's own queues
 
@@ -26,15 +29,11 @@ MESSAGES_EACH = 1000
 PADDING = "x" * 20_000  # a write that takes a while, for a reader to catch half done
 
 
-def transport_options(root: Path) -> dict[str, Any]:
-    """The shape celeryconfig.transport_options gives the embedded broker."""
-    return {
-        "data_folder_in": str(root / "queue"),
-        "data_folder_out": str(root / "queue"),
-        "control_folder": str(root / "control"),
-        "store_processed": False,
-        "polling_interval": 0.1,
-    }
+def transport_options(folder: Path) -> dict[str, Any]:
+    """What the embedded broker is given when its folder is ``folder``
+    (``$DCM_HOME/broker``)."""
+    assert folder.name == "broker"
+    return celeryconfig.transport_options(load_settings({"DCM_HOME": str(folder.parent)}))
 
 
 def produce(options: dict[str, Any], producer: int, count: int, go: Any) -> None:

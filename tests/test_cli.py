@@ -124,12 +124,8 @@ def test_wrong_usage_exits_2(env: Settings) -> None:
 
 
 def test_plan_dry_run_prints_the_trace_and_writes_nothing(
-    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+    with_services: Path, define: Define
 ) -> None:
-    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
-    from .support import apply_environment
-
-    apply_environment({})
     define([{"jobName": "x", "workerEntry": "dcm_testjobs:work"}])
     record_study("8.1")
     doc = run_json("plan", "--study", "8.1", "--dry-run")
@@ -191,6 +187,16 @@ def test_services_list_shows_jobs(env: Settings) -> None:
 
 
 # -- inputs and exit codes a new user meets ---------------------------------------
+
+
+@pytest.fixture
+def with_services(env: Settings, services_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test store, with the test services on DCM_SERVICES_PATH."""
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
+    apply_environment({})
+    return services_root
 
 
 @pytest.fixture
@@ -319,12 +325,8 @@ def test_every_time_in_json_is_utc_with_a_z(planned: str) -> None:
 
 
 def test_dry_run_prints_each_warning_once_with_the_embedded_hint(
-    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+    with_services: Path, define: Define
 ) -> None:
-    from .support import apply_environment
-
-    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
-    apply_environment({})
     define([{"jobName": "gpu-seg", "workerEntry": "dcm_testjobs:work", "channel": "gpu"}])
     record_study("7.9")
     output = run("plan", "--study", "7.9", "--dry-run").output
@@ -334,16 +336,12 @@ def test_dry_run_prints_each_warning_once_with_the_embedded_hint(
 
 
 def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
-    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+    with_services: Path, define: Define
 ) -> None:
     import shutil
 
-    from .support import apply_environment
-
-    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
-    apply_environment({})
     define([{"jobName": "shared", "workerEntry": "dcm_testjobs:work"}])
-    later = services_root / "zz-later"
+    later = with_services / "zz-later"
     (later / "zz_later").mkdir(parents=True)
     (later / "zz_later" / "__init__.py").write_text("def work(*a, **k):\n    return 1\n")
     (later / "dcm-processor.json").write_text(

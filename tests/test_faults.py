@@ -6,9 +6,6 @@ PostgreSQL, beat — and checks that every job still ends exactly once.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +66,10 @@ class Cluster:
         wait_until(present, timeout=60, what=f"worker {name} to start")
         return process
 
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
     def beat(self, name: str) -> CeleryProcess:
         process = CeleryProcess(
             "beat",
@@ -79,14 +80,13 @@ class Cluster:
         self.processes.append(process)
         return process
 
-    def stop(self) -> None:
-        for process in self.processes:
-            process.stop()
 
-
-@pytest.fixture
-def cluster(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) -> Iterator[Cluster]:
-    values = base_environment(tmp_path, pg_url, redis_url) | {
+def cluster_on(
+    tmp_path: Path, pg_url: str, broker: str, services_root: Path, *, kill_at_end: bool = False
+) -> Iterator[Cluster]:
+    """Worker processes on PostgreSQL and ``broker``; stopped (or, when
+    nothing is left to wait for, killed) at the end."""
+    values = base_environment(tmp_path, pg_url, broker) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_HEARTBEAT_INTERVAL": "1",
@@ -97,7 +97,16 @@ def cluster(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) ->
         try:
             yield group
         finally:
-            group.stop()
+            if kill_at_end:
+                for process in group.processes:
+                    process.kill()
+            else:
+                group.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) -> Iterator[Cluster]:
+    yield from cluster_on(tmp_path, pg_url, redis_url, services_root)
 
 
 def start(uid: str) -> str:
@@ -333,69 +342,3 @@ def test_two_beats_and_two_planners_on_200_studies_make_one_session_each(
     assert sorted(uids) == sorted(f"70.{n}" for n in range(200))
     lines = calls_file.read_text().splitlines()
     assert len(lines) == 200 and len({line.split()[1] for line in lines}) == 200
-
-
-def test_a_killed_run_on_the_embedded_defaults_finishes_every_session_after_restart(
-    tmp_path: Path, services_root: Path, define: Define
-) -> None:
-    import subprocess
-    import sys
-
-    gate = tmp_path / "gate"
-    define([{"jobName": "slow", "workerEntry": WORK, "params": {"wait_for": str(gate)}}])
-    values = {
-        "DCM_HOME": str(tmp_path / "home"),
-        "DCM_DATABASE_URL": "",
-        "CELERY_BROKER_URL": "",
-        "DCM_SERVICES_PATH": str(services_root),
-        "DCM_OUTPUT_DIR": "",
-        "DCM_STABLE_AGE": "0.5",
-        "DCM_DETECT_INTERVAL": "0.5",
-        "DCM_HEARTBEAT_INTERVAL": "1",
-        "DCM_RESEND_AFTER": "3",
-        "DCM_SETTINGS": "",
-        "DCM_HEADER_FIELDS": "",
-    }
-    with environment(values):
-        init_db()
-        for n in range(4):
-            record_study(f"80.{n}")
-
-        def launch() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                [sys.executable, "-m", "scheduler.cli", "run", "--concurrency", "2"],
-                env=dict(os.environ),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-        def running() -> int:
-            with session_scope() as s:
-                return len(list(s.scalars(select(Job.id).where(Job.status == "running"))))
-
-        first = launch()
-        try:
-            wait_until(lambda: running() >= 1, timeout=90, what="jobs to start under `run`")
-            tree = psutil.Process(first.pid).children(recursive=True)
-            os.killpg(first.pid, signal.SIGKILL)  # the run process itself
-            for child in tree:  # and its worker's group (a session of its own)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.pid, signal.SIGKILL)
-            first.wait(timeout=30)
-        finally:
-            if first.poll() is None:
-                first.kill()
-        gate.write_text("go")
-        second = launch()
-        try:
-
-            def finished() -> bool:
-                with session_scope() as s:
-                    statuses = list(s.scalars(select(Job.status)))
-                return len(statuses) == 4 and all(st == "succeeded" for st in statuses)
-
-            wait_until(finished, timeout=180, what="every session to finish after the restart")
-        finally:
-            second.send_signal(signal.SIGTERM)
-            second.wait(timeout=90)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +13,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app as cli
 from scheduler.config import Settings
-from scheduler.store.db import init_db, session_scope
+from scheduler.store.db import session_scope
 from scheduler.store.models import Job, utcnow
 
 from .conftest import Define
@@ -164,63 +160,6 @@ def test_workers_are_listed_with_channels_and_unconsumed_channels_are_warned(
         "job 'gpu-seg' is sent to channel 'gpu', which no live worker consumes"
     )
     assert "warning" not in doc["trace"]["jobs"]["cpu"]
-
-
-def test_run_works_on_the_defaults_and_stops_its_whole_process_group(
-    tmp_path: Path, services_root: Path, define: Define
-) -> None:
-    define([{"jobName": "hello", "workerEntry": WORK}])
-    env = {
-        **os.environ,
-        "DCM_HOME": str(tmp_path / "home"),
-        "DCM_DATABASE_URL": "",
-        "CELERY_BROKER_URL": "",
-        "DCM_SERVICES_PATH": str(services_root),
-        "DCM_STABLE_AGE": "0.5",
-        "DCM_DETECT_INTERVAL": "0.5",
-        "DCM_OUTPUT_DIR": "",
-    }
-    from .support import environment
-
-    with environment(
-        {
-            k: env[k]
-            for k in (
-                "DCM_HOME",
-                "DCM_DATABASE_URL",
-                "CELERY_BROKER_URL",
-                "DCM_SERVICES_PATH",
-                "DCM_OUTPUT_DIR",
-            )
-        }
-    ):
-        init_db()
-        record_study("30.6")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.cli", "run", "--concurrency", "2"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-
-            def finished() -> bool:
-                found = sessions_of("30.6")
-                return bool(found) and found[0].status == "succeeded"
-
-            wait_until(finished, timeout=90, what="the session to run under `dcm-scheduler run`")
-            tree = psutil.Process(process.pid).children(recursive=True)
-            assert len(tree) >= 3  # the worker, its pool and beat
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    assert process.returncode == 0, output
-    assert "sessions:" in output and "stopping" in output
-    gone, alive = psutil.wait_procs(tree, timeout=10)
-    assert alive == []
 
 
 def test_retrying_an_upstream_failed_job_reruns_what_failed_upstream(

@@ -23,10 +23,10 @@ from scheduler.control import cancel_session, trigger
 from scheduler.store.models import utcnow
 
 from . import test_faults
-from .conftest import Define, base_environment
+from .conftest import Define
 from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
-from .support import RABBITMQ_VHOST, environment, rabbitmq_queues
-from .test_faults import Cluster, calls
+from .support import RABBITMQ_VHOST, rabbitmq_queues
+from .test_faults import Cluster, calls, cluster_on
 
 WORK = "dcm_testjobs:work"
 
@@ -35,29 +35,12 @@ def job(name: str, **fields: Any) -> dict[str, Any]:
     return {"jobName": name, "workerEntry": WORK, **fields}
 
 
-def cluster_on(tmp_path: Path, pg_url: str, broker: str, services_root: Path) -> Iterator[Cluster]:
-    values = base_environment(tmp_path, pg_url, broker) | {
-        "DCM_SERVICES_PATH": str(services_root),
-        "DCM_STABLE_AGE": "0",
-        "DCM_HEARTBEAT_INTERVAL": "1",
-        "DCM_DETECT_INTERVAL": "0.5",
-    }
-    with environment(values):
-        group = Cluster(tmp_path)
-        try:
-            yield group
-        finally:
-            # Nothing to wait for at the end of a test: a worker's warm
-            # shutdown takes seconds, a kill none (the next test purges the
-            # queues and truncates the store).
-            for process in group.processes:
-                process.kill()
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, pg_url: str, broker_url: str, services_root: Path) -> Iterator[Cluster]:
-    """Worker processes on PostgreSQL and, in turn, Redis and RabbitMQ."""
-    yield from cluster_on(tmp_path, pg_url, broker_url, services_root)
+    """Worker processes on PostgreSQL and, in turn, Redis and RabbitMQ.
+    Killed at the end: a warm shutdown takes seconds, and the next test
+    purges the queues and truncates the store anyway."""
+    yield from cluster_on(tmp_path, pg_url, broker_url, services_root, kill_at_end=True)
 
 
 @pytest.fixture

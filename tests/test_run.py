@@ -20,10 +20,10 @@ import pytest
 from sqlalchemy import select
 
 from scheduler.store.db import init_db, session_scope
-from scheduler.store.models import Worker
+from scheduler.store.models import Job, Worker
 
 from .conftest import Define
-from .engine import record_study, wait_until
+from .engine import record_study, sessions_of, wait_until
 from .processes import CeleryProcess
 from .support import environment
 
@@ -37,7 +37,7 @@ class Run:
         self.output = output
         with open(output, "wb") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "scheduler.cli", "run", "--concurrency", "1", *args],
+                [sys.executable, "-m", "scheduler.cli", "run", *args],
                 env=env,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
@@ -86,6 +86,7 @@ def embedded(tmp_path: Path, services_root: Path, define: Define) -> Iterator[di
         "DCM_STABLE_AGE": "0.5",
         "DCM_DETECT_INTERVAL": "0.5",
         "DCM_HEARTBEAT_INTERVAL": "1",
+        "DCM_RESEND_AFTER": "3",
         "DCM_SETTINGS": "",
         "DCM_HEADER_FIELDS": "",
     }
@@ -113,7 +114,7 @@ def test_a_killed_run_leaves_nothing_of_its_tree_running(
         ]
     )
     record_study("90.1")
-    run = Run(embedded, tmp_path / "run.out")
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "1")
     try:
         wait_until((tmp_path / "pid").exists, timeout=90, what="a job to run under `run`")
         tree = run.tree()
@@ -131,19 +132,21 @@ def test_a_second_run_on_the_same_home_refuses_and_names_the_first(
     embedded: dict[str, str], define: Define, tmp_path: Path
 ) -> None:
     define([{"jobName": "hello", "workerEntry": WORK}])
-    first = Run(embedded, tmp_path / "first.out")
+    first = Run(embedded, tmp_path / "first.out", "--concurrency", "1")
     try:
         wait_until(live_worker_pids, timeout=90, what="the first run's worker")
         home = Path(embedded["DCM_HOME"])
         assert f"log:     {home / 'run.log'}" in first.text()
-        second = Run(embedded, tmp_path / "second.out")
+        second = Run(embedded, tmp_path / "second.out", "--concurrency", "1")
         assert second.process.wait(60) == 1
         assert f"PID {first.pid}" in second.text() and str(home) in second.text()
         assert first.process.poll() is None  # the first one is untouched
     finally:
         first.stop()
     assert first.process.returncode == 0
-    third = Run(embedded, tmp_path / "third.out")  # the lock went with the first
+    third = Run(
+        embedded, tmp_path / "third.out", "--concurrency", "1"
+    )  # the lock went with the first
     try:
         wait_until(live_worker_pids, timeout=90, what="the third run's worker")
         assert third.process.poll() is None
@@ -155,7 +158,7 @@ def test_a_dead_worker_is_restarted_and_run_stops_past_its_restarts(
     embedded: dict[str, str], define: Define, tmp_path: Path
 ) -> None:
     define([{"jobName": "hello", "workerEntry": WORK}])
-    run = Run(embedded, tmp_path / "run.out", "--restarts", "1")
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "1", "--restarts", "1")
     try:
         wait_until(run.worker_main, timeout=60, what="the worker")
         worker = run.worker_main()
@@ -209,3 +212,61 @@ def test_two_workers_on_one_host_are_two_workers(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_run_works_on_the_defaults_and_a_sigterm_stops_its_whole_tree(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    record_study("90.6")
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "2")
+    try:
+
+        def finished() -> bool:
+            found = sessions_of("90.6")
+            return bool(found) and found[0].status == "succeeded"
+
+        wait_until(finished, timeout=90, what="the session to run under `dcm-scheduler run`")
+        tree = run.tree()
+        assert len(tree) >= 3  # the worker, its pool and beat
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(60) == 0, run.text()
+    finally:
+        run.stop()
+    assert "sessions:" in run.text() and "stopping" in run.text()
+    _gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == []
+
+
+def test_a_run_killed_mid_job_finishes_every_session_after_a_restart(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    define([{"jobName": "slow", "workerEntry": WORK, "params": {"wait_for": str(gate)}}])
+    for n in range(4):
+        record_study(f"80.{n}")
+
+    def statuses() -> list[str]:
+        with session_scope() as s:
+            return list(s.scalars(select(Job.status)))
+
+    first = Run(embedded, tmp_path / "first.out", "--concurrency", "2")
+    try:
+        wait_until(lambda: "running" in statuses(), timeout=90, what="jobs to start")
+        tree = first.tree()
+        first.process.kill()  # nothing else: what it started must die with it
+        first.process.wait(30)
+        _gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert alive == []
+    finally:
+        first.stop()
+    gate.write_text("go")
+    second = Run(embedded, tmp_path / "second.out", "--concurrency", "2")
+    try:
+        wait_until(
+            lambda: statuses() == ["succeeded"] * 4,
+            timeout=180,
+            what="every session to finish after the restart",
+        )
+    finally:
+        second.stop()
