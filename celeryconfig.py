@@ -128,6 +128,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_default_priority": AMQP_DEFAULT_PRIORITY if max_priority else None,
         "task_routes": {"scheduler.*": {"queue": PLANNING_QUEUE}},
         "beat_schedule": beat_schedule,
+        # Makes the schedule file's folder; tells the store that beat is alive.
+        "beat_scheduler": "scheduler.beat:Scheduler",
         "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
         "timezone": "UTC",
         "enable_utc": True,

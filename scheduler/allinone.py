@@ -1,21 +1,23 @@
 """``dcm-scheduler run``: the whole scheduler as one supervised process tree.
 
-It starts ``celery -A scheduler worker -B`` (a worker with embedded beat)
-consuming the planning queue and every channel of the loaded services, and
-watches it (README, "Failure modes"):
+It starts ``celery -A scheduler worker`` consuming the planning queue and
+every channel of the loaded services, and ``celery -A scheduler beat``, and
+watches them (README, "Failure modes"):
 
 - ``run`` holds ``$DCM_HOME/run.pid`` locked while it lives: a second ``run``
   on the same home refuses to start and names the process that holds it;
-- the worker dies with ``run`` whatever kills ``run``, SIGKILL included, and
-  the worker's pool processes, beat and job attempts die with the worker
+- its children die with ``run`` whatever kills ``run``, SIGKILL included, and
+  a worker's pool processes and job attempts die with the worker
   (:mod:`scheduler.lifeline`): nothing of a killed ``run`` keeps working;
-- when the worker dies on its own, ``run`` kills what is left of its process
-  group and starts it again after a back-off (1 s, doubling up to 30 s), at
-  most ``restarts`` times within ten minutes; one more death in that window
-  stops ``run`` with exit status 1 and says why;
-- Ctrl-C or SIGTERM: a warm shutdown of the worker (running jobs finish or
-  are re-delivered), then SIGKILL for anything still there after the grace
-  period.
+- when a child dies on its own, ``run`` kills what is left of its process
+  group and starts it again after a back-off (1 s, doubling up to 30 s); at
+  most ``restarts`` deaths are restarted within ten minutes, one more stops
+  ``run`` with exit status 1 and says why;
+- a service that brings a new channel while ``run`` runs gets a worker for
+  that channel at once;
+- Ctrl-C or SIGTERM: a warm shutdown (running jobs finish or are
+  re-delivered), then SIGKILL for anything still there after the grace
+  period. The children's output goes to ``$DCM_HOME/run.log``.
 """
 
 from __future__ import annotations
@@ -95,25 +97,20 @@ def channels_to_consume() -> list[str]:
     return [PLANNING_QUEUE, DEFAULT_CHANNEL, *sorted(channels - {DEFAULT_CHANNEL})]
 
 
+def celery_command(*args: str, log_file: Path) -> list[str]:
+    command = [sys.executable, "-m", "celery", "-A", "scheduler", *args]
+    return [*command, "--loglevel", "INFO", "--logfile", str(log_file)]
+
+
 def worker_command(queues: Sequence[str], log_file: Path, concurrency: int | None) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "scheduler",
-        "worker",
-        "-B",
-        "-Q",
-        ",".join(queues),
-        "--loglevel",
-        "INFO",
-        "--logfile",
-        str(log_file),
-    ]
+    command = celery_command("worker", "-Q", ",".join(queues), log_file=log_file)
     if concurrency:
         command += ["--concurrency", str(concurrency)]
     return command
+
+
+def beat_command(log_file: Path) -> list[str]:
+    return celery_command("beat", log_file=log_file)
 
 
 def status_line() -> str:
@@ -153,26 +150,6 @@ def kill_group(pgid: int, wait: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def stop_group(process: subprocess.Popen[Any], grace: float = SHUTDOWN_GRACE) -> int:
-    """Warm shutdown: SIGTERM to the worker (it stops consuming, lets running
-    tasks finish, stops its pool and beat), then SIGKILL whatever of its
-    process group is still there after the grace period."""
-    pgid = process.pid  # the worker leads its own group (start_new_session)
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(grace)
-    except subprocess.TimeoutExpired:
-        code = -signal.SIGKILL
-    deadline = time.monotonic() + 5.0
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)  # beat and pool children exit right after the worker
-    kill_group(pgid)
-    if process.returncode is None:
-        process.wait()
-    return code
-
-
 def exit_description(code: int) -> str:
     if code < 0:
         try:
@@ -182,57 +159,125 @@ def exit_description(code: int) -> str:
     return f"exited with status {code}"
 
 
+# Exit statuses of a command that refused its options: starting it again
+# cannot help (click's usage error, and EX_USAGE).
+USAGE_ERRORS = (2, 64)
+
+
+@dataclass
+class Child:
+    """One supervised process: a worker or beat, in a process group of its own."""
+
+    name: str
+    command: list[str]
+    queues: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    restart_at: float | None = None  # waiting out a back-off since it died
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
 @dataclass
 class Supervisor:
-    """Starts the worker, and starts it again when it dies, within limits."""
+    """Starts its children and starts them again when they die, within limits."""
 
-    command: list[str]
     log_file: Path
     verbose: bool = False
     restarts: int = RESTARTS
     window: float = RESTART_WINDOW
-    process: subprocess.Popen[bytes] | None = None
+    children: list[Child] = field(default_factory=list)
     deaths: deque[float] = field(default_factory=deque)
     restarted: int = 0
     last_death: str = ""
 
-    def start(self) -> subprocess.Popen[bytes]:
-        output = None if self.verbose else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            self.command,
-            start_new_session=True,
-            stdout=output,
-            stderr=output,
-            stdin=subprocess.DEVNULL,
-            # The worker dies with `run`, however `run` dies.
-            preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
-        )
-        return self.process
+    def start(self, child: Child) -> None:
+        if self.verbose:
+            output: Any = None
+        else:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_file, "ab")  # noqa: SIM115 - the child keeps its copy
+        try:
+            child.process = subprocess.Popen(
+                child.command,
+                start_new_session=True,
+                stdout=output,
+                stderr=output,
+                stdin=subprocess.DEVNULL,
+                # It dies with `run`, however `run` dies.
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
+            )
+        finally:
+            if output is not None:
+                output.close()
+        child.restart_at = None
+        self.note(f"started {child.name} as process {child.process.pid}")
+
+    def add(self, child: Child) -> Child:
+        self.children.append(child)
+        self.start(child)
+        return child
 
     def note(self, message: str) -> None:
-        """A line for the log, beside the worker's own."""
+        """A line for the log, beside the children's own."""
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
         with contextlib.suppress(OSError), open(self.log_file, "a", encoding="utf-8") as log:
             log.write(f"[{stamp}] dcm-scheduler run: {message}\n")
 
-    def died(self, code: int) -> float | None:
-        """Record a death of the worker; the back-off before the restart, or
-        None when the restart budget of the window is spent."""
-        assert self.process is not None
-        kill_group(self.process.pid)  # beat and pool processes left behind
+    def check(self, say: Any) -> str | None:
+        """Notice deaths, restart what is due; the reason to stop, if any."""
         now = time.monotonic()
-        self.deaths.append(now)
-        while self.deaths and self.deaths[0] < now - self.window:
-            self.deaths.popleft()
-        self.last_death = exit_description(code)
-        if len(self.deaths) > self.restarts:
-            return None
-        return min(FIRST_BACKOFF * 2 ** (len(self.deaths) - 1), MAX_BACKOFF)
+        for child in self.children:
+            process = child.process
+            if process is not None and child.restart_at is None and not child.running:
+                code = process.returncode
+                kill_group(process.pid)  # pool processes or helpers left behind
+                self.last_death = f"the {child.name} {exit_description(code)}"
+                if code in USAGE_ERRORS:
+                    return f"{self.last_death}: it refused its options; see {self.log_file}"
+                self.deaths.append(now)
+                while self.deaths and self.deaths[0] < now - self.window:
+                    self.deaths.popleft()
+                if len(self.deaths) > self.restarts:
+                    return (
+                        f"{self.last_death}; {len(self.deaths)} deaths within "
+                        f"{self.window:g}s, stopping. See {self.log_file}"
+                    )
+                backoff = min(FIRST_BACKOFF * 2 ** (len(self.deaths) - 1), MAX_BACKOFF)
+                child.restart_at = now + backoff
+                message = f"{self.last_death}; restarting it in {backoff:g}s"
+                self.note(message)
+                say(message)
+            if child.restart_at is not None and now >= child.restart_at:
+                self.start(child)
+                self.restarted += 1
+        return None
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Warm shutdown: SIGTERM to every child (a worker stops consuming and
+        lets running tasks finish), then SIGKILL whatever of their process
+        groups is still there after the grace period."""
+        running = [child.process for child in self.children if child.running]
+        for process in running:
+            assert process is not None
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in running:
+            assert process is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(deadline - time.monotonic(), 0.1))
+        for child in self.children:
+            if child.process is not None:
+                kill_group(child.process.pid, wait=1.0)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.process.wait(5)
 
     def summary(self) -> str:
         if not self.restarted:
             return ""
-        return f" | worker restarted {self.restarted}x (last: {self.last_death})"
+        return f" | restarts: {self.restarted} (last: {self.last_death})"
 
 
 def run(
@@ -251,14 +296,16 @@ def run(
         return 1
 
 
+# How often `run` looks for channels that a new or changed service brought.
+CHANNEL_CHECK_EVERY = 5.0
+
+
 def _run(console: Console, *, concurrency: int | None, verbose: bool, restarts: int) -> int:
     settings = get_settings()
     init_db()
     log_file = settings.home / LOG_FILE
     queues = channels_to_consume()
-    supervisor = Supervisor(
-        worker_command(queues, log_file, concurrency), log_file, verbose, restarts
-    )
+    supervisor = Supervisor(log_file, verbose, restarts)
     console.print(f"store:   {mask(settings.database_url)}", highlight=False)
     console.print(f"queues:  {', '.join(queues)}", highlight=False)
     console.print(f"log:     {log_file}  (Ctrl-C to stop)", highlight=False)
@@ -267,34 +314,28 @@ def _run(console: Console, *, concurrency: int | None, verbose: bool, restarts: 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
 
+    def say(message: str) -> None:
+        console.print(f"\n{message}", highlight=False)
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    process = supervisor.start()
-    supervisor.note(f"started worker {process.pid}")
-    interactive = console.is_terminal
-    last = ""
     try:
+        supervisor.add(
+            Child("worker", worker_command(queues, log_file, concurrency), tuple(queues))
+        )
+        supervisor.add(Child("beat", beat_command(log_file)))
+        interactive = console.is_terminal
+        last, channels_checked = "", time.monotonic()
         while not stop.wait(1.0):
-            if process.poll() is not None:
-                code = process.returncode
-                backoff = supervisor.died(code)
-                if backoff is None:
-                    message = (
-                        f"the worker {supervisor.last_death} and has died "
-                        f"{len(supervisor.deaths)} times within {supervisor.window:g}s; "
-                        f"stopping. See {log_file}"
-                    )
-                    supervisor.note(message)
-                    console.print(f"\n[red]error:[/red] {message}", highlight=False)
-                    return 1
-                message = f"the worker {supervisor.last_death}; restarting it in {backoff:g}s"
-                supervisor.note(message)
-                console.print(f"\n{message}", highlight=False)
-                if stop.wait(backoff):
-                    break
-                process = supervisor.start()
-                supervisor.restarted += 1
-                supervisor.note(f"restarted worker as {process.pid}")
-                last = ""
+            fatal = supervisor.check(say)
+            if fatal is not None:
+                supervisor.note(fatal)
+                console.print(f"\n[red]error:[/red] {fatal}", highlight=False)
+                return 1
+            if time.monotonic() - channels_checked >= CHANNEL_CHECK_EVERY:
+                channels_checked = time.monotonic()
+                added = _worker_for_new_channels(supervisor, log_file, concurrency)
+                if added:
+                    say(f"new channel(s) {', '.join(added)}: started a worker for them")
             try:
                 line = status_line() + supervisor.summary()
             except Exception as exc:  # noqa: BLE001 - the store may be briefly away
@@ -304,15 +345,29 @@ def _run(console: Console, *, concurrency: int | None, verbose: bool, restarts: 
             elif line != last:
                 console.print(line, highlight=False)
             last = line
-        console.print("\nstopping: warm shutdown of the worker and beat…")
-        code = stop_group(process) if process.poll() is None else process.returncode
-        supervisor.note(f"stopped (worker exit status {code})")
-        console.print(f"stopped (worker exit status {code})")
+        console.print("\nstopping: warm shutdown of the workers and beat…")
+        supervisor.stop()
+        supervisor.note("stopped")
+        console.print("stopped")
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if process.poll() is None:
-            stop_group(process, grace=5.0)
-        else:
-            kill_group(process.pid, wait=1.0)
+        supervisor.stop(grace=5.0)
+
+
+def _worker_for_new_channels(
+    supervisor: Supervisor, log_file: Path, concurrency: int | None
+) -> list[str]:
+    """Start a worker for channels no child consumes yet; the new ones."""
+    try:
+        wanted = channels_to_consume()
+    except Exception as exc:  # noqa: BLE001 - a broken registry must not stop `run`
+        supervisor.note(f"cannot read the services: {exc}")
+        return []
+    consumed = {queue for child in supervisor.children for queue in child.queues}
+    new = [channel for channel in wanted if channel not in consumed]
+    if new:
+        name = f"worker for {', '.join(new)}"
+        supervisor.add(Child(name, worker_command(new, log_file, concurrency), tuple(new)))
+    return new

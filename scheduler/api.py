@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -226,6 +226,30 @@ def _folder(value: Any, root: Path) -> Path:
     return _inside_root(value, path if path.is_absolute() else root / path, root)
 
 
+def _local_path(location: Any) -> str:
+    """A local path, or the path of a ``file://`` URL; other URLs refused."""
+    text = str(location)
+    scheme, separator, _rest = text.partition("://")
+    if not separator:
+        return text
+    if scheme.lower() == "file":
+        return unquote(urlsplit(text).path)
+    raise BadPushError(f"location {text!r}: a file to read must be a path under the data root")
+
+
+def _worker_location(location: Any, root: Path) -> str:
+    """Where workers will read a listed instance: an http(s) URL (a PACS such
+    as Orthanc serves it) as given, any local path or ``file://`` URL only
+    inside the data root, resolved."""
+    text = str(location)
+    scheme = text.partition("://")[0].lower() if "://" in text else ""
+    if scheme in ("http", "https"):
+        return text
+    if scheme not in ("", "file"):
+        raise BadPushError(f"location {text!r}: use a path under the data root or an http(s) URL")
+    return str(_folder(_local_path(text), root))
+
+
 def _files(folder: Path, root: Path) -> Iterator[Path]:
     """Files under ``folder``, never through a symlink that leaves ``root``."""
     for parent, dirs, names in os.walk(folder):
@@ -288,11 +312,11 @@ def push_items(body: Any, root: Path) -> tuple[list[InstanceItem], list[dict]]:
                 instance = {"location": str(folder / str(instance))}
             location = _lookup(instance, "location", "path", "file", "filename") or ""
             if location and not _tags(instance).get("SOPInstanceUID"):
-                folders.append(_folder(location, root))  # only a file: read its header
+                # Only a file: read its header.
+                folders.append(_folder(_local_path(location), root))
                 continue
-            if location and "://" not in str(location):
-                # Workers will read it: a local path must lie in the data root too.
-                location = str(_folder(location, root))
+            if location:
+                location = _worker_location(location, root)
             take(series_tags | _tags(instance), str(location))
         if instances:
             continue

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scheduler.lifeline import die_with_parent, kill_tree
+
 _LENGTH = struct.Struct("!I")
 # A fresh host imports the scheduler's registry before its first call; that
 # time is not the callback's.
@@ -186,8 +188,7 @@ class CallbackHost:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        kill_tree(self.process.pid)  # with what the callback started
         with contextlib.suppress(OSError):
             self.sock.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -314,11 +315,16 @@ def serve(sock: socket.socket) -> None:
         _send(sock, answer.encode())
 
 
+def _die(_signum: int, _frame: Any) -> None:
+    kill_tree(os.getpid())  # what callbacks started goes too
+
+
 def main(argv: list[str]) -> int:
     fd, parent = int(argv[1]), int(argv[2])
-    from scheduler.lifeline import die_with_parent
-
-    die_with_parent(signal.SIGKILL, parent)
+    # When the planner dies, the kernel signals this host, which takes down
+    # everything its callbacks started before itself.
+    signal.signal(signal.SIGUSR2, _die)
+    die_with_parent(signal.SIGUSR2, parent)
     # Ctrl-C in a terminal reaches the planner, which stops this host.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # What callbacks print goes to the planner's stderr, never into the

@@ -19,9 +19,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from scheduler.config import ConfigError, get_settings
-from scheduler.redact import mask
+from scheduler.redact import hide_secrets, mask
 
 app = typer.Typer(
     help="dcm-processor job scheduler: detect stable DICOM data, plan and run service jobs.",
@@ -34,11 +35,10 @@ app.add_typer(services_app, name="services")
 
 
 def _console(stderr: bool = False) -> Console:
-    """A console; when it is not a terminal (a pipe, a file) tables are
-    never cut to 80 columns, unless COLUMNS says how wide to be."""
+    """A console; when it is not a terminal (a pipe, a file) nothing is cut
+    to a width, whatever COLUMNS says."""
     stream = sys.stderr if stderr else sys.stdout
-    wide = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=1000 if wide else None)
+    return Console(stderr=stderr, width=None if stream.isatty() else 1000)
 
 
 console = _console()
@@ -82,18 +82,53 @@ def styled(status: str) -> str:
     return f"[{style}]{status}[/{style}]" if style else status
 
 
+# Columns whose values are short and read whole: ids, statuses, times.
+UNBROKEN = frozenset(
+    {"status", "state", "decision", "job id", "session", "phase", "attempts", "level", "rev"}
+    | {"created", "finished", "last heartbeat", "age", "duration", "stage"}
+)
+
+
 def table(*columns: str, title: str | None = None) -> Table:
     """A listing: status and id columns are never cut or wrapped; long
     values (UIDs, reasons) wrap within their column instead."""
     grid = Table(title=title)
     for name in columns:
-        if name in ("status", "state", "decision", "job id", "session", "phase", "attempts"):
-            grid.add_column(
-                name, no_wrap=True, min_width=len("upstream_failed") * (name == "status")
-            )
+        if name in UNBROKEN:
+            grid.add_column(name, no_wrap=True)
         else:
             grid.add_column(name, overflow="fold")
     return grid
+
+
+def _fits(grid: Table, width: int) -> bool:
+    """Whether ``grid`` fits in ``width`` columns with only long values
+    folded: each column gets at least its content, or its header and 12
+    cells when the content is longer (UIDs, reasons), which then folds.
+    The minimum widths are set on the columns for Rich to keep."""
+    needed = 1
+    for column in grid.columns:
+        header = Text.from_markup(str(column.header)).cell_len
+        content = max([header] + [Text.from_markup(str(cell)).cell_len for cell in column.cells])
+        column.min_width = content if column.no_wrap else min(content, max(header, 12))
+        needed += 3 + column.min_width
+    return needed <= width
+
+
+def print_table(grid: Table) -> None:
+    """The table, or, in a terminal too narrow for it, one block per row
+    (``column: value`` lines): values are never cut to fit."""
+    if _fits(grid, console.width):
+        console.print(grid)
+        return
+    if grid.title:
+        console.print(f"[bold]{grid.title}[/bold]")
+    headers = [str(column.header) for column in grid.columns]
+    cells = [list(column.cells) for column in grid.columns]
+    for row in range(grid.row_count):
+        for header, column in zip(headers, cells, strict=True):
+            console.print(f"[bold]{header}[/bold]: ", column[row], sep="", highlight=False)
+        console.print()
 
 
 def when(value: str | None) -> str:
@@ -162,8 +197,9 @@ def ingest(
     from scheduler.ingest import Rejection, ingest_paths, iter_files
     from scheduler.store.db import init_db, session_scope
 
-    init_db()
     total = sum(1 for found in iter_files(paths, recursive) if not isinstance(found, Rejection))
+    if total:  # nothing to record: no store is made for it
+        init_db()
     with Progress(
         TextColumn("ingest"),
         BarColumn(),
@@ -218,10 +254,10 @@ def services_list(as_json: JsonOption = False) -> None:
             }
         )
         return
-    table = Table("service", "job", "phase", "events", "depends on", "channel", "callback")
+    grid = table("service", "job", "phase", "events", "depends on", "channel", "callback")
     for service in registry.services:
         for job in service.jobs:
-            table.add_row(
+            grid.add_row(
                 f"{service.name} {service.version}".strip(),
                 job.job_name + (" (disabled)" if job.disabled else ""),
                 job.phase,
@@ -230,9 +266,11 @@ def services_list(as_json: JsonOption = False) -> None:
                 job.channel,
                 job.registry_entry or "-",
             )
-    console.print(table)
+    print_table(grid)
     for problem in registry.problems:
         errors.print(f"[red]problem:[/red] {problem}", highlight=False)
+    if registry.problems:
+        raise typer.Exit(1)
 
 
 @services_app.command("validate")
@@ -409,7 +447,7 @@ def print_trace(trace: dict[str, Any]) -> None:
             "[green]scheduled[/green]" if entry.get("scheduled") else "[dim]not scheduled[/dim]"
         )
         grid.add_row(name, entry.get("phase", ""), decision, first_line(entry.get("reason")))
-    console.print(grid)
+    print_table(grid)
     for problem in trace.get("service_problems", []):
         errors.print(f"[red]service problem:[/red] {problem}", highlight=False)
     for warning in trace.get("warnings", []):
@@ -539,7 +577,7 @@ def workers(as_json: JsonOption = False) -> None:
             f"{row['age_s']:.0f}s",
             state,
         )
-    console.print(grid)
+    print_table(grid)
     if not rows:
         console.print("no worker has been seen yet: start one with `celery -A scheduler worker`")
 
@@ -575,7 +613,7 @@ def sessions(
             when(row["created_at"]),
             when(row["finished_at"]),
         )
-    console.print(grid)
+    print_table(grid)
 
 
 @app.command()
@@ -616,7 +654,7 @@ def jobs(
             row["worker"] or "",
             seconds(row["duration_s"]),
         )
-    console.print(grid)
+    print_table(grid)
 
 
 def seconds(value: float | None) -> str:
@@ -669,7 +707,7 @@ def render_session(document: dict[str, Any]) -> None:
                 ", ".join(job["depends_on"]),
             )
     if document["jobs"]:
-        console.print(grid)
+        print_table(grid)
     for job in document["jobs"]:
         if job["error"]:
             console.print(
@@ -700,7 +738,7 @@ def render_session(document: dict[str, Any]) -> None:
 @app.command("run")
 def run_command(
     concurrency: Annotated[
-        int | None, typer.Option(help="Worker processes (default: one per CPU).")
+        int | None, typer.Option(min=1, help="Worker processes (default: one per CPU).")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show the worker's own output.")] = False,
     restarts: Annotated[
@@ -741,7 +779,7 @@ def doctor(as_json: JsonOption = False) -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
 ) -> None:
     """HTTP API, dashboard and dcm-processor's POST /stable-patient push."""
     from scheduler.api import serve as serve_api
@@ -767,7 +805,22 @@ def demo(
 
 
 def main() -> None:
-    app()
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    try:
+        app()
+    except DBAPIError as exc:
+        settings = get_settings()
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        errors.print(
+            f"[red]error:[/red] the store at {mask(settings.database_url)} answered: "
+            f"{hide_secrets(reason, settings.database_url)}",
+            highlight=False,
+        )
+        sys.exit(1)
+    except (SQLAlchemyError, OSError) as exc:
+        errors.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

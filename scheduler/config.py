@@ -79,6 +79,25 @@ class Settings:
         return self.broker_url.startswith("filesystem:")
 
 
+def store_url(url: str) -> str:
+    """``DCM_DATABASE_URL`` checked: SQLite or PostgreSQL, the latter through
+    psycopg 3 (the driver installed) when the URL names none."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        raise ConfigError(
+            f"DCM_DATABASE_URL: {url!r} is not a URL; use sqlite:///path/store.db "
+            "or postgresql+psycopg://user@host/database"
+        )
+    dialect = scheme.split("+", 1)[0].lower()
+    if dialect in ("postgresql", "postgres") and "+" not in scheme:
+        return f"postgresql+psycopg://{rest}"
+    if dialect not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"DCM_DATABASE_URL: the store runs on SQLite or PostgreSQL, not {scheme!r}"
+        )
+    return url
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build settings from ``environ`` (default: the process environment)."""
     env = dict(os.environ if environ is None else environ)
@@ -88,6 +107,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         return value if value not in (None, "") else None
 
     home = Path(get("DCM_HOME") or "./.dcm-scheduler").expanduser().absolute()
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"DCM_HOME: {home} is not a folder")
+    database_url = store_url(get("DCM_DATABASE_URL") or f"sqlite:///{home / 'store.db'}")
     levels = _split(get("DCM_DETECT_LEVELS") or "study")
     for level in levels:
         if level not in DETECT_LEVELS:
@@ -111,7 +133,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 
     return Settings(
         home=home,
-        database_url=get("DCM_DATABASE_URL") or f"sqlite:///{home / 'store.db'}",
+        database_url=database_url,
         broker_url=get("CELERY_BROKER_URL") or "filesystem://",
         result_backend=get("CELERY_RESULT_BACKEND"),
         services_path=services_path,
@@ -139,7 +161,11 @@ def _read_dotenv() -> None:
         from dotenv import load_dotenv
     except ImportError:  # pragma: no cover - python-dotenv is a dependency
         return
-    load_dotenv(Path.cwd() / ".env", override=False)
+    path = Path.cwd() / ".env"
+    try:
+        load_dotenv(path, override=False)
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot be read as settings ({exc})") from exc
 
 
 @lru_cache(maxsize=1)

@@ -79,7 +79,7 @@ def embedded_environment(home: Path) -> dict[str, str]:
     return {
         "DCM_HOME": str(home),
         "DCM_DATABASE_URL": f"sqlite:///{home / 'store.db'}",
-        "CELERY_BROKER_URL": "filesystem://",
+        "CELERY_BROKER_URL": "",  # the embedded broker (Celery reads this variable itself)
         "DCM_SERVICES_PATH": str(example_services_dir()),
         "DCM_STABLE_AGE": "1",
         "DCM_DETECT_INTERVAL": "0.5",
@@ -146,6 +146,14 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
     from scheduler.store.db import init_db, session_scope
     from scheduler.store.models import SchedulingSession, Study
 
+    if home is not None and home.exists() and (not home.is_dir() or any(home.iterdir())):
+        # A live DCM_HOME would get the samples, and its `run` would process them.
+        console.print(
+            f"[red]error:[/red] {home} is not an empty folder: the demo needs a fresh one "
+            "(leave --home out for a new temporary folder)",
+            highlight=False,
+        )
+        return 2
     home = (home or Path(tempfile.mkdtemp(prefix="dcm-scheduler-demo-"))).absolute()
     home.mkdir(parents=True, exist_ok=True)
     settings = use_environment(embedded_environment(home))

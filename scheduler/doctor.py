@@ -57,6 +57,26 @@ def check_store(settings: Settings) -> Check:
 
 
 def check_broker(settings: Settings) -> Check:
+    if settings.uses_filesystem_broker:
+        # Connecting would create its folders: look at them instead.
+        folder = settings.broker_folder
+        if not (folder / "queue").is_dir():
+            return Check(
+                "broker",
+                WARNING,
+                f"embedded broker at {folder}: not used yet",
+                "dcm-scheduler run (or demo) creates it; CELERY_BROKER_URL for Redis/RabbitMQ",
+            )
+        bad = folder / "bad"
+        set_aside = sum(1 for _ in bad.iterdir()) if bad.is_dir() else 0
+        if set_aside:
+            return Check(
+                "broker",
+                WARNING,
+                f"embedded broker at {folder}: {set_aside} damaged message file(s) set aside",
+                f"look at them in {bad}, then delete them",
+            )
+        return Check("broker", OK, f"embedded broker at {folder}")
     from scheduler.celery_app import app
 
     url = mask(str(app.conf.broker_url))
@@ -119,6 +139,31 @@ def check_workers(settings: Settings) -> Check:
             f"start: {commands} (or dcm-scheduler run on one machine)",
         )
     return Check("workers", OK, f"live channels: {', '.join(sorted(live))}")
+
+
+def check_beat(settings: Settings) -> Check:
+    """Beat renews a lease while it runs (scheduler.beat): no lease, or one
+    that lapsed, means nothing detects new data or re-sends lost messages."""
+    from scheduler.beat import BEAT_LEASE
+    from scheduler.store.db import session_scope
+    from scheduler.store.models import Lease, utcnow
+
+    start = "start it: celery -A scheduler beat (or dcm-scheduler run on one machine)"
+    with session_scope() as session:
+        row = session.get(Lease, BEAT_LEASE)
+        expires, holder = (row.expires_at, row.holder) if row is not None else (None, "")
+    if expires is None:
+        return Check("beat", PROBLEM, "beat has never run against this store", start)
+    late = (utcnow() - expires).total_seconds()
+    if late > 0:
+        return Check(
+            "beat",
+            PROBLEM,
+            f"beat ({holder.rsplit(':', 1)[0]}) stopped renewing its lease {late:.0f}s ago: "
+            "no detection, no re-sending",
+            start,
+        )
+    return Check("beat", OK, f"alive ({holder.rsplit(':', 1)[0]})")
 
 
 def check_backlog(settings: Settings) -> Check:
@@ -189,7 +234,7 @@ def run_checks(settings: Settings | None = None) -> list[Check]:
     store = check_store(settings)
     checks = [store, check_broker(settings), check_services(settings)]
     if store.status == OK:
-        checks += [check_workers(settings), check_backlog(settings)]
+        checks += [check_workers(settings), check_beat(settings), check_backlog(settings)]
     orthanc = check_orthanc(settings)
     if orthanc:
         checks.append(orthanc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -276,15 +277,32 @@ def _refresh(
 
 def iter_files(paths: Iterable[Path], recursive: bool) -> Iterator[Path | Rejection]:
     """Files named directly, and the files in named folders (deeply with
-    ``recursive``, never through a symlinked folder); a :class:`Rejection`
-    for each path that does not exist and each folder that cannot be read."""
+    ``recursive``, through symlinked folders, each folder once); a
+    :class:`Rejection` for each path that cannot be read: missing, a broken
+    symlink, not a regular file, a folder without permission."""
     for path in paths:
-        if path.is_dir():
+        try:
+            is_folder = path.is_dir()
+        except OSError as error:  # a name too long, a loop of symlinks …
+            yield Rejection(str(path), f"cannot read: {error.strerror or error}", True)
+            continue
+        if is_folder:
             yield from _folder_files(path, recursive)
-        elif path.exists() or path.is_symlink():
-            yield path
         else:
-            yield Rejection(str(path), "no such file or folder", unreadable=True)
+            yield _file_or_rejection(path)
+
+
+def _file_or_rejection(path: Path) -> Path | Rejection:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        reason = "broken symlink" if path.is_symlink() else "no such file or folder"
+        return Rejection(str(path), reason, unreadable=True)
+    except OSError as error:
+        return Rejection(str(path), f"cannot read: {error.strerror or error}", True)
+    if not stat.S_ISREG(status.st_mode):
+        return Rejection(str(path), "not a regular file (a device, pipe or socket)", True)
+    return path
 
 
 def _folder_files(folder: Path, recursive: bool) -> Iterator[Path | Rejection]:
@@ -296,14 +314,25 @@ def _folder_files(folder: Path, recursive: bool) -> Iterator[Path | Rejection]:
             Rejection(str(where), f"cannot read folder: {error.strerror or error}", True)
         )
 
-    found: list[Path] = []
-    for parent, dirs, names in os.walk(folder, onerror=unreadable):
+    found: list[Path | Rejection] = []
+    seen: set[tuple[int, int]] = set()
+    for parent, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        try:
+            status = os.stat(parent)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) in seen:  # a symlink back up the tree
+            dirs.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
         dirs.sort()
-        found.extend(Path(parent, name) for name in names)
+        found.extend(_file_or_rejection(Path(parent, name)) for name in names)
         if not recursive:
             break
     yield from problems
-    yield from sorted(path for path in found if path.is_file())
+    yield from sorted(
+        found, key=lambda item: str(item.location if isinstance(item, Rejection) else item)
+    )
 
 
 # Below this many files a pool of header readers costs more to start than it saves.

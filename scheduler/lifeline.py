@@ -14,6 +14,7 @@ children from threads that live as long as the children should.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -38,6 +39,51 @@ def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> 
         _libc.prctl(PR_SET_PDEATHSIG, signum)
     if parent is not None and os.getppid() != parent:
         os._exit(1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (from /proc), children first: also
+    those that left its process group (``setsid``). Empty off Linux."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # it ended meanwhile
+        # The parent's pid is the second field after the command name, which
+        # is in parentheses and may itself hold spaces or parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and every descendant, those that
+    made a session of their own included. Another process's group is
+    stopped first, so it cannot fork while its descendants are listed (a
+    process taking down its own tree must not stop itself)."""
+    if os.getpgrp() != pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGSTOP)
+    for victim in [*reversed(descendants(pid)), pid]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def supported() -> bool:

@@ -701,9 +701,15 @@ def _entries(draft: _Draft, job: JobDefinition) -> Iterator[tuple[str, str, str]
 
 
 def _check_entries(draft: _Draft, claims: _ModuleClaims, check_imports: bool) -> None:
-    """Entries inside the service, not shared with another service, importable."""
+    """Entries inside the service, not shared with another service, importable.
+
+    A service already left out for another problem is only checked for where
+    its entries point: its code is not run, and its modules claim nothing,
+    so it cannot knock out a working service that uses the same names.
+    """
+    healthy = not draft.problems
     own_root = draft.own_root
-    own = _top_level_modules(own_root) if own_root else {}
+    own = _top_level_modules(own_root) if own_root and healthy else {}
     clashes = [top for top, location in own.items() if claims.conflict(draft, top, location)]
     to_import: list[tuple[str, str, str, str]] = []
     for job in draft.service.jobs:
@@ -713,18 +719,20 @@ def _check_entries(draft: _Draft, claims: _ModuleClaims, check_imports: bool) ->
             except EntryError as exc:
                 draft.report(job.job_name, written, f"cannot import {canonical} {entry!r}: {exc}")
                 continue
+            if draft.code_from_entries:
+                draft.code.append(target.location)
+            if not healthy:
+                continue
             if target.top in clashes or claims.conflict(draft, target.top, target.location):
                 clashes.append(target.top)
                 continue
             claims.claim(draft, target.top, target.location)
-            if draft.code_from_entries:
-                draft.code.append(target.location)
             if canonical == "workerEntry" and job.python:
                 # It runs under its own interpreter, with dependencies this
                 # process may lack: check where it is, never import it here.
                 continue
             to_import.append((job.job_name, canonical, written, entry))
-    if not check_imports or clashes:
+    if not check_imports or clashes or not healthy:
         return  # never run code that would share another service's modules
     for job_name, canonical, written, entry in to_import:
         try:
@@ -741,9 +749,11 @@ def _check_entries(draft: _Draft, claims: _ModuleClaims, check_imports: bool) ->
 
 
 def _check_job_names(drafts: list[_Draft]) -> dict[str, _Draft]:
-    """Report repeated jobNames (the later one is wrong); returns name -> owner."""
+    """Report repeated jobNames; returns name -> owner. Of two services with
+    one name the one found first keeps it, unless it already has a problem
+    and the other has none: a broken service never knocks out a working one."""
     owners: dict[str, _Draft] = {}
-    for draft in drafts:
+    for draft in [d for d in drafts if not d.problems] + [d for d in drafts if d.problems]:
         seen: set[str] = set()
         for name in draft.job_names:
             owner = owners.setdefault(name, draft)
@@ -987,14 +997,16 @@ def load_registry(
     if entry_points:
         drafts.extend(_read_entry_points(events))
     _check_service_names(drafts)
+    # Names and the dependency graph first: a service they leave out is then
+    # never imported, and claims no module name (see _check_entries).
+    owners = _check_job_names(drafts)
+    _check_dependencies(drafts, owners)
+    _check_cycles(drafts, owners)
     claims = _ModuleClaims()
     for draft in drafts:
         if check_imports:
             _forget_changed_code(draft)
         _check_entries(draft, claims, check_imports)
-    owners = _check_job_names(drafts)
-    _check_dependencies(drafts, owners)
-    _check_cycles(drafts, owners)
     _cascade(drafts, owners)
     for draft in drafts:
         _hash(draft)

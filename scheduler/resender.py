@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # A message just committed may still be on its way: give it this long.
 DISPATCH_GRACE = timedelta(seconds=10)
+# A session still planning after this long (or DCM_RESEND_AFTER, if shorter)
+# lost its plan message; a duplicate one is harmless (the plan lease).
 PLANNING_GRACE = timedelta(seconds=60)
 
 
@@ -56,7 +58,8 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
             for session_id in session.scalars(
                 select(SchedulingSession.id).where(
                     SchedulingSession.status == "planning",
-                    SchedulingSession.created_at < now - PLANNING_GRACE,
+                    SchedulingSession.created_at
+                    < now - min(PLANNING_GRACE, timedelta(seconds=settings.resend_after)),
                 )
             )
             if session_id not in being_planned

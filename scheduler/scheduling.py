@@ -165,11 +165,18 @@ def trace_left_out_services(result: Plan, registry: Registry) -> None:
         for (name, file), reasons in groups.items()
     ]
     for name, service in registry.rejected.items():
-        first = registry.broken[name][0]
-        why = first.message if first.job is None else f"job {first.job!r}: {first.message}"
+        problems = registry.broken[name]
         for job in service.jobs:
             if job.job_name in result.trace["jobs"]:
                 continue  # a jobName another service owns
+            # The job's own problem when it has one, else the service's first.
+            own = next((p for p in problems if p.job == job.job_name), None)
+            first = own or problems[0]
+            why = (
+                first.message
+                if first is own or first.job is None
+                else (f"job {first.job!r}: {first.message}")
+            )
             result.trace["jobs"][job.job_name] = {
                 "service": name,
                 "phase": job.phase,

@@ -710,12 +710,36 @@ def test_a_listed_instance_outside_the_data_root_is_refused(
 ) -> None:
     for instance in (
         {"location": str(outside / "secret.dcm")},  # a file to read
+        {"location": f"file://{outside}/secret.dcm"},
         {"SOPInstanceUID": "9.9.9.1", "location": "../elsewhere/secret.dcm"},  # for workers
+        {"SOPInstanceUID": "9.9.9.1", "location": f"file://{outside}/secret.dcm"},
+        {"SOPInstanceUID": "9.9.9.1", "location": "file:///etc/passwd"},
+        {"SOPInstanceUID": "9.9.9.1", "location": "ftp://example.org/x.dcm"},
     ):
-        body = {"id": "p", "series": [{"id": "9.9.9", "instances": [instance]}]}
+        series = {"tags": {"StudyInstanceUID": "9.9", "SeriesInstanceUID": "9.9.9"}}
+        body = {"id": "p", "series": [series | {"instances": [instance]}]}
         response = client.post("/stable-patient", json=body, headers=AUTH)
         assert response.status_code == 400, response.text
+        detail = response.json()["detail"]
+        assert "outside DCM_DATA_ROOT" in detail or "under the data root" in detail, detail
     assert _recorded() == 0
+
+
+def test_listed_locations_are_kept_as_http_urls_or_resolved_paths(
+    client: TestClient, data_root: Path
+) -> None:
+    url = "http://orthanc:8042/instances/abc/file"
+    instances = [
+        {"SOPInstanceUID": "9.9.8.1", "location": f"file://{data_root}/a/1.dcm"},
+        {"SOPInstanceUID": "9.9.8.2", "location": url},
+    ]
+    series = {"tags": {"StudyInstanceUID": "9.9", "SeriesInstanceUID": "9.9.8"}}
+    body = {"id": "p", "series": [series | {"instances": instances}]}
+    response = client.post("/stable-patient", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    with session_scope() as s:
+        rows = dict(s.execute(select(Instance.sop_uid, Instance.location)).all())
+    assert rows == {"9.9.8.1": f"{data_root.resolve()}/a/1.dcm", "9.9.8.2": url}
 
 
 def test_stable_patient_malformed_json_is_422(client: TestClient) -> None:

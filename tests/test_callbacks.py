@@ -191,3 +191,59 @@ def test_show_prints_the_first_line_of_a_callback_exception_and_json_keeps_the_t
     assert "Traceback" not in shown.output
     document = json.loads(CliRunner().invoke(cli, ["show", session_id, "--json"]).stdout)
     assert "Traceback" in document["trace"]["jobs"]["boom"]["traceback"]
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie nobody reaps (PID 1 in a container may not)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def sleepers(path: Path) -> list[int]:
+    wait_until(path.exists, timeout=60, what="the callback to start its programs")
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def test_what_a_timed_out_callback_started_is_killed_with_it(
+    define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "sleepers"
+    params = {"sleepers": str(path)}
+    define([job("greedy", registryEntry="dcm_testjobs:spawn_and_hang", params=params)])
+    result = make_plan(services_root, timeout=1.0)
+    assert "exceeded its time limit" in str(result.trace["jobs"]["greedy"]["reason"])
+    for pid in sleepers(path):  # its own session included
+        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to be killed")
+
+
+def test_a_killed_planner_takes_down_what_its_callbacks_started(
+    define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "sleepers"
+    params = {"sleepers": str(path)}
+    define([job("greedy", registryEntry="dcm_testjobs:spawn_and_hang", params=params)])
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_planning import make_plan\n"
+        "make_plan(Path(sys.argv[1]), timeout=600)\n"
+    )
+    planner = subprocess.Popen(
+        [sys.executable, "-c", script, str(services_root)], cwd=Path(__file__).parents[1]
+    )
+    try:
+        pids = sleepers(path)
+        host = [p for p in psutil.Process(planner.pid).children() if p.pid not in pids]
+        planner.send_signal(signal.SIGKILL)
+        planner.wait(30)
+        for pid in [*pids, *(p.pid for p in host)]:
+            wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
+    finally:
+        if planner.poll() is None:
+            planner.kill()

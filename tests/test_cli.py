@@ -220,13 +220,15 @@ def nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ["show", "0123abcd"],
         ["workers", "--json"],
         ["plan", "--study", "1.2.3", "--dry-run"],
+        ["doctor"],
+        ["ingest", "/no/such/file.dcm"],
     ],
 )
 def test_reading_commands_without_a_store_write_nothing_and_say_init_db(
     nowhere: Path, args: list[str]
 ) -> None:
     result = run(*args, code=1)
-    assert "dcm-scheduler init-db" in result.output
+    assert "dcm-scheduler init-db" in result.output or args[0] == "ingest"
     assert list(nowhere.iterdir()) == []  # no ./.dcm-scheduler, no store file
 
 
@@ -302,13 +304,31 @@ def test_ingest_lists_a_folder_it_cannot_read_and_exits_1(
     assert document["unreadable"] == 1 and document["known"] == 1
 
 
-def test_tables_keep_statuses_whole_at_80_columns(planned: str) -> None:
-    result = CliRunner().invoke(cli, ["sessions"], env={"COLUMNS": "80"})
-    assert result.exit_code == 0, result.output
-    assert max(len(line) for line in result.output.splitlines()) <= 80
-    assert "succeeded" in result.output and "succeed…" not in result.output
-    jobs = CliRunner().invoke(cli, ["jobs"], env={"COLUMNS": "80"})
-    assert "succeeded" in jobs.output and "…" not in jobs.output
+def test_piped_tables_are_never_cut_whatever_columns_says(planned: str) -> None:
+    for command in ("sessions", "jobs"):
+        result = CliRunner().invoke(cli, [command], env={"COLUMNS": "40"})
+        assert result.exit_code == 0, result.output
+        assert "succeeded" in result.output and "…" not in result.output
+    assert "│ a " in CliRunner().invoke(cli, ["jobs"], env={"COLUMNS": "40"}).output
+
+
+def test_a_narrow_terminal_gets_one_block_per_row_instead_of_cut_columns(
+    planned: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    import scheduler.cli
+
+    def terminal(stderr: bool = False) -> Console:
+        return Console(stderr=stderr, width=60, force_terminal=True, color_system=None)
+
+    monkeypatch.setattr(scheduler.cli, "_console", terminal)
+    result = run("jobs")
+    assert "job: a" in result.output and "job: b" in result.output
+    assert "status: succeeded" in result.output and "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 60
+    wide_enough = run("workers")  # a table that fits stays a table
+    assert "┃" in wide_enough.output or "no worker has been seen" in wide_enough.output
 
 
 def test_every_time_in_json_is_utc_with_a_z(planned: str) -> None:
@@ -350,7 +370,7 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         )
     )
     try:
-        listing = run("services", "list", code=0).output
+        listing = run("services", "list", code=1).output
         problem = "duplicate jobName 'shared' (also in service 'testjobs'"
         assert listing.count(problem) == 1
         assert "testjobs" in listing and "shared" in listing
@@ -364,3 +384,91 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         assert document["trace"]["services_left_out"][0]["service"] == "zz-later"
     finally:
         shutil.rmtree(later)
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"DCM_DATABASE_URL": "mysql://u@h/db"}, "runs on SQLite or PostgreSQL, not 'mysql'"),
+        ({"DCM_DATABASE_URL": "notaurl"}, "'notaurl' is not a URL"),
+        ({"DCM_HOME": "/etc/hostname"}, "/etc/hostname is not a folder"),
+    ],
+)
+def test_settings_that_cannot_work_are_wrong_usage_with_a_message(
+    nowhere: Path, variables: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scheduler.config import reset_settings
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    result = CliRunner().invoke(cli, ["sessions"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_dotenv_that_is_not_text_is_reported(nowhere: Path) -> None:
+    from scheduler.config import reset_settings
+
+    (nowhere / ".env").write_bytes(b"DCM_STABLE_AGE=\xff\n")
+    reset_settings()
+    result = run("sessions", code=2)
+    assert ".env: cannot be read as settings" in result.output
+
+
+def test_a_postgresql_url_without_a_driver_uses_psycopg() -> None:
+    from scheduler.config import load_settings
+
+    url = load_settings({"DCM_DATABASE_URL": "postgresql://u@db/store"}).database_url
+    assert url == "postgresql+psycopg://u@db/store"
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_and_exit_1(
+    nowhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scheduler.cli import main as entry
+    from scheduler.config import reset_settings
+
+    monkeypatch.setenv("DCM_DATABASE_URL", "postgresql://postgres:pw@127.0.0.1:1/nothing")
+    reset_settings()
+    monkeypatch.setattr("sys.argv", ["dcm-scheduler", "init-db"])
+    with pytest.raises(SystemExit) as caught:
+        entry()
+    assert caught.value.code == 1
+    error = capsys.readouterr().err
+    assert "error: the store at postgresql+psycopg://postgres:***@127.0.0.1:1/nothing" in error
+    assert "Traceback" not in error and "pw@" not in error
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--port", "99999"],
+        ["run", "--concurrency", "0"],
+        ["run", "--restarts", "-1"],
+    ],
+)
+def test_out_of_range_options_are_wrong_usage(nowhere: Path, args: list[str]) -> None:
+    run(*args, code=2)
+
+
+def test_the_demo_refuses_a_folder_in_use(nowhere: Path) -> None:
+    (nowhere / "home").mkdir()
+    (nowhere / "home" / "store.db").write_text("")
+    result = run("demo", "--home", str(nowhere / "home"), code=2)
+    assert "not an empty folder" in result.output
+
+
+def test_each_job_of_a_service_left_out_gets_its_own_reason(
+    with_services: Path, define: Define
+) -> None:
+    define(
+        [
+            {"jobName": "out-os", "workerEntry": "os:system"},
+            {"jobName": "out-dotdot", "workerEntry": "../elsewhere:work"},
+        ]
+    )
+    record_study("7.11")
+    trace = run_json("plan", "--study", "7.11", "--dry-run")["trace"]["jobs"]
+    assert "'os:system'" in trace["out-os"]["reason"]
+    assert "'../elsewhere:work'" in trace["out-dotdot"]["reason"]

@@ -274,3 +274,25 @@ def test_an_attempt_killed_with_sigkill_is_requeued_as_lost_with_its_peak_memory
     assert "killed by signal 9 (SIGKILL" in first["error"]
     peak = re.search(r"peak memory was (\d+) MiB", first["error"])
     assert peak is not None and int(peak.group(1)) >= 512
+
+
+def test_a_timed_out_attempt_takes_down_what_it_started_even_in_another_session(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    from .test_callbacks import ended, sleepers
+
+    path = tmp_path / "sleepers"
+    define(
+        [
+            job(
+                "greedy",
+                workerEntry="dcm_testjobs:spawn_and_hang",
+                params={"sleepers": str(path)},
+                timeout=1,
+            )
+        ]
+    )
+    doc = wait_session(start("45.2"))
+    assert jobs_by_name(doc)["greedy"]["error"].startswith("timeout:")
+    for pid in sleepers(path):
+        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to be killed")

@@ -144,6 +144,30 @@ def test_a_killed_pool_process_re_runs_its_job_once(
     assert calls(calls_file, "victim") == 2  # one killed attempt, one that finished
 
 
+def test_a_killed_pool_process_takes_down_what_its_attempt_started(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    from .test_callbacks import ended, sleepers
+
+    path = tmp_path / "sleepers"
+    define(
+        [
+            {
+                "jobName": "greedy",
+                "workerEntry": "dcm_testjobs:spawn_and_hang",
+                "params": {"sleepers": str(path)},
+            }
+        ]
+    )
+    cluster.worker("w1")
+    start("60.7")
+    pids = sleepers(path)
+    attempt = psutil.Process(psutil.Process(pids[0]).ppid())
+    psutil.Process(attempt.ppid()).kill()  # the pool process running the attempt
+    for pid in [*pids, attempt.pid]:  # the attempt, its group and its own session
+        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
+
+
 def test_a_killed_worker_s_job_is_requeued_by_the_re_sender_and_finishes_once(
     cluster: Cluster, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -312,3 +312,38 @@ def test_header_readers_parse_only_a_little_ahead_of_the_writer(
     reads.close()  # the writer failed: what is queued is cancelled
     assert pools[0].cancelled
     assert pools[0].submitted <= 4
+
+
+def test_folders_are_walked_through_symlinks_and_odd_entries_are_reported(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    import scheduler.ingest
+
+    source = get_testdata_file("CT_small.dcm")
+    assert source is not None
+    top, elsewhere = tmp_path / "top", tmp_path / "elsewhere"
+    top.mkdir()
+    elsewhere.mkdir()
+    shutil.copyfile(source, elsewhere / "1.dcm")
+    (top / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (top / "loop").symlink_to(top, target_is_directory=True)  # must not walk forever
+    (top / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")
+    os.mkfifo(top / "pipe.dcm")
+    found = list(scheduler.ingest.iter_files([top], recursive=True))
+    files = [f for f in found if isinstance(f, Path)]
+    problems = {Path(r.location).name: r for r in found if isinstance(r, Rejection)}
+    assert [f.name for f in files] == ["1.dcm"]
+    assert problems["dangling.dcm"].reason == "broken symlink"
+    assert problems["pipe.dcm"].reason.startswith("not a regular file")
+    assert all(r.unreadable for r in problems.values())
+
+
+def test_a_path_that_cannot_even_be_looked_at_is_reported(tmp_path: Path) -> None:
+    import scheduler.ingest
+
+    [rejection] = list(scheduler.ingest.iter_files([tmp_path / ("a" * 300)], recursive=False))
+    assert isinstance(rejection, Rejection) and rejection.unreadable
+    assert "File name too long" in rejection.reason

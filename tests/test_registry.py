@@ -638,6 +638,36 @@ def test_two_services_with_the_same_module_name_are_reported(tmp_path: Path) -> 
     assert "module 'shared_mod' of service 'b-svc' is also provided by service 'a-svc'" in message
 
 
+def test_a_broken_service_found_first_does_not_take_a_job_name_from_a_working_one(
+    tmp_path: Path,
+) -> None:
+    simple_service(tmp_path, "a-broken", job("shared", module_of("a-broken"), retries="x"))
+    simple_service(tmp_path, "b-working", job("shared", module_of("b-working")))
+
+    registry = load(tmp_path)
+
+    assert names(registry) == ["b-working"]
+    assert {problem.service for problem in registry.problems} == {"a-broken"}
+    assert any("duplicate jobName 'shared'" in m for m in messages(registry))
+
+
+def test_a_service_left_out_claims_no_module_name(tmp_path: Path) -> None:
+    cycle = [
+        job("one", "shared_mod", dependsOn="two"),
+        job("two", "shared_mod", dependsOn="one"),
+    ]
+    service(
+        tmp_path, "a-cycle", {"name": "a-cycle", "jobs": cycle}, {"shared_mod/__init__.py": CODE}
+    )
+    simple_service(tmp_path, "b-svc", job("b", "shared_mod"), module="shared_mod")
+
+    registry = load(tmp_path)
+
+    assert names(registry) == ["b-svc"]
+    assert all(problem.service == "a-cycle" for problem in registry.problems)
+    assert any("dependency cycle" in m for m in messages(registry))
+
+
 def test_a_helper_module_shared_by_name_between_services_is_reported(tmp_path: Path) -> None:
     helper = "def help():\n    return 1\n"
     entry_code = "import helpers\n" + CODE

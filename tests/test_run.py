@@ -54,14 +54,18 @@ class Run:
     def tree(self) -> list[psutil.Process]:
         return psutil.Process(self.pid).children(recursive=True)
 
-    def worker_main(self) -> psutil.Process | None:
+    def child(self, role: str) -> psutil.Process | None:
+        """The `celery … worker` or `celery … beat` process of this run."""
         for child in psutil.Process(self.pid).children():
             try:
-                if "celery" in " ".join(child.cmdline()):
+                if role in child.cmdline():
                     return child
-            except psutil.Error:  # a worker that just died, not reaped yet
+            except psutil.Error:  # one that just died, not reaped yet
                 continue
         return None
+
+    def worker_main(self) -> psutil.Process | None:
+        return self.child("worker")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -180,11 +184,11 @@ def test_a_dead_worker_is_restarted_and_run_stops_past_its_restarts(
         successor_tree = [successor, *successor.children(recursive=True)]
         successor.kill()
         assert run.process.wait(60) == 1
-        assert "has died 2 times within 600s; stopping" in run.text()
+        assert "2 deaths within 600s, stopping" in run.text()
         _gone, alive = psutil.wait_procs(successor_tree, timeout=10)
         assert alive == []
         log = (Path(embedded["DCM_HOME"]) / "run.log").read_text()
-        assert "restarted worker as" in log and "stopping" in log
+        assert log.count("started worker as process") == 2 and "stopping" in log
     finally:
         run.stop()
 
@@ -209,6 +213,11 @@ def test_two_workers_on_one_host_are_two_workers(
         assert set(rows) == {w.pid for w in workers}
         for pid, name in rows.items():
             assert name.startswith(f"celery-{pid}@")
+        # A worker stopped cleanly leaves the list; one killed stays, silent.
+        workers[0].stop()
+        workers[1].kill()
+        with session_scope() as s:
+            assert set(s.scalars(select(Worker.pid))) == {workers[1].pid}
     finally:
         for worker in workers:
             worker.stop()
@@ -270,3 +279,50 @@ def test_a_run_killed_mid_job_finishes_every_session_after_a_restart(
         )
     finally:
         second.stop()
+
+
+def test_a_dead_beat_is_restarted_and_detection_goes_on(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "1")
+    try:
+        beat = wait_until(lambda: run.child("beat"), timeout=60, what="beat to start")
+        beat.kill()
+
+        def successor() -> psutil.Process | None:
+            new = run.child("beat")
+            return new if new is not None and new.pid != beat.pid else None
+
+        wait_until(successor, timeout=60, what="beat to be restarted")
+        assert "the beat was killed by signal 9 (SIGKILL); restarting it" in run.text()
+        record_study("90.7")  # found by the new beat's detection
+
+        def finished() -> bool:
+            found = sessions_of("90.7")
+            return bool(found) and found[0].status == "succeeded"
+
+        wait_until(finished, timeout=90, what="the new study to be detected and run")
+    finally:
+        run.stop()
+
+
+def test_a_service_with_a_new_channel_gets_a_worker_without_a_restart(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "1")
+    try:
+        wait_until(live_worker_pids, timeout=90, what="the worker")
+        define([{"jobName": "on-gpu", "workerEntry": WORK, "channel": "gpu"}])
+        record_study("90.8")
+
+        def finished() -> bool:
+            found = sessions_of("90.8")
+            return bool(found) and found[0].status == "succeeded"
+
+        wait_until(finished, timeout=120, what="the gpu job to run")
+        assert "new channel(s) gpu: started a worker for them" in run.text()
+        assert len(live_worker_pids()) == 2
+    finally:
+        run.stop()

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from scheduler import scheduling
+from scheduler.beat import renew_beat_lease
 from scheduler.cli import app as cli
 from scheduler.config import Settings
 from scheduler.store.db import session_scope
@@ -139,5 +140,26 @@ def test_doctor_says_what_is_wrong_and_how_to_fix_it(live: Settings, define: Def
     assert checks["workers"]["status"] == "problem"
     assert "no live worker consumes: gpu" in checks["workers"]["detail"]
     assert "celery -A scheduler worker -Q gpu" in checks["workers"]["fix"]
+    assert checks["beat"]["status"] == "problem"  # this test runs no beat
+    assert "never run" in checks["beat"]["detail"]
     define([{"jobName": "cpu-job", "workerEntry": WORK}])
+    renew_beat_lease()  # what a running beat does every few seconds
     assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0
+
+
+def test_doctor_reports_a_beat_that_stopped(live: Settings, define: Define) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from scheduler.store.db import session_scope
+    from scheduler.store.models import Lease, utcnow
+
+    define([{"jobName": "cpu-job", "workerEntry": WORK}])
+    renew_beat_lease()
+    with session_scope() as s:
+        s.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=90)))
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 1
+    beat = {c["name"]: c for c in json.loads(result.stdout)}["beat"]
+    assert beat["status"] == "problem" and "stopped renewing its lease" in beat["detail"]

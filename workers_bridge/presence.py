@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import bootsteps
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from scheduler.config import get_settings
@@ -74,9 +74,11 @@ class Presence(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hostname = ""
 
     def start(self, parent: Any) -> None:
         hostname = str(getattr(parent, "hostname", "") or "")
+        self._hostname = hostname
         if not hostname:
             return
         try:
@@ -105,6 +107,18 @@ class Presence(bootsteps.StartStopStep):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            self._thread = None
+            # A worker that stops cleanly leaves no row; one that dies stays
+            # listed as silent, which is what an operator needs to see.
+            try:
+                with session_scope() as session:
+                    session.execute(
+                        delete(Worker).where(
+                            Worker.hostname == self._hostname, Worker.pid == os.getpid()
+                        )
+                    )
+            except Exception as exc:  # noqa: BLE001 - the store may be away at shutdown
+                log.warning("could not remove worker %s from the store: %s", self._hostname, exc)
 
     shutdown = terminate = stop
 

@@ -12,7 +12,6 @@ tell a long job from a lost one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.lifeline import die_with_parent
+from scheduler.lifeline import die_with_parent, kill_tree
 from workers_bridge import child
 
 OUTPUT_TAIL_BYTES = 8192
@@ -93,7 +92,7 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
         code = 0
         try:
             os.setsid()
-            signal.signal(signal.SIGUSR2, child.stop_group)
+            signal.signal(signal.SIGUSR2, _stop_attempt)
             _die_with_parent(parent)
             output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(output, 1)
@@ -114,6 +113,13 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
         finally:
             os._exit(code)
     return pid
+
+
+def _stop_attempt(_signum: int = 0, _frame: Any = None) -> None:
+    """The forked attempt's handler of the parent-death signal: it takes down
+    everything it started, then itself. (Under a service's own interpreter
+    the attempt has :func:`workers_bridge.child.stop_group`: its group.)"""
+    kill_tree(os.getpid())
 
 
 def _die_with_parent(parent: int) -> None:
@@ -195,8 +201,7 @@ def _wait(
 
 
 def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    kill_tree(pid)  # the group, and what left it with setsid
 
 
 def _tail(path: Path) -> str:

@@ -1,0 +1,38 @@
+"""Beat in production: it starts where nothing was written yet, and the
+store knows whether it is alive (doctor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scheduler.beat import BEAT_LEASE
+from scheduler.store.db import session_scope
+from scheduler.store.models import Lease, utcnow
+
+from .conftest import base_environment
+from .engine import wait_until
+from .processes import CeleryProcess
+from .support import environment
+
+
+def test_beat_starts_without_its_home_folder_and_renews_its_lease(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    home = tmp_path / "not" / "created" / "yet"
+    values = base_environment(tmp_path, pg_url, redis_url) | {"DCM_HOME": str(home)}
+    with environment(values) as settings:
+        beat = CeleryProcess("beat", log=tmp_path / "beat.log").start()
+        try:
+
+            def alive() -> bool:
+                with session_scope() as s:
+                    row = s.get(Lease, BEAT_LEASE)
+                    return row is not None and row.expires_at > utcnow()
+
+            wait_until(alive, timeout=60, what="beat to record that it is alive")
+            assert beat.process is not None and beat.process.poll() is None, beat.log_text()
+            assert (settings.home / "celerybeat-schedule").exists() or any(
+                settings.home.glob("celerybeat-schedule*")
+            )
+        finally:
+            beat.stop()
