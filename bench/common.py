@@ -177,7 +177,7 @@ def diamond_jobs() -> list[dict[str, Any]]:
 def record_study(study_uid: str, instances: int = 20, *, patient: str | None = None) -> None:
     """Record one study of ``instances`` instances in two series, now."""
     from scheduler.ingest import record_instances
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     items = [
         {
@@ -191,8 +191,8 @@ def record_study(study_uid: str, instances: int = 20, *, patient: str | None = N
         }
         for n in range(instances)
     ]
-    with session_scope() as session:
-        record_instances(session, items)
+    with transaction() as db:
+        record_instances(db, items)
 
 
 def manual_sessions(study_uid: str, count: int) -> list[str]:
@@ -282,14 +282,11 @@ def worker_ready(hostname: str, timeout: float = 60.0) -> None:
     """Wait until the worker recorded its presence (its Presence bootstep ran)."""
     from sqlalchemy import select
 
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import Worker
 
     def seen() -> bool:
-        with session_scope() as session:
-            return (
-                session.scalar(select(Worker.hostname).where(Worker.hostname == hostname))
-                is not None
-            )
+        with transaction() as db:
+            return db.scalar(select(Worker.hostname).where(Worker.hostname == hostname)) is not None
 
     wait_for(seen, timeout, f"worker {hostname}", interval=0.1)

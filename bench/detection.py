@@ -130,12 +130,12 @@ def candidate_ids(studies: int) -> list[int]:
 
 
 def reset(studies: int) -> None:
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     ids = candidate_ids(studies)
-    with session_scope() as session:
-        session.execute(text("DELETE FROM sessions"))
-        session.execute(
+    with transaction() as db:
+        db.execute(text("DELETE FROM sessions"))
+        db.execute(
             text(
                 "UPDATE studies SET state = 'receiving', stable_fingerprint = NULL, revision = 0 "
                 f"WHERE id IN ({','.join(map(str, ids))})"
@@ -145,11 +145,11 @@ def reset(studies: int) -> None:
 
 def explain(studies: int) -> str:
     """The plan of detection's candidate query on PostgreSQL (first line)."""
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
-    with session_scope() as session:
+    with transaction() as db:
         cutoff = datetime.now(UTC) - timedelta(seconds=60)
-        rows = session.execute(
+        rows = db.execute(
             text(
                 "EXPLAIN SELECT id, study_uid, fingerprint, stable_fingerprint, revision "
                 "FROM studies WHERE state = 'receiving' AND last_received_at <= :c "

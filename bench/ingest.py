@@ -113,7 +113,7 @@ def empty_store(url: str) -> None:
 def measure(backend: str, args: argparse.Namespace, files: Path, count: int, tmp: Path) -> None:
     from scheduler.dicom import read_header
     from scheduler.ingest import ingest_paths, iter_files, record_instances
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import init_db, transaction
 
     name = "dcm_bench_ingest"
     url = create_database(name) if backend == "postgresql" else f"sqlite:///{tmp / 'ingest.db'}"
@@ -126,9 +126,7 @@ def measure(backend: str, args: argparse.Namespace, files: Path, count: int, tmp
         for _ in range(args.rounds):
             empty_store(url)
             begin = time.perf_counter()
-            result = ingest_paths(
-                session_scope, [files], recursive=True, readers=os.cpu_count() or 1
-            )
+            result = ingest_paths(transaction, [files], recursive=True, readers=os.cpu_count() or 1)
             elapsed = time.perf_counter() - begin
             assert result.recorded == count, result.as_dict()
             rates.append(count / elapsed)
@@ -185,8 +183,8 @@ def measure(backend: str, args: argparse.Namespace, files: Path, count: int, tmp
             begin = time.perf_counter()
             recorded = 0
             for start in range(0, len(items), 500):
-                with session_scope() as session:
-                    recorded += record_instances(session, items[start : start + 500]).recorded
+                with transaction() as db:
+                    recorded += record_instances(db, items[start : start + 500]).recorded
             elapsed = time.perf_counter() - begin
             assert recorded == len(items)
             mem_rates.append(len(items) / elapsed)

@@ -61,7 +61,7 @@ TARGET_BEYOND = 1.3
 def main() -> None:
     from sqlalchemy import func, select
 
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import init_db, transaction
     from scheduler.store.models import Job, SchedulingSession, Study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,15 +127,15 @@ def main() -> None:
                     time.sleep(rng.uniform(0.2, 0.6))
 
                 def all_started() -> bool:
-                    with session_scope() as session:
-                        count = session.scalar(
+                    with transaction() as db:
+                        count = db.scalar(
                             select(func.count()).select_from(Job).where(Job.started_at.is_not(None))
                         )
                     return count >= len(uids)
 
                 wait_for(all_started, 120, "every study's first job to start", interval=0.2)
-                with session_scope() as session:
-                    rows = session.execute(
+                with transaction() as db:
+                    rows = db.execute(
                         select(
                             Study.last_received_at,
                             SchedulingSession.created_at,

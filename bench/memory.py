@@ -57,7 +57,7 @@ def run_sessions(count: int) -> None:
     from sqlalchemy import func, select
 
     from scheduler.scheduling import plan_session
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import SchedulingSession
 
     ids = manual_sessions(STUDY, count)
@@ -66,8 +66,8 @@ def run_sessions(count: int) -> None:
         assert planned is not None and len(planned.ready) == 5
 
     def done() -> bool:
-        with session_scope() as session:
-            running = session.scalar(
+        with transaction() as db:
+            running = db.scalar(
                 select(func.count())
                 .select_from(SchedulingSession)
                 .where(SchedulingSession.status.in_(["planning", "running"]))
@@ -75,8 +75,8 @@ def run_sessions(count: int) -> None:
         return running == 0
 
     wait_for(done, 3600, "the sessions to end", interval=0.5)
-    with session_scope() as session:
-        failed = session.scalar(
+    with transaction() as db:
+        failed = db.scalar(
             select(func.count())
             .select_from(SchedulingSession)
             .where(SchedulingSession.status != "succeeded")
@@ -98,7 +98,7 @@ def main() -> None:
         home = Path(tmp)
         values = bench_environment(home, url)
         with environment(values) as settings:
-            from scheduler.store.db import init_db, session_scope
+            from scheduler.store.db import init_db, transaction
             from workers_bridge.presence import record_presence
 
             init_db(url)
@@ -108,8 +108,8 @@ def main() -> None:
                 [{"jobName": f"job{n}", "workerEntry": NOOP} for n in range(5)],
             )
             record_study(STUDY)
-            with session_scope() as session:  # planning warns about no worker otherwise
-                record_presence(session, "bench-memory-planner@localhost", ["default"])
+            with transaction() as db:  # planning warns about no worker otherwise
+                record_presence(db, "bench-memory-planner@localhost", ["default"])
             worker = celery_worker(
                 "default", hostname=HOSTNAME, env=values, logfile=home / "worker.log"
             )

@@ -64,13 +64,13 @@ def plan_without_sending(session_ids: list[str]) -> list[str]:
     """Write the plans of the sessions; return their ready job ids, unsent."""
     from scheduler.emission import write_plan
     from scheduler.scheduling import compute_plan
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     ready: list[str] = []
     for session_id in session_ids:
         result, headers = compute_plan("study", STUDY, "study.stable", session_id=session_id)
-        with session_scope() as session:
-            ids = write_plan(session, session_id, result, headers)
+        with transaction() as db:
+            ids = write_plan(db, session_id, result, headers)
         assert ids is not None and len(ids) == 1
         ready.extend(ids)
     return ready
@@ -80,7 +80,7 @@ def run_ours(sessions: int) -> dict[str, float]:
     from sqlalchemy import func, select
 
     from scheduler.emission import dispatch
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import Job, SchedulingSession
 
     ids = manual_sessions(STUDY, sessions)
@@ -90,8 +90,8 @@ def run_ours(sessions: int) -> dict[str, float]:
     assert sent == sessions
 
     def done() -> bool:
-        with session_scope() as session:
-            open_sessions = session.scalar(
+        with transaction() as db:
+            open_sessions = db.scalar(
                 select(func.count())
                 .select_from(SchedulingSession)
                 .where(SchedulingSession.id.in_(ids), SchedulingSession.status == "running")
@@ -99,8 +99,8 @@ def run_ours(sessions: int) -> dict[str, float]:
         return open_sessions == 0
 
     wait_for(done, 1800, "our sessions to end", interval=0.1)
-    with session_scope() as session:
-        rows = session.execute(
+    with transaction() as db:
+        rows = db.execute(
             select(Job.status, Job.started_at, Job.finished_at).where(Job.session_id.in_(ids))
         ).all()
     assert all(status == "succeeded" for status, *_ in rows), {s for s, *_ in rows}

@@ -95,7 +95,7 @@ def plan_in_processes(ids: list[str], planners: int) -> None:
 
 def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int = 1) -> None:
     from scheduler.scheduling import plan_session
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import init_db, transaction
     from workers_bridge.presence import record_presence
 
     name = f"dcm_bench_planning_{shape}"
@@ -107,8 +107,8 @@ def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int 
         # One services folder per process: a service module is imported once.
         write_service(folder / "services", jobs_of(shape))
         record_study(STUDY)
-        with session_scope() as session:
-            record_presence(session, "bench-planning@localhost", ["dcm.planning", "default"])
+        with transaction() as db:
+            record_presence(db, "bench-planning@localhost", ["dcm.planning", "default"])
         for ready in (plan_session(s) for s in manual_sessions(STUDY, 20)):  # warm-up
             assert ready is not None and len(ready.plan.jobs) == 10
         rates = []

@@ -44,7 +44,7 @@ from sqlalchemy import func, select
 from scheduler.config import get_settings
 from scheduler.lifeline import die_with_parent
 from scheduler.redact import mask
-from scheduler.store.db import init_db, session_scope
+from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, SchedulingSession
 
 SHUTDOWN_GRACE = 30.0
@@ -114,13 +114,13 @@ def beat_command(log_file: Path) -> list[str]:
 
 
 def status_line() -> str:
-    with session_scope() as session:
+    with transaction() as db:
         sessions = dict(
-            session.execute(
+            db.execute(
                 select(SchedulingSession.status, func.count()).group_by(SchedulingSession.status)
             ).all()
         )
-        jobs = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        jobs = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
     def part(counts: dict[str, int], keys: Sequence[str]) -> str:
         return ", ".join(f"{counts.get(k, 0)} {k}" for k in keys)

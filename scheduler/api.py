@@ -39,7 +39,7 @@ from scheduler.ingest import record_instances
 from scheduler.queries import job_definition_json
 from scheduler.redact import hide_secrets, mask
 from scheduler.scheduling import current_fingerprint, current_registry, open_session, plan_session
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession
 
 log = logging.getLogger(__name__)
@@ -364,8 +364,8 @@ def stable_patient(body: Any) -> dict[str, Any]:
     fallback = named.get("PatientID") or _lookup(body, "patient_id", "id") or ""
     for item in items:
         item.patient_id = item.patient_id or str(fallback)
-    with session_scope() as session:
-        ingested = record_instances(session, items)
+    with transaction() as db:
+        ingested = record_instances(db, items)
     skipped.extend({"location": r.location, "reason": r.reason} for r in ingested.rejected)
 
     sessions = []
@@ -376,10 +376,10 @@ def stable_patient(body: Any) -> dict[str, Any]:
             session_id = _existing_session(patient_id)
         else:
             plan_session(session_id)
-        with session_scope() as session:
-            row = session.get(SchedulingSession, session_id)
+        with transaction() as db:
+            row = db.get(SchedulingSession, session_id)
             state = row.status if row else "unknown"
-            jobs = queries.list_jobs(session, session_id=session_id)
+            jobs = queries.list_jobs(db, session_id=session_id)
         sessions.append(
             {
                 "session_id": session_id,
@@ -404,8 +404,8 @@ def stable_patient(body: Any) -> dict[str, Any]:
 
 def _existing_session(patient_id: str) -> str:
     fingerprint = current_fingerprint("patient", patient_id).fingerprint
-    with session_scope() as session:
-        found = session.scalar(
+    with transaction() as db:
+        found = db.scalar(
             select(SchedulingSession.id).where(
                 SchedulingSession.event == STABLE_PATIENT_EVENT,
                 SchedulingSession.level == "patient",
@@ -441,9 +441,9 @@ def get_sessions(
     offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """Scheduling sessions, newest first (the ``sessions --json`` objects)."""
-    with session_scope() as session:
+    with transaction() as db:
         return queries.list_sessions(
-            session, status=status, uid=uid, event=event, since=since, limit=limit, offset=offset
+            db, status=status, uid=uid, event=event, since=since, limit=limit, offset=offset
         )
 
 
@@ -451,8 +451,8 @@ def get_sessions(
 def get_session(session_id: str) -> dict[str, Any]:
     """The session with its ``trace`` and ``jobs`` (``show --json``); a unique
     id prefix works too."""
-    with session_scope() as session:
-        return queries.show_session(session, session_id)
+    with transaction() as db:
+        return queries.show_session(db, session_id)
 
 
 @reads.get("/jobs")
@@ -464,11 +464,11 @@ def get_jobs(
     offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """Jobs (the ``jobs --json`` objects): a session's in DAG order, else newest first."""
-    with session_scope() as session:
+    with transaction() as db:
         if session_id:
-            session_id = queries.resolve_session_id(session, session_id)
+            session_id = queries.resolve_session_id(db, session_id)
         return queries.list_jobs(
-            session,
+            db,
             session_id=session_id,
             status=status,
             job_name=job_name,
@@ -480,11 +480,11 @@ def get_jobs(
 @reads.get("/jobs/{job_id}")
 def get_job(job_id: str) -> dict[str, Any]:
     """One job (the ``jobs --json`` object)."""
-    with session_scope() as session:
-        row = session.get(Job, job_id)
+    with transaction() as db:
+        row = db.get(Job, job_id)
         if row is None:
             raise queries.NotFoundError(f"no job {job_id!r}")
-        return queries.job_json(row, queries.dependency_names(session, [row.id]).get(row.id, ()))
+        return queries.job_json(row, queries.dependency_names(db, [row.id]).get(row.id, ()))
 
 
 @reads.get("/services")
@@ -510,8 +510,8 @@ def get_services() -> dict[str, Any]:
 @reads.get("/workers")
 def get_workers() -> list[dict[str, Any]]:
     """Workers seen: hostname, channels, pid, started_at, last_heartbeat, age_s, live."""
-    with session_scope() as session:
-        return queries.list_workers(session)
+    with transaction() as db:
+        return queries.list_workers(db)
 
 
 def get_health(request: Request) -> JSONResponse:
@@ -519,8 +519,8 @@ def get_health(request: Request) -> JSONResponse:
     settings = get_settings()
     store: dict[str, Any] = {"url": mask(settings.database_url)}
     try:
-        with session_scope() as session:
-            session.execute(text("SELECT 1"))
+        with transaction() as db:
+            db.execute(text("SELECT 1"))
         store["ok"] = True
     except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

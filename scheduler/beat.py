@@ -30,14 +30,14 @@ def renew_beat_lease() -> None:
     from sqlalchemy import delete
 
     from scheduler.leases import new_holder, take
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import Lease
 
     try:
-        with session_scope() as session:
+        with transaction() as db:
             # Two beats are harmless (README): the newest renewal holds it.
-            session.execute(delete(Lease).where(Lease.name == BEAT_LEASE))
-            take(session, BEAT_LEASE, ALIVE_FOR, new_holder())
+            db.execute(delete(Lease).where(Lease.name == BEAT_LEASE))
+            take(db, BEAT_LEASE, ALIVE_FOR, new_holder())
     except Exception as exc:  # noqa: BLE001 - beat must go on without the store
         log.warning("could not record that beat is alive: %s", exc)
 

@@ -195,7 +195,7 @@ def ingest(
 ) -> None:
     """Read DICOM headers (never pixel data) and record the instances."""
     from scheduler.ingest import Rejection, ingest_paths, iter_files
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import init_db, transaction
 
     total = sum(1 for found in iter_files(paths, recursive) if not isinstance(found, Rejection))
     if total:  # nothing to record: no store is made for it
@@ -211,7 +211,7 @@ def ingest(
     ) as progress:
         task = progress.add_task("ingest", total=total)
         result = ingest_paths(
-            session_scope,
+            transaction,
             paths,
             recursive=recursive,
             progress=lambda n: progress.advance(task, n),
@@ -559,11 +559,11 @@ def cancel(
 def workers(as_json: JsonOption = False) -> None:
     """Celery workers seen, the channels they consume, their last heartbeat."""
     from scheduler import queries
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     open_store()
-    with session_scope() as s:
-        rows = queries.list_workers(s)
+    with transaction() as db:
+        rows = queries.list_workers(db)
     if as_json:
         print_json(rows)
         return
@@ -593,11 +593,11 @@ def sessions(
 ) -> None:
     """Scheduling sessions, newest first."""
     from scheduler import queries
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     open_store()
-    with session_scope() as s:
-        rows = queries.list_sessions(s, status=status, uid=uid, limit=limit)
+    with transaction() as db:
+        rows = queries.list_sessions(db, status=status, uid=uid, limit=limit)
     if as_json:
         print_json(rows)
         return
@@ -627,13 +627,13 @@ def jobs(
 ) -> None:
     """Jobs, with their status, attempts and worker."""
     from scheduler import queries
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     open_store()
     try:
-        with session_scope() as s:
-            session_id = queries.resolve_session_id(s, session) if session else None
-            rows = queries.list_jobs(s, session_id=session_id, status=status, limit=limit)
+        with transaction() as db:
+            session_id = queries.resolve_session_id(db, session) if session else None
+            rows = queries.list_jobs(db, session_id=session_id, status=status, limit=limit)
     except queries.NotFoundError as exc:
         raise fail(str(exc)) from exc
     if as_json:
@@ -668,12 +668,12 @@ def show(
 ) -> None:
     """A session's DAG with statuses, timings and the planning trace."""
     from scheduler import queries
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
 
     open_store()
     try:
-        with session_scope() as s:
-            document = queries.show_session(s, session_id)
+        with transaction() as db:
+            document = queries.show_session(db, session_id)
     except queries.NotFoundError as exc:
         raise fail(str(exc)) from exc
     if as_json:

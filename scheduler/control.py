@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from scheduler.emission import dispatch
 from scheduler.queries import NotFoundError, resolve_session_id
 from scheduler.scheduling import Planned, open_session, plan_session
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import (
     JOB_FINAL_STATUSES,
     Job,
@@ -60,31 +60,29 @@ class RetryReport:
 
 def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> RetryReport:
     """Re-run one failed job (``job_id``) or every failed job of a session."""
-    with session_scope() as session:
+    with transaction() as db:
         if job_id is not None:
-            job = session.get(Job, job_id)
+            job = db.get(Job, job_id)
             if job is None:
                 raise NotFoundError(f"no job {job_id!r}")
             session_id = job.session_id
-            lock_session(session, session_id)
-            session.refresh(job)
+            lock_session(db, session_id)
+            db.refresh(job)
             if job.status not in ("failed", "cancelled", "upstream_failed"):
                 raise NothingToDoError(
                     f"job {job.job_name} is {job.status}; only failed, upstream_failed "
                     "or cancelled jobs are retried"
                 )
             # An upstream_failed job can only run again with what made it fail.
-            seeds = (
-                [job.id] if job.status != "upstream_failed" else _failed_ancestors(session, job.id)
-            )
+            seeds = [job.id] if job.status != "upstream_failed" else _failed_ancestors(db, job.id)
             if not seeds:
                 raise NothingToDoError(f"job {job.job_name} has no failed job upstream to retry")
         else:
             assert session_id is not None
-            session_id = resolve_session_id(session, session_id)
-            lock_session(session, session_id)
+            session_id = resolve_session_id(db, session_id)
+            lock_session(db, session_id)
             seeds = list(
-                session.scalars(
+                db.scalars(
                     select(Job.id).where(
                         Job.session_id == session_id, Job.status.in_(("failed", "cancelled"))
                     )
@@ -93,12 +91,12 @@ def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> R
             if not seeds:
                 raise NothingToDoError(f"session {session_id} has no failed job to retry")
         report = RetryReport(session_id)
-        reset = _downstream(session, seeds)
-        ready = _requeue(session, session_id, reset)
+        reset = _downstream(db, seeds)
+        ready = _requeue(db, session_id, reset)
         report.requeued = list(
-            session.scalars(select(Job.job_name).where(Job.id.in_(reset)).order_by(Job.created_seq))
+            db.scalars(select(Job.job_name).where(Job.id.in_(reset)).order_by(Job.created_seq))
         )
-        session.execute(
+        db.execute(
             update(SchedulingSession)
             .where(SchedulingSession.id == session_id)
             .values(status="running", finished_at=None)
@@ -107,13 +105,13 @@ def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> R
     return report
 
 
-def _failed_ancestors(session: Session, job_id: str) -> list[str]:
+def _failed_ancestors(db: Session, job_id: str) -> list[str]:
     """The failed or cancelled jobs an ``upstream_failed`` job depends on, at any depth."""
     found: list[str] = []
     seen = {job_id}
     frontier = [job_id]
     while frontier:
-        parents = session.execute(
+        parents = db.execute(
             select(Job.id, Job.status)
             .join(JobDependency, JobDependency.depends_on_id == Job.id)
             .where(JobDependency.job_id.in_(frontier))
@@ -130,12 +128,12 @@ def _failed_ancestors(session: Session, job_id: str) -> list[str]:
     return found
 
 
-def _downstream(session: Session, seeds: Sequence[str]) -> set[str]:
+def _downstream(db: Session, seeds: Sequence[str]) -> set[str]:
     """The seeds and every job that depends on them, directly or not."""
     found = set(seeds)
     frontier = list(seeds)
     while frontier:
-        children = session.scalars(
+        children = db.scalars(
             select(JobDependency.job_id).where(JobDependency.depends_on_id.in_(frontier))
         ).all()
         frontier = [c for c in children if c not in found]
@@ -143,10 +141,10 @@ def _downstream(session: Session, seeds: Sequence[str]) -> set[str]:
     return found
 
 
-def _requeue(session: Session, session_id: str, reset: set[str]) -> list[str]:
+def _requeue(db: Session, session_id: str, reset: set[str]) -> list[str]:
     """Queue the ``reset`` jobs again with recomputed dependency counters."""
-    jobs = {j.id: j for j in session.scalars(select(Job).where(Job.session_id == session_id))}
-    edges = session.execute(
+    jobs = {j.id: j for j in db.scalars(select(Job).where(Job.session_id == session_id))}
+    edges = db.execute(
         select(JobDependency.job_id, JobDependency.depends_on_id, JobDependency.requires_success)
         .join(Job, Job.id == JobDependency.job_id)
         .where(Job.session_id == session_id)
@@ -190,13 +188,13 @@ class CancelReport:
 def cancel_session(session_id: str) -> CancelReport:
     """Cancel every job of the session that has not ended; stop the running ones."""
     now = utcnow()
-    with session_scope() as session:
-        session_id = resolve_session_id(session, session_id)
-        lock_session(session, session_id)
-        row = session.get(SchedulingSession, session_id)
+    with transaction() as db:
+        session_id = resolve_session_id(db, session_id)
+        lock_session(db, session_id)
+        row = db.get(SchedulingSession, session_id)
         assert row is not None
         open_jobs = list(
-            session.scalars(
+            db.scalars(
                 select(Job).where(
                     Job.session_id == session_id, Job.status.in_(("queued", "running"))
                 )

@@ -143,7 +143,7 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
     from scheduler import detection, queries, scheduling
     from scheduler.celery_app import app
     from scheduler.ingest import ingest_paths
-    from scheduler.store.db import init_db, session_scope
+    from scheduler.store.db import init_db, transaction
     from scheduler.store.models import SchedulingSession, Study
 
     if home is not None and home.exists() and (not home.is_dir() or any(home.iterdir())):
@@ -165,7 +165,7 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
     for problem in registry.problems:
         console.print(f"[red]service problem:[/red] {problem}")
 
-    result = ingest_paths(session_scope, demo_samples(all_samples), recursive=True)
+    result = ingest_paths(transaction, demo_samples(all_samples), recursive=True)
     console.print(
         f"ingested pydicom sample files: recorded {result.recorded} instances, "
         f"skipped {len(result.rejected)} files (not DICOM or missing UIDs)"
@@ -175,12 +175,12 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
         while time.monotonic() < deadline:
             run = detection.detect()
             scheduling.send_plans(run.sessions)
-            with session_scope() as s:
-                receiving = s.scalar(
+            with transaction() as db:
+                receiving = db.scalar(
                     select(func.count()).select_from(Study).where(Study.state == "receiving")
                 )
                 counts = dict(
-                    s.execute(
+                    db.execute(
                         select(SchedulingSession.status, func.count()).group_by(
                             SchedulingSession.status
                         )
@@ -199,9 +199,9 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
             console.print("[red]the demo did not finish in time[/red]")
             return 1
 
-    with session_scope() as s:
-        sessions = queries.list_sessions(s, limit=1000)
-        jobs = queries.list_jobs(s, limit=10000)
+    with transaction() as db:
+        sessions = queries.list_sessions(db, limit=1000)
+        jobs = queries.list_jobs(db, limit=10000)
     print_summary(console, sessions, jobs)
     console.print(f"outputs:     {settings.output_dir}")
     console.print(f"look around: DCM_HOME={home} dcm-scheduler sessions | jobs | show SESSION_ID")

@@ -25,7 +25,7 @@ from sqlalchemy import case, or_, select, update
 from scheduler.config import Settings, get_settings
 from scheduler.emission import create_sessions
 from scheduler.leases import lease
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import RECEIVING, STABLE, Patient, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,11 @@ def detect(settings: Settings | None = None, now: datetime | None = None) -> Det
 def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
     model, uid_column = LEVELS[level]
     claimed: list[Claimed] = []
-    with session_scope() as session:
+    with transaction() as db:
         # Lock what we claim (PostgreSQL; SQLite holds its write lock from
         # BEGIN): the rows cannot change before the UPDATE below, and a row
         # that another detector or an ingest holds is left for the next run.
-        rows = session.execute(
+        rows = db.execute(
             select(
                 model.id,
                 uid_column,
@@ -101,7 +101,7 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
         changed = or_(
             model.stable_fingerprint.is_(None), model.stable_fingerprint != model.fingerprint
         )
-        session.execute(
+        db.execute(
             update(model)
             .where(model.id.in_([row[0] for row in rows]))
             .values(
@@ -121,7 +121,7 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
             if changed_now:
                 fresh.append(item)
         created = create_sessions(
-            session,
+            db,
             [
                 {
                     "event": event,

@@ -122,11 +122,11 @@ def check_services(settings: Settings) -> Check:
 def check_workers(settings: Settings) -> Check:
     from celeryconfig import PLANNING_QUEUE
     from scheduler.scheduling import current_registry
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from workers_bridge.presence import live_channels
 
-    with session_scope() as session:
-        live = live_channels(session)
+    with transaction() as db:
+        live = live_channels(db)
     needed = {PLANNING_QUEUE} | {job.channel for job in current_registry(settings).jobs()}
     missing = sorted(needed - live)
     if missing:
@@ -145,12 +145,12 @@ def check_beat(settings: Settings) -> Check:
     """Beat renews a lease while it runs (scheduler.beat): no lease, or one
     that lapsed, means nothing detects new data or re-sends lost messages."""
     from scheduler.beat import BEAT_LEASE
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import Lease, utcnow
 
     start = "start it: celery -A scheduler beat (or dcm-scheduler run on one machine)"
-    with session_scope() as session:
-        row = session.get(Lease, BEAT_LEASE)
+    with transaction() as db:
+        row = db.get(Lease, BEAT_LEASE)
         expires, holder = (row.expires_at, row.holder) if row is not None else (None, "")
     if expires is None:
         return Check("beat", PROBLEM, "beat has never run against this store", start)
@@ -168,14 +168,14 @@ def check_beat(settings: Settings) -> Check:
 
 def check_backlog(settings: Settings) -> Check:
     """Work that should have moved and did not: beat or the re-sender may be down."""
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import Job, SchedulingSession, utcnow
 
     now = utcnow()
     old = now - timedelta(seconds=max(settings.resend_after, 120))
-    with session_scope() as session:
+    with transaction() as db:
         planning = (
-            session.scalar(
+            db.scalar(
                 select(func.count())
                 .select_from(SchedulingSession)
                 .where(SchedulingSession.status == "planning", SchedulingSession.created_at < old)
@@ -183,7 +183,7 @@ def check_backlog(settings: Settings) -> Check:
             or 0
         )
         stale = (
-            session.scalar(
+            db.scalar(
                 select(func.count())
                 .select_from(Job)
                 .where(

@@ -27,14 +27,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from scheduler.planning import Plan
-from scheduler.store.db import insert_for, rowcount, session_scope
+from scheduler.store.db import insert_for, rowcount, transaction
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
 
 def create_session(
-    session: Session,
+    db: Session,
     *,
     event: str,
     level: str,
@@ -55,11 +55,11 @@ def create_session(
         "trigger": trigger,
         "last_instance_id": last_instance_id,
     }
-    return create_sessions(session, [candidate], now).get(uid)
+    return create_sessions(db, [candidate], now).get(uid)
 
 
 def create_sessions(
-    session: Session, candidates: Sequence[dict[str, Any]], now: datetime | None = None
+    db: Session, candidates: Sequence[dict[str, Any]], now: datetime | None = None
 ) -> dict[str, str]:
     """Insert the ``planning`` sessions of many candidates (dicts of ``event``,
     ``level``, ``uid``, ``fingerprint``, ``revision`` and optionally
@@ -67,7 +67,7 @@ def create_sessions(
     session id for those whose idempotency key was new."""
     if not candidates:
         return {}
-    insert = insert_for(session)
+    insert = insert_for(db)
     now = now or utcnow()
     rows = [
         {
@@ -89,7 +89,7 @@ def create_sessions(
     )
     # SQLAlchemy sends an executemany with RETURNING as batched multi-row
     # INSERTs ("insertmanyvalues") with one cached compiled statement.
-    return {uid: session_id for uid, session_id in session.execute(statement, rows)}
+    return {uid: session_id for uid, session_id in db.execute(statement, rows)}
 
 
 def session_dir(output_dir: Path, session_id: str) -> Path:
@@ -97,7 +97,7 @@ def session_dir(output_dir: Path, session_id: str) -> Path:
 
 
 def write_plan(
-    session: Session,
+    db: Session,
     session_id: str,
     plan: Plan,
     headers: dict[str, Any],
@@ -110,7 +110,7 @@ def write_plan(
     ``job_ids`` (jobName → id) lets the caller choose the ids."""
     now = now or utcnow()
     status = "running" if plan.jobs else "empty"
-    claimed = session.execute(
+    claimed = db.execute(
         update(SchedulingSession)
         .where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
         .values(
@@ -159,7 +159,7 @@ def write_plan(
             }
         )
     if rows:
-        session.execute(insert_statement(Job), rows)
+        db.execute(insert_statement(Job), rows)
     edges = [
         {
             "job_id": ids[e.job],
@@ -169,7 +169,7 @@ def write_plan(
         for e in plan.edges
     ]
     if edges:
-        session.execute(insert_statement(JobDependency), edges)
+        db.execute(insert_statement(JobDependency), edges)
     return [ids[name] for name, count in pending.items() if count == 0]
 
 
@@ -230,10 +230,10 @@ def dispatch(jobs: Sequence[str | ReadyJob], countdown: float | None = None) -> 
     known = [job for job in jobs if isinstance(job, ReadyJob)]
     ids = [job for job in jobs if isinstance(job, str)]
     if ids:
-        with session_scope() as session:
+        with transaction() as db:
             known.extend(
                 ReadyJob(*row)
-                for row in session.execute(
+                for row in db.execute(
                     select(
                         Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position
                     ).where(Job.id.in_(ids), Job.status == "queued")
@@ -254,8 +254,8 @@ def send_ready(jobs: Sequence[ReadyJob], countdown: float | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any broker failure: leave it to the re-sender
         log.warning("broker unavailable, %d job(s) left for the re-sender: %s", len(jobs), exc)
         return 0
-    with session_scope() as session:
-        session.execute(
+    with transaction() as db:
+        db.execute(
             update(Job).where(Job.id.in_([j.id for j in jobs])).values(dispatched_at=utcnow())
         )
     return len(jobs)

@@ -64,7 +64,7 @@ def candidate_query(level: str, uid: str) -> Any:
 
 
 def build_headers(
-    session: Session,
+    db: Session,
     level: str,
     uid: str,
     fields: Iterable[str] | None = None,
@@ -80,7 +80,7 @@ def build_headers(
     query = candidate_query(level, uid)
     if up_to is not None:
         query = query.where(Instance.id <= up_to)
-    rows = session.execute(query).all()
+    rows = db.execute(query).all()
     if not rows:
         raise UnknownCandidateError(f"no {level} {uid!r} in the store")
     patient = rows[0][0]

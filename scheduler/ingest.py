@@ -90,7 +90,7 @@ def _to_item(raw: InstanceItem | Dataset | dict[str, Any]) -> InstanceItem:
     return item_from_mapping(tags, str(raw.get("location", "")), raw.get("source_id"))
 
 
-def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]], key: str) -> list[Any]:
+def _insert_ignore(db: Session, model: Any, rows: list[dict[str, Any]], key: str) -> list[Any]:
     """Insert rows whose ``key`` is not present yet; returns the keys inserted."""
     if not rows:
         return []
@@ -99,18 +99,18 @@ def _insert_ignore(session: Session, model: Any, rows: list[dict[str, Any]], key
     for row in rows:
         unique.setdefault(row[key], row)
     rows = list(unique.values())
-    insert = insert_for(session)
+    insert = insert_for(db)
     statement = insert(model).on_conflict_do_nothing(index_elements=[key])
     column = getattr(model, key)
-    return list(session.scalars(statement.returning(column), rows))
+    return list(db.scalars(statement.returning(column), rows))
 
 
-def _ids(session: Session, column: Any, keys: Iterable[str]) -> dict[str, int]:
+def _ids(db: Session, column: Any, keys: Iterable[str]) -> dict[str, int]:
     keys = list(set(keys))
     if not keys:
         return {}
     model = column.class_
-    rows = session.execute(select(column, model.id).where(column.in_(keys)))
+    rows = db.execute(select(column, model.id).where(column.in_(keys)))
     return {key: pk for key, pk in rows}
 
 
@@ -127,7 +127,7 @@ def _new_resource(now: datetime, tags: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_instances(
-    session: Session,
+    db: Session,
     items: Iterable[InstanceItem | Dataset | dict[str, Any]],
     *,
     now: datetime | None = None,
@@ -154,7 +154,7 @@ def record_instances(
     if not batch:
         return result
 
-    present = set(_ids(session, Instance.sop_uid, batch))
+    present = set(_ids(db, Instance.sop_uid, batch))
     result.known += len(present)
     # One order for every ingest, so concurrent ones take locks alike.
     fresh = sorted(
@@ -165,14 +165,14 @@ def record_instances(
         return result
 
     _insert_ignore(
-        session,
+        db,
         Patient,
         [{"patient_id": i.patient_id, **_new_resource(now, i.patient_tags)} for i in fresh],
         "patient_id",
     )
-    patients = _ids(session, Patient.patient_id, (i.patient_id for i in fresh))
+    patients = _ids(db, Patient.patient_id, (i.patient_id for i in fresh))
     _insert_ignore(
-        session,
+        db,
         Study,
         [
             {"study_uid": i.study_uid, "patient_pk": patients[i.patient_id]}
@@ -181,9 +181,9 @@ def record_instances(
         ],
         "study_uid",
     )
-    studies = _ids(session, Study.study_uid, (i.study_uid for i in fresh))
+    studies = _ids(db, Study.study_uid, (i.study_uid for i in fresh))
     _insert_ignore(
-        session,
+        db,
         Series,
         [
             {"series_uid": i.series_uid, "study_pk": studies[i.study_uid]}
@@ -192,7 +192,7 @@ def record_instances(
         ],
         "series_uid",
     )
-    series = _ids(session, Series.series_uid, (i.series_uid for i in fresh))
+    series = _ids(db, Series.series_uid, (i.series_uid for i in fresh))
     touched_series = {series[i.series_uid] for i in fresh}
     touched_studies = {studies[i.study_uid] for i in fresh}
     touched_patients = {patients[i.patient_id] for i in fresh}
@@ -206,7 +206,7 @@ def record_instances(
         (Study, touched_studies),
         (Patient, touched_patients),
     ):
-        _lock(session, model, pks)
+        _lock(db, model, pks)
     rows = [
         {
             "sop_uid": i.sop_uid,
@@ -219,24 +219,24 @@ def record_instances(
         for i in fresh
     ]
     # A concurrent ingest may have recorded some of them first.
-    result.recorded = len(_insert_ignore(session, Instance, rows, "sop_uid"))
+    result.recorded = len(_insert_ignore(db, Instance, rows, "sop_uid"))
     result.known += len(fresh) - result.recorded
 
-    _refresh(session, Series, Instance.series_pk, touched_series, now, joins=())
-    _refresh(session, Study, Series.study_pk, touched_studies, now, joins=(Series,))
-    _refresh(session, Patient, Study.patient_pk, touched_patients, now, joins=(Series, Study))
+    _refresh(db, Series, Instance.series_pk, touched_series, now, joins=())
+    _refresh(db, Study, Series.study_pk, touched_studies, now, joins=(Series,))
+    _refresh(db, Patient, Study.patient_pk, touched_patients, now, joins=(Series, Study))
     return result
 
 
-def _lock(session: Session, model: Any, pks: set[int]) -> None:
+def _lock(db: Session, model: Any, pks: set[int]) -> None:
     # NO KEY UPDATE: compatible with the KEY SHARE locks our own FK inserts take.
-    session.execute(
+    db.execute(
         select(model.id).where(model.id.in_(pks)).order_by(model.id).with_for_update(key_share=True)
     )
 
 
 def _refresh(
-    session: Session,
+    db: Session,
     model: Any,
     owner: Any,
     pks: set[int],
@@ -255,13 +255,13 @@ def _refresh(
     uids: dict[int, list[str]] = {pk: [] for pk in pks}
     first: dict[int, datetime] = {}
     newest: dict[int, int] = {}
-    for pk, uid, received, instance_id in session.execute(query.where(owner.in_(pks))):
+    for pk, uid, received, instance_id in db.execute(query.where(owner.in_(pks))):
         uids[pk].append(uid)
         if pk not in first or received < first[pk]:
             first[pk] = received
         newest[pk] = max(newest.get(pk, 0), instance_id)
     for pk, members in uids.items():
-        session.execute(
+        db.execute(
             update(model)
             .where(model.id == pk)
             .values(
@@ -398,7 +398,7 @@ def _read_all(files: list[Path], readers: int) -> Iterator[InstanceItem | Reject
 
 
 def ingest_paths(
-    session_scope: Callable[[], Any],
+    transaction: Callable[[], Any],
     paths: Sequence[Path],
     *,
     recursive: bool = False,
@@ -418,8 +418,8 @@ def ingest_paths(
 
     def flush() -> None:
         if items:
-            with session_scope() as session:
-                total.add(record_instances(session, items))
+            with transaction() as db:
+                total.add(record_instances(db, items))
             items.clear()
 
     files: list[Path] = []

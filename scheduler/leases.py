@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, or_, update
 from sqlalchemy.orm import Session
 
-from scheduler.store.db import insert_for, rowcount, session_scope
+from scheduler.store.db import insert_for, rowcount, transaction
 from scheduler.store.models import Lease, utcnow
 
 
@@ -28,11 +28,11 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def take(session: Session, name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
+def take(db: Session, name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
     """Take the lease in the caller's transaction (held once it commits): one
     statement that inserts it, or takes it over when it lapsed or is ours."""
     now = now or utcnow()
-    insert = insert_for(session)
+    insert = insert_for(db)
     statement = insert(Lease).values(
         name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)
     )
@@ -41,23 +41,23 @@ def take(session: Session, name: str, ttl: float, holder: str, now: datetime | N
         set_={"holder": holder, "expires_at": statement.excluded.expires_at},
         where=or_(Lease.expires_at < now, Lease.holder == holder),
     )
-    return session.execute(statement.returning(Lease.name)).first() is not None
+    return db.execute(statement.returning(Lease.name)).first() is not None
 
 
-def drop(session: Session, name: str, holder: str) -> None:
+def drop(db: Session, name: str, holder: str) -> None:
     """Delete a one-off lease (``plan:<session>``) in the caller's transaction:
     leases named after something that ends leave no row behind."""
-    session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+    db.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
 
 
 def acquire(name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
-    with session_scope() as session:
-        return take(session, name, ttl, holder, now)
+    with transaction() as db:
+        return take(db, name, ttl, holder, now)
 
 
 def release(name: str, holder: str) -> None:
-    with session_scope() as session:
-        session.execute(
+    with transaction() as db:
+        db.execute(
             update(Lease)
             .where(Lease.name == name, Lease.holder == holder)
             .values(holder="", expires_at=utcnow() - timedelta(seconds=1))
@@ -77,8 +77,8 @@ def lease(name: str, ttl: float) -> Iterator[bool]:
 
 
 def renew(name: str, holder: str, ttl: float) -> bool:
-    with session_scope() as session:
-        kept = session.execute(
+    with transaction() as db:
+        kept = db.execute(
             update(Lease)
             .where(Lease.name == name, Lease.holder == holder)
             .values(expires_at=utcnow() + timedelta(seconds=ttl))

@@ -24,7 +24,7 @@ from scheduler.config import Settings, get_settings
 from scheduler.dicom import NotDicomError
 from scheduler.ingest import record_instances
 from scheduler.leases import lease
-from scheduler.store.db import insert_for, session_scope
+from scheduler.store.db import insert_for, transaction
 from scheduler.store.models import Cursor, utcnow
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,15 @@ def cursor_name(base_url: str) -> str:
     return f"orthanc:{base_url}"
 
 
-def read_cursor(session: Session, name: str) -> int:
-    row = session.get(Cursor, name)
+def read_cursor(db: Session, name: str) -> int:
+    row = db.get(Cursor, name)
     return int(row.value) if row and row.value else 0
 
 
-def save_cursor(session: Session, name: str, seq: int) -> None:
-    insert = insert_for(session)
+def save_cursor(db: Session, name: str, seq: int) -> None:
+    insert = insert_for(db)
     now = utcnow()
-    session.execute(
+    db.execute(
         insert(Cursor)
         .values(name=name, value=str(seq), updated_at=now)
         .on_conflict_do_update(index_elements=["name"], set_={"value": str(seq), "updated_at": now})
@@ -108,8 +108,8 @@ def _follow(
     own_client = client is None
     client = client or httpx.Client(auth=auth, timeout=TIMEOUT)
     try:
-        with session_scope() as session:
-            report.seq = read_cursor(session, name)
+        with transaction() as db:
+            report.seq = read_cursor(db, name)
         for _ in range(max_batches):
             response = client.get(f"{base}/changes", params={"since": report.seq, "limit": BATCH})
             response.raise_for_status()
@@ -126,9 +126,9 @@ def _follow(
                     # Deleted from Orthanc before we read it: skip, never stall.
                     report.rejected.append(f"{base}/instances/{change['ID']}: gone (404)")
             last = int(feed.get("Last", report.seq))
-            with session_scope() as session:
-                result = record_instances(session, items)
-                save_cursor(session, name, last)
+            with transaction() as db:
+                result = record_instances(db, items)
+                save_cursor(db, name, last)
             report.recorded += result.recorded
             report.known += result.known
             report.rejected += [f"{r.location}: {r.reason}" for r in result.rejected]

@@ -82,12 +82,12 @@ def _attempt_entry(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dependency_names(session: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:
+def dependency_names(db: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:
     """job id → names of the jobs it depends on."""
     if not job_ids:
         return {}
     upstream = aliased(Job)
-    rows = session.execute(
+    rows = db.execute(
         select(JobDependency.job_id, upstream.job_name)
         .join(upstream, upstream.id == JobDependency.depends_on_id)
         .where(JobDependency.job_id.in_(list(job_ids)))
@@ -100,7 +100,7 @@ def dependency_names(session: Session, job_ids: Sequence[str]) -> dict[str, list
 
 
 def list_sessions(
-    session: Session,
+    db: Session,
     *,
     status: str | None = None,
     uid: str | None = None,
@@ -118,12 +118,12 @@ def list_sessions(
         query = query.where(SchedulingSession.event == event)
     if since:
         query = query.where(SchedulingSession.created_at >= since)
-    rows = session.scalars(query.limit(limit).offset(offset))
+    rows = db.scalars(query.limit(limit).offset(offset))
     return [session_json(row) for row in rows]
 
 
 def list_jobs(
-    session: Session,
+    db: Session,
     *,
     session_id: str | None = None,
     status: str | None = None,
@@ -140,31 +140,31 @@ def list_jobs(
         query = query.where(Job.status == status)
     if job_name:
         query = query.where(Job.job_name == job_name)
-    rows = list(session.scalars(query.limit(limit).offset(offset)))
-    deps = dependency_names(session, [row.id for row in rows])
+    rows = list(db.scalars(query.limit(limit).offset(offset)))
+    deps = dependency_names(db, [row.id for row in rows])
     return [job_json(row, deps.get(row.id, ())) for row in rows]
 
 
-def show_session(session: Session, session_id: str) -> dict[str, Any]:
+def show_session(db: Session, session_id: str) -> dict[str, Any]:
     """The session with its ``trace`` and ``jobs`` (``show --json``)."""
-    row = session.get(SchedulingSession, resolve_session_id(session, session_id))
+    row = db.get(SchedulingSession, resolve_session_id(db, session_id))
     assert row is not None
     document = session_json(row)
     document["trace"] = row.trace
     document["added_params"] = row.added_params
-    document["jobs"] = list_jobs(session, session_id=row.id)
+    document["jobs"] = list_jobs(db, session_id=row.id)
     return document
 
 
-def resolve_session_id(session: Session, given: str) -> str:
+def resolve_session_id(db: Session, given: str) -> str:
     """The full id of a session given by id or by a unique prefix (operators
     paste the short ids the tables print)."""
-    if session.get(SchedulingSession, given) is not None:
+    if db.get(SchedulingSession, given) is not None:
         return given
     if len(given) < 4:
         raise NotFoundError(f"no session {given!r}")
     ids = list(
-        session.scalars(
+        db.scalars(
             select(SchedulingSession.id).where(SchedulingSession.id.startswith(given)).limit(2)
         )
     )
@@ -193,13 +193,13 @@ def stages(jobs: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [grouped[key] for key in sorted(grouped)]
 
 
-def list_workers(session: Session) -> list[dict[str, Any]]:
+def list_workers(db: Session) -> list[dict[str, Any]]:
     """Workers seen, newest heartbeat first, with their age and liveness."""
     from workers_bridge.presence import live_after
 
     now = utcnow()
     threshold = live_after(now)
-    rows = session.scalars(select(Worker).order_by(Worker.last_heartbeat.desc()))
+    rows = db.scalars(select(Worker).order_by(Worker.last_heartbeat.desc()))
     return [
         {
             "hostname": row.hostname,

@@ -1013,17 +1013,17 @@ def load_registry(
     return _registry(drafts, header_fields)
 
 
-def sync_services(session: Session, registry: Registry) -> None:
+def sync_services(db: Session, registry: Registry) -> None:
     """Record a load in ``services``: loaded services enabled, broken ones
     disabled with their problems, services no longer found disabled."""
     now = utcnow()
-    rows = {row.name: row for row in session.scalars(select(Service))}
+    rows = {row.name: row for row in db.scalars(select(Service))}
 
     def upsert(service: ServiceDefinition, error: str | None) -> None:
         row = rows.get(service.name)
         if row is None:
             row = rows[service.name] = Service(name=service.name)
-            session.add(row)
+            db.add(row)
         row.version = service.version
         row.source = str(service.source) if service.source != Path() else ""
         row.content_hash = service.content_hash
@@ -1049,4 +1049,4 @@ def sync_services(session: Session, registry: Registry) -> None:
         if name not in seen:
             row.enabled = False
             row.error = "no longer found on the services path"
-    session.flush()
+    db.flush()

@@ -19,7 +19,7 @@ from sqlalchemy import and_, or_, select
 from scheduler.config import Settings, get_settings
 from scheduler.emission import dispatch
 from scheduler.scheduling import send_plans
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, iso, utcnow
 from workers_bridge.release import Ending
 from workers_bridge.runner import finish
@@ -46,16 +46,16 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
     report = ResendReport()
     stale_dispatch = now - timedelta(seconds=settings.resend_after)
     silent = now - timedelta(seconds=3 * settings.heartbeat_interval)
-    with session_scope() as session:
+    with transaction() as db:
         being_planned = {
             name.removeprefix("plan:")
-            for name in session.scalars(
+            for name in db.scalars(
                 select(Lease.name).where(Lease.name.startswith("plan:"), Lease.expires_at > now)
             )
         }
         planning = [
             session_id
-            for session_id in session.scalars(
+            for session_id in db.scalars(
                 select(SchedulingSession.id).where(
                     SchedulingSession.status == "planning",
                     SchedulingSession.created_at
@@ -65,7 +65,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
             if session_id not in being_planned
         ]
         ready = list(
-            session.scalars(
+            db.scalars(
                 select(Job.id).where(
                     Job.status == "queued",
                     Job.pending_deps == 0,
@@ -77,7 +77,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
                 )
             )
         )
-        lost = session.execute(
+        lost = db.execute(
             select(Job.id, Job.attempts, Job.worker, Job.heartbeat_at).where(
                 Job.status == "running", Job.heartbeat_at < silent
             )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from scheduler.config import Settings, get_settings
 from scheduler.detection import LEVELS as RESOURCE_LEVELS
@@ -33,7 +34,7 @@ from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.planning import Plan, make_callback_runner, plan
 from scheduler.registry import Registry, code_stamp, load_registry
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ def compute_plan(
     settings = get_settings()
     registry = current_registry(settings)
     if inputs is None:
-        with session_scope() as session:
-            inputs = read_inputs(session, level, uid, settings, registry)
+        with transaction() as db:
+            inputs = read_inputs(db, level, uid, settings, registry)
     headers, live = inputs
     context = {
         "session_id": session_id,
@@ -186,7 +187,7 @@ def trace_left_out_services(result: Plan, registry: Registry) -> None:
 
 
 def read_inputs(
-    session: Any,
+    db: Session,
     level: str,
     uid: str,
     settings: Settings,
@@ -199,8 +200,8 @@ def read_inputs(
     from workers_bridge.presence import live_channels
 
     fields = header_fields(settings, registry)
-    headers = build_headers(session, level, uid, fields, up_to=up_to)
-    return headers, live_channels(session)
+    headers = build_headers(db, level, uid, fields, up_to=up_to)
+    return headers, live_channels(db)
 
 
 def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
@@ -254,12 +255,12 @@ def plan_session(session_id: str) -> Planned | None:
     inputs: tuple[dict[str, Any], set[str]] | None = None
     error = ""
     taken_at = time.monotonic()
-    with session_scope() as session:
+    with transaction() as db:
         # Lease first, then the status: read after the lease, the status is
         # never one that a planner which just finished has already changed.
-        if not take(session, name, PLAN_LEASE_TTL, holder):
+        if not take(db, name, PLAN_LEASE_TTL, holder):
             return None
-        row = session.execute(
+        row = db.execute(
             select(
                 SchedulingSession.level,
                 SchedulingSession.uid,
@@ -269,11 +270,11 @@ def plan_session(session_id: str) -> Planned | None:
             ).where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
         ).first()
         if row is None:
-            drop(session, name, holder)
+            drop(db, name, holder)
             return None
         level, uid, event, revision, last_instance = row
         try:
-            inputs = read_inputs(session, level, uid, settings, registry, up_to=last_instance)
+            inputs = read_inputs(db, level, uid, settings, registry, up_to=last_instance)
         except UnknownCandidateError as exc:
             error = str(exc)
     planned = False
@@ -287,14 +288,14 @@ def plan_session(session_id: str) -> Planned | None:
                 level, uid, event, revision=revision, session_id=session_id, inputs=inputs
             )
             ids = {job.definition.job_name: new_id() for job in result.jobs}
-            with session_scope() as session:
-                ready = write_plan(session, session_id, result, headers, job_ids=ids)
-                drop(session, name, holder)
+            with transaction() as db:
+                ready = write_plan(db, session_id, result, headers, job_ids=ids)
+                drop(db, name, holder)
             planned = True
     finally:
         if not planned:
-            with session_scope() as session:
-                drop(session, name, holder)
+            with transaction() as db:
+                drop(db, name, holder)
     if ready is None:
         return None
     # The planner knows what it just wrote: send it without reading it back.
@@ -304,8 +305,8 @@ def plan_session(session_id: str) -> Planned | None:
 
 
 def _fail_planning(session_id: str, message: str) -> None:
-    with session_scope() as session:
-        row = session.get(SchedulingSession, session_id)
+    with transaction() as db:
+        row = db.get(SchedulingSession, session_id)
         if row is not None and row.status == "planning":
             row.status, row.error, row.finished_at = "failed", message, utcnow()
 
@@ -322,15 +323,15 @@ class Snapshot:
 def current_fingerprint(level: str, uid: str) -> Snapshot:
     """The resource as it is now (for manual plans, triggers and pushes)."""
     model, column = RESOURCE_LEVELS[level]
-    with session_scope() as session:
-        row = session.execute(
+    with transaction() as db:
+        row = db.execute(
             select(model.fingerprint, model.revision, model.last_instance_id).where(column == uid)
         ).first()
         if row is None:
             raise UnknownCandidateError(f"no {level} {uid!r} in the store")
         fingerprint, revision, last_instance = row
         if not fingerprint or last_instance is None:  # recorded by an older version
-            instances = [i for *_rest, i in session.execute(candidate_query(level, uid))]
+            instances = [i for *_rest, i in db.execute(candidate_query(level, uid))]
             fingerprint = fingerprint_of(i.sop_uid for i in instances)
             last_instance = max((i.id for i in instances), default=None)
     return Snapshot(fingerprint, max(revision, 1), last_instance)
@@ -342,9 +343,9 @@ def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | Non
         raise ValueError(f"unknown level {level!r}")
     now = current_fingerprint(level, uid)
     trigger = uuid.uuid4().hex if manual else ""
-    with session_scope() as session:
+    with transaction() as db:
         return create_session(
-            session,
+            db,
             event=event,
             level=level,
             uid=uid,

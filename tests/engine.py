@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from scheduler import detection, queries, scheduling
 from scheduler.ingest import record_instances
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import SESSION_FINAL_STATUSES, SchedulingSession
 
 T = TypeVar("T")
@@ -38,8 +38,8 @@ def record_study(
         }
         for n in range(first, first + instances)
     ]
-    with session_scope() as session:
-        record_instances(session, items, now=now)
+    with transaction() as db:
+        record_instances(db, items, now=now)
 
 
 def wait_until(check: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
@@ -61,8 +61,8 @@ def detect_and_send() -> list[str]:
 
 
 def session_doc(session_id: str) -> dict[str, Any]:
-    with session_scope() as s:
-        return queries.show_session(s, session_id)
+    with transaction() as db:
+        return queries.show_session(db, session_id)
 
 
 def wait_session(session_id: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -104,9 +104,9 @@ def broker_state() -> dict[str, Any]:
 
 
 def sessions_of(uid: str) -> list[SchedulingSession]:
-    with session_scope() as s:
+    with transaction() as db:
         return list(
-            s.scalars(
+            db.scalars(
                 select(SchedulingSession)
                 .where(SchedulingSession.uid == uid)
                 .order_by(SchedulingSession.revision)

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from scheduler.api import create_app
 from scheduler.config import Settings, reset_settings
 from scheduler.redact import mask
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Instance, Job, SchedulingSession, utcnow
 from workers_bridge.presence import record_presence
 
@@ -211,8 +211,10 @@ def test_services_show_jobs_and_problems(client: TestClient, define: Define) -> 
 
 def test_workers_show_channels_and_heartbeat_age(client: TestClient) -> None:
     assert client.get("/api/workers").json() == []
-    with session_scope() as s:
-        record_presence(s, "celery@gpu-1", ["gpu", "default"], now=utcnow() - timedelta(seconds=90))
+    with transaction() as db:
+        record_presence(
+            db, "celery@gpu-1", ["gpu", "default"], now=utcnow() - timedelta(seconds=90)
+        )
     [row] = client.get("/api/workers").json()
     assert row["hostname"] == "celery@gpu-1"
     assert row["channels"] == ["default", "gpu"]
@@ -283,8 +285,8 @@ def test_writes_need_the_bearer_token(client: TestClient) -> None:
     assert wrong.status_code == 401 and "wrong" in wrong.json()["detail"]
     # The token is checked before the body: no hint about what is valid.
     assert client.post("/api/trigger", content=b"{not json").status_code == 401
-    with session_scope() as s:
-        assert s.query(SchedulingSession).count() == 0
+    with transaction() as db:
+        assert db.query(SchedulingSession).count() == 0
     assert TOKEN not in missing.text + wrong.text
 
 
@@ -510,8 +512,8 @@ def test_stable_patient_push_records_the_files_and_plans_a_patient_session(
     doc = response.json()
     assert doc["status"] == "accepted" and doc["created"] is True
     assert doc["patient_id"] == "1CT1" and doc["recorded"] == 2
-    assert [s["jobs"] for s in doc["sessions"]] == [["per-patient"]]
-    assert [Path(s["location"]).name for s in doc["skipped"]] == ["notes.txt"]
+    assert [db["jobs"] for db in doc["sessions"]] == [["per-patient"]]
+    assert [Path(db["location"]).name for db in doc["skipped"]] == ["notes.txt"]
 
     session = client.get(f"/api/sessions/{doc['session_id']}").json()
     assert (session["event"], session["level"], session["uid"]) == (
@@ -524,8 +526,8 @@ def test_stable_patient_push_records_the_files_and_plans_a_patient_session(
     [job] = session["jobs"]
     assert job["job_name"] == "per-patient" and job["result"]["uid"] == "1CT1"
     assert session["trace"]["jobs"]["per-study"]["scheduled"] is False
-    with session_scope() as s:
-        locations = sorted(s.scalars(select(Instance.location)))
+    with transaction() as db:
+        locations = sorted(db.scalars(select(Instance.location)))
     assert locations == sorted(str(p.resolve()) for p in series_dir.glob("*.dcm"))
 
     # Orthanc pushing the same data again (a restart, a retry) is the same session.
@@ -543,10 +545,10 @@ def test_stable_patient_without_planning_inline_leaves_queued_jobs(
         "/stable-patient", json=orthanc_push(dataset, "p2", "st2", "s2"), headers=AUTH
     )
     assert response.status_code == 200, response.text
-    with session_scope() as s:
-        row = s.get(SchedulingSession, response.json()["session_id"])
+    with transaction() as db:
+        row = db.get(SchedulingSession, response.json()["session_id"])
         assert row is not None and (row.uid, row.status) == ("4MR1", "running")
-        jobs = list(s.scalars(select(Job).where(Job.session_id == row.id)))
+        jobs = list(db.scalars(select(Job).where(Job.session_id == row.id)))
     assert [(j.job_name, j.status) for j in jobs] == [("per-patient", "queued")]
 
 
@@ -590,8 +592,8 @@ def test_stable_patient_accepts_listed_instances_and_lenient_keys(
     doc = response.json()
     assert doc["patient_id"] == "P-LISTED" and doc["recorded"] == 2
     assert doc["skipped"][0]["location"].endswith("missing.dcm")
-    with session_scope() as s:
-        rows = list(s.scalars(select(Instance).order_by(Instance.sop_uid)))
+    with transaction() as db:
+        rows = list(db.scalars(select(Instance).order_by(Instance.sop_uid)))
     assert [(i.sop_uid, i.location) for i in rows] == [
         ("5.1.1.1", f"{data_root.resolve()}/5.1.1/1.dcm"),
         ("5.1.1.2", f"{data_root.resolve()}/5.1.1/2.dcm"),
@@ -645,13 +647,13 @@ def test_stable_patient_bodies_that_describe_nothing_are_refused(
     response = client.post("/stable-patient", json=body, headers=AUTH)
     assert response.status_code == code, response.text
     assert reason in str(response.json())
-    with session_scope() as s:
-        assert s.query(SchedulingSession).count() == 0
+    with transaction() as db:
+        assert db.query(SchedulingSession).count() == 0
 
 
 def _recorded() -> int:
-    with session_scope() as s:
-        return s.query(Instance).count()
+    with transaction() as db:
+        return db.query(Instance).count()
 
 
 @pytest.fixture
@@ -737,8 +739,8 @@ def test_listed_locations_are_kept_as_http_urls_or_resolved_paths(
     body = {"id": "p", "series": [series | {"instances": instances}]}
     response = client.post("/stable-patient", json=body, headers=AUTH)
     assert response.status_code == 200, response.text
-    with session_scope() as s:
-        rows = dict(s.execute(select(Instance.sop_uid, Instance.location)).all())
+    with transaction() as db:
+        rows = dict(db.execute(select(Instance.sop_uid, Instance.location)).all())
     assert rows == {"9.9.8.1": f"{data_root.resolve()}/a/1.dcm", "9.9.8.2": url}
 
 

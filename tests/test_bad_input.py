@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from scheduler.ingest import fingerprint, ingest_paths, record_instances
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Instance, Patient, Series, Study
 from workers_bridge.process import OUTPUT_TAIL_BYTES, execute
 
@@ -27,7 +27,7 @@ def test_truncated_dicom_is_rejected_with_its_reason_and_the_batch_goes_on(
     (tmp_path / "truncated.dcm").write_bytes(data[:400])  # cut inside the header
     (tmp_path / "whole.dcm").write_bytes(data)
     result = ingest_paths(
-        functools.partial(session_scope, store_url),
+        functools.partial(transaction, store_url),
         [tmp_path / "truncated.dcm", tmp_path / "whole.dcm"],
     )
     assert result.recorded == 1
@@ -43,11 +43,11 @@ def test_non_ascii_and_very_long_values_are_recorded_safely(store_url: str, tmp_
     dataset.StudyDescription = "x" * 5000
     dataset.SeriesDescription = "contrast\x00\x00"
     dataset.save_as(tmp_path / "unicode.dcm")
-    assert ingest_paths(functools.partial(session_scope, store_url), [tmp_path]).recorded == 1
-    with session_scope(store_url) as s:
-        patient = s.scalars(select(Patient)).one()
-        study = s.scalars(select(Study)).one()
-        series = s.scalars(select(Series)).one()
+    assert ingest_paths(functools.partial(transaction, store_url), [tmp_path]).recorded == 1
+    with transaction(store_url) as db:
+        patient = db.scalars(select(Patient)).one()
+        study = db.scalars(select(Study)).one()
+        series = db.scalars(select(Series)).one()
         assert patient.tags["PatientName"] == "Müller^Jürgen=山田^太郎"
         assert len(study.tags["StudyDescription"]) == 1024  # cut, not rejected
         assert series.tags["SeriesDescription"] == "contrast"
@@ -58,20 +58,20 @@ def test_ten_thousand_instances_in_one_series(store_url: str) -> None:
     base = {"PatientID": "BIG", "StudyInstanceUID": "9.9", "SeriesInstanceUID": "9.9.1"}
     uids = [f"9.9.1.{n}" for n in range(10_000)]
     for start in range(0, len(uids), 1000):
-        with session_scope(store_url) as s:
+        with transaction(store_url) as db:
             record_instances(
-                s,
+                db,
                 [
                     base | {"SOPInstanceUID": uid, "location": f"/big/{uid}.dcm"}
                     for uid in uids[start : start + 1000]
                 ],
             )
-    with session_scope(store_url) as s:
-        series = s.scalars(select(Series)).one()
+    with transaction(store_url) as db:
+        series = db.scalars(select(Series)).one()
         assert series.instance_count == 10_000
         assert series.fingerprint == fingerprint(uids)
-        assert s.scalars(select(Study.instance_count)).one() == 10_000
-        assert len(list(s.scalars(select(Instance.id)))) == 10_000
+        assert db.scalars(select(Study.instance_count)).one() == 10_000
+        assert len(list(db.scalars(select(Instance.id)))) == 10_000
 
 
 def attempt(params: dict[str, Any], timeout: float = 30) -> Any:

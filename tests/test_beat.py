@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scheduler.beat import BEAT_LEASE
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Lease, utcnow
 
 from .conftest import base_environment
@@ -25,8 +25,8 @@ def test_beat_starts_without_its_home_folder_and_renews_its_lease(
         try:
 
             def alive() -> bool:
-                with session_scope() as s:
-                    row = s.get(Lease, BEAT_LEASE)
+                with transaction() as db:
+                    row = db.get(Lease, BEAT_LEASE)
                     return row is not None and row.expires_at > utcnow()
 
             wait_until(alive, timeout=60, what="beat to record that it is alive")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app as cli
 from scheduler.config import Settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, utcnow
 
 from .conftest import Define
@@ -131,8 +131,8 @@ def test_plan_dry_run_prints_the_trace_and_writes_nothing(
     doc = run_json("plan", "--study", "8.1", "--dry-run")
     assert doc["jobs"] == ["x"] and doc["dry_run"] is True
     assert doc["trace"]["jobs"]["x"]["scheduled"] is True
-    with session_scope() as s:
-        assert s.query(SchedulingSession).count() == 0
+    with transaction() as db:
+        assert db.query(SchedulingSession).count() == 0
     assert "no registryEntry: always scheduled" in run("plan", "--study", "8.1", "--dry-run").stdout
 
 
@@ -159,8 +159,8 @@ def test_plan_twice_is_a_no_op_the_second_time(
         app.conf.task_always_eager = False
     assert first["jobs"] == ["x"]
     assert "already planned" in second.stdout
-    with session_scope() as s:
-        assert s.query(SchedulingSession).count() == 1
+    with transaction() as db:
+        assert db.query(SchedulingSession).count() == 1
 
 
 def test_services_validate_exits_1_and_names_the_problem(env: Settings, tmp_path: Path) -> None:

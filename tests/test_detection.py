@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from scheduler import detection
 from scheduler.config import Settings, get_settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, Study, utcnow
 
 from .conftest import Define
@@ -30,8 +30,8 @@ def test_a_study_is_stable_only_after_stable_age(env: Settings) -> None:
     assert [(c.level, c.uid, c.revision, c.event) for c in run.claimed] == [
         ("study", "1.1", 1, "study.stable")
     ]
-    with session_scope() as s:
-        assert s.scalar(select(Study.state)) == "stable"
+    with transaction() as db:
+        assert db.scalar(select(Study.state)) == "stable"
 
 
 def test_detecting_twice_creates_exactly_one_session(env: Settings) -> None:
@@ -54,8 +54,8 @@ def test_concurrent_claims_without_the_lock_still_make_one_session_per_study(
         runs = list(pool.map(lambda _: detection.claim_level("study", cutoff), range(4)))
     claimed = [c.uid for run in runs for c in run]
     assert sorted(claimed) == sorted(f"2.{n}" for n in range(30))  # each claimed once
-    with session_scope() as s:
-        assert s.scalar(select(func.count()).select_from(SchedulingSession)) == 30
+    with transaction() as db:
+        assert db.scalar(select(func.count()).select_from(SchedulingSession)) == 30
 
 
 def test_two_detect_processes_at_once_create_one_session_per_study(
@@ -79,8 +79,8 @@ def test_two_detect_processes_at_once_create_one_session_per_study(
         assert all(p.returncode == 0 for p in processes)
         claimed = [c["uid"] for out in outputs for c in out["claimed"]]
         assert sorted(claimed) == sorted(f"3.{n}" for n in range(40))
-        with session_scope() as s:
-            assert s.scalar(select(func.count()).select_from(SchedulingSession)) == 40
+        with transaction() as db:
+            assert db.scalar(select(func.count()).select_from(SchedulingSession)) == 40
 
 
 def test_a_late_instance_gives_a_new_revision(env: Settings) -> None:
@@ -88,11 +88,11 @@ def test_a_late_instance_gives_a_new_revision(env: Settings) -> None:
     record_study("4.1", now=t0)
     detection.detect()
     record_study("4.1", instances=1, first=10, now=t0 + timedelta(seconds=100))
-    with session_scope() as s:
-        assert s.scalar(select(Study.state)) == "receiving"
+    with transaction() as db:
+        assert db.scalar(select(Study.state)) == "receiving"
     run = detection.detect()
     assert [(c.uid, c.revision) for c in run.claimed] == [("4.1", 2)]
-    revisions = [(s.revision, s.fingerprint) for s in sessions_of("4.1")]
+    revisions = [(db.revision, db.fingerprint) for db in sessions_of("4.1")]
     assert [r for r, _ in revisions] == [1, 2]
     assert revisions[0][1] != revisions[1][1]
 

@@ -10,7 +10,7 @@ from celery.signals import task_postrun
 from sqlalchemy import select
 
 from scheduler.config import Settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Job, utcnow
 from workers_bridge.tasks import run_job
 
@@ -32,8 +32,8 @@ def start(uid: str) -> str:
 
 
 def job_status(session_id: str, name: str) -> str | None:
-    with session_scope() as s:
-        return s.scalar(
+    with transaction() as db:
+        return db.scalar(
             select(Job.status).where(Job.session_id == session_id, Job.job_name == name)
         )
 
@@ -151,8 +151,8 @@ def test_the_same_task_delivered_twice_runs_the_worker_once(
     define([job("once", params={"calls": str(calls), "wait_for": str(gate)})])
     session_id = start("10.6")
     wait_until(lambda: calls_of(calls, "once") == 1, what="the first delivery to start")
-    with session_scope() as s:
-        job_id = s.scalars(select(Job.id).where(Job.session_id == session_id)).one()
+    with transaction() as db:
+        job_id = db.scalars(select(Job.id).where(Job.session_id == session_id)).one()
 
     duplicates: list[str] = []
 

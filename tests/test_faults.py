@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from scheduler import resender, scheduling
-from scheduler.store.db import init_db, session_scope
+from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Worker, utcnow
 
 from .conftest import Define, base_environment, require
@@ -57,9 +57,9 @@ class Cluster:
         self.processes.append(process)
 
         def present() -> bool:
-            with session_scope() as s:
+            with transaction() as db:
                 return (
-                    s.scalar(select(Worker.pid).where(Worker.hostname.startswith(f"{name}@")))
+                    db.scalar(select(Worker.pid).where(Worker.hostname.startswith(f"{name}@")))
                     == process.pid
                 )
 
@@ -354,15 +354,15 @@ def test_two_beats_and_two_planners_on_200_studies_make_one_session_each(
         thread.join()
 
     def all_done() -> bool:
-        with session_scope() as s:
-            statuses = list(s.scalars(select(Job.status)))
+        with transaction() as db:
+            statuses = list(db.scalars(select(Job.status)))
         return len(statuses) == 200 and all(st == "succeeded" for st in statuses)
 
     wait_until(all_done, timeout=300, what="200 sessions to finish")
     from scheduler.store.models import SchedulingSession
 
-    with session_scope() as s:
-        uids = list(s.scalars(select(SchedulingSession.uid)))
+    with transaction() as db:
+        uids = list(db.scalars(select(SchedulingSession.uid)))
     assert sorted(uids) == sorted(f"70.{n}" for n in range(200))
     lines = calls_file.read_text().splitlines()
     assert len(lines) == 200 and len({line.split()[1] for line in lines}) == 200

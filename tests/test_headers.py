@@ -7,7 +7,7 @@ import pytest
 from scheduler.config import Settings
 from scheduler.headers import UnknownCandidateError, build_headers
 from scheduler.ingest import record_instances
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 
 
 def record() -> None:
@@ -39,14 +39,14 @@ def record() -> None:
             "location": "/data/1.5/1/1.dcm",
         }
     ]
-    with session_scope() as s:
-        record_instances(s, items)
+    with transaction() as db:
+        record_instances(db, items)
 
 
 def test_headers_summarise_patient_studies_series_and_files(env: Settings) -> None:
     record()
-    with session_scope() as s:
-        headers = build_headers(s, "study", "1.5")
+    with transaction() as db:
+        headers = build_headers(db, "study", "1.5")
     assert headers["level"] == "study" and headers["uid"] == "1.5"
     assert headers["id"] == "PAT-1"
     assert headers["patient"]["PatientName"] == "Doe^Jane"
@@ -69,8 +69,8 @@ def test_headers_summarise_patient_studies_series_and_files(env: Settings) -> No
 
 def test_header_fields_limit_the_tags_but_keep_the_structure(env: Settings) -> None:
     record()
-    with session_scope() as s:
-        headers = build_headers(s, "study", "1.5", fields=["Modality"])
+    with transaction() as db:
+        headers = build_headers(db, "study", "1.5", fields=["Modality"])
     assert headers["patient"] == {}
     assert "id" not in headers  # PatientID was not allowed
     assert headers["studies"][0].keys() == {"StudyInstanceUID", "instance_count", "series"}
@@ -87,10 +87,10 @@ def test_header_fields_limit_the_tags_but_keep_the_structure(env: Settings) -> N
 
 def test_series_and_patient_candidates(env: Settings) -> None:
     record()
-    with session_scope() as s:
-        series = build_headers(s, "series", "1.5.2")
-        patient = build_headers(s, "patient", "PAT-1")
+    with transaction() as db:
+        series = build_headers(db, "series", "1.5.2")
+        patient = build_headers(db, "patient", "PAT-1")
         with pytest.raises(UnknownCandidateError, match="no study '9'"):
-            build_headers(s, "study", "9")
+            build_headers(db, "study", "9")
     assert series["seriesIds"] == ["1.5.2"] and series["instance_count"] == 3
     assert patient["instance_count"] == 4 and patient["patient"]["PatientID"] == "PAT-1"

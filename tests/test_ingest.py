@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app as cli
 from scheduler.ingest import Rejection, fingerprint, ingest_paths, record_instances
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Instance, Patient, Series, Study, utcnow
 
 SAMPLES = Path(str(get_testdata_file("CT_small.dcm"))).parent
@@ -52,26 +52,26 @@ def pydicom_reference(root: Path) -> dict[str, set[str]]:
 
 
 def counts(url: str) -> dict[str, int]:
-    with session_scope(url) as s:
+    with transaction(url) as db:
         return {
-            "patients": s.scalar(select(func.count()).select_from(Patient)) or 0,
-            "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
-            "series": s.scalar(select(func.count()).select_from(Series)) or 0,
-            "sops": s.scalar(select(func.count()).select_from(Instance)) or 0,
+            "patients": db.scalar(select(func.count()).select_from(Patient)) or 0,
+            "studies": db.scalar(select(func.count()).select_from(Study)) or 0,
+            "series": db.scalar(select(func.count()).select_from(Series)) or 0,
+            "sops": db.scalar(select(func.count()).select_from(Instance)) or 0,
         }
 
 
 def test_ingest_of_all_pydicom_samples_matches_what_pydicom_reads(store_url: str) -> None:
     reference = pydicom_reference(SAMPLES)
-    result = ingest_paths(functools.partial(session_scope, store_url), [SAMPLES], recursive=True)
+    result = ingest_paths(functools.partial(transaction, store_url), [SAMPLES], recursive=True)
     assert counts(store_url) == {k: len(v) for k, v in reference.items()}
     assert result.recorded == len(reference["sops"])
-    with session_scope(store_url) as s:
-        assert set(s.scalars(select(Instance.sop_uid))) == reference["sops"]
+    with transaction(store_url) as db:
+        assert set(db.scalars(select(Instance.sop_uid))) == reference["sops"]
 
 
 def test_reingest_records_nothing_new(store_url: str) -> None:
-    scope = functools.partial(session_scope, store_url)
+    scope = functools.partial(transaction, store_url)
     first = ingest_paths(scope, [SAMPLES], recursive=True)
     again = ingest_paths(scope, [SAMPLES], recursive=True)
     assert again.recorded == 0
@@ -89,7 +89,7 @@ def test_bad_files_are_reported_with_reason_and_skipped(store_url: str, tmp_path
     dataset.save_as(tmp_path / "no-sop.dcm")
     shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "good.dcm")
 
-    result = ingest_paths(functools.partial(session_scope, store_url), [tmp_path])
+    result = ingest_paths(functools.partial(transaction, store_url), [tmp_path])
 
     reasons = {Path(r.location).name: r.reason for r in result.rejected}
     assert reasons["notes.txt"].startswith("not DICOM")
@@ -102,9 +102,9 @@ def test_bad_files_are_reported_with_reason_and_skipped(store_url: str, tmp_path
 def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> None:
     base = {"PatientID": "P", "StudyInstanceUID": "1.1"}
     t0 = utcnow()
-    with session_scope(store_url) as s:
+    with transaction(store_url) as db:
         record_instances(
-            s,
+            db,
             [
                 base
                 | {"SeriesInstanceUID": "1.1.1", "SOPInstanceUID": "1.1.1.2", "location": "/a"},
@@ -114,9 +114,9 @@ def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> N
             now=t0,
         )
     t1 = t0 + timedelta(seconds=5)
-    with session_scope(store_url) as s:
+    with transaction(store_url) as db:
         result = record_instances(
-            s,
+            db,
             [
                 base
                 | {"SeriesInstanceUID": "1.1.2", "SOPInstanceUID": "1.1.2.1", "location": "/c"},
@@ -126,10 +126,10 @@ def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> N
             now=t1,
         )
     assert (result.recorded, result.known) == (1, 1)
-    with session_scope(store_url) as s:
-        study = s.scalar(select(Study))
-        patient = s.scalar(select(Patient))
-        series = {x.series_uid: x for x in s.scalars(select(Series))}
+    with transaction(store_url) as db:
+        study = db.scalar(select(Study))
+        patient = db.scalar(select(Patient))
+        series = {x.series_uid: x for x in db.scalars(select(Series))}
         assert study is not None and patient is not None
         for resource in (study, patient):
             assert resource.instance_count == 3
@@ -143,29 +143,29 @@ def test_counters_timestamps_and_fingerprint_at_every_level(store_url: str) -> N
 
 def test_new_instance_turns_a_stable_resource_back_to_receiving(store_url: str) -> None:
     tags = {"PatientID": "P", "StudyInstanceUID": "2.1", "SeriesInstanceUID": "2.1.1"}
-    with session_scope(store_url) as s:
-        record_instances(s, [tags | {"SOPInstanceUID": "2.1.1.1"}])
-    with session_scope(store_url) as s:
+    with transaction(store_url) as db:
+        record_instances(db, [tags | {"SOPInstanceUID": "2.1.1.1"}])
+    with transaction(store_url) as db:
         for model in (Patient, Study, Series):
-            for row in s.scalars(select(model)):
+            for row in db.scalars(select(model)):
                 row.state = "stable"
-    with session_scope(store_url) as s:
-        record_instances(s, [tags | {"SOPInstanceUID": "2.1.1.1"}])  # known: no change
-    with session_scope(store_url) as s:
-        assert s.scalar(select(Study.state)) == "stable"
-    with session_scope(store_url) as s:
-        record_instances(s, [tags | {"SOPInstanceUID": "2.1.1.2"}])
-    with session_scope(store_url) as s:
-        assert {s.scalar(select(m.state)) for m in (Patient, Study, Series)} == {"receiving"}
+    with transaction(store_url) as db:
+        record_instances(db, [tags | {"SOPInstanceUID": "2.1.1.1"}])  # known: no change
+    with transaction(store_url) as db:
+        assert db.scalar(select(Study.state)) == "stable"
+    with transaction(store_url) as db:
+        record_instances(db, [tags | {"SOPInstanceUID": "2.1.1.2"}])
+    with transaction(store_url) as db:
+        assert {db.scalar(select(m.state)) for m in (Patient, Study, Series)} == {"receiving"}
 
 
 def test_pydicom_datasets_are_recorded_with_main_tags(store_url: str) -> None:
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
-    with session_scope(store_url) as s:
-        assert record_instances(s, [dataset]).recorded == 1
-    with session_scope(store_url) as s:
-        series = s.scalar(select(Series))
-        instance = s.scalar(select(Instance))
+    with transaction(store_url) as db:
+        assert record_instances(db, [dataset]).recorded == 1
+    with transaction(store_url) as db:
+        series = db.scalar(select(Series))
+        instance = db.scalar(select(Instance))
         assert series is not None and instance is not None
         assert series.tags["Modality"] == "CT"
         assert instance.location.endswith("CT_small.dcm")
@@ -204,9 +204,9 @@ def test_concurrent_ingests_into_one_series_keep_exact_counts(store_url: str) ->
 
     def ingest(offset: int) -> None:
         for n in range(30):
-            with session_scope(store_url) as s:
+            with transaction(store_url) as db:
                 record_instances(
-                    s, [base | {"SOPInstanceUID": f"3.1.1.{offset}.{n}.{k}"} for k in range(20)]
+                    db, [base | {"SOPInstanceUID": f"3.1.1.{offset}.{n}.{k}"} for k in range(20)]
                 )
 
     threads = [threading.Thread(target=ingest, args=(offset,)) for offset in range(4)]
@@ -214,11 +214,11 @@ def test_concurrent_ingests_into_one_series_keep_exact_counts(store_url: str) ->
         thread.start()
     for thread in threads:
         thread.join()
-    with session_scope(store_url) as s:
-        uids = list(s.scalars(select(Instance.sop_uid)))
+    with transaction(store_url) as db:
+        uids = list(db.scalars(select(Instance.sop_uid)))
         assert len(uids) == 2400
         for model in (Series, Study, Patient):
-            row = s.scalars(select(model)).one()
+            row = db.scalars(select(model)).one()
             assert (row.instance_count, row.fingerprint) == (2400, fingerprint(uids))
 
 
@@ -231,7 +231,7 @@ def test_header_readers_record_what_one_process_records(
     shutil.copytree(SAMPLES, incoming)
     (incoming / "notes.txt").write_text("not an image\n")
     monkeypatch.setattr(scheduler.ingest, "PARALLEL_MIN_FILES", 1)
-    scope = functools.partial(session_scope, store_url)
+    scope = functools.partial(transaction, store_url)
     result = ingest_paths(scope, [incoming], recursive=True, readers=2)
     reference = pydicom_reference(SAMPLES)
     assert counts(store_url) == {k: len(v) for k, v in reference.items()}
@@ -271,7 +271,7 @@ def test_a_broken_reader_pool_leaves_the_rest_to_this_process(
     monkeypatch.setattr(scheduler.ingest, "READER_CHUNK", 2)
     monkeypatch.setattr(scheduler.ingest, "PARALLEL_MIN_FILES", 1)
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DyingPool)
-    scope = functools.partial(session_scope, store_url)
+    scope = functools.partial(transaction, store_url)
     result = ingest_paths(scope, [SAMPLES], recursive=True, readers=2)
     assert result.recorded == len(pydicom_reference(SAMPLES)["sops"])
 

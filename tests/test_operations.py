@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app as cli
 from scheduler.config import Settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Job, utcnow
 
 from .conftest import Define
@@ -36,8 +36,8 @@ def run_json(*args: str, code: int = 0) -> Any:
 
 
 def job_row(session_id: str, name: str) -> Job | None:
-    with session_scope() as s:
-        return s.scalars(
+    with transaction() as db:
+        return db.scalars(
             select(Job).where(Job.session_id == session_id, Job.job_name == name)
         ).first()
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from scheduler.config import Settings
 from scheduler.orthanc import follow_changes
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Instance, utcnow
 
 from .conftest import base_environment, require
@@ -104,8 +104,8 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
 
 
 def instances_recorded() -> int:
-    with session_scope() as s:
-        return s.scalar(select(func.count()).select_from(Instance)) or 0
+    with transaction() as db:
+        return db.scalar(select(func.count()).select_from(Instance)) or 0
 
 
 def test_sent_files_are_recorded_and_a_restart_resumes_without_duplicates_or_gaps(
@@ -118,8 +118,8 @@ def test_sent_files_are_recorded_and_a_restart_resumes_without_duplicates_or_gap
     orthanc.send(str(get_testdata_file("CT_small.dcm")))
     first = follow_changes(settings)
     assert (first.recorded, first.error) == (1, None)
-    with session_scope() as s:
-        instance = s.scalars(select(Instance)).one()
+    with transaction() as db:
+        instance = db.scalars(select(Instance)).one()
         assert instance.location == f"{orthanc.url}/instances/{instance.source_id}/file"
         assert instance.series.tags["Modality"] == "CT"
 
@@ -155,8 +155,8 @@ def test_files_sent_to_orthanc_are_planned_and_their_jobs_run(
     with worker_in_process(values) as settings:
         orthanc.send(str(get_testdata_file("CT_small.dcm")))
         assert follow_changes(settings).recorded == 1
-        with session_scope() as s:
-            s.execute(  # make the study old enough to be stable
+        with transaction() as db:
+            db.execute(  # make the study old enough to be stable
                 Instance.__table__.update().values(received_at=utcnow() - timedelta(seconds=5))
             )
         [session_id] = detect_and_send()

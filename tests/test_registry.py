@@ -29,7 +29,7 @@ from scheduler.registry import (
     load_registry,
     sync_services,
 )
-from scheduler.store.db import dispose_engines, init_db, session_scope
+from scheduler.store.db import dispose_engines, init_db, transaction
 from scheduler.store.models import Service
 
 CODE = """
@@ -957,10 +957,10 @@ def test_sync_services_writes_enabled_broken_and_vanished_rows(tmp_path: Path) -
     simple_service(services, "bad", job("wrong", "bad_code", retries="many"))
     try:
         registry = load(services)
-        with session_scope(url) as session:
-            sync_services(session, registry)
-        with session_scope(url) as session:
-            rows = {row.name: row for row in session.scalars(select(Service))}
+        with transaction(url) as db:
+            sync_services(db, registry)
+        with transaction(url) as db:
+            rows = {row.name: row for row in db.scalars(select(Service))}
             assert rows["good"].enabled and rows["good"].error is None
             assert rows["good"].version == "1.0"
             assert rows["good"].source == str((services / "good").absolute())
@@ -972,10 +972,10 @@ def test_sync_services_writes_enabled_broken_and_vanished_rows(tmp_path: Path) -
         for path in (services / "good").rglob("*"):
             if path.is_file():
                 path.unlink()
-        with session_scope(url) as session:
-            sync_services(session, load(services))
-        with session_scope(url) as session:
-            good = session.scalars(select(Service).where(Service.name == "good")).one()
+        with transaction(url) as db:
+            sync_services(db, load(services))
+        with transaction(url) as db:
+            good = db.scalars(select(Service).where(Service.name == "good")).one()
             assert not good.enabled
             assert good.error == "no longer found on the services path"
     finally:

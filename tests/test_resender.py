@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 
 from scheduler import resender, scheduling
 from scheduler.config import Settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, utcnow
 from workers_bridge import runner
 
@@ -48,8 +48,8 @@ def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
         assert session_id is not None
         planned = scheduling.plan_session(session_id)  # the broker refuses: rows stay
         assert planned is not None and planned.ready
-        with session_scope() as s:
-            a = s.scalars(select(Job).where(Job.job_name == "a")).one()
+        with transaction() as db:
+            a = db.scalars(select(Job).where(Job.job_name == "a")).one()
             assert (a.status, a.dispatched_at) == ("queued", None)
 
     values["CELERY_BROKER_URL"] = redis_url
@@ -72,8 +72,8 @@ def test_a_running_job_whose_worker_went_silent_is_run_again(
     assert planned is not None
     job_id = planned.ready[0]
     assert runner.claim(job_id, "ghost@nowhere") is not None
-    with session_scope() as s:
-        s.execute(
+    with transaction() as db:
+        db.execute(
             update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(minutes=5))
         )
 
@@ -91,8 +91,8 @@ def test_a_session_whose_plan_message_was_lost_is_planned_again(
 ) -> None:
     session_id = one_job_session(define, "20.3")  # and no plan task was sent
     assert resender.resend(live).plans == 0
-    with session_scope() as s:
-        s.execute(
+    with transaction() as db:
+        db.execute(
             update(SchedulingSession)
             .where(SchedulingSession.id == session_id)
             .values(created_at=utcnow() - timedelta(minutes=5))
@@ -108,8 +108,8 @@ def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses
     from scheduler.scheduling import plan_lease
 
     session_id = one_job_session(define, "20.4")
-    with session_scope() as s:
-        s.execute(
+    with transaction() as db:
+        db.execute(
             update(SchedulingSession)
             .where(SchedulingSession.id == session_id)
             .values(created_at=utcnow() - timedelta(minutes=5))
@@ -130,8 +130,8 @@ def test_planning_leaves_no_lease_row_behind(live: Settings, define: Define) -> 
     assert scheduling.plan_session(session_id) is not None
     # A second plan message for the same session finds it planned.
     assert scheduling.plan_session(session_id) is None
-    with session_scope() as s:
-        names = set(s.scalars(select(Lease.name)))
+    with transaction() as db:
+        names = set(db.scalars(select(Lease.name)))
     assert plan_lease(session_id) not in names
     assert wait_session(session_id)["status"] == "succeeded"
 
@@ -145,7 +145,7 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
     real_take = scheduling.take
 
     def take_as_the_other_planner_commits(*args: object, **kwargs: object) -> bool:
-        with session_scope() as other:  # the other planner's write transaction
+        with transaction() as other:  # the other planner's write transaction
             other.execute(
                 update(SchedulingSession)
                 .where(SchedulingSession.id == session_id)
@@ -163,5 +163,5 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
     )
     assert scheduling.plan_session(session_id) is None
     assert computed == []  # no callback ran
-    with session_scope() as s:
-        assert s.get(Lease, scheduling.plan_lease(session_id)) is None
+    with transaction() as db:
+        assert db.get(Lease, scheduling.plan_lease(session_id)) is None

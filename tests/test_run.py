@@ -19,7 +19,7 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from scheduler.store.db import init_db, session_scope
+from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Worker
 
 from .conftest import Define
@@ -100,8 +100,8 @@ def embedded(tmp_path: Path, services_root: Path, define: Define) -> Iterator[di
 
 
 def live_worker_pids() -> set[int]:
-    with session_scope() as s:
-        return {pid for pid in s.scalars(select(Worker.pid)) if pid and psutil.pid_exists(pid)}
+    with transaction() as db:
+        return {pid for pid in db.scalars(select(Worker.pid)) if pid and psutil.pid_exists(pid)}
 
 
 def test_a_killed_run_leaves_nothing_of_its_tree_running(
@@ -204,20 +204,20 @@ def test_two_workers_on_one_host_are_two_workers(
     try:
 
         def both() -> bool:
-            with session_scope() as s:
-                return len(list(s.scalars(select(Worker.hostname)))) == 2
+            with transaction() as db:
+                return len(list(db.scalars(select(Worker.hostname)))) == 2
 
         wait_until(both, timeout=90, what="both workers to register")
-        with session_scope() as s:
-            rows = {pid: name for pid, name in s.execute(select(Worker.pid, Worker.hostname))}
+        with transaction() as db:
+            rows = {pid: name for pid, name in db.execute(select(Worker.pid, Worker.hostname))}
         assert set(rows) == {w.pid for w in workers}
         for pid, name in rows.items():
             assert name.startswith(f"celery-{pid}@")
         # A worker stopped cleanly leaves the list; one killed stays, silent.
         workers[0].stop()
         workers[1].kill()
-        with session_scope() as s:
-            assert set(s.scalars(select(Worker.pid))) == {workers[1].pid}
+        with transaction() as db:
+            assert set(db.scalars(select(Worker.pid))) == {workers[1].pid}
     finally:
         for worker in workers:
             worker.stop()
@@ -256,8 +256,8 @@ def test_a_run_killed_mid_job_finishes_every_session_after_a_restart(
         record_study(f"80.{n}")
 
     def statuses() -> list[str]:
-        with session_scope() as s:
-            return list(s.scalars(select(Job.status)))
+        with transaction() as db:
+            return list(db.scalars(select(Job.status)))
 
     first = Run(embedded, tmp_path / "first.out", "--concurrency", "2")
     try:

@@ -15,7 +15,7 @@ from scheduler import scheduling
 from scheduler.beat import renew_beat_lease
 from scheduler.cli import app as cli
 from scheduler.config import Settings
-from scheduler.store.db import session_scope
+from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession, utcnow
 from workers_bridge.tasks import run_job
 
@@ -56,8 +56,8 @@ def test_a_pickled_message_is_refused_and_runs_nothing(
         timeout=30,
         what="the worker to refuse the pickled message",
     )
-    with session_scope() as s:
-        assert s.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
+    with transaction() as db:
+        assert db.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
     assert not calls.exists()
 
 
@@ -78,9 +78,9 @@ def test_header_fields_limit_what_callbacks_workers_and_rows_see(
     )
     from scheduler.ingest import record_instances
 
-    with session_scope() as s:
+    with transaction() as db:
         record_instances(
-            s,
+            db,
             [
                 {
                     "PatientID": "SECRET-ID",
@@ -99,11 +99,11 @@ def test_header_fields_limit_what_callbacks_workers_and_rows_see(
     [session_id] = detect_and_send()
     doc = wait_session(session_id)
     echoed = jobs_by_name(doc)["echo"]["result"]["headers"]
-    with session_scope() as s:
-        stored = s.scalar(
+    with transaction() as db:
+        stored = db.scalar(
             select(SchedulingSession.headers).where(SchedulingSession.id == session_id)
         )
-        job = s.scalars(select(Job).where(Job.session_id == session_id)).one()
+        job = db.scalars(select(Job).where(Job.session_id == session_id)).one()
         row = json.dumps([job.params, job.added_params, job.result])
     for document in (json.dumps(echoed), json.dumps(stored)):
         assert "Secret" not in document and "SECRET-ID" not in document
@@ -152,13 +152,13 @@ def test_doctor_reports_a_beat_that_stopped(live: Settings, define: Define) -> N
 
     from sqlalchemy import update
 
-    from scheduler.store.db import session_scope
+    from scheduler.store.db import transaction
     from scheduler.store.models import Lease, utcnow
 
     define([{"jobName": "cpu-job", "workerEntry": WORK}])
     renew_beat_lease()
-    with session_scope() as s:
-        s.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=90)))
+    with transaction() as db:
+        db.execute(update(Lease).values(expires_at=utcnow() - timedelta(seconds=90)))
     result = CliRunner().invoke(cli, ["doctor", "--json"])
     assert result.exit_code == 1
     beat = {c["name"]: c for c in json.loads(result.stdout)}["beat"]

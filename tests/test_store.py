@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import inspect, select
 
 from scheduler.config import Settings
-from scheduler.store.db import SCHEMA_HEAD, get_engine, init_db, session_scope
+from scheduler.store.db import SCHEMA_HEAD, get_engine, init_db, transaction
 from scheduler.store.models import (
     Base,
     Instance,
@@ -52,33 +52,33 @@ def test_the_columns_of_the_models_match_the_migrated_schema(store_url: str) -> 
 def test_every_table_round_trips_a_row(store_url: str) -> None:
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     resource = {"first_received_at": now, "last_received_at": now, "fingerprint": "f"}
-    with session_scope(store_url) as s:
+    with transaction(store_url) as db:
         patient = Patient(patient_id="P1", tags={"PatientName": "Doe^J"}, **resource)
         study = Study(study_uid="1.2", patient=patient, **resource)
         series = Series(series_uid="1.2.3", study=study, **resource)
-        s.add(Instance(sop_uid="1.2.3.4", series=series, location="/x.dcm", received_at=now))
-        s.add(Service(name="svc", definition={"jobs": []}))
-        s.add(Worker(hostname="w@h", channels={"default": True}))
-        s.add(Lease(name="detect", holder="me", expires_at=now))
+        db.add(Instance(sop_uid="1.2.3.4", series=series, location="/x.dcm", received_at=now))
+        db.add(Service(name="svc", definition={"jobs": []}))
+        db.add(Worker(hostname="w@h", channels={"default": True}))
+        db.add(Lease(name="detect", holder="me", expires_at=now))
         session = SchedulingSession(event="study.stable", level="study", uid="1.2", headers={})
-        s.add(session)
-        s.flush()
+        db.add(session)
+        db.flush()
         a = Job(session_id=session.id, job_name="a", service="svc", worker_entry="m:f")
         b = Job(session_id=session.id, job_name="b", service="svc", worker_entry="m:f")
-        s.add_all([a, b])
-        s.flush()
-        s.add(JobDependency(job_id=b.id, depends_on_id=a.id))
-    with session_scope(store_url) as s:
-        instance = s.scalar(select(Instance))
+        db.add_all([a, b])
+        db.flush()
+        db.add(JobDependency(job_id=b.id, depends_on_id=a.id))
+    with transaction(store_url) as db:
+        instance = db.scalar(select(Instance))
         assert instance is not None
         assert instance.series.study.patient.tags == {"PatientName": "Doe^J"}
         assert instance.received_at == now  # aware UTC on both backends
-        assert s.scalar(select(Worker)).channels == {"default": True}  # type: ignore[union-attr]
-        assert s.scalar(select(Lease.holder)) == "me"
-        assert s.scalar(select(Service.name)) == "svc"
-        edge = s.scalar(select(JobDependency))
+        assert db.scalar(select(Worker)).channels == {"default": True}  # type: ignore[union-attr]
+        assert db.scalar(select(Lease.holder)) == "me"
+        assert db.scalar(select(Service.name)) == "svc"
+        edge = db.scalar(select(JobDependency))
         assert edge is not None and edge.requires_success
-        session = s.scalar(select(SchedulingSession))
+        session = db.scalar(select(SchedulingSession))
         assert session is not None
         assert session.status == "planning" and session.trigger == ""
         assert [j.job_name for j in session.jobs] == ["a", "b"]
@@ -91,20 +91,20 @@ def test_a_lease_is_held_by_one_holder_until_it_lapses_or_is_dropped(store_url: 
     from scheduler.store.models import Lease, utcnow
 
     now = utcnow()
-    with session_scope(store_url) as s:
-        assert take(s, "plan:x", 60, "a", now)
-    with session_scope(store_url) as s:
-        assert not take(s, "plan:x", 60, "b", now)  # held by a
-        assert take(s, "plan:x", 60, "a", now)  # a renews its own
-    with session_scope(store_url) as s:
-        assert take(s, "plan:x", 60, "b", now + timedelta(seconds=61))  # a's lapsed
-        assert s.get(Lease, "plan:x").holder == "b"  # type: ignore[union-attr]
-    with session_scope(store_url) as s:
-        drop(s, "plan:x", "a")  # not a's any more: stays
-        assert s.get(Lease, "plan:x") is not None
-        drop(s, "plan:x", "b")
-    with session_scope(store_url) as s:
-        assert s.get(Lease, "plan:x") is None
+    with transaction(store_url) as db:
+        assert take(db, "plan:x", 60, "a", now)
+    with transaction(store_url) as db:
+        assert not take(db, "plan:x", 60, "b", now)  # held by a
+        assert take(db, "plan:x", 60, "a", now)  # a renews its own
+    with transaction(store_url) as db:
+        assert take(db, "plan:x", 60, "b", now + timedelta(seconds=61))  # a's lapsed
+        assert db.get(Lease, "plan:x").holder == "b"  # type: ignore[union-attr]
+    with transaction(store_url) as db:
+        drop(db, "plan:x", "a")  # not a's any more: stays
+        assert db.get(Lease, "plan:x") is not None
+        drop(db, "plan:x", "b")
+    with transaction(store_url) as db:
+        assert db.get(Lease, "plan:x") is None
 
 
 def test_postgresql_plans_each_statement_for_the_table_as_it_is_now(pg_url: str) -> None:
@@ -125,12 +125,12 @@ def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:
 
     from .engine import wait_until
 
-    with session_scope() as s:
-        assert take(s, "plan:slow", 60, "a")
+    with transaction() as db:
+        assert take(db, "plan:slow", 60, "a")
 
     def renewed() -> bool:
-        with session_scope() as s:
-            expiry = s.scalar(select(Lease.expires_at).where(Lease.name == "plan:slow"))
+        with transaction() as db:
+            expiry = db.scalar(select(Lease.expires_at).where(Lease.name == "plan:slow"))
         return expiry is not None and expiry > utcnow() + timedelta(seconds=300)
 
     # Taken 1,000 s ago by this process's clock (a long header read, say):

@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from scheduler.config import get_settings
-from scheduler.store.db import insert_for, session_scope
+from scheduler.store.db import insert_for, transaction
 from scheduler.store.models import Worker, utcnow
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,11 @@ def live_after(now: datetime | None = None) -> datetime:
 
 
 def record_presence(
-    session: Session, hostname: str, channels: list[str] | None, now: datetime | None = None
+    db: Session, hostname: str, channels: list[str] | None, now: datetime | None = None
 ) -> None:
     """Upsert the worker's row; ``channels`` replaces its list when given."""
     now = now or utcnow()
-    insert = insert_for(session)
+    insert = insert_for(db)
     values: dict[str, Any] = {
         "hostname": hostname,
         "channels": {c: True for c in channels or []},
@@ -48,16 +48,16 @@ def record_presence(
     update: dict[str, Any] = {"last_heartbeat": now}
     if channels is not None:
         update |= {"channels": values["channels"], "pid": values["pid"], "started_at": now}
-    session.execute(
+    db.execute(
         insert(Worker)
         .values(**values)
         .on_conflict_do_update(index_elements=["hostname"], set_=update)
     )
 
 
-def live_channels(session: Session, now: datetime | None = None) -> set[str]:
+def live_channels(db: Session, now: datetime | None = None) -> set[str]:
     """Channels consumed by at least one worker with a recent heartbeat."""
-    rows = session.scalars(select(Worker.channels).where(Worker.last_heartbeat >= live_after(now)))
+    rows = db.scalars(select(Worker.channels).where(Worker.last_heartbeat >= live_after(now)))
     return {channel for channels in rows for channel in channels}
 
 
@@ -82,8 +82,8 @@ class Presence(bootsteps.StartStopStep):
         if not hostname:
             return
         try:
-            with session_scope() as session:
-                record_presence(session, hostname, consumed_queues(parent))
+            with transaction() as db:
+                record_presence(db, hostname, consumed_queues(parent))
         except Exception as exc:  # noqa: BLE001 - presence must never stop a worker
             log.warning("could not record worker %s: %s", hostname, exc)
         self._stop.clear()
@@ -98,8 +98,8 @@ class Presence(bootsteps.StartStopStep):
     def _beat(self, hostname: str, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                with session_scope() as session:
-                    record_presence(session, hostname, None)
+                with transaction() as db:
+                    record_presence(db, hostname, None)
             except Exception as exc:  # noqa: BLE001 - the store may be briefly away
                 log.warning("worker heartbeat failed: %s", exc)
 
@@ -111,8 +111,8 @@ class Presence(bootsteps.StartStopStep):
             # A worker that stops cleanly leaves no row; one that dies stays
             # listed as silent, which is what an operator needs to see.
             try:
-                with session_scope() as session:
-                    session.execute(
+                with transaction() as db:
+                    db.execute(
                         delete(Worker).where(
                             Worker.hostname == self._hostname, Worker.pid == os.getpid()
                         )

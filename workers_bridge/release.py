@@ -62,14 +62,14 @@ class Released:
     recorded: bool = True
 
 
-def lock_session(session: Session, session_id: str) -> None:
-    session.execute(
+def lock_session(db: Session, session_id: str) -> None:
+    db.execute(
         select(SchedulingSession.id).where(SchedulingSession.id == session_id).with_for_update()
     )
 
 
 def record_ending(
-    session: Session, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
+    db: Session, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
 ) -> Released:
     """Store the ending of ``attempt`` of ``job_id``; see the module docstring.
 
@@ -78,7 +78,7 @@ def record_ending(
     """
     now = now or utcnow()
     # Lock the job's session row first (one statement): see the module docstring.
-    session_id = session.scalar(
+    session_id = db.scalar(
         select(SchedulingSession.id)
         .where(
             SchedulingSession.id == select(Job.session_id).where(Job.id == job_id).scalar_subquery()
@@ -87,7 +87,7 @@ def record_ending(
     )
     if session_id is None:
         return Released([], recorded=False)
-    job = session.execute(
+    job = db.execute(
         select(
             Job.status,
             Job.attempts,
@@ -122,9 +122,9 @@ def record_ending(
 
     if ending.ok:
         changes |= {"status": "succeeded", "result": ending.result, "error": None}
-        _update_job(session, job_id, changes | {"finished_at": now})
-        ready = release_dependents(session, job_id, succeeded=True, now=now)
-        finish_session_if_done(session, session_id, now)
+        _update_job(db, job_id, changes | {"finished_at": now})
+        ready = release_dependents(db, job_id, succeeded=True, now=now)
+        finish_session_if_done(db, session_id, now)
         return Released(ready)
 
     changes["error"] = ending.error
@@ -142,17 +142,17 @@ def record_ending(
             "dispatched_at": None,
             "heartbeat_at": None,
         }
-        _update_job(session, job_id, changes)
+        _update_job(db, job_id, changes)
         return Released([], retry=(job_id, delay))
 
-    _update_job(session, job_id, changes | {"status": "failed", "finished_at": now})
-    ready = release_dependents(session, job_id, succeeded=False, now=now)
-    finish_session_if_done(session, session_id, now)
+    _update_job(db, job_id, changes | {"status": "failed", "finished_at": now})
+    ready = release_dependents(db, job_id, succeeded=False, now=now)
+    finish_session_if_done(db, session_id, now)
     return Released(ready)
 
 
-def _update_job(session: Session, job_id: str, changes: dict[str, Any]) -> None:
-    session.execute(
+def _update_job(db: Session, job_id: str, changes: dict[str, Any]) -> None:
+    db.execute(
         update(Job)
         .where(Job.id == job_id)
         .values(**changes)
@@ -176,7 +176,7 @@ _SENDING = (Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position)
 
 
 def release_dependents(
-    session: Session, job_id: str, *, succeeded: bool, now: datetime
+    db: Session, job_id: str, *, succeeded: bool, now: datetime
 ) -> list[ReadyJob]:
     """Propagate the end of ``job_id``; returns dependents that became ready,
     with what sending them needs, so the caller sends without reading back."""
@@ -187,9 +187,9 @@ def release_dependents(
         if ok:
             # Every dependent waits for this one: one decrement for them all.
             waiting = select(JobDependency.job_id).where(JobDependency.depends_on_id == current)
-            ready.extend(_decrement(session, Job.id.in_(waiting)))
+            ready.extend(_decrement(db, Job.id.in_(waiting)))
             continue
-        edges = session.execute(
+        edges = db.execute(
             select(JobDependency.job_id, JobDependency.requires_success).where(
                 JobDependency.depends_on_id == current
             )
@@ -197,8 +197,8 @@ def release_dependents(
         name = ""
         for dependent, requires_success in edges:
             if requires_success:
-                name = name or session.scalar(select(Job.job_name).where(Job.id == current)) or ""
-                marked = session.execute(
+                name = name or db.scalar(select(Job.job_name).where(Job.id == current)) or ""
+                marked = db.execute(
                     update(Job)
                     .where(Job.id == dependent, Job.status == "queued")
                     .values(
@@ -211,13 +211,13 @@ def release_dependents(
                 if rowcount(marked):
                     ended.append((dependent, False))
             else:
-                ready.extend(_decrement(session, Job.id == dependent))
+                ready.extend(_decrement(db, Job.id == dependent))
     return ready
 
 
-def _decrement(session: Session, which: Any) -> list[ReadyJob]:
+def _decrement(db: Session, which: Any) -> list[ReadyJob]:
     """One dependency of the jobs ``which`` ended; those left waiting for none are ready."""
-    rows = session.execute(
+    rows = db.execute(
         update(Job)
         .where(which)
         .values(pending_deps=Job.pending_deps - 1)
@@ -231,10 +231,10 @@ def _decrement(session: Session, which: Any) -> list[ReadyJob]:
     ]
 
 
-def finish_session_if_done(session: Session, session_id: str, now: datetime) -> str | None:
+def finish_session_if_done(db: Session, session_id: str, now: datetime) -> str | None:
     """Give the session its final status once none of its jobs can still run."""
     counts: dict[str, int] = dict(
-        session.execute(
+        db.execute(
             select(Job.status, func.count())
             .where(Job.session_id == session_id)
             .group_by(Job.status)
@@ -248,7 +248,7 @@ def finish_session_if_done(session: Session, session_id: str, now: datetime) -> 
         final = "failed"
     else:
         final = "partial"
-    done = session.execute(
+    done = db.execute(
         update(SchedulingSession)
         .where(SchedulingSession.id == session_id, SchedulingSession.status == "running")
         .values(status=final, finished_at=now)

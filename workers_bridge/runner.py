@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from scheduler.config import get_settings
 from scheduler.emission import dispatch, send_ready, session_dir
-from scheduler.store.db import retrying, rowcount, session_scope
+from scheduler.store.db import retrying, rowcount, transaction
 from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
 from workers_bridge.presence import record_presence
 from workers_bridge.process import AttemptOutcome, execute
@@ -49,8 +50,8 @@ class Claim:
 def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | None:
     """Take the job if it is ``queued``; build the worker call."""
     now = now or utcnow()
-    with session_scope() as session:
-        job = session.execute(
+    with transaction() as db:
+        job = db.execute(
             update(Job)
             .where(
                 Job.id == job_id,
@@ -84,8 +85,8 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
         ).one_or_none()
         if job is None:
             return None
-        _touch_worker(session, hostname, job.channel, now)
-        parent = session.execute(
+        _touch_worker(db, hostname, job.channel, now)
+        parent = db.execute(
             select(
                 SchedulingSession.event,
                 SchedulingSession.level,
@@ -96,7 +97,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
             ).where(SchedulingSession.id == job.session_id)
         ).one()
         results: dict[str, Any] = dict(
-            session.execute(
+            db.execute(
                 select(Job.job_name, Job.result)
                 .join(JobDependency, JobDependency.depends_on_id == Job.id)
                 .where(JobDependency.job_id == job_id)
@@ -118,7 +119,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | No
         }
         if job.phase == "post":
             kwargs["outcomes"] = dict(
-                session.execute(
+                db.execute(
                     select(Job.job_name, Job.status).where(
                         Job.session_id == job.session_id, Job.id != job_id
                     )
@@ -147,8 +148,8 @@ class Heartbeat:
 
     def __call__(self) -> bool:
         try:
-            with session_scope() as session:
-                beat = session.execute(
+            with transaction() as db:
+                beat = db.execute(
                     update(Job)
                     .where(
                         Job.id == self.job_id, Job.status == "running", Job.attempts == self.attempt
@@ -168,16 +169,16 @@ class Heartbeat:
 _touched: dict[tuple[str, str], float] = {}
 
 
-def _touch_worker(session: Any, hostname: str, channel: str, now: datetime) -> None:
+def _touch_worker(db: Session, hostname: str, channel: str, now: datetime) -> None:
     """Record that ``hostname`` consumes ``channel`` and is alive (at most every
     few seconds per worker and channel: the presence thread beats too)."""
     key = (hostname, channel)
     if time.monotonic() - _touched.get(key, -1e9) < TOUCH_EVERY:
         return
-    record_presence(session, hostname, None, now)
-    channels = session.scalar(select(Worker.channels).where(Worker.hostname == hostname))
+    record_presence(db, hostname, None, now)
+    channels = db.scalar(select(Worker.channels).where(Worker.hostname == hostname))
     if channels is not None and channel not in channels:
-        session.execute(
+        db.execute(
             update(Worker)
             .where(Worker.hostname == hostname)
             .values(channels={**channels, channel: True})
@@ -187,8 +188,8 @@ def _touch_worker(session: Any, hostname: str, channel: str, now: datetime) -> N
 
 def finish(job_id: str, attempt: int, ending: Ending) -> None:
     """Record an ending and send what it made ready (or the retry)."""
-    with session_scope() as session:
-        released = record_ending(session, job_id, attempt, ending)
+    with transaction() as db:
+        released = record_ending(db, job_id, attempt, ending)
     if released.retry:
         retry_id, delay = released.retry
         dispatch([retry_id], countdown=delay)
@@ -200,8 +201,8 @@ def dead_local_attempt(job_id: str, hostname: str) -> tuple[int, str] | None:
     no longer exists: the pool process was killed and Celery re-delivered
     the message (``reject_on_worker_lost``). Then there is no need to wait
     for the re-sender to notice the missing heartbeats."""
-    with session_scope() as session:
-        row = session.execute(
+    with transaction() as db:
+        row = db.execute(
             select(Job.status, Job.worker, Job.worker_pid, Job.attempts).where(Job.id == job_id)
         ).one_or_none()
     if row is None or row.status != "running" or row.worker != hostname or not row.worker_pid:

@@ -3,7 +3,7 @@
 One engine per database URL and process. SQLite (the embedded default) runs
 in WAL mode with a busy timeout and takes the write lock at ``BEGIN`` so two
 processes never deadlock upgrading a read lock; PostgreSQL needs nothing
-special. Code opens explicit scopes: ``with session_scope() as s: ...``.
+special. Code opens explicit scopes: ``with transaction() as s: ...``.
 """
 
 from __future__ import annotations
@@ -113,17 +113,17 @@ def session_factory(url: str | None = None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
+def transaction(url: str | None = None) -> Iterator[Session]:
     """A transaction: committed when the block ends, rolled back on error."""
-    session = session_factory(url)()
+    db = session_factory(url)()
     try:
-        yield session
-        session.commit()
+        yield db
+        db.commit()
     except BaseException:
-        session.rollback()
+        db.rollback()
         raise
     finally:
-        session.close()
+        db.close()
 
 
 def alembic_config(url: str | None = None) -> Any:
@@ -199,11 +199,11 @@ def open_store(url: str | None = None) -> None:
         )
 
 
-def insert_for(session: Session) -> Any:
+def insert_for(db: Session) -> Any:
     """``insert`` of the session's dialect, for ``ON CONFLICT`` clauses."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def rowcount(result: Any) -> int:
