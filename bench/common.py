@@ -147,7 +147,7 @@ ACCEPT = "benchjobs:accept"
 
 def write_service(services: Path, jobs: list[dict[str, Any]], name: str = "bench") -> Path:
     """A service folder ``services/<name>`` with the no-op ``benchjobs`` package."""
-    from scheduler.scheduling import forget_registry
+    from scheduler.registry import forget_registry
 
     folder = services / name
     package = folder / "benchjobs"
@@ -197,7 +197,7 @@ def record_study(study_uid: str, instances: int = 20, *, patient: str | None = N
 
 def manual_sessions(study_uid: str, count: int) -> list[str]:
     """``count`` new ``planning`` sessions of one study (manual triggers)."""
-    from scheduler.scheduling import open_session
+    from scheduler.sessions import open_session
 
     ids = []
     for _ in range(count):

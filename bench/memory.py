@@ -56,7 +56,7 @@ WARM_JOBS = 100
 def run_sessions(count: int) -> None:
     from sqlalchemy import func, select
 
-    from scheduler.scheduling import plan_session
+    from scheduler.sessions import plan_session
     from scheduler.store.db import transaction
     from scheduler.store.models import SchedulingSession
 
@@ -98,8 +98,8 @@ def main() -> None:
         home = Path(tmp)
         values = bench_environment(home, url)
         with environment(values) as settings:
+            from scheduler.presence import record_presence
             from scheduler.store.db import init_db, transaction
-            from workers_bridge.presence import record_presence
 
             init_db(url)
             flush_redis()

@@ -5,7 +5,7 @@
 (``celery -A scheduler worker -P prefork -c 1 -Q default -I bench.rawtasks``,
 started by this script) on PostgreSQL and Redis (database 0). The sessions
 are planned first (rows written, nothing sent); the clock starts when their
-200 ready ``pre`` jobs are sent (``scheduler.emission.dispatch``) and stops
+200 ready ``pre`` jobs are sent (``scheduler.messages.send_jobs``) and stops
 at the latest ``finished_at`` of their 1,200 jobs.
 
 The baseline, in the same run, on the same broker, queue and worker: the
@@ -62,15 +62,15 @@ HOSTNAME = "bench-overhead@localhost"
 
 def plan_without_sending(session_ids: list[str]) -> list[str]:
     """Write the plans of the sessions; return their ready job ids, unsent."""
-    from scheduler.emission import write_plan
-    from scheduler.scheduling import compute_plan
+    from scheduler.emission import store_plan
+    from scheduler.sessions import decide_for
     from scheduler.store.db import transaction
 
     ready: list[str] = []
     for session_id in session_ids:
-        result, headers = compute_plan("study", STUDY, "study.stable", session_id=session_id)
+        result, headers = decide_for("study", STUDY, "study.stable", session_id=session_id)
         with transaction() as db:
-            ids = write_plan(db, session_id, result, headers)
+            ids = store_plan(db, session_id, result, headers)
         assert ids is not None and len(ids) == 1
         ready.extend(ids)
     return ready
@@ -79,14 +79,14 @@ def plan_without_sending(session_ids: list[str]) -> list[str]:
 def run_ours(sessions: int) -> dict[str, float]:
     from sqlalchemy import func, select
 
-    from scheduler.emission import dispatch
+    from scheduler.messages import send_job_ids
     from scheduler.store.db import transaction
     from scheduler.store.models import Job, SchedulingSession
 
     ids = manual_sessions(STUDY, sessions)
     ready = plan_without_sending(ids)
     began = time.time()
-    sent = dispatch(ready)
+    sent = send_job_ids(ready)
     assert sent == sessions
 
     def done() -> bool:

@@ -4,7 +4,7 @@ One study (20 instances, two series) and a service of 10 job definitions,
 each with a trivial ``registryEntry`` callback (``return True``). Sessions
 are opened beforehand (manual triggers, so each is new); the figure is how
 many of them one process plans per second with
-``scheduler.scheduling.plan_session``: headers, the 10 callbacks, the rows
+``scheduler.sessions.plan_session``: headers, the 10 callbacks, the rows
 (session, jobs, edges) on PostgreSQL and the messages of the ready jobs on a
 real Redis broker (database 0, flushed before each round; no worker consumes
 them). A live worker row for channel ``default`` is recorded first, as in
@@ -68,7 +68,7 @@ def queued_messages() -> int:
 
 def plan_share(session_ids: list[str]) -> None:
     """One planner process of ``--planners N``: plans its share of the sessions."""
-    from scheduler.scheduling import plan_session
+    from scheduler.sessions import plan_session
 
     for session_id in session_ids:
         plan_session(session_id)
@@ -94,9 +94,9 @@ def plan_in_processes(ids: list[str], planners: int) -> None:
 
 
 def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int = 1) -> None:
-    from scheduler.scheduling import plan_session
+    from scheduler.presence import record_presence
+    from scheduler.sessions import plan_session
     from scheduler.store.db import init_db, transaction
-    from workers_bridge.presence import record_presence
 
     name = f"dcm_bench_planning_{shape}"
     url = create_database(name)

@@ -91,7 +91,7 @@ def holding_home(home: Path) -> Iterator[Path]:
 
 def channels_to_consume() -> list[str]:
     from celeryconfig import DEFAULT_CHANNEL, PLANNING_QUEUE
-    from scheduler.scheduling import current_registry
+    from scheduler.registry import current_registry
 
     channels = {job.channel for job in current_registry().jobs()}
     return [PLANNING_QUEUE, DEFAULT_CHANNEL, *sorted(channels - {DEFAULT_CHANNEL})]

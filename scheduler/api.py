@@ -38,7 +38,8 @@ from scheduler.headers import UnknownCandidateError
 from scheduler.ingest import record_instances
 from scheduler.queries import job_definition_json
 from scheduler.redact import hide_secrets, mask
-from scheduler.scheduling import current_fingerprint, current_registry, open_session, plan_session
+from scheduler.registry import current_registry
+from scheduler.sessions import current_fingerprint, open_session, plan_session, trigger
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession
 
@@ -554,44 +555,26 @@ def get_health(request: Request) -> JSONResponse:
 @writes.post("/trigger", status_code=201)
 def post_trigger(body: TriggerRequest) -> dict[str, Any]:
     """A new session for ``level``/``uid`` with ``event``, planned now."""
-    planned = control.trigger(body.event, body.level, body.uid)
-    return {
-        "session_id": planned.session_id,
-        "status": planned.status,
-        "jobs": planned.plan.job_names,
-        "trace": planned.plan.trace,
-    }
-
-
-def _retry_json(report: control.RetryReport) -> dict[str, Any]:
-    return {
-        "session_id": report.session_id,
-        "requeued": report.requeued,
-        "dispatched": report.dispatched,
-    }
+    planned = trigger(body.event, body.level, body.uid)
+    return planned.as_dict(body.event, body.level, body.uid)
 
 
 @writes.post("/jobs/{job_id}/retry")
 def post_job_retry(job_id: str) -> dict[str, Any]:
     """Re-run a failed (or cancelled, upstream_failed) job and what depends on it."""
-    return _retry_json(control.retry_jobs(job_id=job_id))
+    return control.retry_jobs(job_id=job_id).as_dict()
 
 
 @writes.post("/sessions/{session_id}/retry")
 def post_session_retry(session_id: str) -> dict[str, Any]:
     """Re-run every failed or cancelled job of the session and what depends on them."""
-    return _retry_json(control.retry_jobs(session_id=session_id))
+    return control.retry_jobs(session_id=session_id).as_dict()
 
 
 @writes.post("/sessions/{session_id}/cancel")
 def post_session_cancel(session_id: str) -> dict[str, Any]:
     """Cancel what has not started and stop what runs."""
-    report = control.cancel_session(session_id)
-    return {
-        "session_id": report.session_id,
-        "cancelled": report.cancelled,
-        "stopped": report.stopped,
-    }
+    return control.cancel_session(session_id).as_dict()
 
 
 STABLE_PATIENT_EXAMPLES: dict[str, Any] = {

@@ -80,15 +80,6 @@ def _die_with_main_process(**_kwargs: Any) -> None:
     die_with_parent(signal.SIGKILL, _main_pid)
 
 
-def _add_worker_steps() -> None:
-    from workers_bridge.presence import Presence
-
-    app.steps["worker"].add(Presence)
-
-
-_add_worker_steps()
-
-
 def configure(settings: Settings) -> Celery:
     """Point the app at the store and broker of ``settings`` (demo, tests)."""
     app.conf.update(celeryconfig.celery_settings(settings))

@@ -235,7 +235,7 @@ def ingest(
 def services_list(as_json: JsonOption = False) -> None:
     """Services on DCM_SERVICES_PATH and their jobs."""
     from scheduler import queries
-    from scheduler.scheduling import current_registry
+    from scheduler.registry import current_registry
 
     registry = current_registry()
     if as_json:
@@ -329,16 +329,16 @@ def detect(
     as_json: JsonOption = False,
 ) -> None:
     """One detection run now; prints what was claimed."""
-    from scheduler import detection, scheduling
+    from scheduler import detection, messages, sessions
     from scheduler.store.db import init_db
 
     init_db()
     run = detection.detect()
     if inline:
         for session_id in run.sessions:
-            scheduling.plan_session(session_id)
+            sessions.plan_session(session_id)
     else:
-        scheduling.send_plans(run.sessions)
+        messages.send_plans(run.sessions)
     claimed: list[dict[str, Any]] = [
         {
             "level": c.level,
@@ -390,7 +390,7 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Plan one candidate now (idempotent: the same data is planned once)."""
-    from scheduler import scheduling
+    from scheduler import sessions
     from scheduler.headers import UnknownCandidateError
     from scheduler.store.db import init_db
 
@@ -402,7 +402,7 @@ def plan(
         init_db()
     try:
         if dry_run:
-            result, _headers = scheduling.compute_plan(level, uid, event)
+            result, _headers = sessions.decide_for(level, uid, event)
             document: dict[str, Any] = {
                 "dry_run": True,
                 "event": event,
@@ -412,11 +412,11 @@ def plan(
                 "trace": result.trace,
             }
         else:
-            session_id = scheduling.open_session(level, uid, event, manual=False)
+            session_id = sessions.open_session(level, uid, event, manual=False)
             if session_id is None:
                 console.print("this data was already planned for this event; nothing to do")
                 return
-            planned = scheduling.plan_session(session_id)
+            planned = sessions.plan_session(session_id)
             if planned is None:
                 raise fail(f"session {session_id} could not be planned (see `show {session_id}`)")
             document = {
@@ -463,28 +463,18 @@ def trigger(
     as_json: JsonOption = False,
 ) -> None:
     """Start a new session for a resource with a custom event."""
-    from scheduler import control
+    from scheduler import sessions as session_flow
     from scheduler.headers import UnknownCandidateError
     from scheduler.store.db import init_db
 
     level, uid = candidate(study, series, patient)
     init_db()
     try:
-        planned = control.trigger(event, level, uid)
+        planned = session_flow.trigger(event, level, uid)
     except UnknownCandidateError as exc:
         raise fail(str(exc)) from exc
     if as_json:
-        print_json(
-            {
-                "session_id": planned.session_id,
-                "event": event,
-                "level": level,
-                "uid": uid,
-                "status": planned.status,
-                "jobs": planned.plan.job_names,
-                "trace": planned.plan.trace,
-            }
-        )
+        print_json(planned.as_dict(event, level, uid))
         return
     print_trace(planned.plan.trace)
     console.print(
@@ -512,13 +502,7 @@ def retry(
     except (queries.NotFoundError, control.NothingToDoError) as exc:
         raise fail(str(exc)) from exc
     if as_json:
-        print_json(
-            {
-                "session_id": report.session_id,
-                "requeued": report.requeued,
-                "dispatched": report.dispatched,
-            }
-        )
+        print_json(report.as_dict())
         return
     console.print(
         f"session {report.session_id}: re-queued {', '.join(report.requeued)} "
@@ -541,13 +525,7 @@ def cancel(
     except (queries.NotFoundError, control.NothingToDoError) as exc:
         raise fail(str(exc)) from exc
     if as_json:
-        print_json(
-            {
-                "session_id": report.session_id,
-                "cancelled": report.cancelled,
-                "stopped": report.stopped,
-            }
-        )
+        print_json(report.as_dict())
         return
     console.print(
         f"session {report.session_id} cancelled: {len(report.cancelled)} job(s) not started"
@@ -582,8 +560,8 @@ def workers(as_json: JsonOption = False) -> None:
         console.print("no worker has been seen yet: start one with `celery -A scheduler worker`")
 
 
-@app.command()
-def sessions(
+@app.command("sessions")
+def sessions_command(
     status: Annotated[
         SessionStatus | None, typer.Option(help="Only sessions with this status.")
     ] = None,
@@ -616,8 +594,8 @@ def sessions(
     print_table(grid)
 
 
-@app.command()
-def jobs(
+@app.command("jobs")
+def jobs_command(
     session: Annotated[
         str | None, typer.Option("--session", help="Only this session's jobs.")
     ] = None,

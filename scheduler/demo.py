@@ -94,7 +94,7 @@ def embedded_environment(home: Path) -> dict[str, str]:
 def use_environment(values: dict[str, str]) -> Settings:
     """Apply settings to this process: environment, store engines, Celery app."""
     from scheduler.celery_app import configure
-    from scheduler.scheduling import forget_registry
+    from scheduler.registry import forget_registry
     from scheduler.store.db import dispose_engines
 
     os.environ.update(values)
@@ -140,9 +140,10 @@ def embedded_worker(app: Any, queues: list[str], concurrency: int = 2) -> Iterat
 
 def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) -> int:
     from celeryconfig import DEFAULT_CHANNEL, PLANNING_QUEUE
-    from scheduler import detection, queries, scheduling
+    from scheduler import detection, messages, queries
     from scheduler.celery_app import app
     from scheduler.ingest import ingest_paths
+    from scheduler.registry import current_registry
     from scheduler.store.db import init_db, transaction
     from scheduler.store.models import SchedulingSession, Study
 
@@ -160,7 +161,7 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
     console.print(f"demo folder: {home}")
     console.print(f"services:    {', '.join(str(p) for p in settings.services_path)}")
     init_db()
-    registry = scheduling.current_registry()
+    registry = current_registry()
     console.print("jobs:        " + ", ".join(f"{j.job_name} ({j.phase})" for j in registry.jobs()))
     for problem in registry.problems:
         console.print(f"[red]service problem:[/red] {problem}")
@@ -174,7 +175,7 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
     with embedded_worker(app, [PLANNING_QUEUE, DEFAULT_CHANNEL], concurrency=4):
         while time.monotonic() < deadline:
             run = detection.detect()
-            scheduling.send_plans(run.sessions)
+            messages.send_plans(run.sessions)
             with transaction() as db:
                 receiving = db.scalar(
                     select(func.count()).select_from(Study).where(Study.state == "receiving")

@@ -95,7 +95,7 @@ def check_broker(settings: Settings) -> Check:
 
 
 def check_services(settings: Settings) -> Check:
-    from scheduler.scheduling import current_registry
+    from scheduler.registry import current_registry
 
     registry = current_registry(settings)
     jobs = registry.jobs()
@@ -121,9 +121,9 @@ def check_services(settings: Settings) -> Check:
 
 def check_workers(settings: Settings) -> Check:
     from celeryconfig import PLANNING_QUEUE
-    from scheduler.scheduling import current_registry
+    from scheduler.presence import live_channels
+    from scheduler.registry import current_registry
     from scheduler.store.db import transaction
-    from workers_bridge.presence import live_channels
 
     with transaction() as db:
         live = live_channels(db)

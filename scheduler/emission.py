@@ -1,14 +1,13 @@
-"""Emission: a :class:`~scheduler.planning.Plan` becomes rows, then messages (SPEC §9).
+r"""Emission: sessions and :class:`~scheduler.planning.Plan`\ s become rows.
 
-Rows first: the session, its jobs and their dependency edges are written in
-one transaction, guarded by the session's idempotency key and its
-``planning`` status, so planning the same data twice is a no-op. Messages
-after commit: the jobs with no pending dependency go out as one Celery
-``group`` of ``workers_bridge.run_job`` signatures (task id = job id, queue =
-channel, priority, Flower name ``dcm:<jobName>``). Jobs with dependencies are
-sent later by the bridge when their ``pending_deps`` counter reaches zero.
-If the broker is down the rows stay undispatched and the re-sender sends
-them when it is back: nothing is lost.
+A session is created ``planning`` under its idempotency key, so detecting
+or planning the same data twice is a no-op. A plan is stored in one
+transaction: the session's headers, trace and ``added_params``, its jobs and
+their dependency edges, each job's ``pending_deps`` counting the edges it
+waits for, guarded by the session's ``planning`` status. The jobs waiting
+for none are returned: the caller sends them after the commit
+(:mod:`scheduler.messages`); the others are sent by
+:mod:`scheduler.jobstate` when their counter reaches zero.
 """
 
 from __future__ import annotations
@@ -16,18 +15,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from celery import group
 from sqlalchemy import insert as insert_statement
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from scheduler.planning import Plan
-from scheduler.store.db import insert_for, rowcount, transaction
+from scheduler.store.db import insert_for, rowcount
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -96,7 +93,7 @@ def session_dir(output_dir: Path, session_id: str) -> Path:
     return output_dir / session_id
 
 
-def write_plan(
+def store_plan(
     db: Session,
     session_id: str,
     plan: Plan,
@@ -175,87 +172,3 @@ def write_plan(
 
 def _roots(roots: Sequence[Path]) -> str:
     return os.pathsep.join(str(r) for r in roots)
-
-
-def broker_priority(app: Any, priority: int) -> int:
-    """Our priority (0-9, higher first) in the broker's terms: Redis runs
-    the lowest number first, AMQP the highest."""
-    url = str(app.conf.broker_url or "")
-    return 9 - priority if url.startswith(("redis", "rediss")) else priority
-
-
-@dataclass(frozen=True)
-class ReadyJob:
-    """What sending a job needs, without loading its row."""
-
-    id: str
-    job_name: str
-    channel: str
-    priority: int
-    sort_position: float
-
-    @classmethod
-    def of(cls, job_id: str, definition: Any) -> ReadyJob:
-        return cls(
-            job_id,
-            definition.job_name,
-            definition.channel,
-            definition.priority,
-            definition.sort_position,
-        )
-
-
-def job_signature(job: Job | ReadyJob, countdown: float | None = None) -> Any:
-    from workers_bridge.tasks import run_job
-
-    options: dict[str, Any] = {
-        "task_id": job.id,
-        "queue": job.channel,
-        "priority": broker_priority(run_job.app, job.priority),
-        "shadow": f"dcm:{job.job_name}",
-    }
-    if countdown:
-        options["countdown"] = countdown
-    return run_job.signature(args=(job.id,), **options)
-
-
-def dispatch(jobs: Sequence[str | ReadyJob], countdown: float | None = None) -> int:
-    """Send the given queued jobs; returns how many went out.
-
-    ``jobs`` are ids, read from the store, or :class:`ReadyJob` when the
-    caller knows them already (the planner, which just wrote them).
-    Ready jobs are ordered by priority (higher first), then sortPosition.
-    A broker error is logged, not raised: the re-sender sends them later.
-    """
-    known = [job for job in jobs if isinstance(job, ReadyJob)]
-    ids = [job for job in jobs if isinstance(job, str)]
-    if ids:
-        with transaction() as db:
-            known.extend(
-                ReadyJob(*row)
-                for row in db.execute(
-                    select(
-                        Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position
-                    ).where(Job.id.in_(ids), Job.status == "queued")
-                )
-            )
-    return send_ready(known, countdown)
-
-
-def send_ready(jobs: Sequence[ReadyJob], countdown: float | None = None) -> int:
-    """Send jobs known to be queued and ready (one group), then mark them dispatched."""
-    if not jobs:
-        return 0
-    ordered = sorted(jobs, key=lambda j: (-j.priority, j.sort_position, j.job_name))
-    try:
-        group(job_signature(job, countdown) for job in ordered).apply_async(
-            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2}
-        )
-    except Exception as exc:  # noqa: BLE001 - any broker failure: leave it to the re-sender
-        log.warning("broker unavailable, %d job(s) left for the re-sender: %s", len(jobs), exc)
-        return 0
-    with transaction() as db:
-        db.execute(
-            update(Job).where(Job.id.in_([j.id for j in jobs])).values(dispatched_at=utcnow())
-        )
-    return len(jobs)

@@ -131,12 +131,10 @@ def send_plans(session_ids: Sequence[str]) -> int:
     try:
         with celery_app.producer_or_acquire() as producer:
             for session_id in session_ids:
-                celery_app.send_task(
-                    PLAN,
-                    kwargs={"session_id": session_id},
-                    producer=producer,
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
+                # A signature, not send_task: where the task is known (a
+                # worker, eager mode) its own options and routing apply.
+                celery_app.signature(PLAN, kwargs={"session_id": session_id}).apply_async(
+                    producer=producer, retry=True, retry_policy=RETRY_POLICY
                 )
                 sent += 1
     except Exception as exc:  # noqa: BLE001 - sessions left in planning are re-planned

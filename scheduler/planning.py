@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.callbacks import CallbackOutcome, run_in_host
-from scheduler.registry import JobDefinition
+from scheduler.registry.definitions import JobDefinition
 
 PHASE_ORDER = {"pre": 0, "main": 1, "post": 2}
 
@@ -93,7 +93,7 @@ def _decision(scheduled: bool, reason: str) -> dict[str, Any]:
     return {"scheduled": scheduled, "reason": reason}
 
 
-def plan(
+def decide(
     definitions: Sequence[JobDefinition],
     headers: dict[str, Any],
     *,

@@ -195,7 +195,7 @@ def stages(jobs: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 def list_workers(db: Session) -> list[dict[str, Any]]:
     """Workers seen, newest heartbeat first, with their age and liveness."""
-    from workers_bridge.presence import live_after
+    from scheduler.presence import live_after
 
     now = utcnow()
     threshold = live_after(now)

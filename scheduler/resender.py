@@ -1,4 +1,4 @@
-"""The re-sender: makes a lost message a delay, never a lost job (SPEC §9.3).
+"""The re-sender: makes a lost message a delay, never a lost job.
 
 Run by beat. It sends again:
 - ``scheduler.plan`` for sessions left in ``planning`` (plan message lost);
@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select
 
+from scheduler import jobstate
 from scheduler.config import Settings, get_settings
-from scheduler.emission import dispatch
-from scheduler.scheduling import send_plans
+from scheduler.jobstate import Ending
+from scheduler.messages import send_job_ids, send_plans
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, iso, utcnow
-from workers_bridge.release import Ending
-from workers_bridge.runner import finish
+from scheduler.vocabulary import JobStatus, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
             session_id
             for session_id in db.scalars(
                 select(SchedulingSession.id).where(
-                    SchedulingSession.status == "planning",
+                    SchedulingSession.status == SessionStatus.PLANNING,
                     SchedulingSession.created_at
                     < now - min(PLANNING_GRACE, timedelta(seconds=settings.resend_after)),
                 )
@@ -67,7 +67,7 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
         ready = list(
             db.scalars(
                 select(Job.id).where(
-                    Job.status == "queued",
+                    Job.status == JobStatus.QUEUED,
                     Job.pending_deps == 0,
                     or_(Job.run_after.is_(None), Job.run_after <= now),
                     or_(
@@ -79,14 +79,14 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
         )
         lost = db.execute(
             select(Job.id, Job.attempts, Job.worker, Job.heartbeat_at).where(
-                Job.status == "running", Job.heartbeat_at < silent
+                Job.status == JobStatus.RUNNING, Job.heartbeat_at < silent
             )
         ).all()
     report.plans = send_plans(planning)
-    report.jobs = dispatch(ready)
+    report.jobs = send_job_ids(ready)
     for job_id, attempt, worker, beat in lost:
         log.warning("job %s: worker %s silent since %s; re-queueing", job_id, worker, beat)
-        finish(
+        jobstate.end_attempt(
             job_id,
             attempt,
             Ending(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler import detection, orthanc, resender, scheduling
+from scheduler import detection, messages, orthanc, resender, sessions
 from scheduler.celery_app import app
 from scheduler.store.db import TRANSIENT
 
@@ -16,7 +16,7 @@ from scheduler.store.db import TRANSIENT
 @app.task(name="scheduler.detect", ignore_result=True)
 def detect() -> dict[str, Any]:
     run = detection.detect()
-    scheduling.send_plans(run.sessions)
+    messages.send_plans(run.sessions)
     return {"claimed": len(run.claimed), "sessions": run.sessions, "skipped": run.skipped}
 
 
@@ -31,7 +31,7 @@ def detect() -> dict[str, Any]:
     max_retries=20,
 )
 def plan(session_id: str) -> str | None:
-    planned = scheduling.plan_session(session_id)
+    planned = sessions.plan_session(session_id)
     return planned.status if planned else None
 
 

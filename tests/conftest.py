@@ -165,7 +165,7 @@ class Define:
     def __call__(self, jobs: list[dict], name: str = "testjobs") -> Path:
         import json
 
-        from scheduler.scheduling import forget_registry
+        from scheduler.registry import forget_registry
 
         folder = self.root / name
         folder.mkdir(exist_ok=True)

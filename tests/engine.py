@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select
 
-from scheduler import detection, queries, scheduling
+from scheduler import detection, messages, queries
 from scheduler.ingest import record_instances
 from scheduler.store.db import transaction
 from scheduler.store.models import SESSION_FINAL_STATUSES, SchedulingSession
@@ -56,7 +56,7 @@ def wait_until(check: Callable[[], T], timeout: float = 60.0, what: str = "condi
 
 def detect_and_send() -> list[str]:
     run = detection.detect()
-    scheduling.send_plans(run.sessions)
+    messages.send_plans(run.sessions)
     return run.sessions
 
 

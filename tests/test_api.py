@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from scheduler.api import create_app
 from scheduler.config import Settings, reset_settings
+from scheduler.presence import record_presence
 from scheduler.redact import mask
 from scheduler.store.db import transaction
 from scheduler.store.models import Instance, Job, SchedulingSession, utcnow
-from workers_bridge.presence import record_presence
 
 from .conftest import Define
 from .engine import record_study

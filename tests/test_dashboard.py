@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from scheduler import control
 from scheduler.api import create_app
 from scheduler.config import Settings, reset_settings
+from scheduler.sessions import trigger
 
 from .conftest import Define, require
 from .engine import record_study
@@ -113,7 +113,7 @@ def test_dashboard_follows_a_running_session_and_retries_a_failed_job(
         ]
     )
     record_study("9.1")
-    session_id = control.trigger("reprocess", "study", "9.1").session_id
+    session_id = trigger("reprocess", "study", "9.1").session_id
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []

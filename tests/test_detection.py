@@ -124,7 +124,7 @@ def test_detection_runs_never_overlap(env: Settings) -> None:
 def test_on_new_data_ignore_job_is_absent_in_revision_two(
     env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scheduler import scheduling
+    from scheduler import sessions
     from scheduler.celery_app import app
 
     from .support import apply_environment
@@ -141,9 +141,9 @@ def test_on_new_data_ignore_job_is_absent_in_revision_two(
     record_study("6.2", now=t0)
     app.conf.task_always_eager = True
     try:
-        first = [scheduling.plan_session(s) for s in detection.detect().sessions]
+        first = [sessions.plan_session(s) for s in detection.detect().sessions]
         record_study("6.2", instances=1, first=9, now=t0 + timedelta(seconds=100))
-        second = [scheduling.plan_session(s) for s in detection.detect().sessions]
+        second = [sessions.plan_session(s) for s in detection.detect().sessions]
     finally:
         app.conf.task_always_eager = False
     assert [sorted(p.plan.job_names) for p in first if p] == [["every-time", "first-only"]]
@@ -152,7 +152,7 @@ def test_on_new_data_ignore_job_is_absent_in_revision_two(
 
 
 def test_a_session_holds_exactly_the_instances_its_fingerprint_covers(env: Settings) -> None:
-    from scheduler import scheduling
+    from scheduler import sessions
     from scheduler.ingest import fingerprint
 
     t0 = utcnow() - timedelta(seconds=120)
@@ -160,7 +160,7 @@ def test_a_session_holds_exactly_the_instances_its_fingerprint_covers(env: Setti
     [session_id] = detection.detect().sessions
     # An instance arriving between detection and planning ...
     record_study("1.30", instances=1, first=3, now=t0 + timedelta(seconds=1))
-    planned = scheduling.plan_session(session_id)
+    planned = sessions.plan_session(session_id)
     assert planned is not None
     sops = [i["SOPInstanceUID"] for s in planned.headers["series"] for i in s["instances"]]
     assert planned.headers["instance_count"] == 2 and len(sops) == 2
@@ -168,6 +168,6 @@ def test_a_session_holds_exactly_the_instances_its_fingerprint_covers(env: Setti
     assert fingerprint(sops) == session.fingerprint
     # ... belongs to the next revision, and only there once more.
     [second_id] = detection.detect().sessions
-    second = scheduling.plan_session(second_id)
+    second = sessions.plan_session(second_id)
     assert second is not None and second.headers["instance_count"] == 3
     assert [s.revision for s in sessions_of("1.30")] == [1, 2]

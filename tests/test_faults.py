@@ -14,7 +14,7 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from scheduler import resender, scheduling
+from scheduler import resender, sessions
 from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Worker, utcnow
 
@@ -262,9 +262,9 @@ def test_jobs_planned_while_redis_is_down_run_when_it_is_back(
             group.worker("w1")
             broker.stop()  # Redis goes away
             record_study("60.4")
-            session_id = scheduling.open_session("study", "60.4", "study.stable", manual=False)
+            session_id = sessions.open_session("study", "60.4", "study.stable", manual=False)
             assert session_id is not None
-            planned = scheduling.plan_session(session_id)  # rows written, messages refused
+            planned = sessions.plan_session(session_id)  # rows written, messages refused
             assert planned is not None and planned.ready
             broker.start()  # and comes back on the same port
             wait_until(

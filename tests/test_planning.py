@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.planning import Plan, evaluation_order, make_callback_runner, plan
+from scheduler.planning import Plan, decide, evaluation_order, make_callback_runner
 from scheduler.registry import load_registry
-from scheduler.scheduling import all_definitions
 
 from .conftest import Define
 
@@ -33,8 +32,8 @@ def make_plan(
 ) -> Plan:
     registry = load_registry([root])
     assert registry.ok, registry.problems
-    return plan(
-        all_definitions(registry),
+    return decide(
+        registry.every_job(),
         headers or dict(HEADERS, uid=uid),
         event=event,
         revision=revision,

@@ -19,7 +19,8 @@ from celery import Celery
 
 import celeryconfig
 from scheduler.config import load_settings
-from scheduler.control import cancel_session, trigger
+from scheduler.control import cancel_session
+from scheduler.sessions import trigger
 from scheduler.store.models import utcnow
 
 from . import test_faults

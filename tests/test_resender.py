@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from scheduler import resender, scheduling
+from scheduler import resender, sessions
 from scheduler.config import Settings
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, utcnow
@@ -25,7 +25,7 @@ def one_job_session(define: Define, study_uid: str) -> str:
     """A study with one job to run, and its session opened but not planned."""
     define([{"jobName": "a", "workerEntry": WORK}])
     record_study(study_uid)
-    session_id = scheduling.open_session("study", study_uid, "study.stable", manual=False)
+    session_id = sessions.open_session("study", study_uid, "study.stable", manual=False)
     assert session_id is not None
     return session_id
 
@@ -44,9 +44,9 @@ def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
     }
     with environment(values):
         record_study("20.1")
-        session_id = scheduling.open_session("study", "20.1", "study.stable", manual=False)
+        session_id = sessions.open_session("study", "20.1", "study.stable", manual=False)
         assert session_id is not None
-        planned = scheduling.plan_session(session_id)  # the broker refuses: rows stay
+        planned = sessions.plan_session(session_id)  # the broker refuses: rows stay
         assert planned is not None and planned.ready
         with transaction() as db:
             a = db.scalars(select(Job).where(Job.job_name == "a")).one()
@@ -67,8 +67,8 @@ def test_a_running_job_whose_worker_went_silent_is_run_again(
 ) -> None:
     session_id = one_job_session(define, "20.2")
     # Plan without sending, then take the job as a worker that dies at once.
-    monkeypatch.setattr(scheduling, "dispatch", lambda *args, **kwargs: 0)
-    planned = scheduling.plan_session(session_id)
+    monkeypatch.setattr(sessions, "send_jobs", lambda *args, **kwargs: 0)
+    planned = sessions.plan_session(session_id)
     assert planned is not None
     job_id = planned.ready[0]
     assert runner.claim(job_id, "ghost@nowhere") is not None
@@ -105,7 +105,7 @@ def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses
     live: Settings, define: Define
 ) -> None:
     from scheduler.leases import acquire
-    from scheduler.scheduling import plan_lease
+    from scheduler.sessions import lease_name
 
     session_id = one_job_session(define, "20.4")
     with transaction() as db:
@@ -114,25 +114,25 @@ def test_a_session_being_planned_is_left_alone_and_a_dead_planner_s_lease_lapses
             .where(SchedulingSession.id == session_id)
             .values(created_at=utcnow() - timedelta(minutes=5))
         )
-    assert acquire(plan_lease(session_id), ttl=60, holder="planner-elsewhere")
-    assert scheduling.plan_session(session_id) is None  # someone is planning it
+    assert acquire(lease_name(session_id), ttl=60, holder="planner-elsewhere")
+    assert sessions.plan_session(session_id) is None  # someone is planning it
     assert resender.resend(live).plans == 0
     # That planner died: its lease (never renewed) lapses.
-    assert acquire(plan_lease(session_id), ttl=-1, holder="planner-elsewhere")
+    assert acquire(lease_name(session_id), ttl=-1, holder="planner-elsewhere")
     assert resender.resend(live).plans == 1
     assert wait_session(session_id)["status"] == "succeeded"
 
 
 def test_planning_leaves_no_lease_row_behind(live: Settings, define: Define) -> None:
-    from scheduler.scheduling import plan_lease
+    from scheduler.sessions import lease_name
 
     session_id = one_job_session(define, "20.5")
-    assert scheduling.plan_session(session_id) is not None
+    assert sessions.plan_session(session_id) is not None
     # A second plan message for the same session finds it planned.
-    assert scheduling.plan_session(session_id) is None
+    assert sessions.plan_session(session_id) is None
     with transaction() as db:
         names = set(db.scalars(select(Lease.name)))
-    assert plan_lease(session_id) not in names
+    assert lease_name(session_id) not in names
     assert wait_session(session_id)["status"] == "succeeded"
 
 
@@ -142,7 +142,7 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
     # The status is read after the lease is taken: a planner that has just
     # written the plan (and dropped its lease) is never planned again.
     session_id = one_job_session(define, "20.6")
-    real_take = scheduling.take
+    real_take = sessions.take
 
     def take_as_the_other_planner_commits(*args: object, **kwargs: object) -> bool:
         with transaction() as other:  # the other planner's write transaction
@@ -154,14 +154,14 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
         return real_take(*args, **kwargs)  # type: ignore[arg-type]
 
     computed: list[str] = []
-    real_compute = scheduling.compute_plan
-    monkeypatch.setattr(scheduling, "take", take_as_the_other_planner_commits)
+    real_compute = sessions.decide_for
+    monkeypatch.setattr(sessions, "take", take_as_the_other_planner_commits)
     monkeypatch.setattr(
-        scheduling,
-        "compute_plan",
+        sessions,
+        "decide_for",
         lambda *a, **k: computed.append(a[1]) or real_compute(*a, **k),  # type: ignore[func-returns-value]
     )
-    assert scheduling.plan_session(session_id) is None
+    assert sessions.plan_session(session_id) is None
     assert computed == []  # no callback ran
     with transaction() as db:
-        assert db.get(Lease, scheduling.plan_lease(session_id)) is None
+        assert db.get(Lease, sessions.lease_name(session_id)) is None

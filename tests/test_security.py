@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from scheduler import scheduling
+from scheduler import sessions
 from scheduler.beat import renew_beat_lease
 from scheduler.cli import app as cli
 from scheduler.config import Settings
@@ -36,10 +36,10 @@ def test_a_pickled_message_is_refused_and_runs_nothing(
     calls = tmp_path / "calls"
     define([{"jobName": "target", "workerEntry": WORK, "params": {"calls": str(calls)}}])
     record_study("90.1")
-    monkeypatch.setattr(scheduling, "dispatch", lambda *args, **kwargs: 0)  # plan, send nothing
-    session_id = scheduling.open_session("study", "90.1", "study.stable", manual=False)
+    monkeypatch.setattr(sessions, "send_jobs", lambda *args, **kwargs: 0)  # plan, send nothing
+    session_id = sessions.open_session("study", "90.1", "study.stable", manual=False)
     assert session_id is not None
-    planned = scheduling.plan_session(session_id)
+    planned = sessions.plan_session(session_id)
     assert planned is not None
     [job_id] = planned.ready
 

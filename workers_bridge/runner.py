@@ -1,11 +1,13 @@
-"""One job, from message to recorded outcome (SPEC §10).
+"""One job, from message to recorded outcome.
 
-:func:`run_job` claims the job atomically (``queued`` → ``running``, so a
-duplicate delivery of a running or finished job does nothing), gathers the
-call's arguments from the store (headers, the session's ``added_params``, the
-results of its dependencies, and for post jobs every job's outcome), runs
-the attempt in a child process (:mod:`workers_bridge.process`), records the
-ending (:mod:`workers_bridge.release`) and sends what became ready.
+:func:`run_job` claims the job (:func:`scheduler.jobstate.claim`: ``queued``
+→ ``running``, so a duplicate delivery of a running or finished job does
+nothing), builds the worker call from what the claim read (headers, the
+session's ``added_params``, the results of its dependencies, and for post
+jobs every job's outcome), runs the attempt in a process of its own
+(:mod:`workers_bridge.process`) while heart-beating the job, and ends the
+attempt (:func:`scheduler.jobstate.end_attempt`), which sends what became
+ready.
 """
 
 from __future__ import annotations
@@ -15,126 +17,75 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from scheduler import jobstate
 from scheduler.config import get_settings
-from scheduler.emission import dispatch, send_ready, session_dir
-from scheduler.store.db import retrying, rowcount, transaction
-from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, utcnow
-from workers_bridge.presence import record_presence
+from scheduler.emission import session_dir
+from scheduler.jobstate import Claimed, Ending
+from scheduler.presence import record_presence
+from scheduler.store.db import retrying, transaction
+from scheduler.store.models import Worker, utcnow
 from workers_bridge.process import AttemptOutcome, execute
-from workers_bridge.release import Ending, record_ending
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 5.0
-# Tolerated difference between the clocks of the machine that set a retry's
-# run_after and the worker that receives the delayed message.
-CLOCK_SKEW = timedelta(seconds=5)
 
 
 @dataclass
-class Claim:
+class Attempt:
+    """A claimed job and the call its worker gets (:mod:`workers_bridge.child`)."""
+
     job_id: str
-    attempt: int
+    number: int
     timeout: float
     python: str | None
     request: dict[str, Any]
 
 
-def claim(job_id: str, hostname: str, now: datetime | None = None) -> Claim | None:
+def worker_call(claimed: Claimed) -> Attempt:
+    folder = session_dir(get_settings().output_dir, claimed.session_id)
+    kwargs: dict[str, Any] = {
+        "job_id": claimed.job_id,
+        "session_id": claimed.session_id,
+        "event": claimed.event,
+        "level": claimed.level,
+        "uid": claimed.uid,
+        "revision": claimed.revision,
+        "attempt": claimed.attempt,
+        "results": claimed.results,
+        "session_dir": str(folder),
+        "output_dir": str(folder / claimed.job_name),
+    }
+    if claimed.outcomes is not None:
+        kwargs["outcomes"] = claimed.outcomes
+    request = {
+        "entry": claimed.worker_entry,
+        "roots": [r for r in claimed.entry_root.split(os.pathsep) if r],
+        "job_name": claimed.job_name,
+        "headers": claimed.headers,
+        "params": claimed.params,
+        "added_params": claimed.added_params,
+        "kwargs": kwargs,
+    }
+    return Attempt(claimed.job_id, claimed.attempt, claimed.timeout_s, claimed.python, request)
+
+
+def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | None:
     """Take the job if it is ``queued``; build the worker call."""
     now = now or utcnow()
     with transaction() as db:
-        job = db.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == "queued",
-                # A duplicate message must not skip dependencies or back-off.
-                Job.pending_deps == 0,
-                or_(Job.run_after.is_(None), Job.run_after <= now + CLOCK_SKEW),
-            )
-            .values(
-                status="running",
-                attempts=Job.attempts + 1,
-                started_at=now,
-                heartbeat_at=now,
-                finished_at=None,
-                worker=hostname,
-                worker_pid=os.getpid(),
-            )
-            .returning(
-                Job.session_id,
-                Job.job_name,
-                Job.phase,
-                Job.channel,
-                Job.attempts,
-                Job.worker_entry,
-                Job.entry_root,
-                Job.params,
-                Job.timeout_s,
-                Job.python,
-            )
-            .execution_options(synchronize_session=False)
-        ).one_or_none()
-        if job is None:
+        claimed = jobstate.claim(db, job_id, hostname, now)
+        if claimed is None:
             return None
-        _touch_worker(db, hostname, job.channel, now)
-        parent = db.execute(
-            select(
-                SchedulingSession.event,
-                SchedulingSession.level,
-                SchedulingSession.uid,
-                SchedulingSession.revision,
-                SchedulingSession.headers,
-                SchedulingSession.added_params,
-            ).where(SchedulingSession.id == job.session_id)
-        ).one()
-        results: dict[str, Any] = dict(
-            db.execute(
-                select(Job.job_name, Job.result)
-                .join(JobDependency, JobDependency.depends_on_id == Job.id)
-                .where(JobDependency.job_id == job_id)
-            ).all()
-        )
-        folder = session_dir(get_settings().output_dir, job.session_id)
-        output_dir = folder / job.job_name
-        kwargs: dict[str, Any] = {
-            "job_id": job_id,
-            "session_id": job.session_id,
-            "event": parent.event,
-            "level": parent.level,
-            "uid": parent.uid,
-            "revision": parent.revision,
-            "attempt": job.attempts,
-            "results": results,
-            "session_dir": str(folder),
-            "output_dir": str(output_dir),
-        }
-        if job.phase == "post":
-            kwargs["outcomes"] = dict(
-                db.execute(
-                    select(Job.job_name, Job.status).where(
-                        Job.session_id == job.session_id, Job.id != job_id
-                    )
-                ).all()
-            )
-        request = {
-            "entry": job.worker_entry,
-            "roots": [r for r in job.entry_root.split(os.pathsep) if r],
-            "job_name": job.job_name,
-            "headers": parent.headers or {},
-            "params": job.params,
-            "added_params": parent.added_params,
-            "kwargs": kwargs,
-        }
-        return Claim(job_id, job.attempts, job.timeout_s, job.python, request)
+        _touch_worker(db, hostname, claimed.channel, now)
+    return worker_call(claimed)
 
 
 class Heartbeat:
@@ -149,14 +100,7 @@ class Heartbeat:
     def __call__(self) -> bool:
         try:
             with transaction() as db:
-                beat = db.execute(
-                    update(Job)
-                    .where(
-                        Job.id == self.job_id, Job.status == "running", Job.attempts == self.attempt
-                    )
-                    .values(heartbeat_at=utcnow())
-                )
-                mine = rowcount(beat) == 1
+                mine = jobstate.beat(db, self.job_id, self.attempt)
         except Exception as exc:  # noqa: BLE001 - the store may be briefly away
             silent = time.monotonic() - self.last_ok
             log.warning("heartbeat of job %s failed for %.0fs: %s", self.job_id, silent, exc)
@@ -171,7 +115,7 @@ _touched: dict[tuple[str, str], float] = {}
 
 def _touch_worker(db: Session, hostname: str, channel: str, now: datetime) -> None:
     """Record that ``hostname`` consumes ``channel`` and is alive (at most every
-    few seconds per worker and channel: the presence thread beats too)."""
+    few seconds per worker and channel: the heartbeat bootstep beats too)."""
     key = (hostname, channel)
     if time.monotonic() - _touched.get(key, -1e9) < TOUCH_EVERY:
         return
@@ -186,32 +130,20 @@ def _touch_worker(db: Session, hostname: str, channel: str, now: datetime) -> No
     _touched[key] = time.monotonic()
 
 
-def finish(job_id: str, attempt: int, ending: Ending) -> None:
-    """Record an ending and send what it made ready (or the retry)."""
-    with transaction() as db:
-        released = record_ending(db, job_id, attempt, ending)
-    if released.retry:
-        retry_id, delay = released.retry
-        dispatch([retry_id], countdown=delay)
-    send_ready(released.ready)
-
-
 def dead_local_attempt(job_id: str, hostname: str) -> tuple[int, str] | None:
     """(attempt, reason) when the job runs "on this worker" in a process that
     no longer exists: the pool process was killed and Celery re-delivered
     the message (``reject_on_worker_lost``). Then there is no need to wait
     for the re-sender to notice the missing heartbeats."""
     with transaction() as db:
-        row = db.execute(
-            select(Job.status, Job.worker, Job.worker_pid, Job.attempts).where(Job.id == job_id)
-        ).one_or_none()
-    if row is None or row.status != "running" or row.worker != hostname or not row.worker_pid:
+        running = jobstate.running_attempt(db, job_id)
+    if running is None or running.worker != hostname or not running.worker_pid:
         return None
-    if row.worker_pid == os.getpid() or _alive(row.worker_pid):
+    if running.worker_pid == os.getpid() or _alive(running.worker_pid):
         return None
     return (
-        row.attempts,
-        f"worker lost: process {row.worker_pid} on {hostname} died during the attempt",
+        running.attempt,
+        f"worker lost: process {running.worker_pid} on {hostname} died during the attempt",
     )
 
 
@@ -225,7 +157,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def attempt_safely(taken: Claim, heartbeat_interval: float, job_id: str) -> AttemptOutcome:
+def attempt_safely(taken: Attempt, heartbeat_interval: float) -> AttemptOutcome:
     """Run the attempt; a failure to even start it (a missing interpreter, no
     process slot, a full temp folder) is the attempt's error, not a crash
     that would leave the job running until the re-sender calls it lost."""
@@ -234,7 +166,7 @@ def attempt_safely(taken: Claim, heartbeat_interval: float, job_id: str) -> Atte
             taken.request,
             timeout=taken.timeout,
             python=taken.python,
-            heartbeat=Heartbeat(job_id, taken.attempt, heartbeat_interval),
+            heartbeat=Heartbeat(taken.job_id, taken.number, heartbeat_interval),
             # Cancellation is noticed at a heartbeat: beat at least every 5 s.
             heartbeat_interval=min(heartbeat_interval, 5.0),
         )
@@ -254,17 +186,16 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
         if lost is not None:
             attempt, reason = lost
             log.warning("job %s: %s; re-queueing", job_id, reason)
-            finish(job_id, attempt, Ending(ok=False, lost=True, error=reason))
+            jobstate.end_attempt(job_id, attempt, Ending(ok=False, lost=True, error=reason))
         else:
             log.info("job %s is not queued any more; duplicate delivery ignored", job_id)
         return None
-    settings = get_settings()
     try:
         Path(taken.request["kwargs"]["output_dir"]).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         outcome = AttemptOutcome(False, error=f"cannot create the job's output folder: {exc}")
     else:
-        outcome = attempt_safely(taken, settings.heartbeat_interval, job_id)
+        outcome = attempt_safely(taken, get_settings().heartbeat_interval)
     ending = Ending(
         ok=outcome.ok,
         result=outcome.result,
@@ -274,6 +205,8 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
     )
     # The attempt ran: its outcome must not be lost to a brief store outage.
     retrying(
-        lambda: finish(job_id, taken.attempt, ending), what=f"recording job {job_id}", patience=600
+        lambda: jobstate.end_attempt(job_id, taken.number, ending),
+        what=f"recording job {job_id}",
+        patience=600,
     )
     return "succeeded" if outcome.ok else "failed"

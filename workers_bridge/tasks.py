@@ -3,7 +3,8 @@
 ``acks_late`` with ``reject_on_worker_lost``: a message is acknowledged only
 after the job's outcome is stored, so a worker that dies mid-job leaves the
 message to be delivered again; the atomic claim makes any duplicate a no-op.
-Results are ignored: job state and results live in the store.
+Results are ignored: job state and results live in the store. Importing this
+module (the app includes it) also gives every worker its heartbeat.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.celery_app import app
-from workers_bridge import runner
+from scheduler.messages import RUN_JOB
+from workers_bridge import heartbeat, runner
+
+heartbeat.install(app)
 
 
 @app.task(
-    name="workers_bridge.run_job",
+    name=RUN_JOB,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,

@@ -1,10 +1,10 @@
-"""Worker presence: who consumes which channel, and since when we heard from it.
+"""The worker's heartbeat: a bootstep that keeps the ``workers`` table true.
 
-When a Celery worker starts, the :class:`Presence` bootstep records its
-hostname and the queues it consumes in the ``workers`` table, then refreshes
-its heartbeat every ``DCM_HEARTBEAT_INTERVAL`` seconds until the worker
-stops. ``dcm-scheduler workers`` lists them; planning warns when a job goes
-to a channel that no live worker consumes.
+When a Celery worker starts, :class:`Heartbeat` records its hostname and the
+queues it consumes (:mod:`scheduler.presence`), refreshes its heartbeat every
+``DCM_HEARTBEAT_INTERVAL`` seconds in a thread, and removes the row when the
+worker stops cleanly. It is added to every worker of the app when this
+module is imported, which the app's task modules do.
 """
 
 from __future__ import annotations
@@ -12,56 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from datetime import datetime, timedelta
 from typing import Any
 
 from celery import bootsteps
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
 
 from scheduler.config import get_settings
-from scheduler.store.db import insert_for, transaction
-from scheduler.store.models import Worker, utcnow
+from scheduler.presence import consumed_queues, forget_worker, record_presence
+from scheduler.store.db import transaction
 
 log = logging.getLogger(__name__)
 
 
-def live_after(now: datetime | None = None) -> datetime:
-    """Heartbeats older than this mean the worker is gone."""
-    interval = get_settings().heartbeat_interval
-    return (now or utcnow()) - timedelta(seconds=3 * interval)
-
-
-def record_presence(
-    db: Session, hostname: str, channels: list[str] | None, now: datetime | None = None
-) -> None:
-    """Upsert the worker's row; ``channels`` replaces its list when given."""
-    now = now or utcnow()
-    insert = insert_for(db)
-    values: dict[str, Any] = {
-        "hostname": hostname,
-        "channels": {c: True for c in channels or []},
-        "pid": os.getpid(),
-        "started_at": now,
-        "last_heartbeat": now,
-    }
-    update: dict[str, Any] = {"last_heartbeat": now}
-    if channels is not None:
-        update |= {"channels": values["channels"], "pid": values["pid"], "started_at": now}
-    db.execute(
-        insert(Worker)
-        .values(**values)
-        .on_conflict_do_update(index_elements=["hostname"], set_=update)
-    )
-
-
-def live_channels(db: Session, now: datetime | None = None) -> set[str]:
-    """Channels consumed by at least one worker with a recent heartbeat."""
-    rows = db.scalars(select(Worker.channels).where(Worker.last_heartbeat >= live_after(now)))
-    return {channel for channels in rows for channel in channels}
-
-
-class Presence(bootsteps.StartStopStep):
+class Heartbeat(bootsteps.StartStopStep):
     """Worker bootstep: records the worker and its queues at start, beats
     every ``DCM_HEARTBEAT_INTERVAL`` seconds in a thread, stops with the worker.
 
@@ -112,18 +74,14 @@ class Presence(bootsteps.StartStopStep):
             # listed as silent, which is what an operator needs to see.
             try:
                 with transaction() as db:
-                    db.execute(
-                        delete(Worker).where(
-                            Worker.hostname == self._hostname, Worker.pid == os.getpid()
-                        )
-                    )
+                    forget_worker(db, self._hostname, os.getpid())
             except Exception as exc:  # noqa: BLE001 - the store may be away at shutdown
                 log.warning("could not remove worker %s from the store: %s", self._hostname, exc)
 
     shutdown = terminate = stop
 
 
-def consumed_queues(worker: Any) -> list[str]:
-    """Queue names a WorkController consumes (``-Q`` or all configured)."""
-    queues = worker.app.amqp.queues
-    return sorted(queues.consume_from or queues)
+def install(app: Any) -> None:
+    """Add the heartbeat to the workers of ``app`` (once)."""
+    if Heartbeat not in app.steps["worker"]:
+        app.steps["worker"].add(Heartbeat)

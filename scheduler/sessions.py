@@ -1,16 +1,20 @@
-"""Planning a session end to end: headers, callbacks, rows, messages.
+"""Sessions, from opening to planned: the use case behind detection's plan
+tasks, ``dcm-scheduler plan`` and ``trigger``, and dcm-processor's push.
 
-The Celery tasks and the CLI call these functions; they glue the pure
-planner (:mod:`scheduler.planning`) to the store and the broker
-(:mod:`scheduler.emission`). The service registry is loaded once per process
-and reloaded when a definition file changes, so planning does not re-read
-every service for every session.
+A session is opened for a candidate (:func:`open_session`: idempotent for
+detection and manual plans, always new for a trigger), then planned once
+(:func:`plan_session`): the headers of exactly the instances its
+fingerprint covers are read, the registry callbacks decide the jobs
+(:mod:`scheduler.planning`, in the callback host of :mod:`scheduler.callbacks`),
+the plan is stored (:mod:`scheduler.emission`) and its ready jobs are sent
+(:mod:`scheduler.messages`). :func:`decide_for` does the deciding alone,
+writing nothing (``plan --dry-run``). The trace of every session names the
+services left out and the jobs sent to channels nobody consumes.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,79 +26,21 @@ from sqlalchemy.orm import Session
 
 from scheduler.config import Settings, get_settings
 from scheduler.detection import LEVELS as RESOURCE_LEVELS
-from scheduler.emission import (
-    ReadyJob,
-    create_session,
-    dispatch,
-    session_dir,
-    write_plan,
-)
-from scheduler.headers import LEVELS, UnknownCandidateError, build_headers, candidate_query
+from scheduler.emission import create_session, session_dir, store_plan
+from scheduler.headers import UnknownCandidateError, build_headers, candidate_query
 from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
-from scheduler.planning import Plan, make_callback_runner, plan
-from scheduler.registry import Registry, code_stamp, load_registry
+from scheduler.messages import ReadyJob, send_jobs
+from scheduler.planning import Plan, decide, make_callback_runner
+from scheduler.presence import live_channels
+from scheduler.registry import Registry, current_registry
 from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
+from scheduler.vocabulary import Level, SessionStatus
 
-log = logging.getLogger(__name__)
-# Problems that the trace and the CLI report too, on loggers of their own so
+# Warnings that the trace and the CLI report too, on a logger of their own so
 # the CLI, which prints them, can keep them out of its stderr.
-service_log = logging.getLogger("scheduler.services")
 channel_log = logging.getLogger("scheduler.channels")
-
-_registry_lock = threading.Lock()
-_registry_cache: dict[str, Any] = {}
-
-
-def _definition_stamp(settings: Settings) -> tuple[Any, ...]:
-    """Modification times of everything that defines services."""
-    stamp: list[Any] = []
-    files = [settings.settings_file] if settings.settings_file else []
-    for root in settings.services_path:
-        if not root.is_dir():
-            continue
-        files.append(root / "dcm-processor.json")
-        for child in sorted(root.iterdir()):
-            files.extend([child / "dcm-processor.json", child / "settings.json"])
-    for path in files:
-        try:
-            stamp.append((str(path), path.stat().st_mtime_ns))
-        except OSError:
-            continue
-    return (settings.services_path, settings.settings_file, tuple(settings.default_events), *stamp)
-
-
-def current_registry(settings: Settings | None = None) -> Registry:
-    """The loaded services, reloaded when a definition file or the code of a
-    service changed (a running planner plans with the services on disk)."""
-    settings = settings or get_settings()
-    definitions = _definition_stamp(settings)
-    with _registry_lock:
-        cached: Registry | None = _registry_cache.get("registry")
-        code = code_stamp(cached.code_locations()) if cached is not None else ()
-        if cached is None or _registry_cache.get("stamp") != (definitions, code):
-            cached = load_registry(
-                settings.services_path,
-                settings.settings_file,
-                default_events=settings.default_events,
-            )
-            for problem in cached.problems:
-                service_log.warning("service problem: %s", problem)
-            code = code_stamp(cached.code_locations())
-            _registry_cache.update(stamp=(definitions, code), registry=cached)
-        return cached
-
-
-def forget_registry() -> None:
-    with _registry_lock:
-        _registry_cache.clear()
-
-
-def all_definitions(registry: Registry) -> list[Any]:
-    """Every job of the enabled services, disabled ones included, so the
-    trace explains them too."""
-    return [job for service in registry.services for job in service.jobs]
 
 
 def header_fields(settings: Settings, registry: Registry) -> Sequence[str] | None:
@@ -104,15 +50,29 @@ def header_fields(settings: Settings, registry: Registry) -> Sequence[str] | Non
 
 
 @dataclass
-class Planned:
+class PlannedSession:
+    """A session just planned: its decisions, headers and ready jobs."""
+
     session_id: str
     plan: Plan
     headers: dict[str, Any]
     ready: list[str]
     status: str
 
+    def as_dict(self, event: str, level: str, uid: str) -> dict[str, Any]:
+        """The report of ``trigger`` and ``plan`` (CLI ``--json`` and the API)."""
+        return {
+            "session_id": self.session_id,
+            "event": event,
+            "level": level,
+            "uid": uid,
+            "status": self.status,
+            "jobs": self.plan.job_names,
+            "trace": self.plan.trace,
+        }
 
-def compute_plan(
+
+def decide_for(
     level: str,
     uid: str,
     event: str,
@@ -121,7 +81,7 @@ def compute_plan(
     session_id: str = "dry-run",
     inputs: tuple[dict[str, Any], set[str]] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
-    """Headers and plan for a candidate, writing nothing (``plan --dry-run``).
+    """Headers and decisions for a candidate, writing nothing (``plan --dry-run``).
 
     ``inputs`` are the headers and live channels when the caller already
     read them (:func:`read_inputs`) in its own transaction.
@@ -138,8 +98,8 @@ def compute_plan(
         "uid": uid,
         "session_dir": str(session_dir(settings.output_dir, session_id)),
     }
-    result = plan(
-        all_definitions(registry),
+    result = decide(
+        registry.every_job(),
         headers,
         event=event,
         revision=revision,
@@ -197,8 +157,6 @@ def read_inputs(
     """What planning reads from the store: the headers (of the instances up
     to ``up_to``, see :func:`scheduler.headers.build_headers`) and the live
     channels."""
-    from workers_bridge.presence import live_channels
-
     fields = header_fields(settings, registry)
     headers = build_headers(db, level, uid, fields, up_to=up_to)
     return headers, live_channels(db)
@@ -231,14 +189,15 @@ def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
             channel_log.warning(message)
 
 
-def plan_lease(session_id: str) -> str:
+def lease_name(session_id: str) -> str:
+    """The lease a planner holds on a session while it plans it."""
     return f"plan:{session_id}"
 
 
 PLAN_LEASE_TTL = 15.0
 
 
-def plan_session(session_id: str) -> Planned | None:
+def plan_session(session_id: str) -> PlannedSession | None:
     """Plan a ``planning`` session and send its ready jobs; None if already
     planned, or being planned by another process right now.
 
@@ -251,7 +210,7 @@ def plan_session(session_id: str) -> Planned | None:
     """
     settings = get_settings()
     registry = current_registry(settings)
-    name, holder = plan_lease(session_id), new_holder()
+    name, holder = lease_name(session_id), new_holder()
     inputs: tuple[dict[str, Any], set[str]] | None = None
     error = ""
     taken_at = time.monotonic()
@@ -267,7 +226,10 @@ def plan_session(session_id: str) -> Planned | None:
                 SchedulingSession.event,
                 SchedulingSession.revision,
                 SchedulingSession.last_instance_id,
-            ).where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
+            ).where(
+                SchedulingSession.id == session_id,
+                SchedulingSession.status == SessionStatus.PLANNING,
+            )
         ).first()
         if row is None:
             drop(db, name, holder)
@@ -284,12 +246,12 @@ def plan_session(session_id: str) -> Planned | None:
             return None
         # The callbacks run outside any transaction: they may take seconds.
         with renewing(name, holder, PLAN_LEASE_TTL, taken_at):
-            result, headers = compute_plan(
+            result, headers = decide_for(
                 level, uid, event, revision=revision, session_id=session_id, inputs=inputs
             )
             ids = {job.definition.job_name: new_id() for job in result.jobs}
             with transaction() as db:
-                ready = write_plan(db, session_id, result, headers, job_ids=ids)
+                ready = store_plan(db, session_id, result, headers, job_ids=ids)
                 drop(db, name, holder)
             planned = True
     finally:
@@ -300,15 +262,16 @@ def plan_session(session_id: str) -> Planned | None:
         return None
     # The planner knows what it just wrote: send it without reading it back.
     definitions = {ids[job.definition.job_name]: job.definition for job in result.jobs}
-    dispatch([ReadyJob.of(job_id, definitions[job_id]) for job_id in ready])
-    return Planned(session_id, result, headers, ready, "running" if result.jobs else "empty")
+    send_jobs([ReadyJob.of(job_id, definitions[job_id]) for job_id in ready])
+    status = SessionStatus.RUNNING if result.jobs else SessionStatus.EMPTY
+    return PlannedSession(session_id, result, headers, ready, status)
 
 
 def _fail_planning(session_id: str, message: str) -> None:
     with transaction() as db:
         row = db.get(SchedulingSession, session_id)
-        if row is not None and row.status == "planning":
-            row.status, row.error, row.finished_at = "failed", message, utcnow()
+        if row is not None and row.status == SessionStatus.PLANNING:
+            row.status, row.error, row.finished_at = SessionStatus.FAILED, message, utcnow()
 
 
 @dataclass(frozen=True)
@@ -339,7 +302,7 @@ def current_fingerprint(level: str, uid: str) -> Snapshot:
 
 def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | None:
     """Create the session of a manual plan (idempotent) or trigger (always new)."""
-    if level not in LEVELS:
+    if level not in set(Level):
         raise ValueError(f"unknown level {level!r}")
     now = current_fingerprint(level, uid)
     trigger = uuid.uuid4().hex if manual else ""
@@ -356,28 +319,16 @@ def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | Non
         )
 
 
-def send_plans(session_ids: Sequence[str]) -> int:
-    """Send one ``scheduler.plan`` task per session; broker errors are logged
-    (the re-sender sends plans of sessions left in ``planning``)."""
-    if not session_ids:
-        return 0
-    from scheduler.tasks import plan as plan_task
+class PlannedElsewhereError(RuntimeError):
+    """A session just opened was planned by another process meanwhile."""
 
-    sent = 0
-    try:
-        with plan_task.app.producer_or_acquire() as producer:
-            for session_id in session_ids:
-                plan_task.apply_async(
-                    kwargs={"session_id": session_id},
-                    producer=producer,
-                    retry=True,
-                    retry_policy={"max_retries": 2, "interval_start": 0.2},
-                )
-                sent += 1
-    except Exception as exc:  # noqa: BLE001
-        log.warning(
-            "broker unavailable, %d plan(s) left for the re-sender: %s",
-            len(session_ids) - sent,
-            exc,
-        )
-    return sent
+
+def trigger(event: str, level: str, uid: str) -> PlannedSession:
+    """A new session for ``level``/``uid`` with a custom ``event`` (every
+    trigger is a new session, even for the same data), planned now."""
+    session_id = open_session(level, uid, event, manual=True)
+    assert session_id is not None  # a fresh trigger id never collides
+    planned = plan_session(session_id)
+    if planned is None:  # pragma: no cover - only if someone else planned it meanwhile
+        raise PlannedElsewhereError(f"session {session_id} was planned elsewhere")
+    return planned

@@ -1,0 +1,585 @@
+"""Every transition of a job and of its session, in one place.
+
+A job is ``queued`` until a worker claims it (``running``), and each attempt
+ends as ``succeeded``, as a retry (``queued`` again after a back-off), or
+for good as ``failed``; jobs that needed it to succeed become
+``upstream_failed``; an operator can ``cancel`` what has not ended and
+``requeue`` what failed. Each ended attempt leaves an entry in the job's
+``attempt_log``.
+
+All transitions of a session's jobs happen with the session row locked
+(PostgreSQL ``SELECT … FOR UPDATE``; SQLite takes its write lock at
+``BEGIN``), so concurrent endings in one session are serialised while
+sessions stay independent. That makes ``pending_deps`` an exact chord
+counter: the job whose ending brings a dependent to zero is the one that
+sends it, after the ending is committed (README, "How it works" in
+``docs/architecture.md``). When a session's last job ends, the session gets
+``succeeded``, ``failed`` (nothing succeeded) or ``partial``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from scheduler import messages
+from scheduler.messages import ReadyJob
+from scheduler.store.db import rowcount, transaction
+from scheduler.store.models import Job, JobDependency, SchedulingSession, iso, utcnow
+from scheduler.vocabulary import (
+    JOB_FINAL_STATUSES,
+    AttemptStatus,
+    JobStatus,
+    Phase,
+    SessionStatus,
+)
+
+# A job whose worker or process vanished (killed, out of memory, machine
+# lost) is re-run this many times beyond its own retries before it fails:
+# losing a worker is rarely the job's fault, but a job that kills every
+# worker must stop.
+LOST_WORKER_GRACE = 2
+# Tolerated difference between the clocks of the machine that set a retry's
+# run_after and the worker that receives the delayed message.
+CLOCK_SKEW = timedelta(seconds=5)
+
+
+def lock_session(db: Session, session_id: str) -> None:
+    db.execute(
+        select(SchedulingSession.id).where(SchedulingSession.id == session_id).with_for_update()
+    )
+
+
+def attempt_entry(
+    attempt: int,
+    status: AttemptStatus,
+    worker: str | None,
+    started_at: datetime | None,
+    finished_at: datetime,
+    error: str | None,
+) -> dict[str, Any]:
+    """One ``attempt_log`` entry: an error keeps its first line only."""
+    return {
+        "attempt": attempt,
+        "status": str(status),
+        "worker": worker,
+        "started_at": iso(started_at),
+        "finished_at": iso(finished_at),
+        "error": error.splitlines()[0][:500] if error else error,
+    }
+
+
+def retry_delay(retry_delay_s: float, attempt: int, max_attempts: int, retries: int) -> float:
+    """Seconds before the next attempt: ``retryDelay``, doubling for each
+    further retry of the current budget (a job re-queued by an operator
+    starts again from ``retryDelay``)."""
+    first_of_budget = max_attempts - retries
+    return float(retry_delay_s * 2 ** max(attempt - first_of_budget, 0))
+
+
+# --------------------------------------------------------------------------
+# Claim and heartbeat
+
+
+@dataclass
+class Claimed:
+    """A job just claimed, with what its worker call needs from the store."""
+
+    job_id: str
+    session_id: str
+    job_name: str
+    phase: str
+    channel: str
+    attempt: int
+    worker_entry: str
+    entry_root: str
+    params: dict[str, Any]
+    timeout_s: float
+    python: str | None
+    event: str
+    level: str
+    uid: str
+    revision: int
+    headers: dict[str, Any]
+    added_params: dict[str, Any]
+    # jobName -> result of each dependency; for post jobs, jobName -> status
+    results: dict[str, Any] = field(default_factory=dict)
+    outcomes: dict[str, str] | None = None
+
+
+def claim(db: Session, job_id: str, hostname: str, now: datetime) -> Claimed | None:
+    """``queued`` → ``running`` for this worker, if the job is ready; None for
+    a duplicate delivery, a job not ready yet, or one that ended."""
+    job = db.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.QUEUED,
+            # A duplicate message must not skip dependencies or back-off.
+            Job.pending_deps == 0,
+            or_(Job.run_after.is_(None), Job.run_after <= now + CLOCK_SKEW),
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            finished_at=None,
+            worker=hostname,
+            worker_pid=os.getpid(),
+        )
+        .returning(
+            Job.session_id,
+            Job.job_name,
+            Job.phase,
+            Job.channel,
+            Job.attempts,
+            Job.worker_entry,
+            Job.entry_root,
+            Job.params,
+            Job.timeout_s,
+            Job.python,
+        )
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if job is None:
+        return None
+    parent = db.execute(
+        select(
+            SchedulingSession.event,
+            SchedulingSession.level,
+            SchedulingSession.uid,
+            SchedulingSession.revision,
+            SchedulingSession.headers,
+            SchedulingSession.added_params,
+        ).where(SchedulingSession.id == job.session_id)
+    ).one()
+    claimed = Claimed(
+        job_id=job_id,
+        session_id=job.session_id,
+        job_name=job.job_name,
+        phase=job.phase,
+        channel=job.channel,
+        attempt=job.attempts,
+        worker_entry=job.worker_entry,
+        entry_root=job.entry_root,
+        params=job.params,
+        timeout_s=job.timeout_s,
+        python=job.python,
+        event=parent.event,
+        level=parent.level,
+        uid=parent.uid,
+        revision=parent.revision,
+        headers=parent.headers or {},
+        added_params=parent.added_params,
+    )
+    claimed.results = dict(
+        db.execute(
+            select(Job.job_name, Job.result)
+            .join(JobDependency, JobDependency.depends_on_id == Job.id)
+            .where(JobDependency.job_id == job_id)
+        ).all()
+    )
+    if job.phase == Phase.POST:
+        claimed.outcomes = dict(
+            db.execute(
+                select(Job.job_name, Job.status).where(
+                    Job.session_id == job.session_id, Job.id != job_id
+                )
+            ).all()
+        )
+    return claimed
+
+
+def beat(db: Session, job_id: str, attempt: int) -> bool:
+    """Record that ``attempt`` is alive; False when the job is no longer this
+    attempt's (cancelled, or re-queued as lost)."""
+    alive = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+        .values(heartbeat_at=utcnow())
+    )
+    return rowcount(alive) == 1
+
+
+@dataclass(frozen=True)
+class RunningAttempt:
+    attempt: int
+    worker: str | None
+    worker_pid: int | None
+
+
+def running_attempt(db: Session, job_id: str) -> RunningAttempt | None:
+    """Who runs the job now, if it is running."""
+    row = db.execute(
+        select(Job.status, Job.worker, Job.worker_pid, Job.attempts).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None or row.status != JobStatus.RUNNING:
+        return None
+    return RunningAttempt(row.attempts, row.worker, row.worker_pid)
+
+
+# --------------------------------------------------------------------------
+# Endings and release
+
+
+@dataclass
+class Ending:
+    """How one attempt ended."""
+
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    lost: bool = False
+    timed_out: bool = False
+    # For a lost attempt: the heartbeat the re-sender saw. A newer one means
+    # the attempt is alive after all, and the ending is ignored.
+    last_heartbeat: datetime | None = None
+
+    @property
+    def status(self) -> AttemptStatus:
+        if self.ok:
+            return AttemptStatus.SUCCEEDED
+        if self.lost:
+            return AttemptStatus.LOST
+        return AttemptStatus.TIMEOUT if self.timed_out else AttemptStatus.FAILED
+
+
+@dataclass
+class Released:
+    """What to send after the transaction commits."""
+
+    ready: list[ReadyJob]
+    retry: tuple[str, float] | None = None
+    recorded: bool = True
+
+
+def record_ending(
+    db: Session, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
+) -> Released:
+    """Store the ending of ``attempt`` of ``job_id``: success and release of
+    its dependents, a retry after its back-off, or a final failure. An
+    ending for an attempt that is no longer the running one (the job was
+    re-queued as lost, or cancelled meanwhile) is ignored."""
+    now = now or utcnow()
+    # Lock the job's session row first (one statement): see the module docstring.
+    session_id = db.scalar(
+        select(SchedulingSession.id)
+        .where(
+            SchedulingSession.id == select(Job.session_id).where(Job.id == job_id).scalar_subquery()
+        )
+        .with_for_update()
+    )
+    if session_id is None:
+        return Released([], recorded=False)
+    job = db.execute(
+        select(
+            Job.status,
+            Job.attempts,
+            Job.heartbeat_at,
+            Job.worker,
+            Job.started_at,
+            Job.attempt_log,
+            Job.max_attempts,
+            Job.retries,
+            Job.retry_delay_s,
+        ).where(Job.id == job_id)
+    ).one()
+    if job.status != JobStatus.RUNNING or job.attempts != attempt:
+        return Released([], recorded=False)
+    if (
+        ending.lost
+        and ending.last_heartbeat is not None
+        and job.heartbeat_at is not None
+        and job.heartbeat_at > ending.last_heartbeat
+    ):
+        return Released([], recorded=False)
+
+    entry = attempt_entry(
+        attempt, ending.status, job.worker, job.started_at, now, None if ending.ok else ending.error
+    )
+    changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
+
+    if ending.ok:
+        changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
+        _update_job(db, job_id, changes | {"finished_at": now})
+        ready = release_dependents(db, job_id, succeeded=True, now=now)
+        finish_session_if_done(db, session_id, now)
+        return Released(ready)
+
+    changes["error"] = ending.error
+    budget = job.max_attempts + (LOST_WORKER_GRACE if ending.lost else 0)
+    if attempt < budget:
+        delay = (
+            0.0
+            if ending.lost
+            else retry_delay(job.retry_delay_s, attempt, job.max_attempts, job.retries)
+        )
+        # Not dispatched until the message is out: if the broker refuses it,
+        # the re-sender sends it once run_after has passed.
+        changes |= {
+            "status": JobStatus.QUEUED,
+            "run_after": now + timedelta(seconds=delay),
+            "dispatched_at": None,
+            "heartbeat_at": None,
+        }
+        _update_job(db, job_id, changes)
+        return Released([], retry=(job_id, delay))
+
+    _update_job(db, job_id, changes | {"status": JobStatus.FAILED, "finished_at": now})
+    ready = release_dependents(db, job_id, succeeded=False, now=now)
+    finish_session_if_done(db, session_id, now)
+    return Released(ready)
+
+
+def end_attempt(job_id: str, attempt: int, ending: Ending) -> None:
+    """Record an ending in its own transaction, then send what it made ready
+    (or the retry, with its back-off as countdown)."""
+    with transaction() as db:
+        released = record_ending(db, job_id, attempt, ending)
+    if released.retry:
+        retry_id, delay = released.retry
+        messages.send_job_ids([retry_id], countdown=delay)
+    messages.send_jobs(released.ready)
+
+
+def _update_job(db: Session, job_id: str, changes: dict[str, Any]) -> None:
+    db.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(**changes)
+        .execution_options(synchronize_session=False)
+    )
+
+
+_SENDING = (Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position)
+
+
+def release_dependents(
+    db: Session, job_id: str, *, succeeded: bool, now: datetime
+) -> list[ReadyJob]:
+    """Propagate the end of ``job_id``: on success every dependent is
+    decremented; on a final failure (or a cancellation) every job that needs
+    it to succeed, directly or transitively, becomes ``upstream_failed``, and
+    post jobs, which only wait for an end, are decremented instead, so they
+    still run. Returns the dependents that became ready, with what sending
+    them needs, so the caller sends without reading back."""
+    ready: list[ReadyJob] = []
+    ended: list[tuple[str, bool]] = [(job_id, succeeded)]
+    while ended:
+        current, ok = ended.pop()
+        if ok:
+            # Every dependent waits for this one: one decrement for them all.
+            waiting = select(JobDependency.job_id).where(JobDependency.depends_on_id == current)
+            ready.extend(_decrement(db, Job.id.in_(waiting)))
+            continue
+        edges = db.execute(
+            select(JobDependency.job_id, JobDependency.requires_success).where(
+                JobDependency.depends_on_id == current
+            )
+        ).all()
+        name = ""
+        for dependent, requires_success in edges:
+            if requires_success:
+                name = name or db.scalar(select(Job.job_name).where(Job.id == current)) or ""
+                marked = db.execute(
+                    update(Job)
+                    .where(Job.id == dependent, Job.status == JobStatus.QUEUED)
+                    .values(
+                        status=JobStatus.UPSTREAM_FAILED,
+                        finished_at=now,
+                        error=f"upstream_failed: dependency {name!r} did not succeed",
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if rowcount(marked):
+                    ended.append((dependent, False))
+            else:
+                ready.extend(_decrement(db, Job.id == dependent))
+    return ready
+
+
+def _decrement(db: Session, which: Any) -> list[ReadyJob]:
+    """One dependency of the jobs ``which`` ended; those left waiting for none are ready."""
+    rows = db.execute(
+        update(Job)
+        .where(which)
+        .values(pending_deps=Job.pending_deps - 1)
+        .returning(Job.pending_deps, Job.status, *_SENDING)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [
+        ReadyJob(row.id, row.job_name, row.channel, row.priority, row.sort_position)
+        for row in rows
+        if row.pending_deps == 0 and row.status == JobStatus.QUEUED
+    ]
+
+
+def finish_session_if_done(db: Session, session_id: str, now: datetime) -> str | None:
+    """Give the session its final status once none of its jobs can still run."""
+    counts: dict[str, int] = dict(
+        db.execute(
+            select(Job.status, func.count())
+            .where(Job.session_id == session_id)
+            .group_by(Job.status)
+        ).all()
+    )
+    if not counts or any(s not in JOB_FINAL_STATUSES for s in counts):
+        return None
+    if set(counts) == {JobStatus.SUCCEEDED}:
+        final = SessionStatus.SUCCEEDED
+    elif JobStatus.SUCCEEDED not in counts:
+        final = SessionStatus.FAILED
+    else:
+        final = SessionStatus.PARTIAL
+    done = db.execute(
+        update(SchedulingSession)
+        .where(
+            SchedulingSession.id == session_id, SchedulingSession.status == SessionStatus.RUNNING
+        )
+        .values(status=final, finished_at=now)
+    )
+    return str(final) if rowcount(done) else None
+
+
+# --------------------------------------------------------------------------
+# An operator's retry and cancel
+
+
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.UPSTREAM_FAILED)
+
+
+def failed_ancestors(db: Session, job_id: str) -> list[str]:
+    """The failed or cancelled jobs an ``upstream_failed`` job depends on, at any depth."""
+    found: list[str] = []
+    seen = {job_id}
+    frontier = [job_id]
+    while frontier:
+        parents = db.execute(
+            select(Job.id, Job.status)
+            .join(JobDependency, JobDependency.depends_on_id == Job.id)
+            .where(JobDependency.job_id.in_(frontier))
+        ).all()
+        frontier = []
+        for parent, status in parents:
+            if parent in seen:
+                continue
+            seen.add(parent)
+            if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                found.append(parent)
+            elif status == JobStatus.UPSTREAM_FAILED:
+                frontier.append(parent)
+    return found
+
+
+def downstream(db: Session, seeds: Sequence[str]) -> set[str]:
+    """The seeds and every job that depends on them, directly or not."""
+    found = set(seeds)
+    frontier = list(seeds)
+    while frontier:
+        children = db.scalars(
+            select(JobDependency.job_id).where(JobDependency.depends_on_id.in_(frontier))
+        ).all()
+        frontier = [c for c in children if c not in found]
+        found.update(frontier)
+    return found
+
+
+def requeue(db: Session, session_id: str, reset: set[str]) -> list[str]:
+    """Queue the ``reset`` jobs again (the session locked by the caller) with
+    dependency counters computed afresh and a fresh budget of attempts; the
+    session runs again. Returns the ids of those ready at once."""
+    jobs = {j.id: j for j in db.scalars(select(Job).where(Job.session_id == session_id))}
+    edges = db.execute(
+        select(JobDependency.job_id, JobDependency.depends_on_id, JobDependency.requires_success)
+        .join(Job, Job.id == JobDependency.job_id)
+        .where(Job.session_id == session_id)
+    ).all()
+    pending = dict.fromkeys(reset, 0)
+    for job_id, depends_on, requires_success in edges:
+        if job_id not in reset:
+            continue
+        upstream = jobs[depends_on]
+        satisfied = depends_on not in reset and (
+            upstream.status == JobStatus.SUCCEEDED
+            or (not requires_success and upstream.status in JOB_FINAL_STATUSES)
+        )
+        if not satisfied:
+            pending[job_id] += 1
+    for job_id in reset:
+        job = jobs[job_id]
+        if job.status == JobStatus.RUNNING:
+            continue  # it ends on its own; what follows it was counted above
+        # Queued ones too: a post job waiting for a retried job must wait
+        # for its new run, with a counter recomputed from scratch.
+        job.status = JobStatus.QUEUED
+        job.pending_deps = pending[job_id]
+        # A fresh budget of attempts; the log keeps the earlier ones.
+        job.max_attempts = job.attempts + job.retries + 1
+        job.error = None
+        job.result = None
+        job.started_at = job.finished_at = job.heartbeat_at = None
+        job.run_after = None
+        job.dispatched_at = None
+    db.execute(
+        update(SchedulingSession)
+        .where(SchedulingSession.id == session_id)
+        .values(status=SessionStatus.RUNNING, finished_at=None)
+    )
+    return [j for j in reset if jobs[j].status == JobStatus.QUEUED and pending[j] == 0]
+
+
+@dataclass
+class Cancelled:
+    cancelled: list[str] = field(default_factory=list)  # job names not started
+    stopped: list[str] = field(default_factory=list)  # job names that were running
+
+
+class SessionEndedError(ValueError):
+    """The session has already ended: there is nothing to cancel."""
+
+
+def cancel(db: Session, session_id: str, now: datetime | None = None) -> Cancelled:
+    """Cancel every job of the session that has not ended, and the session.
+    A running attempt sees its job cancelled at its next heartbeat and is
+    killed; a queued message finds its job cancelled and is dropped."""
+    now = now or utcnow()
+    lock_session(db, session_id)
+    row = db.get(SchedulingSession, session_id)
+    assert row is not None
+    open_jobs = list(
+        db.scalars(
+            select(Job).where(
+                Job.session_id == session_id,
+                Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            )
+        )
+    )
+    if row.status not in (SessionStatus.PLANNING, SessionStatus.RUNNING) and not open_jobs:
+        raise SessionEndedError(f"session {session_id} has already ended ({row.status})")
+    report = Cancelled()
+    for job in open_jobs:
+        if job.status == JobStatus.RUNNING:
+            report.stopped.append(job.job_name)
+            entry = attempt_entry(
+                job.attempts,
+                AttemptStatus.CANCELLED,
+                job.worker,
+                job.started_at,
+                now,
+                "cancelled by an operator while running",
+            )
+            job.attempt_log = [*job.attempt_log, entry]
+        else:
+            report.cancelled.append(job.job_name)
+        job.status = JobStatus.CANCELLED
+        job.finished_at = now
+        job.error = "cancelled by an operator"
+    row.status, row.finished_at = SessionStatus.CANCELLED, now
+    return report

@@ -1,0 +1,111 @@
+"""A service's code: its files, its hashes, and a cheap stamp of it.
+
+The content hash (definition and ``*.py`` files) identifies what ran; the
+code hash alone tells a long-running process that a service's code changed,
+so it forgets the modules it imported and imports the code on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from scheduler.entries import (
+    inside,
+    module_location,
+)
+from scheduler.registry.definitions import Draft
+
+# Folders whose *.py files are not the service's code: caches, VCS data and
+# virtualenvs (a job's `python` may live inside its service folder).
+SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
+
+
+def _code_files(location: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+    if location.is_file():
+        yield prefix + location.name, location
+        return
+    for folder, dirs, files in os.walk(location):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d not in SKIPPED_DIRS
+            and not Path(folder, d, "pyvenv.cfg").exists()
+        )
+        for name in files:
+            if name.endswith(".py"):
+                path = Path(folder, name)
+                yield prefix + path.relative_to(location).as_posix(), path
+
+
+def _code_of(draft: Draft) -> dict[str, Path]:
+    """The service's *.py files by relative path."""
+    files: dict[str, Path] = {}
+    for location in draft.code:
+        # Code found through entries sits in shared roots: keep its folder name.
+        prefix = f"{location.name}/" if draft.code_from_entries and location.is_dir() else ""
+        files.update(_code_files(location, prefix))
+    return files
+
+
+def _digest(files: dict[str, Path]) -> str:
+    digest = hashlib.sha256()
+    for relative, path in sorted(files.items()):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        digest.update(f"{relative}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def hash(draft: Draft) -> None:
+    """The content hash (definition file and *.py files, in the order of their
+    relative paths, so a change to either is noticed) and the code hash."""
+    files = _code_of(draft)
+    draft.service.code = tuple(draft.code)
+    draft.service.code_hash = _digest(files)
+    if draft.definition_file is not None and draft.definition_file.is_file():
+        files[draft.definition_file.name] = draft.definition_file
+    draft.service.content_hash = _digest(files)
+
+
+def code_stamp(locations: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Modification times and sizes of the *.py files under ``locations``:
+    cheap to take, and it changes when the code does."""
+    stamp = []
+    for location in locations:
+        for _relative, path in _code_files(location, ""):
+            try:
+                status = path.stat()
+            except OSError:
+                continue
+            stamp.append((str(path), status.st_mtime_ns, status.st_size))
+    return tuple(stamp)
+
+
+# Code hash of each service's code locations when this process last imported
+# it: a long-running planner re-imports a service whose code changed.
+_imported_code: dict[tuple[Path, ...], str] = {}
+
+
+def forget_changed_code(draft: Draft) -> None:
+    """Drop the modules of a service whose code changed since this process
+    imported it, so checking its entries imports the code on disk."""
+    locations = tuple(draft.code)
+    if not locations:
+        return
+    current = _digest(_code_of(draft))
+    previous = _imported_code.get(locations)
+    _imported_code[locations] = current
+    if previous is None or previous == current:
+        return
+    for name, module in list(sys.modules.items()):
+        location = module_location(module) if module is not None else None
+        if location is not None and inside(location, locations):
+            sys.modules.pop(name, None)
