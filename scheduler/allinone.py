@@ -9,10 +9,11 @@ watches them (README, "Failure modes"):
 - its children die with ``run`` whatever kills ``run``, SIGKILL included, and
   a worker's pool processes and job attempts die with the worker
   (:mod:`scheduler.lifeline`): nothing of a killed ``run`` keeps working;
-- when a child dies on its own, ``run`` kills what is left of its process
-  group and starts it again after a back-off (1 s, doubling up to 30 s); at
-  most ``restarts`` deaths are restarted within ten minutes, one more stops
-  ``run`` with exit status 1 and says why;
+- when a child dies on its own, or stops answering (a worker's heartbeat or
+  beat's lease not renewed for three rounds), ``run`` kills what is left of
+  its process group and starts it again after a back-off (1 s, doubling up
+  to 30 s); each child has ``restarts`` restarts within ten minutes, one
+  more death stops ``run`` with exit status 1 and says why;
 - a service that brings a new channel while ``run`` runs gets a worker for
   that channel at once;
 - Ctrl-C or SIGTERM: a warm shutdown (running jobs finish or are
@@ -34,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ from scheduler.config import get_settings
 from scheduler.lifeline import die_with_parent
 from scheduler.redact import mask
 from scheduler.store.db import init_db, transaction
-from scheduler.store.models import Job, SchedulingSession
+from scheduler.store.models import Job, Lease, SchedulingSession, Worker, utcnow
+from scheduler.vocabulary import JobStatus, SessionStatus
 
 SHUTDOWN_GRACE = 30.0
 RESTARTS = 5
@@ -122,14 +124,16 @@ def status_line() -> str:
         )
         jobs = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
-    def part(counts: dict[str, int], keys: Sequence[str]) -> str:
-        return ", ".join(f"{counts.get(k, 0)} {k}" for k in keys)
+    def part(counts: dict[str, int], statuses: Sequence[str], always: int) -> str:
+        # The first `always` statuses every time, the others when there are any.
+        shown = [s for n, s in enumerate(statuses) if n < always or counts.get(s)]
+        return ", ".join(f"{counts.get(s, 0)} {s}" for s in shown)
 
     return (
         "sessions: "
-        + part(sessions, ("planning", "running", "succeeded", "partial", "failed"))
+        + part(sessions, list(SessionStatus), always=5)
         + " | jobs: "
-        + part(jobs, ("queued", "running", "succeeded", "failed"))
+        + part(jobs, list(JobStatus), always=4)
     )
 
 
@@ -172,11 +176,40 @@ class Child:
     command: list[str]
     queues: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
     restart_at: float | None = None  # waiting out a back-off since it died
+    deaths: deque[float] = field(default_factory=deque)
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def silence(self) -> str | None:
+        """Why this child, though running, has stopped answering (stopped with
+        SIGSTOP, hung): a worker's heartbeat or beat's lease is too old."""
+        from scheduler.beat import ALIVE_EVERY, ALIVE_FOR, BEAT_LEASE
+
+        assert self.process is not None
+        interval = get_settings().heartbeat_interval
+        if self.queues:  # a worker
+            limit = 3 * interval
+            with transaction() as db:
+                heard = db.scalar(
+                    select(Worker.last_heartbeat).where(Worker.pid == self.process.pid)
+                )
+        else:  # beat
+            limit = 3 * ALIVE_EVERY
+            with transaction() as db:
+                expires = db.scalar(select(Lease.expires_at).where(Lease.name == BEAT_LEASE))
+            heard = expires - timedelta(seconds=ALIVE_FOR) if expires is not None else None
+        # Starting up takes a while: judge only after it had time to speak.
+        if time.monotonic() - self.started < limit + max(limit, STARTUP_GRACE):
+            return None
+        age = (utcnow() - heard).total_seconds() if heard is not None else None
+        if age is None or age > limit + 2.0:
+            said = "has not been heard from" if age is None else f"has been silent for {age:.0f}s"
+            return f"the {self.name} {said}"
+        return None
 
 
 @dataclass
@@ -188,11 +221,11 @@ class Supervisor:
     restarts: int = RESTARTS
     window: float = RESTART_WINDOW
     children: list[Child] = field(default_factory=list)
-    deaths: deque[float] = field(default_factory=deque)
     restarted: int = 0
     last_death: str = ""
 
     def start(self, child: Child) -> None:
+        child.started = time.monotonic()
         if self.verbose:
             output: Any = None
         else:
@@ -225,26 +258,40 @@ class Supervisor:
         with contextlib.suppress(OSError), open(self.log_file, "a", encoding="utf-8") as log:
             log.write(f"[{stamp}] dcm-scheduler run: {message}\n")
 
-    def check(self, say: Any) -> str | None:
-        """Notice deaths, restart what is due; the reason to stop, if any."""
+    def check(self, say: Any, liveness: bool = False) -> str | None:
+        """Notice deaths (and, with ``liveness``, children that stopped
+        answering, which are killed), restart what is due; the reason to
+        stop, if any."""
         now = time.monotonic()
         for child in self.children:
             process = child.process
+            if liveness and process is not None and child.restart_at is None and child.running:
+                try:
+                    silent = child.silence()
+                except Exception:  # noqa: BLE001 - the store may be briefly away
+                    silent = None
+                if silent is not None:
+                    self.note(f"{silent}; killing it")
+                    say(f"{silent}; killing it")
+                    kill_group(process.pid)
+                    process.wait()
             if process is not None and child.restart_at is None and not child.running:
                 code = process.returncode
                 kill_group(process.pid)  # pool processes or helpers left behind
                 self.last_death = f"the {child.name} {exit_description(code)}"
                 if code in USAGE_ERRORS:
-                    return f"{self.last_death}: it refused its options; see {self.log_file}"
-                self.deaths.append(now)
-                while self.deaths and self.deaths[0] < now - self.window:
-                    self.deaths.popleft()
-                if len(self.deaths) > self.restarts:
+                    return f"{self.last_death}: it refused its options"
+                # Each child has its own budget: a crashing beat does not use
+                # up the worker's restarts, nor the other way round.
+                child.deaths.append(now)
+                while child.deaths and child.deaths[0] < now - self.window:
+                    child.deaths.popleft()
+                if len(child.deaths) > self.restarts:
                     return (
-                        f"{self.last_death}; {len(self.deaths)} deaths within "
-                        f"{self.window:g}s, stopping. See {self.log_file}"
+                        f"{self.last_death}; {len(child.deaths)} deaths within "
+                        f"{self.window:g}s, stopping"
                     )
-                backoff = min(FIRST_BACKOFF * 2 ** (len(self.deaths) - 1), MAX_BACKOFF)
+                backoff = min(FIRST_BACKOFF * 2 ** (len(child.deaths) - 1), MAX_BACKOFF)
                 child.restart_at = now + backoff
                 message = f"{self.last_death}; restarting it in {backoff:g}s"
                 self.note(message)
@@ -296,8 +343,25 @@ def run(
         return 1
 
 
-# How often `run` looks for channels that a new or changed service brought.
+# How often `run` looks for channels that a new or changed service brought,
+# and for children that stopped answering.
 CHANNEL_CHECK_EVERY = 5.0
+LIVENESS_CHECK_EVERY = 5.0
+# A child is judged silent only after it had its silence limit twice (and at
+# least this long beyond it) to start up.
+STARTUP_GRACE = 10.0
+
+
+def log_tail(path: Path, lines: int = 8) -> str:
+    """The last lines of the log, where a child says why it died."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 4096))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _run(console: Console, *, concurrency: int | None, verbose: bool, restarts: int) -> int:
@@ -325,11 +389,18 @@ def _run(console: Console, *, concurrency: int | None, verbose: bool, restarts: 
         supervisor.add(Child("beat", beat_command(log_file)))
         interactive = console.is_terminal
         last, channels_checked = "", time.monotonic()
+        liveness_checked = time.monotonic()
         while not stop.wait(1.0):
-            fatal = supervisor.check(say)
+            due = time.monotonic() - liveness_checked >= LIVENESS_CHECK_EVERY
+            if due:
+                liveness_checked = time.monotonic()
+            fatal = supervisor.check(say, liveness=due)
             if fatal is not None:
                 supervisor.note(fatal)
-                console.print(f"\n[red]error:[/red] {fatal}", highlight=False)
+                console.print(f"\n[red]error:[/red] {fatal}; see {log_file}", highlight=False)
+                tail = log_tail(log_file)
+                if tail:
+                    console.print("the log ends with:\n" + tail, highlight=False, markup=False)
                 return 1
             if time.monotonic() - channels_checked >= CHANNEL_CHECK_EVERY:
                 channels_checked = time.monotonic()

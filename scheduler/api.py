@@ -36,9 +36,8 @@ from scheduler.config import get_settings
 from scheduler.dicom import InstanceItem, NotDicomError, item_from_mapping, read_header
 from scheduler.headers import UnknownCandidateError
 from scheduler.ingest import record_instances
-from scheduler.queries import job_definition_json
 from scheduler.redact import hide_secrets, mask
-from scheduler.registry import current_registry
+from scheduler.registry import current_registry, folder_problems
 from scheduler.sessions import current_fingerprint, open_session, plan_session, trigger
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession
@@ -213,7 +212,10 @@ class OutsideDataRootError(BadPushError):
 
 def _inside_root(given: Any, path: Path, root: Path) -> Path:
     """``path`` with every symlink resolved, if it stays inside ``root``."""
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # too long, a loop, a NUL byte
+        raise BadPushError(f"path {str(given)!r} cannot be used: {exc}") from exc
     if not resolved.is_relative_to(root):
         raise OutsideDataRootError(
             f"path {str(given)!r} is outside DCM_DATA_ROOT ({root}; when it is not set, "
@@ -223,32 +225,42 @@ def _inside_root(given: Any, path: Path, root: Path) -> Path:
 
 
 def _folder(value: Any, root: Path) -> Path:
-    path = Path(str(value)).expanduser()
+    path = Path(_local_path(value)).expanduser()
     return _inside_root(value, path if path.is_absolute() else root / path, root)
 
 
+def _location(value: Any) -> tuple[bool, str]:
+    """(is a URL, text): a local path (``file:`` URLs decoded to theirs) or an
+    http(s) URL with a host; anything else is refused, as are control
+    characters (a newline or NUL in a path is never a real location)."""
+    text = str(value)
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise BadPushError(f"location {text!r}: control characters are not allowed")
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if len(scheme) <= 1:  # no scheme, or a Windows drive letter
+        return False, text
+    if scheme == "file":
+        return False, unquote(parts.path)
+    if scheme in ("http", "https") and parts.netloc:
+        return True, text
+    raise BadPushError(f"location {text!r}: use a path under the data root or an http(s) URL")
+
+
 def _local_path(location: Any) -> str:
-    """A local path, or the path of a ``file://`` URL; other URLs refused."""
-    text = str(location)
-    scheme, separator, _rest = text.partition("://")
-    if not separator:
-        return text
-    if scheme.lower() == "file":
-        return unquote(urlsplit(text).path)
-    raise BadPushError(f"location {text!r}: a file to read must be a path under the data root")
+    """A local path, or the path of a ``file:`` URL; any other URL refused."""
+    is_url, text = _location(location)
+    if is_url:
+        raise BadPushError(f"location {text!r}: a file to read must be a path under the data root")
+    return text
 
 
 def _worker_location(location: Any, root: Path) -> str:
     """Where workers will read a listed instance: an http(s) URL (a PACS such
-    as Orthanc serves it) as given, any local path or ``file://`` URL only
-    inside the data root, resolved."""
-    text = str(location)
-    scheme = text.partition("://")[0].lower() if "://" in text else ""
-    if scheme in ("http", "https"):
-        return text
-    if scheme not in ("", "file"):
-        raise BadPushError(f"location {text!r}: use a path under the data root or an http(s) URL")
-    return str(_folder(_local_path(text), root))
+    as Orthanc serves it) as given, a local path only inside the data root,
+    resolved."""
+    is_url, text = _location(location)
+    return text if is_url else str(_folder(text, root))
 
 
 def _files(folder: Path, root: Path) -> Iterator[Path]:
@@ -313,8 +325,7 @@ def push_items(body: Any, root: Path) -> tuple[list[InstanceItem], list[dict]]:
                 instance = {"location": str(folder / str(instance))}
             location = _lookup(instance, "location", "path", "file", "filename") or ""
             if location and not _tags(instance).get("SOPInstanceUID"):
-                # Only a file: read its header.
-                folders.append(_folder(_local_path(location), root))
+                folders.append(_folder(location, root))  # only a file: read its header
                 continue
             if location:
                 location = _worker_location(location, root)
@@ -341,9 +352,18 @@ def push_items(body: Any, root: Path) -> tuple[list[InstanceItem], list[dict]]:
         folders.append(base)
 
     for folder in folders:
-        paths = (
-            [folder] if folder.is_file() else list(_files(folder, root)) if folder.is_dir() else []
-        )
+        try:
+            paths = (
+                [folder]
+                if folder.is_file()
+                else list(_files(folder, root))
+                if folder.is_dir()
+                else []
+            )
+        except OSError as exc:  # a name too long for the filesystem …
+            raise BadPushError(
+                f"path {str(folder)[:200]!r} cannot be read: {exc.strerror}"
+            ) from exc
         if not paths:
             skipped.append({"location": str(folder), "reason": "no such file or folder, or empty"})
         for path in paths:
@@ -491,21 +511,8 @@ def get_job(job_id: str) -> dict[str, Any]:
 @reads.get("/services")
 def get_services() -> dict[str, Any]:
     """Loaded services with their jobs, and every problem found (``services list --json``)."""
-    registry = current_registry()
-    return {
-        "services": [
-            {
-                "name": service.name,
-                "version": service.version,
-                "source": str(service.source),
-                "legacy": service.legacy,
-                "jobs": [job_definition_json(job) for job in service.jobs],
-            }
-            for service in registry.services
-        ],
-        "broken": sorted(registry.broken),
-        "problems": [str(problem) for problem in registry.problems],
-    }
+    missing = folder_problems(get_settings().services_path, "on DCM_SERVICES_PATH")[1]
+    return queries.services_report(current_registry(), missing)
 
 
 @reads.get("/workers")
@@ -661,7 +668,7 @@ def post_stable_patient(
 def _error(status: int) -> Callable[[Request, Exception], Any]:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         content: dict[str, Any] = {"detail": str(exc)}
-        if isinstance(exc, OutsideDataRootError):
+        if isinstance(exc, BadPushError):
             client = request.client.host if request.client else "unknown client"
             log.warning("refused a push from %s: %s", client, exc)
         if isinstance(exc, BadPushError) and exc.skipped:

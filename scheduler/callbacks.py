@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.lifeline import die_with_parent, kill_tree
+from scheduler.lifeline import guard, kill_tree
 
 _LENGTH = struct.Struct("!I")
 # A fresh host imports the scheduler's registry before its first call; that
@@ -315,16 +315,11 @@ def serve(sock: socket.socket) -> None:
         _send(sock, answer.encode())
 
 
-def _die(_signum: int, _frame: Any) -> None:
-    kill_tree(os.getpid())  # what callbacks started goes too
-
-
 def main(argv: list[str]) -> int:
     fd, parent = int(argv[1]), int(argv[2])
-    # When the planner dies, the kernel signals this host, which takes down
-    # everything its callbacks started before itself.
-    signal.signal(signal.SIGUSR2, _die)
-    die_with_parent(signal.SIGUSR2, parent)
+    # When the planner dies, this host takes down everything its callbacks
+    # started, then itself (whatever a callback did with signals).
+    guard(parent)
     # Ctrl-C in a terminal reaches the planner, which stops this host.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # What callbacks print goes to the planner's stderr, never into the

@@ -136,6 +136,14 @@ def when(value: str | None) -> str:
     return value[:19].replace("T", " ") if value else ""
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a file name can hold a
+    newline or a terminal escape, which must not forge a line of output."""
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode() for char in text
+    )
+
+
 def first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
@@ -226,7 +234,11 @@ def ingest(
             f"not DICOM {result.not_dicom}, rejected {invalid}, unreadable {result.unreadable}"
         )
         for rejection in result.rejected:
-            console.print(f"  skipped {rejection.location}: {rejection.reason}", highlight=False)
+            console.print(
+                f"  skipped {printable(rejection.location)}: {printable(rejection.reason)}",
+                highlight=False,
+                markup=False,
+            )
     if result.unreadable:
         raise typer.Exit(1)  # a path that does not exist, or could not be read
 
@@ -235,24 +247,15 @@ def ingest(
 def services_list(as_json: JsonOption = False) -> None:
     """Services on DCM_SERVICES_PATH and their jobs."""
     from scheduler import queries
-    from scheduler.registry import current_registry
+    from scheduler.registry import current_registry, folder_problems
 
     registry = current_registry()
+    _folders, missing = folder_problems(get_settings().services_path, "on DCM_SERVICES_PATH")
+    report = queries.services_report(registry, missing)
     if as_json:
-        print_json(
-            {
-                "services": [
-                    {
-                        "name": s.name,
-                        "version": s.version,
-                        "source": str(s.source),
-                        "jobs": [queries.job_definition_json(j) for j in s.jobs],
-                    }
-                    for s in registry.services
-                ],
-                "problems": [str(p) for p in registry.problems],
-            }
-        )
+        print_json(report)
+        if report["problems"]:
+            raise typer.Exit(1)
         return
     grid = table("service", "job", "phase", "events", "depends on", "channel", "callback")
     for service in registry.services:
@@ -267,9 +270,9 @@ def services_list(as_json: JsonOption = False) -> None:
                 job.registry_entry or "-",
             )
     print_table(grid)
-    for problem in registry.problems:
+    for problem in report["problems"]:
         errors.print(f"[red]problem:[/red] {problem}", highlight=False)
-    if registry.problems:
+    if report["problems"]:
         raise typer.Exit(1)
 
 
@@ -281,21 +284,13 @@ def services_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check service definitions; exit 1 when anything is wrong."""
-    from scheduler.registry import DEFINITION_FILE, LEGACY_DEFINITION_FILE, load_registry
+    from scheduler.registry import folder_problems, load_registry
 
     settings = get_settings()
-    folders: list[Path] = []
-    missing: list[str] = []
-    for path in [p.absolute() for p in paths] if paths else list(settings.services_path):
-        if path.is_file() and path.name in (DEFINITION_FILE, LEGACY_DEFINITION_FILE):
-            path = path.parent  # the definition file itself was named
-        if path.is_dir():
-            folders.append(path)
-        else:
-            what = "given" if paths else "on DCM_SERVICES_PATH"
-            missing.append(
-                f"{path}: no such folder ({what})" if not path.exists() else f"{path}: not a folder"
-            )
+    folders, missing = folder_problems(
+        [p.absolute() for p in paths] if paths else list(settings.services_path),
+        "given" if paths else "on DCM_SERVICES_PATH",
+    )
     registry = load_registry(
         folders,
         None if paths else settings.settings_file,
@@ -557,7 +552,10 @@ def workers(as_json: JsonOption = False) -> None:
         )
     print_table(grid)
     if not rows:
-        console.print("no worker has been seen yet: start one with `celery -A scheduler worker`")
+        console.print(
+            "no worker is running (one that stops leaves this list): start one with "
+            "`celery -A scheduler worker`, or `dcm-scheduler run` on one machine"
+        )
 
 
 @app.command("sessions")

@@ -162,6 +162,8 @@ def _read_dotenv() -> None:
     except ImportError:  # pragma: no cover - python-dotenv is a dependency
         return
     path = Path.cwd() / ".env"
+    if path.exists() and not path.is_file():  # a pipe would wait for a writer forever
+        raise ConfigError(f"{path}: not a regular file, cannot be read as settings")
     try:
         load_dotenv(path, override=False)
     except (UnicodeDecodeError, OSError) as exc:

@@ -142,9 +142,10 @@ def check_workers(settings: Settings) -> Check:
 
 
 def check_beat(settings: Settings) -> Check:
-    """Beat renews a lease while it runs (scheduler.beat): no lease, or one
-    that lapsed, means nothing detects new data or re-sends lost messages."""
-    from scheduler.beat import BEAT_LEASE
+    """Beat renews a lease every few seconds while it runs (scheduler.beat):
+    no lease, or one not renewed for three rounds, means nothing detects new
+    data or re-sends lost messages."""
+    from scheduler.beat import ALIVE_EVERY, ALIVE_FOR, BEAT_LEASE
     from scheduler.store.db import transaction
     from scheduler.store.models import Lease, utcnow
 
@@ -154,16 +155,16 @@ def check_beat(settings: Settings) -> Check:
         expires, holder = (row.expires_at, row.holder) if row is not None else (None, "")
     if expires is None:
         return Check("beat", PROBLEM, "beat has never run against this store", start)
-    late = (utcnow() - expires).total_seconds()
-    if late > 0:
+    where = holder.rsplit(":", 1)[0]
+    silent = (utcnow() - (expires - timedelta(seconds=ALIVE_FOR))).total_seconds()
+    if silent > 3 * ALIVE_EVERY:
         return Check(
             "beat",
             PROBLEM,
-            f"beat ({holder.rsplit(':', 1)[0]}) stopped renewing its lease {late:.0f}s ago: "
-            "no detection, no re-sending",
+            f"beat ({where}) last renewed its lease {silent:.0f}s ago: no detection, no re-sending",
             start,
         )
-    return Check("beat", OK, f"alive ({holder.rsplit(':', 1)[0]})")
+    return Check("beat", OK, f"alive ({where}, {silent:.0f}s ago)")
 
 
 def check_backlog(settings: Settings) -> Check:

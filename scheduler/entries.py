@@ -199,27 +199,30 @@ def _resolve_attributes(
     return value
 
 
-def _ensure_on_path(root: Path) -> None:
-    # Appended, not prepended: a service folder must never shadow an installed
-    # library for the rest of the process. Our own top-level import does not
-    # depend on the order (see _import_top); the service's sibling imports do.
+def _ensure_on_path(root: Path, front: bool) -> None:
+    # Appended in a shared process (the registry's): a service folder must
+    # never shadow an installed library there. Our own top-level import does
+    # not depend on the order (see _import_top); the service's sibling
+    # imports do, so a process of the service's own puts it in front.
     if str(root) not in sys.path:
-        sys.path.append(str(root))
+        sys.path.insert(0, str(root)) if front else sys.path.append(str(root))
 
 
 def load_entry(
-    entry: str, roots: Sequence[Path], *, package: str | None = None
+    entry: str, roots: Sequence[Path], *, package: str | None = None, front: bool = False
 ) -> Callable[..., Any]:
     """Import ``entry`` (``module.sub:function`` or ``module.sub.function``)
     from the first of ``roots`` that holds its top-level module.
 
     The entry must stay inside ``roots`` (and inside ``package`` when given);
-    that is checked before anything is imported. Raises :class:`EntryError`.
+    that is checked before anything is imported. ``front``: the process is
+    the service's own (a job attempt), its folder goes first on ``sys.path``.
+    Raises :class:`EntryError`.
     """
     absolute = tuple(Path(root).absolute() for root in roots)
     target = locate(entry, absolute, package)
     with _import_lock:
-        _ensure_on_path(target.root)
+        _ensure_on_path(target.root, front)
         try:
             _import_top(entry, target)
             module, attributes = _import_target(target)

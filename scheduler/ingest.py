@@ -306,33 +306,39 @@ def _file_or_rejection(path: Path) -> Path | Rejection:
 
 
 def _folder_files(folder: Path, recursive: bool) -> Iterator[Path | Rejection]:
+    """A walk with a stack of its own (no recursion: any depth), through
+    symlinked folders, each folder once (a link back up the tree is no loop)."""
     problems: list[Rejection] = []
-
-    def unreadable(error: OSError) -> None:
-        where = error.filename or folder
-        problems.append(
-            Rejection(str(where), f"cannot read folder: {error.strerror or error}", True)
-        )
-
     found: list[Path | Rejection] = []
     seen: set[tuple[int, int]] = set()
-    for parent, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+    stack = [folder]
+    while stack:
+        current = stack.pop()
         try:
-            status = os.stat(parent)
-        except OSError:
+            status = current.stat()
+            key = (status.st_dev, status.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            with os.scandir(current) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            reason = f"cannot read folder: {error.strerror or error}"
+            problems.append(Rejection(str(current), reason, unreadable=True))
             continue
-        if (status.st_dev, status.st_ino) in seen:  # a symlink back up the tree
-            dirs.clear()
-            continue
-        seen.add((status.st_dev, status.st_ino))
-        dirs.sort()
-        found.extend(_file_or_rejection(Path(parent, name)) for name in names)
-        if not recursive:
-            break
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_folder = entry.is_dir()  # through a symlink too
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if recursive:
+                    stack.append(path)
+            else:
+                found.append(_file_or_rejection(path))
     yield from problems
-    yield from sorted(
-        found, key=lambda item: str(item.location if isinstance(item, Rejection) else item)
-    )
+    yield from sorted(found, key=lambda item: str(getattr(item, "location", item)))
 
 
 # Below this many files a pool of header readers costs more to start than it saves.

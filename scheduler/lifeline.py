@@ -1,15 +1,23 @@
 """Processes that die with the process that started them.
 
-Every process the scheduler starts — the worker under ``dcm-scheduler run``,
-a worker's pool processes and embedded beat, the process of a job attempt,
-the process that runs registry callbacks — asks the Linux kernel for a
-signal when its parent dies (``PR_SET_PDEATHSIG``). A parent killed with
-SIGKILL cannot clean up after itself; with this, nothing it started outlives
-it, so a restarted scheduler never finds a second copy of itself still
-working (README, "Failure modes").
+Every process the scheduler starts — the worker and beat under
+``dcm-scheduler run``, a worker's pool processes, the process of a job
+attempt, the process that runs registry callbacks — asks the Linux kernel
+for a signal when its parent dies (``PR_SET_PDEATHSIG``). A parent killed
+with SIGKILL cannot clean up after itself; with this, nothing it started
+outlives it, so a restarted scheduler never finds a second copy of itself
+still working (README, "Failure modes").
 
-The signal is tied to the *thread* that forked the child: start long-lived
-children from threads that live as long as the children should.
+The processes that run service code (attempts, callbacks) are guarded
+further (:func:`guard`): service code may ignore or replace a signal
+handler, so a watchdog thread checks the parent too, and they keep every
+descendant in their tree (``PR_SET_CHILD_SUBREAPER``: a daemon's double fork
+lands on them, not on init), so taking the tree down takes everything.
+
+The parent-death signal is tied to the *thread* that forked the child:
+start long-lived children from threads that live as long as they should.
+This module is standard library only: the attempt process of a service with
+its own interpreter loads it by path (:mod:`workers_bridge.child`).
 """
 
 from __future__ import annotations
@@ -19,9 +27,14 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import threading
+import time
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+# How often a guarded process checks that its parent is still there.
+WATCH_EVERY = 0.5
 
 try:
     _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -73,17 +86,45 @@ def descendants(pid: int) -> list[int]:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid``, its process group and every descendant, those that
-    made a session of their own included. Another process's group is
-    stopped first, so it cannot fork while its descendants are listed (a
-    process taking down its own tree must not stop itself)."""
-    if os.getpgrp() != pid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGSTOP)
+    made a session of their own included (deepest first; a descendant keeps
+    its pid when its parent dies, so the list stays good while it is used).
+    Nothing is stopped and left waiting: a killer that dies half way leaves
+    the rest running, never frozen."""
     for victim in [*reversed(descendants(pid)), pid]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(victim, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def keep_descendants() -> None:
+    """Make this process the reaper of its orphaned descendants, so they stay
+    in its tree (and in :func:`kill_tree`'s reach) until it ends."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def take_down(_signum: int = 0, _frame: Any = None) -> None:
+    """Kill this process's whole tree, this process last."""
+    kill_tree(os.getpid())
+
+
+def guard(parent: int, signum: int = signal.SIGUSR2) -> None:
+    """Take down this process's tree when ``parent`` dies, whatever the code
+    running here does: the parent-death signal ``signum`` is handled by
+    :func:`take_down`, and a watchdog thread checks the parent every
+    :data:`WATCH_EVERY` seconds, for code that ignores or replaces the
+    handler. Descendants are kept in the tree (:func:`keep_descendants`)."""
+    keep_descendants()
+    signal.signal(signum, take_down)
+    die_with_parent(signum, parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_EVERY)
+        take_down()
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
 def supported() -> bool:

@@ -37,6 +37,9 @@ RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2}
 def app() -> Any:
     from scheduler.celery_app import app as celery_app
 
+    if celery_app.conf.task_always_eager:
+        # Eager mode runs tasks here, by name: their modules must be loaded.
+        celery_app.loader.import_default_modules()
     return celery_app
 
 

@@ -214,6 +214,26 @@ def list_workers(db: Session) -> list[dict[str, Any]]:
     ]
 
 
+def services_report(registry: Any, problems: Sequence[str] = ()) -> dict[str, Any]:
+    """The loaded services with their jobs, the broken ones, and every
+    problem (``services list --json`` and ``GET /api/services``);
+    ``problems`` come first (folders of the services path that are missing)."""
+    return {
+        "services": [
+            {
+                "name": service.name,
+                "version": service.version,
+                "source": str(service.source),
+                "legacy": service.legacy,
+                "jobs": [job_definition_json(job) for job in service.jobs],
+            }
+            for service in registry.services
+        ],
+        "broken": sorted(registry.broken),
+        "problems": [*problems, *(str(problem) for problem in registry.problems)],
+    }
+
+
 def job_definition_json(job: Any) -> dict[str, Any]:
     """A loaded job definition (the ``services list --json`` shape)."""
     return {

@@ -744,6 +744,32 @@ def test_listed_locations_are_kept_as_http_urls_or_resolved_paths(
     assert rows == {"9.9.8.1": f"{data_root.resolve()}/a/1.dcm", "9.9.8.2": url}
 
 
+def test_paths_that_cannot_be_used_are_400_never_500(
+    client: TestClient, data_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (data_root / "loopy").symlink_to(data_root / "loopy")
+    for dcmpath in (
+        "loopy",  # a symlink to itself
+        "dicom\u0000/../../outside",  # a NUL byte
+        "a/" * 3000,  # longer than any path
+        "x" * 300,  # a longer name than any folder's
+        "file:/etc",  # a file: URL, decoded, then outside
+        "FILE:///etc",
+        "dicom:series",  # a scheme that is no location
+    ):
+        body = {"id": "p", "dcmpath": dcmpath}
+        response = client.post("/stable-patient", json=body, headers=AUTH)
+        assert response.status_code == 400, (dcmpath[:40], response.text)
+    for location in ("http://a\n/etc/shadow", "HtTp:/\\169.254.169.254/", "file:/etc/shadow"):
+        series = {"tags": {"StudyInstanceUID": "9.9", "SeriesInstanceUID": "9.9.7"}}
+        instance = {"SOPInstanceUID": "9.9.7.1", "location": location}
+        body = {"id": "p", "series": [series | {"instances": [instance]}]}
+        response = client.post("/stable-patient", json=body, headers=AUTH)
+        assert response.status_code == 400, (location, response.text)
+    assert _recorded() == 0
+    assert "refused a push" in caplog.text
+
+
 def test_stable_patient_malformed_json_is_422(client: TestClient) -> None:
     response = client.post(
         "/stable-patient", content=b"{", headers=AUTH | {"Content-Type": "application/json"}

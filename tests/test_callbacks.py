@@ -247,3 +247,46 @@ def test_a_killed_planner_takes_down_what_its_callbacks_started(
     finally:
         if planner.poll() is None:
             planner.kill()
+
+
+def test_a_callback_that_ignores_signals_and_daemonizes_is_killed_at_its_limit(
+    define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    daemon = tmp_path / "daemon"
+    params = {"daemon": str(daemon), "sleepers": str(tmp_path / "sleepers")}
+    define([job("stubborn", registryEntry="dcm_testjobs:stubborn", params=params)])
+    result = make_plan(services_root, timeout=1.0)
+    assert "exceeded its time limit" in str(result.trace["jobs"]["stubborn"]["reason"])
+    for pid in [int(daemon.read_text()), *sleepers(tmp_path / "sleepers")]:
+        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to be killed")
+
+
+def test_a_killed_planner_takes_down_a_callback_that_ignores_signals(
+    define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
+    params = {"daemon": str(daemon), "pidfile": str(pidfile)}
+    define([job("stubborn", registryEntry="dcm_testjobs:stubborn", params=params)])
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_planning import make_plan\n"
+        "make_plan(Path(sys.argv[1]), timeout=600)\n"
+    )
+    planner = subprocess.Popen(
+        [sys.executable, "-c", script, str(services_root)], cwd=Path(__file__).parents[1]
+    )
+    try:
+        wait_until(pidfile.exists, timeout=60, what="the callback to start")
+        host = int(pidfile.read_text())
+        planner.send_signal(signal.SIGKILL)
+        planner.wait(30)
+        for pid in (host, int(daemon.read_text())):
+            wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
+    finally:
+        if planner.poll() is None:
+            planner.kill()

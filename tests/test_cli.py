@@ -472,3 +472,45 @@ def test_each_job_of_a_service_left_out_gets_its_own_reason(
     trace = run_json("plan", "--study", "7.11", "--dry-run")["trace"]["jobs"]
     assert "'os:system'" in trace["out-os"]["reason"]
     assert "'../elsewhere:work'" in trace["out-dotdot"]["reason"]
+
+
+def test_ingest_prints_file_names_with_control_characters_escaped(
+    env: Settings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    (folder / "evil\nrecorded 999, FAKE\x1b[31mred").write_text("not DICOM")
+    output = run("ingest", "--recursive", str(folder)).output
+    assert not any(line.startswith("recorded 999") for line in output.splitlines())
+    assert "evil\\nrecorded 999, FAKE\\x1b[31mred" in output
+    assert "\x1b" not in output
+
+
+def test_a_dotenv_that_is_a_pipe_is_refused_without_waiting(nowhere: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(nowhere / ".env")
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "sessions"],
+        cwd=nowhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DCM_")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert ".env: not a regular file" in done.stderr
+
+
+def test_services_list_reports_a_missing_services_folder_like_validate(
+    env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from .support import apply_environment
+
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(tmp_path / "nowhere"))
+    apply_environment({})
+    for command in (["services", "list"], ["services", "validate"]):
+        result = run(*command, code=1)
+        assert f"{tmp_path / 'nowhere'}: no such folder (on DCM_SERVICES_PATH)" in result.output

@@ -296,3 +296,17 @@ def test_a_timed_out_attempt_takes_down_what_it_started_even_in_another_session(
     assert jobs_by_name(doc)["greedy"]["error"].startswith("timeout:")
     for pid in sleepers(path):
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to be killed")
+
+
+def test_a_timed_out_attempt_takes_down_a_daemon_it_started(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    from .test_callbacks import ended
+
+    daemon = tmp_path / "daemon"
+    params = {"daemon": str(daemon)}
+    define([job("stubborn", workerEntry="dcm_testjobs:stubborn", params=params, timeout=1)])
+    doc = wait_session(start("45.3"))
+    assert jobs_by_name(doc)["stubborn"]["error"].startswith("timeout:")
+    pid = int(daemon.read_text())
+    wait_until(lambda: ended(pid), timeout=10, what=f"daemon {pid} to be killed")

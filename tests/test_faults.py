@@ -168,6 +168,23 @@ def test_a_killed_pool_process_takes_down_what_its_attempt_started(
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
 
 
+def test_a_killed_pool_process_takes_down_an_attempt_that_ignores_signals(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    from .test_callbacks import ended
+
+    daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
+    params = {"daemon": str(daemon), "pidfile": str(pidfile)}
+    define([{"jobName": "stubborn", "workerEntry": "dcm_testjobs:stubborn", "params": params}])
+    cluster.worker("w1")
+    start("60.8")
+    wait_until(pidfile.exists, timeout=60, what="the attempt to start")
+    attempt = psutil.Process(int(pidfile.read_text()))
+    psutil.Process(attempt.ppid()).kill()  # the pool process running the attempt
+    for pid in (attempt.pid, int(daemon.read_text())):
+        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
+
+
 def test_a_killed_worker_s_job_is_requeued_by_the_re_sender_and_finishes_once(
     cluster: Cluster, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -347,3 +347,31 @@ def test_a_path_that_cannot_even_be_looked_at_is_reported(tmp_path: Path) -> Non
     [rejection] = list(scheduler.ingest.iter_files([tmp_path / ("a" * 300)], recursive=False))
     assert isinstance(rejection, Rejection) and rejection.unreadable
     assert "File name too long" in rejection.reason
+
+
+def test_a_tree_deeper_than_pythons_recursion_limit_is_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import sys
+
+    import scheduler.ingest
+
+    monkeypatch.chdir(tmp_path)
+    depth = sys.getrecursionlimit() + 100
+    for _ in range(depth):
+        os.mkdir("d")
+        os.chdir("d")
+    Path("x.dcm").write_text("not really")
+    try:
+        monkeypatch.chdir(tmp_path)
+        [found] = list(scheduler.ingest.iter_files([tmp_path], recursive=True))
+        assert isinstance(found, Path) and found.name == "x.dcm"
+        assert len(found.relative_to(tmp_path).parts) == depth + 1
+    finally:  # pytest's own clean-up recurses once per level: take it down here
+        os.chdir(tmp_path / ("d/" * depth))
+        os.remove("x.dcm")
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("d")
+        monkeypatch.chdir(tmp_path)

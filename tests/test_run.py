@@ -326,3 +326,33 @@ def test_a_service_with_a_new_channel_gets_a_worker_without_a_restart(
         assert len(live_worker_pids()) == 2
     finally:
         run.stop()
+
+
+def test_a_worker_that_stops_answering_is_killed_and_restarted(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    import signal as signals
+
+    define([{"jobName": "hello", "workerEntry": WORK}])
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "1")
+    try:
+        worker = wait_until(run.worker_main, timeout=60, what="the worker")
+        wait_until(lambda: worker.pid in live_worker_pids(), timeout=90, what="it to register")
+        worker.send_signal(signals.SIGSTOP)  # alive, but answering nothing
+
+        def replaced() -> psutil.Process | None:
+            new = run.worker_main()
+            return new if new is not None and new.pid != worker.pid else None
+
+        wait_until(replaced, timeout=90, what="the silent worker to be replaced")
+        assert "the worker has been silent for" in run.text()
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+        record_study("90.9")
+
+        def finished() -> bool:
+            found = sessions_of("90.9")
+            return bool(found) and found[0].status == "succeeded"
+
+        wait_until(finished, timeout=90, what="work to go on with the new worker")
+    finally:
+        run.stop()

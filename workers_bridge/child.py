@@ -2,7 +2,9 @@
 
 Standard library only: this file also runs as a script under a service's own
 interpreter (the ``python`` field, a separate virtualenv without the
-scheduler installed): ``python child.py REQUEST.json RESULT.json``.
+scheduler installed): ``python child.py REQUEST.json RESULT.json PARENT_PID``;
+it then loads the scheduler's standard-library modules it shares (the entry
+resolver, the lifeline) from their files.
 
 A request names the entry, the folders it is imported from and the call's
 arguments; the response is ``{"ok": true, "result": …}`` or ``{"ok": false,
@@ -13,19 +15,29 @@ not JSON all become errors with a message that says which.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
-import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 
-def stop_group(_signum: int = 0, _frame: Any = None) -> None:
-    """Kill this attempt's process group: the attempt and what it started.
-    Installed for the signal sent when the worker process running the
-    attempt dies."""
-    os.killpg(0, signal.SIGKILL)
+def scheduler_module(name: str) -> Any:
+    """``scheduler.<name>``, one of its standard-library-only modules
+    (``entries``, ``lifeline``): imported as usual in the worker's own
+    interpreter, loaded from its file under a service's interpreter, which
+    does not have the scheduler installed."""
+    if __package__:
+        return importlib.import_module(f"scheduler.{name}")
+    path = Path(__file__).resolve().parent.parent / "scheduler" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_dcm_scheduler_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 # (top module, roots) -> (size of sys.modules when listed, module names)
@@ -72,28 +84,10 @@ def fresh_imports(
 
 
 def resolve(entry: str, roots: list[str]) -> Any:
-    """Import ``module.sub:function`` or ``module.sub.function`` from ``roots``."""
-    for root in reversed(roots):
-        if root and root not in sys.path:
-            sys.path.insert(0, root)
-    if ":" in entry:
-        module_name, _, attribute = entry.partition(":")
-        return _attribute(importlib.import_module(module_name), attribute)
-    parts = entry.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            module = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
-            continue
-        return _attribute(module, ".".join(parts[cut:]))
-    raise ImportError(f"no importable module in {entry!r}")
-
-
-def _attribute(module: Any, path: str) -> Any:
-    target = module
-    for name in path.split("."):
-        target = getattr(target, name)
-    return target
+    """Import the worker entry from its service folders, the registry's way
+    (:func:`scheduler.entries.load_entry`), the service's folder first."""
+    entries = scheduler_module("entries")
+    return entries.load_entry(entry, [Path(root) for root in roots], front=True)
 
 
 def run(request: dict[str, Any], loaded: list[str] | None = None) -> dict[str, Any]:
@@ -141,8 +135,9 @@ def write_response(path: str, response: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGUSR2, stop_group)
-    request_path, response_path = argv[1], argv[2]
+    request_path, response_path, parent = argv[1], argv[2], int(argv[3])
+    # The worker process that started this one dies: take everything down.
+    scheduler_module("lifeline").guard(parent)
     with open(request_path, encoding="utf-8") as handle:
         request = json.load(handle)
     response = run(request)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.lifeline import die_with_parent, kill_tree
+from scheduler.lifeline import die_with_parent, guard, kill_tree
 from workers_bridge import child
 
 OUTPUT_TAIL_BYTES = 8192
@@ -92,8 +92,7 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
         code = 0
         try:
             os.setsid()
-            signal.signal(signal.SIGUSR2, _stop_attempt)
-            _die_with_parent(parent)
+            guard(parent)  # the worker process dies: the attempt's tree goes too
             output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(output, 1)
             os.dup2(output, 2)
@@ -113,21 +112,6 @@ def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> in
         finally:
             os._exit(code)
     return pid
-
-
-def _stop_attempt(_signum: int = 0, _frame: Any = None) -> None:
-    """The forked attempt's handler of the parent-death signal: it takes down
-    everything it started, then itself. (Under a service's own interpreter
-    the attempt has :func:`workers_bridge.child.stop_group`: its group.)"""
-    kill_tree(os.getpid())
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel signal this attempt if the worker process that runs it
-    dies (SIGKILL, OOM): a re-delivered job must not run twice at once. The
-    signal is SIGUSR2, whose handler (:func:`workers_bridge.child.stop_group`)
-    kills the attempt's whole process group, programs it started included."""
-    die_with_parent(signal.SIGUSR2, parent)
 
 
 def _reap(pid: int, how: str) -> Ended:
@@ -159,13 +143,14 @@ def _spawn(
     request_path.write_text(json.dumps(request), encoding="utf-8")
     with open(output_path, "wb") as output:
         process = subprocess.Popen(
-            [python, child.__file__, str(request_path), str(response_path)],
+            [python, child.__file__, str(request_path), str(response_path), str(os.getpid())],
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            # Until child.main guards itself: killed if the worker dies first.
+            preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
         )
     return process
 

@@ -27,6 +27,7 @@ from scheduler.registry.definitions import (
     Registry,
     ServiceDefinition,
 )
+from scheduler.registry.files import folder_problems
 from scheduler.registry.loader import load_registry
 from scheduler.registry.store import sync_services
 
@@ -41,6 +42,7 @@ __all__ = [
     "ServiceDefinition",
     "code_stamp",
     "current_registry",
+    "folder_problems",
     "forget_registry",
     "load_entry",
     "load_registry",

@@ -32,6 +32,7 @@ DEFAULT_PRIORITY = 5
 ON_NEW_DATA = ("rerun", "ignore")
 
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 JOB_NAME_MAX = 128  # jobs.job_name column width
 
 # Job fields in the order of the SPEC §7 table, and the legacy names they replace.

@@ -17,6 +17,7 @@ from typing import Any
 
 from scheduler.config import ConfigError, parse_duration
 from scheduler.registry.definitions import (
+    CHANNEL,
     DEFAULT_CHANNEL,
     DEFAULT_PRIORITY,
     DEFAULT_RETRY_DELAY_S,
@@ -85,6 +86,18 @@ def job_name(value: Any) -> str:
         raise Invalid(f"expected letters, digits, '_', '.' or '-' only, got {show(value)}")
     if len(name) > JOB_NAME_MAX:
         raise Invalid(f"expected at most {JOB_NAME_MAX} characters")
+    return name
+
+
+def _channel(value: Any) -> str:
+    """A channel is a broker queue and a ``-Q`` argument: no commas, spaces
+    or other characters a queue list or a shell would split."""
+    name = text(value)
+    if not CHANNEL.fullmatch(name):
+        raise Invalid(
+            "expected a queue name: a letter or digit, then letters, digits, '_', '.', ':' "
+            f"or '-', got {show(value)}"
+        )
     return name
 
 
@@ -157,7 +170,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "dependsOn": _names,
     "sortPosition": _number,
     "phase": _choice(PHASES),
-    "channel": _non_empty,
+    "channel": _channel,
     "timeout": _duration("timeout", positive=True),
     "retries": _integer(0, None),
     "retryDelay": _duration("retryDelay", positive=False),

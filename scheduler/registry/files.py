@@ -109,6 +109,24 @@ def read_folder_service(
     return draft
 
 
+def folder_problems(paths: Sequence[Path], where: str) -> tuple[list[Path], list[str]]:
+    """The folders to read among ``paths`` (a definition file named stands
+    for its folder), and a problem for each path that is not one; ``where``
+    says where the paths came from ("given", "on DCM_SERVICES_PATH")."""
+    folders: list[Path] = []
+    problems: list[str] = []
+    for path in paths:
+        if path.is_file() and path.name in (DEFINITION_FILE, LEGACY_DEFINITION_FILE):
+            path = path.parent
+        if path.is_dir():
+            folders.append(path)
+        elif path.exists():
+            problems.append(f"{path}: not a folder ({where})")
+        else:
+            problems.append(f"{path}: no such folder ({where})")
+    return folders, problems
+
+
 def discover_folders(paths: Sequence[Path]) -> Iterator[tuple[Path, Path, bool]]:
     """(service folder, registry root, legacy) for every service on the path."""
     for root in paths:
