@@ -300,6 +300,25 @@ def current_fingerprint(level: str, uid: str) -> Snapshot:
     return Snapshot(fingerprint, max(revision, 1), last_instance)
 
 
+def existing_session(level: str, uid: str, event: str) -> str:
+    """The session that detection or a manual plan opened for the data the
+    resource holds now (the idempotency key with an empty trigger)."""
+    now = current_fingerprint(level, uid)
+    with transaction() as db:
+        found = db.scalar(
+            select(SchedulingSession.id).where(
+                SchedulingSession.event == event,
+                SchedulingSession.level == level,
+                SchedulingSession.uid == uid,
+                SchedulingSession.fingerprint == now.fingerprint,
+                SchedulingSession.trigger == "",
+            )
+        )
+    if found is None:
+        raise UnknownCandidateError(f"no session of {event} for {level} {uid!r} and its data")
+    return str(found)
+
+
 def open_session(level: str, uid: str, event: str, *, manual: bool) -> str | None:
     """Create the session of a manual plan (idempotent) or trigger (always new)."""
     if level not in set(Level):
