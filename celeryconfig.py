@@ -14,9 +14,8 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from scheduler.config import Settings, get_settings
+from scheduler.vocabulary import DEFAULT_CHANNEL, PLANNING_QUEUE
 
-PLANNING_QUEUE = "dcm.planning"
-DEFAULT_CHANNEL = "default"
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
 # RabbitMQ orders messages by priority only in a queue declared with
 # x-max-priority; our priorities (0-9) are sent unchanged on AMQP, where the

@@ -92,8 +92,8 @@ def holding_home(home: Path) -> Iterator[Path]:
 
 
 def channels_to_consume() -> list[str]:
-    from celeryconfig import DEFAULT_CHANNEL, PLANNING_QUEUE
     from scheduler.registry import current_registry
+    from scheduler.vocabulary import DEFAULT_CHANNEL, PLANNING_QUEUE
 
     channels = {job.channel for job in current_registry().jobs()}
     return [PLANNING_QUEUE, DEFAULT_CHANNEL, *sorted(channels - {DEFAULT_CHANNEL})]

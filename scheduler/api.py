@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
@@ -39,15 +39,11 @@ from scheduler.registry import current_registry, folder_problems
 from scheduler.sessions import trigger
 from scheduler.store.db import transaction
 from scheduler.store.models import Job
+from scheduler.vocabulary import JobStatus, Level, SessionStatus
 
 log = logging.getLogger(__name__)
 
 WEB = Path(__file__).resolve().parent / "web"
-SessionStatus = Literal[
-    "planning", "running", "succeeded", "failed", "partial", "cancelled", "empty"
-]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "upstream_failed", "cancelled"]
-Level = Literal["study", "series", "patient"]
 TOKEN_HINT = "send it as 'Authorization: Bearer <DCM_API_TOKEN>'"
 # The dashboard loads nothing from elsewhere and runs no inline script.
 PAGE_HEADERS = {

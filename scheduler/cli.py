@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +22,7 @@ from rich.text import Text
 
 from scheduler.config import ConfigError, get_settings
 from scheduler.redact import hide_secrets, mask
+from scheduler.vocabulary import JobStatus, Level, SessionStatus
 
 app = typer.Typer(
     help="dcm-processor job scheduler: detect stable DICOM data, plan and run service jobs.",
@@ -43,8 +43,6 @@ def _console(stderr: bool = False) -> Console:
 
 console = _console()
 errors = _console(stderr=True)
-SESSION_STATUSES = ("planning", "running", "succeeded", "failed", "partial", "cancelled", "empty")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "upstream_failed", "cancelled")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 STATUS_STYLE = {
@@ -157,10 +155,6 @@ def open_store() -> None:
         check()
     except StoreNotReadyError as exc:
         raise fail(str(exc)) from exc
-
-
-SessionStatus = StrEnum("SessionStatus", {s: s for s in SESSION_STATUSES})  # type: ignore[misc]
-JobStatus = StrEnum("JobStatus", {s: s for s in JOB_STATUSES})  # type: ignore[misc]
 
 
 def short(identifier: str | None) -> str:
@@ -360,7 +354,7 @@ def detect(
 def candidate(study: str | None, series: str | None, patient: str | None) -> tuple[str, str]:
     given = [
         (lvl, uid)
-        for lvl, uid in (("study", study), ("series", series), ("patient", patient))
+        for lvl, uid in ((Level.STUDY, study), (Level.SERIES, series), (Level.PATIENT, patient))
         if uid
     ]
     if len(given) != 1:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-DETECT_LEVELS = ("series", "study", "patient")
+from scheduler.vocabulary import Level
 
 
 class ConfigError(ValueError):
@@ -112,10 +112,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     database_url = store_url(get("DCM_DATABASE_URL") or f"sqlite:///{home / 'store.db'}")
     levels = _split(get("DCM_DETECT_LEVELS") or "study")
     for level in levels:
-        if level not in DETECT_LEVELS:
+        if level not in set(Level):
             raise ConfigError(
                 f"DCM_DETECT_LEVELS: unknown level {level!r}; use a comma list of "
-                + ", ".join(DETECT_LEVELS)
+                + ", ".join(Level)
             )
     header_fields = get("DCM_HEADER_FIELDS")
     services_path = tuple(

@@ -139,13 +139,13 @@ def embedded_worker(app: Any, queues: list[str], concurrency: int = 2) -> Iterat
 
 
 def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) -> int:
-    from celeryconfig import DEFAULT_CHANNEL, PLANNING_QUEUE
     from scheduler import detection, messages, queries
     from scheduler.celery_app import app
     from scheduler.ingest import ingest_paths
     from scheduler.registry import current_registry
     from scheduler.store.db import init_db, transaction
     from scheduler.store.models import SchedulingSession, Study
+    from scheduler.vocabulary import DEFAULT_CHANNEL, PLANNING_QUEUE, ResourceState, SessionStatus
 
     if home is not None and home.exists() and (not home.is_dir() or any(home.iterdir())):
         # A live DCM_HOME would get the samples, and its `run` would process them.
@@ -178,7 +178,9 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
             messages.send_plans(run.sessions)
             with transaction() as db:
                 receiving = db.scalar(
-                    select(func.count()).select_from(Study).where(Study.state == "receiving")
+                    select(func.count())
+                    .select_from(Study)
+                    .where(Study.state == ResourceState.RECEIVING)
                 )
                 counts = dict(
                     db.execute(
@@ -187,7 +189,9 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
                         )
                     ).all()
                 )
-            open_sessions = counts.get("planning", 0) + counts.get("running", 0)
+            open_sessions = counts.get(SessionStatus.PLANNING, 0) + counts.get(
+                SessionStatus.RUNNING, 0
+            )
             progress = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
             console.print(
                 f"  studies still receiving: {receiving}; sessions: {progress or 'none yet'}",

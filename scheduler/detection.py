@@ -26,14 +26,15 @@ from scheduler.config import Settings, get_settings
 from scheduler.emission import create_sessions
 from scheduler.leases import lease
 from scheduler.store.db import transaction
-from scheduler.store.models import RECEIVING, STABLE, Patient, Series, Study, utcnow
+from scheduler.store.models import Patient, Series, Study, utcnow
+from scheduler.vocabulary import Level, ResourceState
 
 log = logging.getLogger(__name__)
 
 LEVELS: dict[str, tuple[Any, Any]] = {
-    "series": (Series, Series.series_uid),
-    "study": (Study, Study.study_uid),
-    "patient": (Patient, Patient.patient_id),
+    Level.SERIES: (Series, Series.series_uid),
+    Level.STUDY: (Study, Study.study_uid),
+    Level.PATIENT: (Patient, Patient.patient_id),
 }
 BATCH = 1000
 
@@ -89,7 +90,7 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
                 model.revision,
                 model.last_instance_id,
             )
-            .where(model.state == RECEIVING, model.last_received_at <= cutoff)
+            .where(model.state == ResourceState.RECEIVING, model.last_received_at <= cutoff)
             .order_by(model.last_received_at)
             .limit(BATCH)
             .with_for_update(skip_locked=True)
@@ -105,7 +106,7 @@ def claim_level(level: str, cutoff: datetime) -> list[Claimed]:
             update(model)
             .where(model.id.in_([row[0] for row in rows]))
             .values(
-                state=STABLE,
+                state=ResourceState.STABLE,
                 stable_fingerprint=model.fingerprint,
                 revision=case((changed, model.revision + 1), else_=model.revision),
             )

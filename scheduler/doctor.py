@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from scheduler.config import Settings, get_settings
 from scheduler.redact import hide_secrets, mask
+from scheduler.vocabulary import JobStatus, SessionStatus
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 
@@ -120,10 +121,10 @@ def check_services(settings: Settings) -> Check:
 
 
 def check_workers(settings: Settings) -> Check:
-    from celeryconfig import PLANNING_QUEUE
     from scheduler.presence import live_channels
     from scheduler.registry import current_registry
     from scheduler.store.db import transaction
+    from scheduler.vocabulary import PLANNING_QUEUE
 
     with transaction() as db:
         live = live_channels(db)
@@ -179,7 +180,10 @@ def check_backlog(settings: Settings) -> Check:
             db.scalar(
                 select(func.count())
                 .select_from(SchedulingSession)
-                .where(SchedulingSession.status == "planning", SchedulingSession.created_at < old)
+                .where(
+                    SchedulingSession.status == SessionStatus.PLANNING,
+                    SchedulingSession.created_at < old,
+                )
             )
             or 0
         )
@@ -188,7 +192,7 @@ def check_backlog(settings: Settings) -> Check:
                 select(func.count())
                 .select_from(Job)
                 .where(
-                    Job.status == "queued",
+                    Job.status == JobStatus.QUEUED,
                     Job.pending_deps == 0,
                     Job.created_at < old,
                     Job.started_at.is_(None),

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from scheduler.planning import Plan
 from scheduler.store.db import insert_for, rowcount
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
+from scheduler.vocabulary import JobStatus, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def create_sessions(
             "id": new_id(),
             "trigger": "",
             "last_instance_id": None,
-            "status": "planning",
+            "status": SessionStatus.PLANNING,
             "added_params": {},
             "trace": {},
             "created_at": now,
@@ -106,10 +107,12 @@ def store_plan(
     ready to run, or ``None`` if the session was planned already.
     ``job_ids`` (jobName → id) lets the caller choose the ids."""
     now = now or utcnow()
-    status = "running" if plan.jobs else "empty"
+    status = SessionStatus.RUNNING if plan.jobs else SessionStatus.EMPTY
     claimed = db.execute(
         update(SchedulingSession)
-        .where(SchedulingSession.id == session_id, SchedulingSession.status == "planning")
+        .where(
+            SchedulingSession.id == session_id, SchedulingSession.status == SessionStatus.PLANNING
+        )
         .values(
             status=status,
             headers=headers,
@@ -144,7 +147,7 @@ def store_plan(
                 "added_params": job.added_params or {},
                 "sort_position": d.sort_position,
                 "priority": d.priority,
-                "status": "queued",
+                "status": JobStatus.QUEUED,
                 "attempts": 0,
                 "max_attempts": d.retries + 1,
                 "retries": d.retries,

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler.store.models import Instance, Patient, Series, Study
+from scheduler.vocabulary import Level
 
-LEVELS = ("series", "study", "patient")
 STRUCTURAL = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
@@ -57,9 +57,13 @@ def candidate_query(level: str, uid: str) -> Any:
         .join(Study, Series.study_pk == Study.id)
         .join(Patient, Study.patient_pk == Patient.id)
     )
-    column = {"series": Series.series_uid, "study": Study.study_uid, "patient": Patient.patient_id}
+    column: dict[str, Any] = {
+        Level.SERIES: Series.series_uid,
+        Level.STUDY: Study.study_uid,
+        Level.PATIENT: Patient.patient_id,
+    }
     if level not in column:
-        raise ValueError(f"unknown level {level!r}; use one of {', '.join(LEVELS)}")
+        raise ValueError(f"unknown level {level!r}; use one of {', '.join(Level)}")
     return query.where(column[level] == uid)
 
 
@@ -131,7 +135,7 @@ def build_headers(
     for study_doc in studies.values():
         study_doc["series"].sort(key=order.__getitem__)
     patient_tags = _filter(patient.tags, allowed)
-    if level == "patient":
+    if level == Level.PATIENT:
         patient_tags["PatientID"] = patient.patient_id
     headers: dict[str, Any] = {
         "level": level,

@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 from scheduler.dicom import InstanceItem, NotDicomError, item_from_dataset, item_from_mapping
 from scheduler.dicom import read_header as read_header
 from scheduler.store.db import insert_for
-from scheduler.store.models import RECEIVING, Instance, Patient, Series, Study, utcnow
+from scheduler.store.models import Instance, Patient, Series, Study, utcnow
+from scheduler.vocabulary import ResourceState
 
 BATCH_SIZE = 500
 
@@ -120,7 +121,7 @@ def _new_resource(now: datetime, tags: dict[str, Any]) -> dict[str, Any]:
         "instance_count": 0,
         "first_received_at": now,
         "last_received_at": now,
-        "state": RECEIVING,
+        "state": ResourceState.RECEIVING,
         "fingerprint": "",
         "revision": 0,
     }
@@ -270,7 +271,7 @@ def _refresh(
                 last_received_at=now,
                 fingerprint=fingerprint(members),
                 last_instance_id=newest.get(pk),
-                state=RECEIVING,
+                state=ResourceState.RECEIVING,
             )
         )
 

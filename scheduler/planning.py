@@ -24,8 +24,7 @@ from typing import Any
 
 from scheduler.callbacks import CallbackOutcome, run_in_host
 from scheduler.registry.definitions import JobDefinition
-
-PHASE_ORDER = {"pre": 0, "main": 1, "post": 2}
+from scheduler.vocabulary import Phase
 
 
 @dataclass
@@ -68,7 +67,7 @@ def evaluation_order(definitions: Sequence[JobDefinition]) -> list[JobDefinition
     """Phase → sortPosition → jobName, but never before a dependency."""
 
     def key(d: JobDefinition) -> tuple[int, float, str]:
-        return PHASE_ORDER.get(d.phase, 1), d.sort_position, d.job_name
+        return Phase(d.phase).order, d.sort_position, d.job_name
 
     remaining = sorted(definitions, key=key)
     names = {d.job_name for d in remaining}
@@ -162,15 +161,15 @@ def decide(
 def _edges(jobs: list[JobDefinition]) -> list[Edge]:
     """Explicit dependsOn edges, plus the phase rules: main jobs need every pre
     job to succeed; post jobs wait for every pre and main job to end."""
-    pre = [j.job_name for j in jobs if j.phase == "pre"]
-    pre_and_main = [j.job_name for j in jobs if j.phase in ("pre", "main")]
+    pre = [j.job_name for j in jobs if j.phase == Phase.PRE]
+    pre_and_main = [j.job_name for j in jobs if j.phase in (Phase.PRE, Phase.MAIN)]
     edges: list[Edge] = []
     for job in jobs:
         explicit = set(job.depends_on)
         edges.extend(Edge(job.job_name, d) for d in job.depends_on)
-        if job.phase == "main":
+        if job.phase == Phase.MAIN:
             edges.extend(Edge(job.job_name, p) for p in pre if p not in explicit)
-        elif job.phase == "post":
+        elif job.phase == Phase.POST:
             edges.extend(
                 Edge(job.job_name, p, requires_success=False)
                 for p in pre_and_main

@@ -12,7 +12,8 @@ from sqlalchemy import select
 from scheduler import detection, messages, queries
 from scheduler.ingest import record_instances
 from scheduler.store.db import transaction
-from scheduler.store.models import SESSION_FINAL_STATUSES, SchedulingSession
+from scheduler.store.models import SchedulingSession
+from scheduler.vocabulary import SESSION_FINAL_STATUSES
 
 T = TypeVar("T")
 

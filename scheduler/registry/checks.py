@@ -22,7 +22,7 @@ from scheduler.entries import (
     same_path,
 )
 from scheduler.registry.definitions import Draft, JobDefinition
-from scheduler.store.models import PHASES
+from scheduler.vocabulary import Phase
 
 
 def check_service_names(drafts: list[Draft]) -> None:
@@ -159,7 +159,7 @@ def _valid_jobs(drafts: list[Draft], owners: dict[str, Draft]) -> dict[str, JobD
 def check_dependencies(drafts: list[Draft], owners: dict[str, Draft]) -> None:
     """Every dependsOn names a known job of the same or an earlier phase."""
     jobs = _valid_jobs(drafts, owners)
-    order = {phase: index for index, phase in enumerate(PHASES)}
+    order: dict[str, int] = {phase: phase.order for phase in Phase}
     for draft in drafts:
         for job in draft.service.jobs:
             for name in job.depends_on:

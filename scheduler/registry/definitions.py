@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.store.models import PHASES
+from scheduler.vocabulary import Phase
 
 DEFINITION_FILE = "dcm-processor.json"
 LEGACY_DEFINITION_FILE = "settings.json"
@@ -25,7 +25,6 @@ SYSTEM_SERVICE = "system"
 DEFAULT_SORT_POSITION = 999.0
 # dcm-processor gave pre/post services of the system settings file this default.
 SYSTEM_SORT_POSITION = 1.0
-DEFAULT_CHANNEL = "default"
 DEFAULT_TIMEOUT_S = 3600.0
 DEFAULT_RETRY_DELAY_S = 30.0
 DEFAULT_PRIORITY = 5
@@ -142,7 +141,7 @@ class Registry:
     def jobs(self) -> list[JobDefinition]:
         """Enabled jobs of the loaded services, by phase, sortPosition, jobName."""
         jobs = [job for s in self.services for job in s.jobs if not job.disabled]
-        return sorted(jobs, key=lambda j: (PHASES.index(j.phase), j.sort_position, j.job_name))
+        return sorted(jobs, key=lambda j: (Phase(j.phase).order, j.sort_position, j.job_name))
 
     def every_job(self) -> list[JobDefinition]:
         """Every job of the loaded services, disabled ones included, so a

@@ -18,7 +18,6 @@ from typing import Any
 from scheduler.config import ConfigError, parse_duration
 from scheduler.registry.definitions import (
     CHANNEL,
-    DEFAULT_CHANNEL,
     DEFAULT_PRIORITY,
     DEFAULT_RETRY_DELAY_S,
     DEFAULT_SORT_POSITION,
@@ -32,7 +31,7 @@ from scheduler.registry.definitions import (
     JobDefinition,
     show,
 )
-from scheduler.store.models import PHASES
+from scheduler.vocabulary import DEFAULT_CHANNEL, Phase
 
 
 def read_json(path: Path, draft: Draft) -> Any:
@@ -169,7 +168,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "events": _names,
     "dependsOn": _names,
     "sortPosition": _number,
-    "phase": _choice(PHASES),
+    "phase": _choice([phase.value for phase in Phase]),
     "channel": _channel,
     "timeout": _duration("timeout", positive=True),
     "retries": _integer(0, None),
@@ -269,7 +268,7 @@ def _job_definition(draft: Draft, values: dict[str, Any], ctx: JobContext) -> Jo
         events=values.get("events", ctx.default_events),
         depends_on=values.get("dependsOn", ()),
         sort_position=values.get("sortPosition", ctx.default_sort),
-        phase=values.get("phase", "main"),
+        phase=values.get("phase", Phase.MAIN.value),
         channel=values.get("channel", DEFAULT_CHANNEL),
         timeout_s=values.get("timeout", DEFAULT_TIMEOUT_S),
         retries=values.get("retries", 0),

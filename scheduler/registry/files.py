@@ -36,6 +36,7 @@ from scheduler.registry.fields import (
     suggestion,
     text,
 )
+from scheduler.vocabulary import Phase
 
 
 def _new_draft(
@@ -176,7 +177,7 @@ def read_system_settings(
     # The file holds many other dcm-processor settings; only these are ours.
     keys = ("preServices", "postServices", "headerFields", "fullTags")
     draft.service.definition = {key: data[key] for key in keys if key in data}
-    for list_name, phase in (("preServices", "pre"), ("postServices", "post")):
+    for list_name, phase in (("preServices", Phase.PRE.value), ("postServices", Phase.POST.value)):
         if data.get(list_name) is not None:
             ctx = JobContext(folder, default_events, SYSTEM_SORT_POSITION, phase, list_name)
             read_jobs(draft, data[list_name], ctx, list_name)

@@ -28,17 +28,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from scheduler.vocabulary import (
+    DEFAULT_CHANNEL,
+    JobStatus,
+    Phase,
+    ResourceState,
+    SessionStatus,
+)
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 # Resource detection states (SPEC §4, §6).
-RECEIVING = "receiving"
-STABLE = "stable"
-
-SESSION_STATUSES = ("planning", "running", "succeeded", "failed", "partial", "cancelled", "empty")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "upstream_failed", "cancelled")
-JOB_FINAL_STATUSES = frozenset({"succeeded", "failed", "upstream_failed", "cancelled"})
-SESSION_FINAL_STATUSES = frozenset({"succeeded", "failed", "partial", "cancelled", "empty"})
-PHASES = ("pre", "main", "post")
 
 
 def utcnow() -> datetime:
@@ -90,7 +90,7 @@ class ResourceMixin:
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    state: Mapped[str] = mapped_column(String(16), default=RECEIVING)
+    state: Mapped[str] = mapped_column(String(16), default=ResourceState.RECEIVING)
     fingerprint: Mapped[str] = mapped_column(String(64), default="")
     # Fingerprint of the last revision that became stable; a new one bumps `revision`.
     stable_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -196,7 +196,7 @@ class SchedulingSession(Base):
     headers: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     added_params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     trace: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="planning")
+    status: Mapped[str] = mapped_column(String(16), default=SessionStatus.PLANNING)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -217,17 +217,17 @@ class Job(Base):
     created_seq: Mapped[int] = mapped_column(Integer, default=0)
     job_name: Mapped[str] = mapped_column(String(128))
     service: Mapped[str] = mapped_column(String(128))
-    phase: Mapped[str] = mapped_column(String(8), default="main")
+    phase: Mapped[str] = mapped_column(String(8), default=Phase.MAIN)
     worker_entry: Mapped[str] = mapped_column(String(255))
     # Folder the entry is imported from, and an optional separate interpreter.
     entry_root: Mapped[str] = mapped_column(Text, default="")
     python: Mapped[str | None] = mapped_column(Text, nullable=True)
-    channel: Mapped[str] = mapped_column(String(128), default="default")
+    channel: Mapped[str] = mapped_column(String(128), default=DEFAULT_CHANNEL)
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     added_params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     sort_position: Mapped[float] = mapped_column(Float, default=999)
     priority: Mapped[int] = mapped_column(Integer, default=5)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=1)
     retries: Mapped[int] = mapped_column(Integer, default=0)
