@@ -1,4 +1,4 @@
-"""Celery settings of the scheduler (SPEC §3), all derived from the environment.
+"""Celery settings of the scheduler (README, "Configuration"), all derived from the environment.
 
 ``celery -A scheduler …`` loads this module through ``scheduler.app``. The
 values come from :func:`scheduler.config.get_settings`; :func:`celery_settings`

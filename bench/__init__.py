@@ -1,4 +1,4 @@
-"""Benchmarks of the scheduler (SPEC §13, issue 6); run by hand, never by pytest.
+"""Benchmarks of the scheduler (bench/README.md); run by hand, never by pytest.
 
 See ``bench/README.md`` for how to run each script and the latest figures.
 """

@@ -1,4 +1,4 @@
-"""The HTTP API and dashboard of ``dcm-scheduler serve`` (SPEC §11).
+"""The HTTP API and dashboard of ``dcm-scheduler serve`` (README, "Commands").
 
 A thin FastAPI layer over the library the CLI uses: reads come from
 :mod:`scheduler.queries` (the same JSON documents as ``--json``), writes call

@@ -1,4 +1,4 @@
-"""The ``dcm-scheduler`` command line (SPEC §11): parses, calls the library, prints.
+"""The ``dcm-scheduler`` command line (README, "Commands"): parses, calls the library, prints.
 
 Every listing takes ``--json`` (stable shapes from :mod:`scheduler.queries`).
 Exit status: 0 success, 1 a problem the command reports (invalid services,

@@ -1,4 +1,4 @@
-"""Settings of the scheduler, read once from the environment (SPEC §3).
+"""Settings of the scheduler, read once from the environment (README, "Configuration").
 
 Every setting has a stable environment variable name and a default that gives
 a working single-machine setup with no server: an SQLite store and the kombu

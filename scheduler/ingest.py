@@ -1,4 +1,4 @@
-"""Recording received instances in the store (SPEC §5.1, §5.2).
+"""Recording received instances in the store (README, "Commands").
 
 :func:`record_instances` records a batch in the caller's transaction with
 ``INSERT … ON CONFLICT DO NOTHING`` at every level, so re-recording an

@@ -1,4 +1,4 @@
-"""The Orthanc source (SPEC §5.3): follow Orthanc's ``/changes`` feed.
+"""The Orthanc source (README, "Following Orthanc"): follow Orthanc's ``/changes`` feed.
 
 Each run reads the changes after the last ``Seq`` saved in the store, records
 every new instance with its main tags and Orthanc id, and saves the new

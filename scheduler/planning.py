@@ -1,4 +1,4 @@
-"""Planning: which jobs a session gets, with which parameters and edges (SPEC §8).
+"""Planning: which jobs a session gets, with which parameters and edges (README, "Writing a service").
 
 :func:`plan` is a pure function: job definitions, the headers document and a
 way to run callbacks go in; a :class:`Plan` (jobs, dependency edges and a

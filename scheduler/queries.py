@@ -1,4 +1,4 @@
-"""Read models of sessions and jobs: the stable JSON shapes of SPEC §11.
+"""Read models of sessions and jobs: the stable JSON shapes of README, "Commands".
 
 The CLI's ``--json`` output and the HTTP API both come from here, so the
 documents are the same wherever an operator or a script reads them. Times

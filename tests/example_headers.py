@@ -1,6 +1,6 @@
 """Build the scheduler's headers document from DICOM files, for the example-service tests.
 
-The shape follows SPEC §8 (patient, studies, series with instances sorted by
+The shape follows README's headers document (patient, studies, series with instances sorted by
 InstanceNumber then location, seriesIds, dcmpath, instance_count). It reads
 headers only (``stop_before_pixels``) and lets the service tests run without a
 store; it is not the scheduler's own header builder.

@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC §11, ``serve``): reads, writes, tokens, dcm-processor's push."""
+"""The HTTP API (``serve``; README, "HTTP API and dashboard"): reads, writes, tokens, dcm-processor's push."""
 
 from __future__ import annotations
 

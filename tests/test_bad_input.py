@@ -1,4 +1,4 @@
-"""Bad input (SPEC §12): a clear message where the operator looks; the rest keeps working."""
+"""Bad input (README, "Failure modes"): a clear message where the operator looks; the rest keeps working."""
 
 from __future__ import annotations
 

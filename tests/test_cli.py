@@ -1,4 +1,4 @@
-"""The command line (SPEC §11): JSON shapes, exit codes, dry runs."""
+"""The command line (README, "Commands"): JSON shapes, exit codes, dry runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Detection (SPEC §6): stability, atomic claims, revisions, onNewData."""
+"""Detection (README, "How it works"): stability, atomic claims, revisions, onNewData."""
 
 from __future__ import annotations
 

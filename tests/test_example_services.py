@@ -1,4 +1,4 @@
-"""The example services (SPEC §7, §8, §10) on real DICOM files shipped by pydicom.
+"""The example services (README, "Writing a service") on real DICOM files shipped by pydicom.
 
 Each service is imported the way the scheduler does it: its folder on
 ``sys.path`` and its entries resolved from ``dcm-processor.json``. The sample
@@ -150,7 +150,7 @@ def session_dir(tmp_path: Path) -> Path:
 
 
 def job_kwargs(session_dir: Path, job_name: str, **extra: Any) -> dict[str, Any]:
-    """The kwargs the workers bridge passes (SPEC §10), output_dir already created."""
+    """The kwargs the workers bridge passes (docs/architecture.md), output_dir already created."""
     output_dir = session_dir / job_name
     output_dir.mkdir(parents=True, exist_ok=True)
     return {

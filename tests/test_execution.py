@@ -1,4 +1,4 @@
-"""Emission and the workers bridge on a real worker, Redis and PostgreSQL (SPEC §9, §10)."""
+"""Emission and the workers bridge on a real worker, Redis and PostgreSQL (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults (SPEC §12) with real worker processes: nothing lost, nothing doubled.
+"""Faults (README, "Failure modes") with real worker processes: nothing lost, nothing doubled.
 
 Each test kills or restarts a real process — a Celery worker, Redis,
 PostgreSQL, beat — and checks that every job still ends exactly once.

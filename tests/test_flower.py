@@ -1,4 +1,4 @@
-"""Flower (SPEC §11): a real `celery -A scheduler flower` shows jobs by their job names."""
+"""Flower (README, "Commands"): a real `celery -A scheduler flower` shows jobs by their job names."""
 
 from __future__ import annotations
 

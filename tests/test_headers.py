@@ -1,4 +1,4 @@
-"""The headers document (SPEC §8): structure, legacy keys, DCM_HEADER_FIELDS filtering."""
+"""The headers document (README, "Writing a service"): structure, legacy keys, DCM_HEADER_FIELDS filtering."""
 
 from __future__ import annotations
 

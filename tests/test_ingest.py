@@ -1,4 +1,4 @@
-"""Ingest (SPEC §5.1, §5.2): headers only, bulk, idempotent, counts right at every level."""
+"""Ingest (README, "Commands"): headers only, bulk, idempotent, counts right at every level."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Jobs with a `python` interpreter run in a subprocess of that virtualenv (SPEC §7, §10)."""
+"""Jobs with a `python` interpreter run in a subprocess of that virtualenv (README, "Writing a service")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Operating it (SPEC §11): trigger, retry, cancel, workers, channel warnings, run."""
+"""Operating it (README, "Commands"): trigger, retry, cancel, workers, channel warnings, run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Orthanc source (SPEC §5.3) against a real Orthanc fed by dcmtk's storescu."""
+"""The Orthanc source (README, "Following Orthanc") against a real Orthanc fed by dcmtk's storescu."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Planning rules (SPEC §8): order, callbacks, dependencies, phases, added_params, trace."""
+"""Planning rules (README, "Writing a service"): order, callbacks, dependencies, phases, added_params, trace."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The service registry (SPEC §7): discovery, job fields and defaults, the
+"""The service registry (README, "Writing a service"): discovery, job fields and defaults, the
 validation problems operators see, broken-service isolation, legacy
 dcm-processor registries, entry-point services, and the ``services`` rows.
 

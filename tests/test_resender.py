@@ -1,4 +1,4 @@
-"""The re-sender (SPEC §9.3): a lost message is a delay, never a lost job."""
+"""The re-sender (README, "Failure modes"): a lost message is a delay, never a lost job."""
 
 from __future__ import annotations
 

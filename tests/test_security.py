@@ -1,4 +1,4 @@
-"""Security (issue 5): JSON only, PHI minimisation, no credentials shown, doctor."""
+"""Security: JSON only, PHI minimisation, no credentials shown, doctor."""
 
 from __future__ import annotations
 

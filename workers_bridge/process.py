@@ -1,4 +1,4 @@
-"""Running one attempt of a job in a process of its own (SPEC §10).
+"""Running one attempt of a job in a process of its own (docs/architecture.md).
 
 Every attempt runs in a child process: forked from the Celery worker, or,
 for a job with a ``python`` interpreter, a subprocess of that interpreter

@@ -34,7 +34,7 @@ JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 JOB_NAME_MAX = 128  # jobs.job_name column width
 
-# Job fields in the order of the SPEC §7 table, and the legacy names they replace.
+# Job fields in the order of README's field table, and the legacy names they replace.
 JOB_FIELDS = (
     "jobName",
     "workerEntry",

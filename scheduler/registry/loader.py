@@ -54,7 +54,7 @@ def load_registry(
     entry_points: bool = True,
     check_imports: bool = True,
 ) -> Registry:
-    """Find, read and check every service (SPEC §7).
+    """Find, read and check every service (README, "Writing a service").
 
     ``paths`` are the folders of ``DCM_SERVICES_PATH``; ``settings_file`` the
     legacy system settings (``DCM_SETTINGS``). ``check_imports=False`` skips

@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy models of the store (the db-provider, SPEC §4).
+"""Typed SQLAlchemy models of the store (the db-provider; docs/architecture.md).
 
 What was received (patients, studies, series, instances), what is loaded
 (services, workers) and what was decided and run (sessions, jobs and their
@@ -38,7 +38,7 @@ from scheduler.vocabulary import (
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
-# Resource detection states (SPEC §4, §6).
+# Resource detection states (docs/architecture.md).
 
 
 def utcnow() -> datetime:
