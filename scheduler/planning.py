@@ -1,6 +1,6 @@
-"""Planning: which jobs a session gets, with which parameters and edges (README, "Writing a service").
+"""Planning: which jobs a session gets, with which parameters and edges.
 
-:func:`plan` is a pure function: job definitions, the headers document and a
+:func:`decide` is a pure function: job definitions, the headers document and a
 way to run callbacks go in; a :class:`Plan` (jobs, dependency edges and a
 decision trace for every definition) comes out. No database and no Celery
 here, so the rules are tested directly and ``plan --dry-run`` shows exactly
@@ -11,7 +11,8 @@ Evaluation order is phase (pre, main, post), then ``sortPosition``, then
 on. A callback returns ``True``/``False`` or ``(bool, dict)``; the dict
 becomes ``added_params[jobName]``, visible to later callbacks and to every
 worker of the session. Anything else, an exception or a callback running
-past its time limit means "not scheduled", with the reason in the trace.
+past its time limit means "not scheduled", with the reason in the trace
+(README, "Writing a service").
 """
 
 from __future__ import annotations
