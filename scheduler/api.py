@@ -38,7 +38,6 @@ from scheduler.redact import hide_secrets, mask
 from scheduler.registry import current_registry, folder_problems
 from scheduler.sessions import trigger
 from scheduler.store.db import transaction
-from scheduler.store.models import Job
 from scheduler.vocabulary import JobStatus, Level, SessionStatus
 
 log = logging.getLogger(__name__)
@@ -206,10 +205,7 @@ def get_jobs(
 def get_job(job_id: str) -> dict[str, Any]:
     """One job (the ``jobs --json`` object)."""
     with transaction() as db:
-        row = db.get(Job, job_id)
-        if row is None:
-            raise queries.NotFoundError(f"no job {job_id!r}")
-        return queries.job_json(row, queries.dependency_names(db, [row.id]).get(row.id, ()))
+        return queries.get_job(db, job_id)
 
 
 @reads.get("/services")

@@ -7,7 +7,6 @@ unknown id), 2 wrong usage.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from scheduler.config import ConfigError, get_settings
+from scheduler.entry import print_json
 from scheduler.redact import hide_secrets, mask
 from scheduler.vocabulary import JobStatus, Level, SessionStatus
 
@@ -64,10 +64,6 @@ STATUS_MARK = {
     "queued": "…",
     "cancelled": "■",
 }
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -148,11 +144,11 @@ def first_line(text: str | None) -> str:
 
 def open_store() -> None:
     """Reading commands: the store must exist; nothing is created or upgraded."""
-    from scheduler.store.db import StoreNotReadyError
-    from scheduler.store.db import open_store as check
+    from scheduler.store.reader import StoreNotReadyError, connect
 
     try:
-        check()
+        with connect(get_settings().database_url):
+            pass
     except StoreNotReadyError as exc:
         raise fail(str(exc)) from exc
 

@@ -31,14 +31,16 @@ class Check:
 
 
 def check_store(settings: Settings) -> Check:
-    from scheduler.store.db import SCHEMA_HEAD, schema_revision, sqlite_path
+    from scheduler.store.db import sqlite_path
+    from scheduler.store.reader import store_revision
+    from scheduler.store.schema import SCHEMA_HEAD
 
     url = mask(settings.database_url)
     path = sqlite_path(settings.database_url)
     if path is not None and not path.is_file():
         return Check("store", PROBLEM, f"no store at {path}", "run: dcm-scheduler init-db")
     try:
-        current = schema_revision(settings.database_url)
+        current = store_revision(settings.database_url)
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
         return Check(
             "store",

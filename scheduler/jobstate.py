@@ -29,9 +29,10 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from scheduler import messages
+from scheduler.clock import iso, utcnow
 from scheduler.messages import ReadyJob
 from scheduler.store.db import rowcount, transaction
-from scheduler.store.models import Job, JobDependency, SchedulingSession, iso, utcnow
+from scheduler.store.models import Job, JobDependency, SchedulingSession
 from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
     AttemptStatus,

@@ -9,12 +9,13 @@ no live worker consumes; a worker that missed three heartbeats is gone.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from scheduler import clock
 from scheduler.config import get_settings
 from scheduler.store.db import insert_for
 from scheduler.store.models import Worker, utcnow
@@ -22,8 +23,7 @@ from scheduler.store.models import Worker, utcnow
 
 def live_after(now: datetime | None = None) -> datetime:
     """Heartbeats older than this mean the worker is gone."""
-    interval = get_settings().heartbeat_interval
-    return (now or utcnow()) - timedelta(seconds=3 * interval)
+    return clock.live_after(get_settings().heartbeat_interval, now)
 
 
 def record_presence(

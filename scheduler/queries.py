@@ -1,21 +1,23 @@
-"""Read models of sessions and jobs: the stable JSON shapes of README, "Commands".
+"""Read models of sessions, jobs and workers: the stable JSON shapes of
+README, "Commands".
 
 The CLI's ``--json`` output and the HTTP API both come from here, so the
 documents are the same wherever an operator or a script reads them. Times
-are ISO 8601 UTC.
+are ISO 8601 UTC. The queries are plain SQL run by a
+:class:`~scheduler.store.reader.Reader`, so a reading command needs neither
+the ORM nor SQLAlchemy; callers that hold a SQLAlchemy session pass it as it
+is.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
-
-from scheduler.store.models import Job, JobDependency, SchedulingSession, Worker, iso, utcnow
+from scheduler.clock import iso, live_after, utcnow
+from scheduler.store.reader import reader_of
 
 
 class NotFoundError(LookupError):
@@ -28,46 +30,57 @@ def duration(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 3)
 
 
-def session_json(row: SchedulingSession) -> dict[str, Any]:
+SESSION_COLUMNS = (
+    "id, event, level, uid, revision, fingerprint, trigger, status, error, "
+    "created_at, planned_at, finished_at"
+)
+JOB_COLUMNS = (
+    "id, session_id, job_name, service, phase, channel, priority, status, attempts, "
+    "max_attempts, params, result, error, attempt_log, worker, created_at, dispatched_at, "
+    "started_at, finished_at"
+)
+
+
+def session_json(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "event": row.event,
-        "level": row.level,
-        "uid": row.uid,
-        "revision": row.revision,
-        "fingerprint": row.fingerprint,
-        "trigger": row.trigger or None,
-        "status": row.status,
-        "error": row.error,
-        "created_at": iso(row.created_at),
-        "planned_at": iso(row.planned_at),
-        "finished_at": iso(row.finished_at),
+        "id": row["id"],
+        "event": row["event"],
+        "level": row["level"],
+        "uid": row["uid"],
+        "revision": row["revision"],
+        "fingerprint": row["fingerprint"],
+        "trigger": row["trigger"] or None,
+        "status": row["status"],
+        "error": row["error"],
+        "created_at": iso(row["created_at"]),
+        "planned_at": iso(row["planned_at"]),
+        "finished_at": iso(row["finished_at"]),
     }
 
 
-def job_json(row: Job, depends_on: Sequence[str] = ()) -> dict[str, Any]:
+def job_json(row: Mapping[str, Any], depends_on: Sequence[str] = ()) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "session_id": row.session_id,
-        "job_name": row.job_name,
-        "service": row.service,
-        "phase": row.phase,
-        "channel": row.channel,
-        "priority": row.priority,
-        "status": row.status,
-        "attempts": row.attempts,
-        "max_attempts": row.max_attempts,
+        "id": row["id"],
+        "session_id": row["session_id"],
+        "job_name": row["job_name"],
+        "service": row["service"],
+        "phase": row["phase"],
+        "channel": row["channel"],
+        "priority": row["priority"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
         "depends_on": list(depends_on),
-        "params": row.params,
-        "result": row.result,
-        "error": row.error,
-        "attempt_log": [_attempt_entry(entry) for entry in row.attempt_log],
-        "worker": row.worker,
-        "created_at": iso(row.created_at),
-        "dispatched_at": iso(row.dispatched_at),
-        "started_at": iso(row.started_at),
-        "finished_at": iso(row.finished_at),
-        "duration_s": duration(row.started_at, row.finished_at),
+        "params": row["params"],
+        "result": row["result"],
+        "error": row["error"],
+        "attempt_log": [_attempt_entry(entry) for entry in row["attempt_log"] or ()],
+        "worker": row["worker"],
+        "created_at": iso(row["created_at"]),
+        "dispatched_at": iso(row["dispatched_at"]),
+        "started_at": iso(row["started_at"]),
+        "finished_at": iso(row["finished_at"]),
+        "duration_s": duration(row["started_at"], row["finished_at"]),
     }
 
 
@@ -82,25 +95,24 @@ def _attempt_entry(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dependency_names(db: Session, job_ids: Sequence[str]) -> dict[str, list[str]]:
+def dependency_names(source: Any, job_ids: Sequence[str]) -> dict[str, list[str]]:
     """job id → names of the jobs it depends on."""
     if not job_ids:
         return {}
-    upstream = aliased(Job)
-    rows = db.execute(
-        select(JobDependency.job_id, upstream.job_name)
-        .join(upstream, upstream.id == JobDependency.depends_on_id)
-        .where(JobDependency.job_id.in_(list(job_ids)))
-        .order_by(upstream.created_seq)
-    ).all()
+    rows = reader_of(source).rows(
+        "SELECT d.job_id, u.job_name FROM job_dependencies d "
+        "JOIN jobs u ON u.id = d.depends_on_id "
+        "WHERE d.job_id IN (:ids) ORDER BY u.created_seq",
+        ids=list(job_ids),
+    )
     names: dict[str, list[str]] = defaultdict(list)
-    for job_id, name in rows:
-        names[job_id].append(name)
+    for row in rows:
+        names[row["job_id"]].append(row["job_name"])
     return names
 
 
 def list_sessions(
-    db: Session,
+    source: Any,
     *,
     status: str | None = None,
     uid: str | None = None,
@@ -109,21 +121,24 @@ def list_sessions(
     limit: int = 100,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    query = select(SchedulingSession).order_by(SchedulingSession.created_at.desc())
-    if status:
-        query = query.where(SchedulingSession.status == status)
-    if uid:
-        query = query.where(SchedulingSession.uid == uid)
-    if event:
-        query = query.where(SchedulingSession.event == event)
+    """Sessions, newest first (``sessions --json``). ``source``: a reader or
+    a SQLAlchemy session."""
+    where, params = _filters(status=status, uid=uid, event=event)
     if since:
-        query = query.where(SchedulingSession.created_at >= since)
-    rows = db.scalars(query.limit(limit).offset(offset))
+        where.append("created_at >= :since")
+        params["since"] = _bindable_time(since, source)
+    rows = reader_of(source).rows(
+        f"SELECT {SESSION_COLUMNS} FROM sessions{_where(where)} "
+        "ORDER BY created_at DESC LIMIT :limit OFFSET :offset",
+        limit=limit,
+        offset=offset,
+        **params,
+    )
     return [session_json(row) for row in rows]
 
 
 def list_jobs(
-    db: Session,
+    source: Any,
     *,
     session_id: str | None = None,
     status: str | None = None,
@@ -131,48 +146,82 @@ def list_jobs(
     limit: int = 500,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    query = select(Job)
-    if session_id:
-        query = query.where(Job.session_id == session_id).order_by(Job.created_seq)
-    else:
-        query = query.order_by(Job.created_at.desc(), Job.created_seq)
-    if status:
-        query = query.where(Job.status == status)
-    if job_name:
-        query = query.where(Job.job_name == job_name)
-    rows = list(db.scalars(query.limit(limit).offset(offset)))
-    deps = dependency_names(db, [row.id for row in rows])
-    return [job_json(row, deps.get(row.id, ())) for row in rows]
+    """Jobs: a session's in the order they were planned, or all, newest first."""
+    reader = reader_of(source)
+    where, params = _filters(session_id=session_id, status=status, job_name=job_name)
+    order = "created_seq" if session_id else "created_at DESC, created_seq"
+    rows = reader.rows(
+        f"SELECT {JOB_COLUMNS} FROM jobs{_where(where)} "
+        f"ORDER BY {order} LIMIT :limit OFFSET :offset",
+        limit=limit,
+        offset=offset,
+        **params,
+    )
+    deps = dependency_names(reader, [row["id"] for row in rows])
+    return [job_json(row, deps.get(row["id"], ())) for row in rows]
 
 
-def show_session(db: Session, session_id: str) -> dict[str, Any]:
+def get_job(source: Any, job_id: str) -> dict[str, Any]:
+    """One job's document (``GET /api/jobs/ID``)."""
+    reader = reader_of(source)
+    rows = reader.rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id)
+    if not rows:
+        raise NotFoundError(f"no job {job_id!r}")
+    return job_json(rows[0], dependency_names(reader, [job_id]).get(job_id, ()))
+
+
+def show_session(source: Any, session_id: str) -> dict[str, Any]:
     """The session with its ``trace`` and ``jobs`` (``show --json``)."""
-    row = db.get(SchedulingSession, resolve_session_id(db, session_id))
-    assert row is not None
+    reader = reader_of(source)
+    full = resolve_session_id(reader, session_id)
+    [row] = reader.rows(
+        f"SELECT {SESSION_COLUMNS}, trace, added_params FROM sessions WHERE id = :id", id=full
+    )
     document = session_json(row)
-    document["trace"] = row.trace
-    document["added_params"] = row.added_params
-    document["jobs"] = list_jobs(db, session_id=row.id)
+    document["trace"] = row["trace"]
+    document["added_params"] = row["added_params"]
+    document["jobs"] = list_jobs(reader, session_id=full)
     return document
 
 
-def resolve_session_id(db: Session, given: str) -> str:
+def resolve_session_id(source: Any, given: str) -> str:
     """The full id of a session given by id or by a unique prefix (operators
     paste the short ids the tables print)."""
-    if db.get(SchedulingSession, given) is not None:
+    reader = reader_of(source)
+    if reader.rows("SELECT id FROM sessions WHERE id = :id", id=given):
         return given
     if len(given) < 4:
         raise NotFoundError(f"no session {given!r}")
-    ids = list(
-        db.scalars(
-            select(SchedulingSession.id).where(SchedulingSession.id.startswith(given)).limit(2)
+    prefix = given.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    ids = [
+        row["id"]
+        for row in reader.rows(
+            "SELECT id FROM sessions WHERE id LIKE :prefix ESCAPE '\\' LIMIT 2", prefix=prefix
         )
-    )
+    ]
     if len(ids) != 1:
         raise NotFoundError(
             f"no session {given!r}" if not ids else f"session id {given!r} is ambiguous"
         )
-    return ids[0]
+    return str(ids[0])
+
+
+def _filters(**values: Any) -> tuple[list[str], dict[str, Any]]:
+    """``column = :column`` for each value given."""
+    given = {name: str(value) for name, value in values.items() if value}
+    return [f"{name} = :{name}" for name in given], given
+
+
+def _where(conditions: list[str]) -> str:
+    return " WHERE " + " AND ".join(conditions) if conditions else ""
+
+
+def _bindable_time(value: datetime, source: Any) -> Any:
+    """A time as the store compares it: SQLite keeps naive UTC text."""
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if reader_of(source).dialect == "sqlite":
+        return aware.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    return aware
 
 
 def stages(jobs: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -193,22 +242,27 @@ def stages(jobs: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [grouped[key] for key in sorted(grouped)]
 
 
-def list_workers(db: Session) -> list[dict[str, Any]]:
+def list_workers(source: Any, heartbeat_interval: float | None = None) -> list[dict[str, Any]]:
     """Workers seen, newest heartbeat first, with their age and liveness."""
-    from scheduler.presence import live_after
+    if heartbeat_interval is None:
+        from scheduler.config import get_settings
 
+        heartbeat_interval = get_settings().heartbeat_interval
     now = utcnow()
-    threshold = live_after(now)
-    rows = db.scalars(select(Worker).order_by(Worker.last_heartbeat.desc()))
+    threshold = live_after(heartbeat_interval, now)
+    rows = reader_of(source).rows(
+        "SELECT hostname, channels, pid, started_at, last_heartbeat FROM workers "
+        "ORDER BY last_heartbeat DESC"
+    )
     return [
         {
-            "hostname": row.hostname,
-            "channels": sorted(row.channels),
-            "pid": row.pid,
-            "started_at": iso(row.started_at),
-            "last_heartbeat": iso(row.last_heartbeat),
-            "age_s": round((now - row.last_heartbeat).total_seconds(), 1),
-            "live": row.last_heartbeat >= threshold,
+            "hostname": row["hostname"],
+            "channels": sorted(row["channels"] or ()),
+            "pid": row["pid"],
+            "started_at": iso(row["started_at"]),
+            "last_heartbeat": iso(row["last_heartbeat"]),
+            "age_s": round((now - row["last_heartbeat"]).total_seconds(), 1),
+            "live": row["last_heartbeat"] >= threshold,
         }
         for row in rows
     ]

@@ -17,11 +17,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select
 
 from scheduler import jobstate
+from scheduler.clock import iso, utcnow
 from scheduler.config import Settings, get_settings
 from scheduler.jobstate import Ending
 from scheduler.messages import send_job_ids, send_plans
 from scheduler.store.db import transaction
-from scheduler.store.models import Job, Lease, SchedulingSession, iso, utcnow
+from scheduler.store.models import Job, Lease, SchedulingSession
 from scheduler.vocabulary import JobStatus, SessionStatus
 
 log = logging.getLogger(__name__)

@@ -235,14 +235,16 @@ def test_reading_commands_without_a_store_write_nothing_and_say_init_db(
 def test_reading_commands_never_upgrade_the_schema(env: Settings) -> None:
     from alembic import command
 
-    from scheduler.store.db import SCHEMA_HEAD, alembic_config, schema_revision
+    from scheduler.store.db import alembic_config
+    from scheduler.store.reader import store_revision
+    from scheduler.store.schema import SCHEMA_HEAD
 
     command.downgrade(alembic_config(), "0001")
     result = run("sessions", code=1)
     assert f"is at schema 0001, this version needs {SCHEMA_HEAD}" in result.output
-    assert schema_revision() == "0001"
+    assert store_revision(env.database_url) == "0001"
     run("init-db")
-    assert schema_revision() == SCHEMA_HEAD
+    assert store_revision(env.database_url) == SCHEMA_HEAD
 
 
 @pytest.mark.parametrize(
@@ -514,3 +516,77 @@ def test_services_list_reports_a_missing_services_folder_like_validate(
     for command in (["services", "list"], ["services", "validate"]):
         result = run(*command, code=1)
         assert f"{tmp_path / 'nowhere'}: no such folder (on DCM_SERVICES_PATH)" in result.output
+
+
+def fast(*args: str, cwd: Path | None = None) -> tuple[int, str, str, list[str]]:
+    """The console script in a process of its own: exit status, stdout,
+    stderr, and the heavy modules it imported."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from scheduler import entry\n"
+        f"sys.argv = ['dcm-scheduler', *{list(args)!r}]\n"
+        "try:\n"
+        "    entry.main()\n"
+        "    code = 0\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code or 0\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'sqlalchemy', 'celery', 'kombu', 'alembic', 'typer', 'rich'})\n"
+        "sys.stderr.write('\\nHEAVY ' + json.dumps(heavy) + '\\n')\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=dict(os.environ),
+    )
+    error, _, heavy = done.stderr.rpartition("\nHEAVY ")
+    return done.returncode, done.stdout, error, json.loads(heavy)
+
+
+def test_json_listings_answer_without_sqlalchemy_or_celery_and_as_the_full_cli(
+    planned: str,
+) -> None:
+    from scheduler.config import get_settings
+
+    url = get_settings().database_url
+    store = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:") else None
+
+    def footprint() -> object:
+        if store is None:
+            return None
+        return store.stat().st_mtime_ns, sorted(p.name for p in store.parent.iterdir())
+
+    def steady(listing: object) -> object:
+        # A worker's age grows between the two runs; everything else must match.
+        if isinstance(listing, list):
+            return [{k: v for k, v in row.items() if k != "age_s"} for row in listing]
+        return listing
+
+    before = footprint()
+    for args in (
+        ["sessions", "--json"],
+        ["sessions", "--json", "--status", "succeeded", "--limit", "5"],
+        ["jobs", "--json", "--session", planned[:8]],
+        ["show", planned, "--json"],
+        ["workers", "--json"],
+    ):
+        code, out, error, heavy = fast(*args)
+        assert (code, heavy) == (0, []), error
+        assert steady(json.loads(out)) == steady(json.loads(run(*args).stdout))
+    assert footprint() == before  # read, never written
+
+
+def test_the_fast_path_reports_like_the_full_cli(nowhere: Path) -> None:
+    code, _out, error, heavy = fast("sessions", "--json", cwd=nowhere)
+    assert code == 1 and heavy == [] and "dcm-scheduler init-db" in error
+    assert list(nowhere.iterdir()) == []
+    code, _out, error, _heavy = fast("jobs", "--json", "--status", "bogus", cwd=nowhere)
+    assert code == 2 and "upstream_failed" in error  # the full CLI's usage error

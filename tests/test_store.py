@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import inspect, select
 
 from scheduler.config import Settings
-from scheduler.store.db import SCHEMA_HEAD, get_engine, init_db, transaction
+from scheduler.store.db import get_engine, init_db, transaction
 from scheduler.store.models import (
     Base,
     Instance,
@@ -21,6 +21,7 @@ from scheduler.store.models import (
     Study,
     Worker,
 )
+from scheduler.store.schema import SCHEMA_HEAD
 
 
 def test_migration_creates_every_model_table(store_url: str) -> None:

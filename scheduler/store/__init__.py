@@ -1,5 +1,2 @@
-"""The store: SQLAlchemy models, sessions and Alembic migrations."""
-
-from scheduler.store.db import dispose_engines, get_engine, init_db, transaction
-
-__all__ = ["dispose_engines", "get_engine", "init_db", "transaction"]
+"""The store: SQLAlchemy models and transactions (:mod:`.db`, :mod:`.models`),
+Alembic migrations, and plain-SQL reading for the listings (:mod:`.reader`)."""

@@ -17,13 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, create_engine, event, inspect, text
+from sqlalchemy import CursorResult, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.config import get_settings
-from scheduler.redact import hide_secrets, mask
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,13 +31,6 @@ _engines: dict[tuple[str, int], Engine] = {}
 _lock = threading.Lock()
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-# The newest migration: what this code needs. A test keeps it equal to
-# Alembic's head, so reading commands can check the schema without Alembic.
-SCHEMA_HEAD = "0002"
-
-
-class StoreNotReadyError(RuntimeError):
-    """The store does not exist yet, or has an older schema than this code."""
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -160,43 +152,6 @@ def sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(str(parsed.database))
-
-
-def schema_revision(url: str | None = None) -> str | None:
-    """The store's schema revision, None when it has none; creates nothing."""
-    url = url or get_settings().database_url
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        return None
-    with get_engine(url).connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-
-
-def open_store(url: str | None = None) -> None:
-    """Check that the store exists at this code's schema, without creating or
-    upgrading anything (the reading commands). Raises :class:`StoreNotReadyError`."""
-    url = url or get_settings().database_url
-    shown = mask(url)
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise StoreNotReadyError(
-            f"no store at {path}: run `dcm-scheduler init-db` first, "
-            "or point DCM_HOME / DCM_DATABASE_URL at an existing store"
-        )
-    try:
-        revision = schema_revision(url)
-    except DBAPIError as exc:
-        reason = hide_secrets(str(exc.orig or exc).strip().splitlines()[0], url)
-        raise StoreNotReadyError(f"cannot read the store at {shown}: {reason}") from exc
-    if revision is None:
-        raise StoreNotReadyError(f"the store at {shown} has no schema: run `dcm-scheduler init-db`")
-    if revision != SCHEMA_HEAD:
-        raise StoreNotReadyError(
-            f"the store at {shown} is at schema {revision}, this version needs "
-            f"{SCHEMA_HEAD}: run `dcm-scheduler init-db`"
-        )
 
 
 def insert_for(db: Session) -> Any:

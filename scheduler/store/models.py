@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from scheduler.clock import utcnow
 from scheduler.vocabulary import (
     DEFAULT_CHANNEL,
     JobStatus,
@@ -39,18 +40,6 @@ from scheduler.vocabulary import (
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 # Resource detection states (docs/architecture.md).
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a ``Z``: the one form every output uses."""
-    if value is None:
-        return None
-    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def new_id() -> str:
