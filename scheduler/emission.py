@@ -138,6 +138,8 @@ def store_plan(
                 "created_seq": job.position,
                 "job_name": d.job_name,
                 "service": d.service,
+                "service_version": d.service_version,
+                "service_hash": d.service_hash,
                 "phase": d.phase,
                 "worker_entry": d.worker_entry,
                 "entry_root": _roots(d.entry_roots),

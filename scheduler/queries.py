@@ -35,9 +35,9 @@ SESSION_COLUMNS = (
     "created_at, planned_at, finished_at"
 )
 JOB_COLUMNS = (
-    "id, session_id, job_name, service, phase, channel, priority, status, attempts, "
-    "max_attempts, params, result, error, attempt_log, worker, created_at, dispatched_at, "
-    "started_at, finished_at"
+    "id, session_id, job_name, service, service_version, service_hash, phase, channel, "
+    "priority, status, attempts, max_attempts, params, result, error, attempt_log, worker, "
+    "created_at, dispatched_at, started_at, finished_at"
 )
 
 
@@ -64,6 +64,8 @@ def job_json(row: Mapping[str, Any], depends_on: Sequence[str] = ()) -> dict[str
         "session_id": row["session_id"],
         "job_name": row["job_name"],
         "service": row["service"],
+        "service_version": row["service_version"],
+        "service_hash": row["service_hash"],
         "phase": row["phase"],
         "channel": row["channel"],
         "priority": row["priority"],

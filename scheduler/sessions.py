@@ -33,7 +33,7 @@ from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.messages import ReadyJob, send_jobs
 from scheduler.planning import Plan, decide, make_callback_runner
 from scheduler.presence import live_channels
-from scheduler.registry import Registry, current_registry
+from scheduler.registry import Registry, current_registry, record_load
 from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import Level, SessionStatus
@@ -210,6 +210,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
     """
     settings = get_settings()
     registry = current_registry(settings)
+    record_load(registry)
     name, holder = lease_name(session_id), new_holder()
     inputs: tuple[dict[str, Any], set[str]] | None = None
     error = ""

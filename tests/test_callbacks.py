@@ -104,11 +104,12 @@ def editable(services_root: Path) -> Iterator[Path]:
 WORKER = "def work(*a, **k):\n    return {}\n\n\n"
 
 
-def write_service(folder: Path, callback: str, source: str) -> None:
+def write_service(folder: Path, callback: str, source: str, version: str = "") -> None:
     module = folder.name
     (folder / module / "__init__.py").write_text(WORKER + source)
     definition = {
         "name": module,
+        **({"version": version} if version else {}),
         "jobs": [
             {
                 "jobName": f"{module}-job",
@@ -151,6 +152,50 @@ def test_a_service_edited_while_the_worker_runs_is_planned_with_its_new_code(
     record_study("62.3")
     [third] = detect_and_send()
     assert wait_session(third)["added_params"][name] == {"version": 3}
+
+
+def test_jobs_keep_the_service_version_they_were_planned_with_and_each_load_is_recorded(
+    live: Settings, define: Define, editable: Path
+) -> None:
+    from sqlalchemy import select
+
+    from scheduler.store.db import transaction
+    from scheduler.store.models import Service
+
+    def recorded() -> tuple[str, str, bool, str | None]:
+        with transaction() as db:
+            row = db.scalars(select(Service).where(Service.name == editable.name)).one()
+            return row.version, row.content_hash, row.enabled, row.error
+
+    define([job("base")])
+    name = f"{editable.name}-job"
+    accept = "def decide(*a, **k):\n    return True\n"
+    write_service(editable, "decide", accept, version="1.0")
+    record_study("65.1")
+    [first] = detect_and_send()
+    [old] = [j for j in wait_session(first)["jobs"] if j["job_name"] == name]
+    assert old["service_version"] == "1.0" and len(old["service_hash"]) == 64
+    assert recorded() == ("1.0", old["service_hash"], True, None)
+
+    write_service(editable, "decide", accept + "# a fix\n", version="1.1")
+    stamp = time.time() + 2
+    for path in (editable / "dcm-processor.json", editable / editable.name / "__init__.py"):
+        os.utime(path, (stamp, stamp))
+    record_study("65.2")
+    [second] = detect_and_send()
+    [new] = [j for j in wait_session(second)["jobs"] if j["job_name"] == name]
+    assert new["service_version"] == "1.1" and new["service_hash"] != old["service_hash"]
+    assert recorded() == ("1.1", new["service_hash"], True, None)
+    result = CliRunner().invoke(cli, ["jobs", "--session", first, "--json"])
+    [kept] = [j for j in json.loads(result.stdout) if j["job_name"] == name]
+    assert (kept["service_version"], kept["service_hash"]) == ("1.0", old["service_hash"])
+
+    shutil.rmtree(editable)
+    editable.mkdir()  # the fixture removes it again
+    record_study("65.3")
+    [third] = detect_and_send()
+    assert name not in [j["job_name"] for j in wait_session(third)["jobs"]]
+    assert recorded()[2:] == (False, "no longer found on the services path")
 
 
 def test_a_service_left_out_is_in_the_trace_and_show_prints_why(

@@ -29,7 +29,7 @@ from scheduler.registry.definitions import (
 )
 from scheduler.registry.files import folder_problems
 from scheduler.registry.loader import load_registry
-from scheduler.registry.store import sync_services
+from scheduler.registry.store import record_load, sync_services
 
 __all__ = [
     "DEFINITION_FILE",
@@ -46,5 +46,6 @@ __all__ = [
     "forget_registry",
     "load_entry",
     "load_registry",
+    "record_load",
     "sync_services",
 ]

@@ -11,6 +11,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from scheduler.entries import (
@@ -73,6 +74,11 @@ def hash(draft: Draft) -> None:
     if draft.definition_file is not None and draft.definition_file.is_file():
         files[draft.definition_file.name] = draft.definition_file
     draft.service.content_hash = _digest(files)
+    service = draft.service
+    service.jobs = [
+        replace(job, service_version=service.version, service_hash=service.content_hash)
+        for job in service.jobs
+    ]
 
 
 def code_stamp(locations: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:

@@ -84,6 +84,10 @@ class JobDefinition:
     source: Path
     # The installed package an entry-point service's entries must stay in.
     package: str | None = None
+    # The service's version and content hash at load: a job row keeps them,
+    # so a result can be traced to the code that produced it.
+    service_version: str = field(default="", compare=False)
+    service_hash: str = field(default="", compare=False)
 
     def matches(self, event: str) -> bool:
         """Whether ``event`` starts this job (``*`` and ``study.*`` patterns)."""
@@ -137,6 +141,8 @@ class Registry:
     header_fields: tuple[str, ...] | None
     # What could be read of each broken service, so the store can show it.
     rejected: dict[str, ServiceDefinition] = field(default_factory=dict)
+    # The stores (database URLs) this load has been recorded in.
+    recorded_in: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def jobs(self) -> list[JobDefinition]:
         """Enabled jobs of the loaded services, by phase, sortPosition, jobName."""

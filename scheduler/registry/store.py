@@ -1,4 +1,10 @@
-"""Recording a load in the store's ``services`` table."""
+"""Recording a load in the store's ``services`` table.
+
+A planner records each load of the registry once, before it plans with it:
+the table shows which services (version, content hash, definition) the
+planners use, and which are broken or gone; every job row keeps the version
+and hash of the service it was planned with.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from scheduler.clock import utcnow
+from scheduler.config import get_settings
 from scheduler.registry.definitions import Registry, ServiceDefinition
-from scheduler.store.models import Service, utcnow
+from scheduler.store.db import transaction
+from scheduler.store.models import Service
 
 
 def sync_services(db: Session, registry: Registry) -> None:
@@ -49,3 +59,19 @@ def sync_services(db: Session, registry: Registry) -> None:
             row.enabled = False
             row.error = "no longer found on the services path"
     db.flush()
+
+
+def record_load(registry: Registry) -> None:
+    """Record ``registry`` in the store once per load."""
+    store = get_settings().database_url
+    if store in registry.recorded_in:
+        return
+    try:
+        with transaction() as db:
+            sync_services(db, registry)
+    except IntegrityError:
+        # Another planner inserted the same new service a moment ago: the
+        # second pass finds its row and updates it.
+        with transaction() as db:
+            sync_services(db, registry)
+    registry.recorded_in.add(store)

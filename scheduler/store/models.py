@@ -206,6 +206,9 @@ class Job(Base):
     created_seq: Mapped[int] = mapped_column(Integer, default=0)
     job_name: Mapped[str] = mapped_column(String(128))
     service: Mapped[str] = mapped_column(String(128))
+    # The service's version and content hash when the job was planned.
+    service_version: Mapped[str] = mapped_column(String(64), default="")
+    service_hash: Mapped[str] = mapped_column(String(64), default="")
     phase: Mapped[str] = mapped_column(String(8), default=Phase.MAIN)
     worker_entry: Mapped[str] = mapped_column(String(255))
     # Folder the entry is imported from, and an optional separate interpreter.
