@@ -29,15 +29,14 @@ from typing import Any
 from sqlalchemy import text
 
 from bench.common import (
-    bench_environment,
     create_database,
     drop_database,
     emit,
-    environment,
     log,
     machine,
     median,
 )
+from scheduler import testing
 
 CANDIDATES = 100
 INSTANCES_PER_STUDY = 20
@@ -167,8 +166,8 @@ def measure(backend: str, studies: int, runs: int, with_instances: str, folder: 
     name = f"dcm_bench_detect_{studies}"
     sqlite_url = f"sqlite:///{folder / f'{name}.db'}"
     url = create_database(name) if backend == "postgresql" else sqlite_url
-    values = bench_environment(folder / f"home-{backend}-{studies}", url, "memory://")
-    with environment(values) as settings:
+    values = testing.environment_values(folder / f"home-{backend}-{studies}", url, "memory://")
+    with testing.using_environment(values) as settings:
         init_db(url)
         started = time.perf_counter()
         with get_engine(url).begin() as connection:

@@ -33,15 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    bench_environment,
     create_database,
     drop_database,
     emit,
-    environment,
     log,
     machine,
     median,
 )
+from scheduler import testing
 
 TARGET_FILES = 1000.0
 TARGET_MEMORY = 5000.0
@@ -117,9 +116,9 @@ def measure(backend: str, args: argparse.Namespace, files: Path, count: int, tmp
 
     name = "dcm_bench_ingest"
     url = create_database(name) if backend == "postgresql" else f"sqlite:///{tmp / 'ingest.db'}"
-    values = bench_environment(tmp / f"home-{backend}", url, "memory://")
+    values = testing.environment_values(tmp / f"home-{backend}", url, "memory://")
     params = {"backend": backend, "statistic": "median", "rounds": args.rounds, **machine()}
-    with environment(values):
+    with testing.using_environment(values):
         init_db(url)
         # Files through the library (what the CLI calls).
         rates = []

@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    REDIS_URL,
     REPO,
-    bench_environment,
     celery_worker,
     create_database,
     diamond_jobs,
     drop_database,
     emit,
-    environment,
     flush_redis,
     log,
     machine,
@@ -48,10 +47,9 @@ from bench.common import (
     percentile,
     record_study,
     stop,
-    wait_for,
     worker_ready,
-    write_service,
 )
+from scheduler import testing
 
 STABLE_AGE = 1.0
 INTERVAL = 1.0
@@ -72,15 +70,15 @@ def main() -> None:
     rng = random.Random(6)
     with tempfile.TemporaryDirectory(prefix="dcm-bench-latency-") as tmp:
         home = Path(tmp)
-        values = bench_environment(home, url) | {
+        values = testing.environment_values(home, url, REDIS_URL) | {
             "DCM_STABLE_AGE": str(STABLE_AGE),
             "DCM_DETECT_INTERVAL": str(INTERVAL),
         }
         processes: list[subprocess.Popen[bytes]] = []
-        with environment(values) as settings:
+        with testing.using_environment(values) as settings:
             init_db(url)
             flush_redis()
-            write_service(settings.services_path[0], diamond_jobs()[1:2])  # one no-op job
+            testing.noop_service(settings.services_path[0], diamond_jobs()[1:2])  # one no-op job
             try:
                 processes.append(
                     celery_worker(
@@ -133,7 +131,9 @@ def main() -> None:
                         )
                     return count >= len(uids)
 
-                wait_for(all_started, 120, "every study's first job to start", interval=0.2)
+                testing.wait_until(
+                    all_started, 120, "every study's first job to start", interval=0.2
+                )
                 with transaction() as db:
                     rows = db.execute(
                         select(

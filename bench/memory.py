@@ -29,23 +29,20 @@ from pathlib import Path
 import psutil
 
 from bench.common import (
-    NOOP,
-    bench_environment,
+    REDIS_URL,
     celery_worker,
     create_database,
     drop_database,
     emit,
-    environment,
     flush_redis,
     log,
     machine,
     manual_sessions,
     record_study,
     stop,
-    wait_for,
     worker_ready,
-    write_service,
 )
+from scheduler import testing
 
 TARGET_MB = 20.0
 STUDY = "1.2.826.0.1.3680043.60.1"
@@ -74,7 +71,7 @@ def run_sessions(count: int) -> None:
             )
         return running == 0
 
-    wait_for(done, 3600, "the sessions to end", interval=0.5)
+    testing.wait_until(done, 3600, "the sessions to end", interval=0.5)
     with transaction() as db:
         failed = db.scalar(
             select(func.count())
@@ -96,16 +93,16 @@ def main() -> None:
     url = create_database(name)
     with tempfile.TemporaryDirectory(prefix="dcm-bench-memory-") as tmp:
         home = Path(tmp)
-        values = bench_environment(home, url)
-        with environment(values) as settings:
+        values = testing.environment_values(home, url, REDIS_URL)
+        with testing.using_environment(values) as settings:
             from scheduler.presence import record_presence
             from scheduler.store.db import init_db, transaction
 
             init_db(url)
             flush_redis()
-            write_service(
+            testing.noop_service(
                 settings.services_path[0],
-                [{"jobName": f"job{n}", "workerEntry": NOOP} for n in range(5)],
+                [{"jobName": f"job{n}", "workerEntry": testing.NOOP} for n in range(5)],
             )
             record_study(STUDY)
             with transaction() as db:  # planning warns about no worker otherwise

@@ -36,13 +36,11 @@ from typing import Any
 
 from bench.common import (
     REDIS_URL,
-    bench_environment,
     celery_worker,
     create_database,
     diamond_jobs,
     drop_database,
     emit,
-    environment,
     flush_redis,
     log,
     machine,
@@ -50,10 +48,9 @@ from bench.common import (
     median,
     record_study,
     stop,
-    wait_for,
     worker_ready,
-    write_service,
 )
+from scheduler import testing
 
 TARGET_RATIO = 1.5
 STUDY = "1.2.826.0.1.3680043.30.1"
@@ -98,7 +95,7 @@ def run_ours(sessions: int) -> dict[str, float]:
             )
         return open_sessions == 0
 
-    wait_for(done, 1800, "our sessions to end", interval=0.1)
+    testing.wait_until(done, 1800, "our sessions to end", interval=0.1)
     with transaction() as db:
         rows = db.execute(
             select(Job.status, Job.started_at, Job.finished_at).where(Job.session_id.in_(ids))
@@ -123,22 +120,22 @@ def run_raw(sessions: int) -> dict[str, float]:
 
     began = time.time()
     results = [canvas().apply_async() for _ in range(sessions)]
-    wait_for(lambda: all(r.ready() for r in results), 1800, "raw canvases", interval=0.1)
+    testing.wait_until(lambda: all(r.ready() for r in results), 1800, "raw canvases", interval=0.1)
     last = max(float(r.get(timeout=10)) for r in results)
     for result in results:
         result.forget()
     return {"seconds": last - began, "jobs": sessions * 6}
 
 
-def fork_cost(attempts: int) -> dict[str, float]:
+def fork_cost(attempts: int, services: Path) -> dict[str, float]:
     """Milliseconds per no-op attempt: forked child vs an in-process call."""
-    from bench.common import BENCH
     from workers_bridge import child
     from workers_bridge.process import execute
 
+    testing.noop_service(services, [])
     request = {
-        "entry": "benchjobs:noop",
-        "roots": [str(BENCH)],
+        "entry": testing.NOOP,
+        "roots": [str(services / "noop")],
         "job_name": "noop",
         "headers": {},
         "params": {},
@@ -169,13 +166,15 @@ def main() -> None:
     url = create_database(name)
     with tempfile.TemporaryDirectory(prefix="dcm-bench-overhead-") as tmp:
         home = Path(tmp)
-        values = bench_environment(home, url) | {"CELERY_RESULT_BACKEND": REDIS_URL}
-        with environment(values) as settings:
+        values = testing.environment_values(home, url, REDIS_URL) | {
+            "CELERY_RESULT_BACKEND": REDIS_URL
+        }
+        with testing.using_environment(values) as settings:
             from scheduler.store.db import init_db
 
             init_db(url)
             flush_redis()
-            write_service(settings.services_path[0], diamond_jobs())
+            testing.noop_service(settings.services_path[0], diamond_jobs())
             record_study(STUDY)
             worker = celery_worker(
                 "default",
@@ -198,7 +197,7 @@ def main() -> None:
                     )
             finally:
                 stop(worker)
-            forks = fork_cost(args.attempts)
+            forks = fork_cost(args.attempts, home / "fork-cost")
         flush_redis()
     drop_database(name)
 

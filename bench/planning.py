@@ -27,22 +27,18 @@ from typing import Any
 import redis
 
 from bench.common import (
-    ACCEPT,
-    NOOP,
     REDIS_URL,
-    bench_environment,
     create_database,
     drop_database,
     emit,
-    environment,
     flush_redis,
     log,
     machine,
     manual_sessions,
     median,
     record_study,
-    write_service,
 )
+from scheduler import testing
 
 TARGET = 200.0
 STUDY = "1.2.826.0.1.3680043.20.1"
@@ -50,7 +46,12 @@ STUDY = "1.2.826.0.1.3680043.20.1"
 
 def jobs_of(shape: str) -> list[dict[str, Any]]:
     def job(name: str, **fields: Any) -> dict[str, Any]:
-        return {"jobName": name, "workerEntry": NOOP, "registryEntry": ACCEPT, **fields}
+        return {
+            "jobName": name,
+            "workerEntry": testing.NOOP,
+            "registryEntry": testing.ACCEPT,
+            **fields,
+        }
 
     if shape == "flat":
         return [job(f"job{n}") for n in range(10)]
@@ -101,11 +102,13 @@ def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int 
     name = f"dcm_bench_planning_{shape}"
     url = create_database(name)
     home = folder / shape
-    values = bench_environment(home, url) | {"DCM_SERVICES_PATH": str(folder / "services")}
-    with environment(values):
+    values = testing.environment_values(home, url, REDIS_URL) | {
+        "DCM_SERVICES_PATH": str(folder / "services")
+    }
+    with testing.using_environment(values):
         init_db(url)
         # One services folder per process: a service module is imported once.
-        write_service(folder / "services", jobs_of(shape))
+        testing.noop_service(folder / "services", jobs_of(shape))
         record_study(STUDY)
         with transaction() as db:
             record_presence(db, "bench-planning@localhost", ["dcm.planning", "default"])

@@ -10,11 +10,8 @@ Nothing outside the demo folder is touched, and no server is needed.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
-
-from scheduler.config import Settings, get_settings, reset_settings
 
 DEMO_TIMEOUT = 600.0
 
@@ -91,60 +86,13 @@ def embedded_environment(home: Path) -> dict[str, str]:
     }
 
 
-def use_environment(values: dict[str, str]) -> Settings:
-    """Apply settings to this process: environment, store engines, Celery app."""
-    from scheduler.celery_app import configure
-    from scheduler.registry import forget_registry
-    from scheduler.store.db import dispose_engines
-
-    os.environ.update(values)
-    reset_settings()
-    dispose_engines()
-    forget_registry()
-    settings = get_settings()
-    configure(settings)
-    return settings
-
-
-@contextmanager
-def using_environment(values: dict[str, str]) -> Iterator[Settings]:
-    """:func:`use_environment` for a block; the previous values come back after."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        yield use_environment(values)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        use_environment({})
-
-
-@contextmanager
-def embedded_worker(app: Any, queues: list[str], concurrency: int = 2) -> Iterator[Any]:
-    """A Celery worker in a thread of this process (threads pool)."""
-    from celery.contrib.testing.worker import start_worker
-
-    with start_worker(
-        app,
-        pool="threads",
-        concurrency=concurrency,
-        perform_ping_check=False,
-        queues=queues,
-        loglevel="WARNING",
-        shutdown_timeout=60,
-    ) as worker:
-        yield worker
-
-
 def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) -> int:
     from scheduler import detection, messages, queries
-    from scheduler.celery_app import app
     from scheduler.ingest import ingest_paths
     from scheduler.registry import current_registry
     from scheduler.store.db import init_db, transaction
     from scheduler.store.models import SchedulingSession, Study
+    from scheduler.testing import embedded_worker, use_environment
     from scheduler.vocabulary import DEFAULT_CHANNEL, PLANNING_QUEUE, ResourceState, SessionStatus
 
     if home is not None and home.exists() and (not home.is_dir() or any(home.iterdir())):
@@ -172,7 +120,7 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
         f"skipped {len(result.rejected)} files (not DICOM or missing UIDs)"
     )
     deadline = time.monotonic() + DEMO_TIMEOUT
-    with embedded_worker(app, [PLANNING_QUEUE, DEFAULT_CHANNEL], concurrency=4):
+    with embedded_worker([PLANNING_QUEUE, DEFAULT_CHANNEL], concurrency=4):
         while time.monotonic() < deadline:
             run = detection.detect()
             messages.send_plans(run.sessions)

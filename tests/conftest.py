@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 
 from scheduler.config import Settings
 from scheduler.store.db import dispose_engines, init_db
+from scheduler.testing import environment_values, using_environment, write_service
 from tests.support import (
     RABBITMQ_VHOST,
     REDIS_URL,
@@ -26,7 +27,6 @@ from tests.support import (
     create_vhost,
     delete_vhost,
     drop_database,
-    environment,
     postgres_available,
     purge_queues,
     rabbitmq_available,
@@ -115,27 +115,10 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-def base_environment(tmp_path: Path, database_url: str, broker_url: str = "") -> dict[str, str]:
-    return {
-        "DCM_HOME": str(tmp_path / "home"),
-        "DCM_DATABASE_URL": database_url,
-        "CELERY_BROKER_URL": broker_url,
-        "DCM_SERVICES_PATH": str(tmp_path / "services"),
-        "DCM_OUTPUT_DIR": str(tmp_path / "outputs"),
-        "DCM_STABLE_AGE": "60",
-        "DCM_DETECT_LEVELS": "study",
-        "DCM_DEFAULT_EVENTS": "study.stable",
-        "DCM_HEADER_FIELDS": "",
-        "DCM_SETTINGS": "",
-        "DCM_CALLBACK_TIMEOUT": "5",
-        "DCM_HEARTBEAT_INTERVAL": "10",
-    }
-
-
 @pytest.fixture
 def env(tmp_path: Path, store_url: str) -> Iterator[Settings]:
     """This process pointed at a fresh store (each backend) and a filesystem broker."""
-    with environment(base_environment(tmp_path, store_url)) as settings:
+    with using_environment(environment_values(tmp_path, store_url)) as settings:
         yield settings
 
 
@@ -163,16 +146,7 @@ class Define:
         self.root = root
 
     def __call__(self, jobs: list[dict], name: str = "testjobs") -> Path:
-        import json
-
-        from scheduler.registry import forget_registry
-
-        folder = self.root / name
-        folder.mkdir(exist_ok=True)
-        path = folder / "dcm-processor.json"
-        path.write_text(json.dumps({"name": name, "version": "1", "jobs": jobs}, indent=2))
-        forget_registry()
-        return path
+        return write_service(self.root, jobs, name)
 
 
 @pytest.fixture
@@ -190,7 +164,7 @@ def live(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) -> It
     """PostgreSQL + Redis + a real Celery worker (threads pool) in this process."""
     from tests.support import worker_in_process
 
-    values = base_environment(tmp_path, pg_url, redis_url) | {
+    values = environment_values(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_HEARTBEAT_INTERVAL": "1",

@@ -12,22 +12,14 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import psutil
 import redis
 
-from .engine import wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from scheduler.testing import celery_command, free_port, wait_until
 
 
 class RedisServer:
@@ -142,18 +134,7 @@ class CeleryProcess:
 
     def start(self) -> CeleryProcess:
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "scheduler",
-                *self.args,
-                "--loglevel",
-                "INFO",
-                "--logfile",
-                str(self.log),
-            ],
+            celery_command(*self.args, "--loglevel", "INFO", "--logfile", str(self.log)),
             env=self.env,
             start_new_session=True,
             stdout=subprocess.DEVNULL,

@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import psycopg
 import redis
 from kombu import Connection
 
+from scheduler import testing
 from scheduler.config import Settings
 
 PG_ADMIN_URL = os.environ.get("DCM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -107,30 +108,11 @@ def purge_queues(url: str, names: list[str]) -> None:
 
 
 def create_database(name: str) -> str:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    return f"{base}/{name}"
+    return testing.create_database(PG_ADMIN_URL, name)
 
 
 def drop_database(name: str) -> None:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def apply_environment(values: dict[str, str]) -> Settings:
-    """Set DCM_* variables and make every cached piece follow them."""
-    from scheduler.demo import use_environment
-
-    return use_environment(values)
-
-
-def environment(values: dict[str, str]) -> AbstractContextManager[Settings]:
-    """The environment ``values`` for a block (see scheduler.demo.using_environment)."""
-    from scheduler.demo import using_environment
-
-    return using_environment(values)
+    testing.drop_database(PG_ADMIN_URL, name)
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -145,20 +127,8 @@ def write_json(path: Path, data: Any) -> Path:
 def worker_in_process(values: dict[str, str], concurrency: int = 4) -> Iterator[Settings]:
     """The environment ``values`` plus a real Celery worker (threads pool) in
     this process, consuming the planning queue and the default channel."""
-    from celery.contrib.testing.worker import start_worker
-
-    from scheduler.celery_app import app
-
     with (
-        environment(values) as settings,
-        start_worker(
-            app,
-            pool="threads",
-            concurrency=concurrency,
-            perform_ping_check=False,
-            queues=["dcm.planning", "default"],
-            loglevel="WARNING",
-            shutdown_timeout=60,
-        ),
+        testing.using_environment(values) as settings,
+        testing.embedded_worker(concurrency=concurrency),
     ):
         yield settings

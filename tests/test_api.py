@@ -22,10 +22,9 @@ from scheduler.presence import record_presence
 from scheduler.redact import mask
 from scheduler.store.db import transaction
 from scheduler.store.models import Instance, Job, SchedulingSession, utcnow
+from scheduler.testing import record_study, use_environment, using_environment
 
 from .conftest import Define
-from .engine import record_study
-from .support import apply_environment, environment
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,7 +65,7 @@ def client(
     """The API on loopback over a fresh store, with the token configured."""
     monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
     monkeypatch.setenv("DCM_API_TOKEN", TOKEN)
-    apply_environment({})
+    use_environment({})
     define(DAG)
     return TestClient(create_app())
 
@@ -230,7 +229,7 @@ def test_health_reports_store_broker_and_services(client: TestClient, define: De
     assert doc["broker"]["scheme"] == "filesystem"
     assert doc["services"] == 1 and doc["problems"] == 0
 
-    with environment({"CELERY_BROKER_URL": "redis://:hunter2@broker.example:6379/0"}):
+    with using_environment({"CELERY_BROKER_URL": "redis://:hunter2@broker.example:6379/0"}):
         response = client.get("/api/health")
     assert response.json()["broker"] == {
         "scheme": "redis",
@@ -241,7 +240,7 @@ def test_health_reports_store_broker_and_services(client: TestClient, define: De
 
 def test_health_is_503_when_the_store_is_unreachable(client: TestClient) -> None:
     url = "postgresql+psycopg://scheduler:hunter2@127.0.0.1:9/store?connect_timeout=2"
-    with environment({"DCM_DATABASE_URL": url}):
+    with using_environment({"DCM_DATABASE_URL": url}):
         response = client.get("/api/health")
         listing = client.get("/api/sessions")
     assert response.status_code == 503
@@ -294,7 +293,7 @@ def test_without_a_configured_token_writes_are_refused(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("DCM_API_TOKEN")
-    apply_environment({})
+    use_environment({})
     for path in ("/api/trigger", "/api/sessions/x/cancel", "/stable-patient"):
         response = client.post(path, json={}, headers=AUTH)
         assert response.status_code == 403, path

@@ -8,19 +8,17 @@ from pathlib import Path
 from scheduler.beat import BEAT_LEASE
 from scheduler.store.db import transaction
 from scheduler.store.models import Lease, utcnow
+from scheduler.testing import environment_values, using_environment, wait_until
 
-from .conftest import base_environment
-from .engine import wait_until
 from .processes import CeleryProcess
-from .support import environment
 
 
 def test_beat_starts_without_its_home_folder_and_renews_its_lease(
     tmp_path: Path, pg_url: str, redis_url: str
 ) -> None:
     home = tmp_path / "not" / "created" / "yet"
-    values = base_environment(tmp_path, pg_url, redis_url) | {"DCM_HOME": str(home)}
-    with environment(values) as settings:
+    values = environment_values(tmp_path, pg_url, redis_url) | {"DCM_HOME": str(home)}
+    with using_environment(values) as settings:
         beat = CeleryProcess("beat", log=tmp_path / "beat.log").start()
         try:
 

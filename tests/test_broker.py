@@ -68,7 +68,7 @@ def queued(folder: Path) -> list[Path]:
 
 
 def test_concurrent_producers_and_consumers_lose_and_double_nothing(tmp_path: Path) -> None:
-    from tests.engine import wait_until
+    from scheduler.testing import wait_until
 
     options = transport_options(tmp_path / "broker")
     for folder in ("data_folder_in", "control_folder"):  # the stock transport needs them
@@ -192,13 +192,18 @@ def test_a_worker_on_the_embedded_broker_runs_jobs_after_garbage(
 ) -> None:
     from scheduler.store.db import init_db
     from scheduler.store.models import utcnow
-    from tests.conftest import base_environment
-    from tests.engine import detect_and_send, record_study, wait_session, wait_until
+    from scheduler.testing import (
+        detect_and_send,
+        environment_values,
+        record_study,
+        wait_session,
+        wait_until,
+    )
     from tests.support import worker_in_process
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     init_db(url)
-    values = base_environment(tmp_path, url, broker_url="") | {
+    values = environment_values(tmp_path, url, broker_url="") | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_HEARTBEAT_INTERVAL": "1",

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 from scheduler.cli import app as cli
 from scheduler.config import Settings
+from scheduler.testing import detect_and_send, record_study, wait_session, wait_until
 
 from .conftest import Define
-from .engine import detect_and_send, record_study, wait_session, wait_until
 from .test_planning import job, make_plan
 
 
@@ -70,10 +70,10 @@ def test_a_spinning_callback_is_stopped_at_its_time_limit(
 def test_a_spinning_callback_under_a_real_worker_leaves_no_process_behind(
     live: Settings, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     monkeypatch.setenv("DCM_CALLBACK_TIMEOUT", "1")
-    apply_environment({})
+    use_environment({})
     pidfile = tmp_path / "callback.pid"
     define(
         [

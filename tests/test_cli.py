@@ -14,9 +14,9 @@ from scheduler.cli import app as cli
 from scheduler.config import Settings
 from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, utcnow
+from scheduler.testing import record_study
 
 from .conftest import Define
-from .engine import record_study
 
 SESSION_KEYS = {"id", "event", "level", "uid", "revision", "status", "created_at", "finished_at"}
 JOB_KEYS = {
@@ -53,9 +53,9 @@ def planned(
 ) -> str:
     """A study planned inline (no broker needed) with a small DAG."""
     monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
-    apply_environment({})
+    use_environment({})
     define(
         [
             {"jobName": "a", "workerEntry": "dcm_testjobs:work"},
@@ -145,10 +145,9 @@ def test_plan_twice_is_a_no_op_the_second_time(
 ) -> None:
     monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
     from scheduler.celery_app import app
+    from scheduler.testing import use_environment
 
-    from .support import apply_environment
-
-    apply_environment({})
+    use_environment({})
     define([{"jobName": "x", "workerEntry": "dcm_testjobs:work"}])
     record_study("8.2")
     app.conf.task_always_eager = True
@@ -176,9 +175,11 @@ def test_services_validate_exits_1_and_names_the_problem(env: Settings, tmp_path
 
 
 def test_services_list_shows_jobs(env: Settings) -> None:
-    from .support import EXAMPLES, apply_environment
+    from scheduler.testing import use_environment
 
-    apply_environment({"DCM_SERVICES_PATH": str(EXAMPLES)})
+    from .support import EXAMPLES
+
+    use_environment({"DCM_SERVICES_PATH": str(EXAMPLES)})
     doc = run_json("services", "list")
     jobs = {j["job_name"]: j for s in doc["services"] for j in s["jobs"]}
     assert jobs["study-report"]["depends_on"] == ["thumbnails"]
@@ -192,22 +193,22 @@ def test_services_list_shows_jobs(env: Settings) -> None:
 @pytest.fixture
 def with_services(env: Settings, services_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The test store, with the test services on DCM_SERVICES_PATH."""
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
-    apply_environment({})
+    use_environment({})
     return services_root
 
 
 @pytest.fixture
 def nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty working folder and the default settings: no store anywhere."""
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     folder = tmp_path / "empty"
     folder.mkdir()
     monkeypatch.chdir(folder)
-    apply_environment({"DCM_HOME": "", "DCM_DATABASE_URL": "", "CELERY_BROKER_URL": ""})
+    use_environment({"DCM_HOME": "", "DCM_DATABASE_URL": "", "CELERY_BROKER_URL": ""})
     return folder
 
 
@@ -509,10 +510,10 @@ def test_a_dotenv_that_is_a_pipe_is_refused_without_waiting(nowhere: Path) -> No
 def test_services_list_reports_a_missing_services_folder_like_validate(
     env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     monkeypatch.setenv("DCM_SERVICES_PATH", str(tmp_path / "nowhere"))
-    apply_environment({})
+    use_environment({})
     for command in (["services", "list"], ["services", "validate"]):
         result = run(*command, code=1)
         assert f"{tmp_path / 'nowhere'}: no such folder (on DCM_SERVICES_PATH)" in result.output

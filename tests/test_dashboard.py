@@ -9,7 +9,6 @@ the test skips without it; under CI it fails.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,9 +20,9 @@ import uvicorn
 from scheduler.api import create_app
 from scheduler.config import Settings, reset_settings
 from scheduler.sessions import trigger
+from scheduler.testing import free_port, record_study
 
 from .conftest import Define, require
-from .engine import record_study
 
 CHROMIUM = Path(os.environ.get("DCM_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -38,13 +37,6 @@ CHROMIUM_ARGS = [
 ]
 TOKEN = "dashboard-token"
 WAIT_MS = 60_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ from scheduler import detection
 from scheduler.config import Settings, get_settings
 from scheduler.store.db import transaction
 from scheduler.store.models import SchedulingSession, Study, utcnow
+from scheduler.testing import record_study
 
 from .conftest import Define
-from .engine import record_study, sessions_of
+from .engine import sessions_of
 
 
 def test_a_study_is_stable_only_after_stable_age(env: Settings) -> None:
@@ -61,11 +62,10 @@ def test_concurrent_claims_without_the_lock_still_make_one_session_per_study(
 def test_two_detect_processes_at_once_create_one_session_per_study(
     pg_url: str, tmp_path: Path
 ) -> None:
-    from .conftest import base_environment
-    from .support import environment
+    from scheduler.testing import environment_values, using_environment
 
-    values = base_environment(tmp_path, pg_url) | {"DCM_STABLE_AGE": "0"}
-    with environment(values):
+    values = environment_values(tmp_path, pg_url) | {"DCM_STABLE_AGE": "0"}
+    with using_environment(values):
         t0 = utcnow() - timedelta(seconds=5)
         for n in range(40):
             record_study(f"3.{n}", now=t0)
@@ -126,11 +126,10 @@ def test_on_new_data_ignore_job_is_absent_in_revision_two(
 ) -> None:
     from scheduler import sessions
     from scheduler.celery_app import app
-
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
-    apply_environment({})
+    use_environment({})
     define(
         [
             {"jobName": "first-only", "workerEntry": "dcm_testjobs:work", "onNewData": "ignore"},

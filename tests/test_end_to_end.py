@@ -12,15 +12,15 @@ from typer.testing import CliRunner
 
 from scheduler.celery_app import app
 from scheduler.cli import app as cli
+from scheduler.testing import detect_and_send, environment_values, using_environment, wait_session
 
-from .conftest import base_environment
-from .engine import detect_and_send, jobs_by_name, wait_session
-from .support import EXAMPLES, environment, worker_in_process
+from .engine import jobs_by_name
+from .support import EXAMPLES, worker_in_process
 
 
 @pytest.fixture
 def examples_live(tmp_path: Path, pg_url: str, redis_url: str):  # type: ignore[no-untyped-def]
-    values = base_environment(tmp_path, pg_url, redis_url) | {
+    values = environment_values(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(EXAMPLES),
         "DCM_STABLE_AGE": "0",
     }
@@ -65,11 +65,11 @@ def test_dicom_files_to_finished_jobs_with_outputs_on_disk(examples_live, tmp_pa
 def test_eager_mode_runs_detection_planning_and_jobs_inline(tmp_path: Path) -> None:
     from scheduler import tasks
 
-    values = base_environment(tmp_path, f"sqlite:///{tmp_path / 'store.db'}") | {
+    values = environment_values(tmp_path, f"sqlite:///{tmp_path / 'store.db'}") | {
         "DCM_SERVICES_PATH": str(EXAMPLES),
         "DCM_STABLE_AGE": "0",
     }
-    with environment(values):
+    with using_environment(values):
         app.conf.task_always_eager = True
         try:
             from scheduler.store.db import init_db

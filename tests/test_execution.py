@@ -12,10 +12,11 @@ from sqlalchemy import select
 from scheduler.config import Settings
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, utcnow
+from scheduler.testing import detect_and_send, record_study, wait_session, wait_until
 from workers_bridge.tasks import run_job
 
 from .conftest import Define
-from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
+from .engine import jobs_by_name
 
 ENTRY = "dcm_testjobs:work"
 

@@ -17,11 +17,18 @@ from sqlalchemy import select
 from scheduler import resender, sessions
 from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Worker, utcnow
+from scheduler.testing import (
+    detect_and_send,
+    environment_values,
+    record_study,
+    using_environment,
+    wait_session,
+    wait_until,
+)
 
-from .conftest import Define, base_environment, require
-from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
+from .conftest import Define, require
+from .engine import jobs_by_name
 from .processes import CeleryProcess, PostgresCluster, RedisServer, postgres_bin
-from .support import environment
 
 WORK = "dcm_testjobs:work"
 
@@ -86,13 +93,13 @@ def cluster_on(
 ) -> Iterator[Cluster]:
     """Worker processes on PostgreSQL and ``broker``; stopped (or, when
     nothing is left to wait for, killed) at the end."""
-    values = base_environment(tmp_path, pg_url, broker) | {
+    values = environment_values(tmp_path, pg_url, broker) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_HEARTBEAT_INTERVAL": "1",
         "DCM_DETECT_INTERVAL": "0.5",
     }
-    with environment(values):
+    with using_environment(values):
         group = Cluster(tmp_path)
         try:
             yield group
@@ -231,13 +238,13 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(
             }
         ]
     )
-    values = base_environment(tmp_path, pg_url, redis_url) | {
+    values = environment_values(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_VISIBILITY_TIMEOUT": "2",
         "DCM_HEARTBEAT_INTERVAL": "1",
     }
-    with environment(values):
+    with using_environment(values):
         group = Cluster(tmp_path)
         try:
             workers = [group.worker("w1"), group.worker("w2")]
@@ -269,11 +276,11 @@ def test_jobs_planned_while_redis_is_down_run_when_it_is_back(
     )
     broker = RedisServer()
     broker.start()
-    values = base_environment(tmp_path, pg_url, broker.url) | {
+    values = environment_values(tmp_path, pg_url, broker.url) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
     }
-    with environment(values) as settings:
+    with using_environment(values) as settings:
         group = Cluster(tmp_path)
         try:
             group.worker("w1")
@@ -320,13 +327,13 @@ def test_a_postgresql_restart_while_a_job_runs_loses_nothing(
     database = PostgresCluster()
     database.init()
     database.start()
-    values = base_environment(tmp_path, database.url, redis_url) | {
+    values = environment_values(tmp_path, database.url, redis_url) | {
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_STABLE_AGE": "0",
         "DCM_HEARTBEAT_INTERVAL": "1",
     }
     try:
-        with environment(values):
+        with using_environment(values):
             init_db()
             group = Cluster(tmp_path)
             try:

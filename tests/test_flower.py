@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,17 +14,11 @@ import pytest
 
 from scheduler.config import Settings
 from scheduler.store.models import utcnow
+from scheduler.testing import detect_and_send, free_port, record_study, wait_session, wait_until
 
 from .conftest import Define
-from .engine import detect_and_send, record_study, wait_session, wait_until
 
 AUTH = ("operator", "s3cret")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import pytest
 from scheduler.config import Settings
 from scheduler.registry import load_registry
 from scheduler.store.models import utcnow
+from scheduler.testing import detect_and_send, record_study, wait_session
 
 from .conftest import Define
-from .engine import detect_and_send, jobs_by_name, record_study, wait_session
+from .engine import jobs_by_name
 
 ENTRY = "dcm_testjobs:in_venv"
 

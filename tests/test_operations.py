@@ -15,16 +15,10 @@ from scheduler.cli import app as cli
 from scheduler.config import Settings
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, utcnow
+from scheduler.testing import detect_and_send, record_study, wait_session, wait_until
 
 from .conftest import Define
-from .engine import (
-    detect_and_send,
-    jobs_by_name,
-    record_study,
-    sessions_of,
-    wait_session,
-    wait_until,
-)
+from .engine import jobs_by_name, sessions_of
 
 WORK = "dcm_testjobs:work"
 

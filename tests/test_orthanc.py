@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,18 +18,19 @@ from scheduler.config import Settings
 from scheduler.orthanc import follow_changes
 from scheduler.store.db import transaction
 from scheduler.store.models import Instance, utcnow
+from scheduler.testing import (
+    detect_and_send,
+    environment_values,
+    free_port,
+    wait_session,
+    wait_until,
+)
 
-from .conftest import base_environment, require
-from .engine import detect_and_send, jobs_by_name, wait_session, wait_until
+from .conftest import require
+from .engine import jobs_by_name
 from .support import EXAMPLES, worker_in_process
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class OrthancServer:
@@ -111,10 +111,10 @@ def instances_recorded() -> int:
 def test_sent_files_are_recorded_and_a_restart_resumes_without_duplicates_or_gaps(
     orthanc: OrthancServer, env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     monkeypatch.setenv("DCM_ORTHANC_URL", orthanc.url)
-    settings = apply_environment({})
+    settings = use_environment({})
     orthanc.send(str(get_testdata_file("CT_small.dcm")))
     first = follow_changes(settings)
     assert (first.recorded, first.error) == (1, None)
@@ -125,7 +125,7 @@ def test_sent_files_are_recorded_and_a_restart_resumes_without_duplicates_or_gap
 
     orthanc.send(str(get_testdata_file("MR_small.dcm")))
     # "Restart": a fresh process state reads the saved Seq from the store.
-    again = follow_changes(apply_environment({}))
+    again = follow_changes(use_environment({}))
     assert (again.recorded, again.known) == (1, 0)
     assert again.seq > first.seq
     assert follow_changes(settings).recorded == 0
@@ -135,10 +135,10 @@ def test_sent_files_are_recorded_and_a_restart_resumes_without_duplicates_or_gap
 def test_orthanc_down_is_reported_and_nothing_is_lost(
     env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     monkeypatch.setenv("DCM_ORTHANC_URL", f"http://user:secret@127.0.0.1:{free_port()}")
-    report = follow_changes(apply_environment({}))
+    report = follow_changes(use_environment({}))
     assert report.error is not None and "unavailable" in report.error
     assert "secret" not in report.error
     assert report.seq == 0 and instances_recorded() == 0
@@ -147,7 +147,7 @@ def test_orthanc_down_is_reported_and_nothing_is_lost(
 def test_files_sent_to_orthanc_are_planned_and_their_jobs_run(
     orthanc: OrthancServer, tmp_path: Path, pg_url: str, redis_url: str
 ) -> None:
-    values = base_environment(tmp_path, pg_url, redis_url) | {
+    values = environment_values(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(EXAMPLES),
         "DCM_STABLE_AGE": "0",
         "DCM_ORTHANC_URL": orthanc.url,
@@ -171,7 +171,7 @@ def test_files_sent_to_orthanc_are_planned_and_their_jobs_run(
 def test_an_instance_deleted_before_it_is_read_is_skipped_not_a_stall(
     env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from .support import apply_environment
+    from scheduler.testing import use_environment
 
     def orthanc_api(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/changes":
@@ -201,7 +201,7 @@ def test_an_instance_deleted_before_it_is_read_is_skipped_not_a_stall(
         )
 
     monkeypatch.setenv("DCM_ORTHANC_URL", "http://orthanc.test")
-    settings = apply_environment({})
+    settings = use_environment({})
     with httpx.Client(transport=httpx.MockTransport(orthanc_api)) as client:
         report = follow_changes(settings, client=client)
     assert (report.recorded, report.seq, report.error) == (1, 2, None)

@@ -22,10 +22,11 @@ from scheduler.config import load_settings
 from scheduler.control import cancel_session
 from scheduler.sessions import trigger
 from scheduler.store.models import utcnow
+from scheduler.testing import detect_and_send, record_study, wait_session, wait_until
 
 from . import test_faults
 from .conftest import Define
-from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
+from .engine import jobs_by_name
 from .support import RABBITMQ_VHOST, rabbitmq_queues
 from .test_faults import Cluster, calls, cluster_on
 

@@ -12,11 +12,12 @@ from scheduler import resender, sessions
 from scheduler.config import Settings
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, utcnow
+from scheduler.testing import environment_values, record_study, using_environment, wait_session
 from workers_bridge import runner
 
-from .conftest import Define, base_environment
-from .engine import jobs_by_name, record_study, wait_session
-from .support import environment, worker_in_process
+from .conftest import Define
+from .engine import jobs_by_name
+from .support import worker_in_process
 
 WORK = "dcm_testjobs:work"
 
@@ -39,10 +40,10 @@ def test_jobs_planned_while_the_broker_is_down_are_sent_when_it_is_back(
             {"jobName": "b", "workerEntry": WORK, "dependsOn": "a"},
         ]
     )
-    values = base_environment(tmp_path, pg_url, "redis://127.0.0.1:1/0") | {
+    values = environment_values(tmp_path, pg_url, "redis://127.0.0.1:1/0") | {
         "DCM_SERVICES_PATH": str(services_root)
     }
-    with environment(values):
+    with using_environment(values):
         record_study("20.1")
         session_id = sessions.open_session("study", "20.1", "study.stable", manual=False)
         assert session_id is not None

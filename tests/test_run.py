@@ -21,11 +21,11 @@ from sqlalchemy import select
 
 from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Worker
+from scheduler.testing import record_study, using_environment, wait_until
 
 from .conftest import Define
-from .engine import record_study, sessions_of, wait_until
+from .engine import sessions_of
 from .processes import CeleryProcess
-from .support import environment
 
 WORK = "dcm_testjobs:work"
 
@@ -94,7 +94,7 @@ def embedded(tmp_path: Path, services_root: Path, define: Define) -> Iterator[di
         "DCM_SETTINGS": "",
         "DCM_HEADER_FIELDS": "",
     }
-    with environment(values):
+    with using_environment(values):
         init_db()
         yield dict(os.environ)
 

@@ -18,11 +18,17 @@ from scheduler.cli import app as cli
 from scheduler.config import Settings
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession, utcnow
+from scheduler.testing import (
+    detect_and_send,
+    record_study,
+    use_environment,
+    wait_session,
+    wait_until,
+)
 from workers_bridge.tasks import run_job
 
 from .conftest import Define
-from .engine import detect_and_send, jobs_by_name, record_study, wait_session, wait_until
-from .support import apply_environment
+from .engine import jobs_by_name
 
 WORK = "dcm_testjobs:work"
 
@@ -66,7 +72,7 @@ def test_header_fields_limit_what_callbacks_workers_and_rows_see(
     live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DCM_HEADER_FIELDS", "Modality")
-    apply_environment({})
+    use_environment({})
     define(
         [
             {
@@ -119,7 +125,7 @@ def test_credentials_never_appear_in_cli_output(
     monkeypatch.setenv("DCM_DATABASE_URL", "postgresql+psycopg://scheduler:hunter2@127.0.0.1:1/x")
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
     monkeypatch.setenv("DCM_ORTHANC_URL", "http://orthanc:hunter2@127.0.0.1:1")
-    apply_environment({})
+    use_environment({})
     result = CliRunner().invoke(cli, ["doctor"])
     assert result.exit_code == 1
     assert "hunter2" not in result.output

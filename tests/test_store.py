@@ -123,8 +123,7 @@ def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:
 
     from scheduler.leases import renewing, take
     from scheduler.store.models import Lease, utcnow
-
-    from .engine import wait_until
+    from scheduler.testing import wait_until
 
     with transaction() as db:
         assert take(db, "plan:slow", 60, "a")
