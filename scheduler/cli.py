@@ -20,7 +20,6 @@ from rich.table import Table
 from rich.text import Text
 
 from scheduler.config import ConfigError, get_settings
-from scheduler.entry import print_json
 from scheduler.redact import hide_secrets, mask
 from scheduler.vocabulary import JobStatus, Level, SessionStatus
 
@@ -64,6 +63,12 @@ STATUS_MARK = {
     "queued": "…",
     "cancelled": "■",
 }
+
+
+def print_json(data: Any) -> None:
+    from scheduler.queries import json_text
+
+    sys.stdout.write(json_text(data))
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

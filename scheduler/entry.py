@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from typing import Any
 
@@ -22,7 +21,9 @@ from scheduler.vocabulary import JobStatus, SessionStatus
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    from scheduler.queries import json_text
+
+    sys.stdout.write(json_text(data))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ is.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -39,6 +40,11 @@ JOB_COLUMNS = (
     "priority, status, attempts, max_attempts, params, result, error, attempt_log, worker, "
     "created_at, dispatched_at, started_at, finished_at"
 )
+
+
+def json_text(document: Any) -> str:
+    """A listing or document as ``--json`` prints it."""
+    return json.dumps(document, indent=2, default=str) + "\n"
 
 
 def session_json(row: Mapping[str, Any]) -> dict[str, Any]:
