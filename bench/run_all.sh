@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/dev/null}"
-for script in detection planning overhead latency ingest memory; do
+for script in detection planning overhead latency ingest memory cli_startup; do
     echo "== bench.$script" >&2
     python -m "bench.$script" | tee -a "$out"
 done
