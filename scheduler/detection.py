@@ -1,4 +1,4 @@
-"""Detection of stable candidates (README, "How it works").
+"""Detection of stable candidates (docs/architecture.md, "How it works").
 
 A series, study or patient is a candidate when it is ``receiving`` and its
 last instance is older than ``stable_age``. Each candidate is claimed with

@@ -12,8 +12,8 @@ All transitions of a session's jobs happen with the session row locked
 ``BEGIN``), so concurrent endings in one session are serialised while
 sessions stay independent. That makes ``pending_deps`` an exact chord
 counter: the job whose ending brings a dependent to zero is the one that
-sends it, after the ending is committed (README, "How it works" in
-``docs/architecture.md``). When a session's last job ends, the session gets
+sends it, after the ending is committed (docs/architecture.md, "Where each
+guarantee is kept"). When a session's last job ends, the session gets
 ``succeeded``, ``failed`` (nothing succeeded) or ``partial``.
 """
 

@@ -1,4 +1,4 @@
-"""Detection (README, "How it works"): stability, atomic claims, revisions, onNewData."""
+"""Detection (docs/architecture.md, "How it works"): stability, atomic claims, revisions, onNewData."""
 
 from __future__ import annotations
 

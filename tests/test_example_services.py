@@ -150,7 +150,7 @@ def session_dir(tmp_path: Path) -> Path:
 
 
 def job_kwargs(session_dir: Path, job_name: str, **extra: Any) -> dict[str, Any]:
-    """The kwargs the workers bridge passes (docs/architecture.md), output_dir already created."""
+    """The kwargs the workers bridge passes (README, "The worker"), output_dir already created."""
     output_dir = session_dir / job_name
     output_dir.mkdir(parents=True, exist_ok=True)
     return {

@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy models of the store (the db-provider; docs/architecture.md).
+"""Typed SQLAlchemy models of the store (docs/architecture.md).
 
 What was received (patients, studies, series, instances), what is loaded
 (services, workers) and what was decided and run (sessions, jobs and their
