@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -263,25 +265,28 @@ def test_what_a_timed_out_callback_started_is_killed_with_it(
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to be killed")
 
 
-def test_a_killed_planner_takes_down_what_its_callbacks_started(
-    define: Define, services_root: Path, tmp_path: Path
-) -> None:
-    import signal
-    import subprocess
-    import sys
-
-    path = tmp_path / "sleepers"
-    params = {"sleepers": str(path)}
-    define([job("greedy", registryEntry="dcm_testjobs:spawn_and_hang", params=params)])
+def start_planner(services_root: Path) -> subprocess.Popen[bytes]:
+    """A process planning one session with the services in ``services_root``."""
     script = (
         "import sys\n"
         "from pathlib import Path\n"
         "from tests.test_planning import make_plan\n"
         "make_plan(Path(sys.argv[1]), timeout=600)\n"
     )
-    planner = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", script, str(services_root)], cwd=Path(__file__).parents[1]
     )
+
+
+def test_a_killed_planner_takes_down_what_its_callbacks_started(
+    define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    import signal
+
+    path = tmp_path / "sleepers"
+    params = {"sleepers": str(path)}
+    define([job("greedy", registryEntry="dcm_testjobs:spawn_and_hang", params=params)])
+    planner = start_planner(services_root)
     try:
         pids = sleepers(path)
         host = [p for p in psutil.Process(planner.pid).children() if p.pid not in pids]
@@ -310,21 +315,11 @@ def test_a_killed_planner_takes_down_a_callback_that_ignores_signals(
     define: Define, services_root: Path, tmp_path: Path
 ) -> None:
     import signal
-    import subprocess
-    import sys
 
     daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
     params = {"daemon": str(daemon), "pidfile": str(pidfile)}
     define([job("stubborn", registryEntry="dcm_testjobs:stubborn", params=params)])
-    script = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from tests.test_planning import make_plan\n"
-        "make_plan(Path(sys.argv[1]), timeout=600)\n"
-    )
-    planner = subprocess.Popen(
-        [sys.executable, "-c", script, str(services_root)], cwd=Path(__file__).parents[1]
-    )
+    planner = start_planner(services_root)
     try:
         wait_until(pidfile.exists, timeout=60, what="the callback to start")
         host = int(pidfile.read_text())
