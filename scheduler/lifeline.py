@@ -109,15 +109,19 @@ def take_down(_signum: int = 0, _frame: Any = None) -> None:
     kill_tree(os.getpid())
 
 
-def guard(parent: int, signum: int = signal.SIGUSR2) -> None:
+def guard(parent: int, signum: int = signal.SIGUSR2, watchdog: bool = True) -> None:
     """Take down this process's tree when ``parent`` dies, whatever the code
     running here does: the parent-death signal ``signum`` is handled by
     :func:`take_down`, and a watchdog thread checks the parent every
     :data:`WATCH_EVERY` seconds, for code that ignores or replaces the
-    handler. Descendants are kept in the tree (:func:`keep_descendants`)."""
+    handler (``watchdog=False`` where the parent is guarded itself and kills
+    its whole tree when it goes). Descendants are kept in the tree
+    (:func:`keep_descendants`)."""
     keep_descendants()
     signal.signal(signum, take_down)
     die_with_parent(signum, parent)
+    if not watchdog:
+        return
 
     def watch() -> None:
         while os.getppid() == parent:

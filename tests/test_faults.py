@@ -139,9 +139,11 @@ def test_a_killed_pool_process_re_runs_its_job_once(
     session_id = start("60.1")
     wait_until(pidfile.exists, timeout=60, what="the first attempt to start")
     attempt = psutil.Process(int(pidfile.read_text()))
-    pool_process = psutil.Process(attempt.ppid())
+    fork_server = psutil.Process(attempt.ppid())
+    pool_process = fork_server.parent()
     pool_process.kill()  # SIGKILL the process running the job
     attempt.wait(timeout=30)  # the attempt dies with it (PDEATHSIG)
+    fork_server.wait(timeout=30)
 
     doc = wait_session(session_id, timeout=90)
     victim = jobs_by_name(doc)["victim"]
@@ -149,6 +151,37 @@ def test_a_killed_pool_process_re_runs_its_job_once(
     assert victim["attempt_log"][0]["status"] == "lost"
     assert "died during the attempt" in victim["attempt_log"][0]["error"]
     assert calls(calls_file, "victim") == 2  # one killed attempt, one that finished
+
+
+def test_a_killed_fork_server_re_runs_its_job_and_the_worker_goes_on(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    pidfile, calls_file = tmp_path / "pid", tmp_path / "calls"
+    define(
+        [
+            {
+                "jobName": "victim",
+                "workerEntry": WORK,
+                "params": {"pidfile": str(pidfile), "calls": str(calls_file), "hang_first": True},
+            }
+        ]
+    )
+    cluster.worker("w1")
+    session_id = start("60.9")
+    wait_until(pidfile.exists, timeout=60, what="the first attempt to start")
+    attempt = psutil.Process(int(pidfile.read_text()))
+    fork_server = psutil.Process(attempt.ppid())
+    pool_process = fork_server.parent()
+    fork_server.kill()
+    attempt.wait(timeout=30)  # the attempt's tree goes with its fork server
+
+    doc = wait_session(session_id, timeout=90)
+    victim = jobs_by_name(doc)["victim"]
+    assert (doc["status"], victim["status"], victim["attempts"]) == ("succeeded", "succeeded", 2)
+    assert victim["attempt_log"][0]["status"] == "lost"
+    assert "SIGKILL" in victim["attempt_log"][0]["error"]
+    assert calls(calls_file, "victim") == 2
+    assert pool_process.is_running()  # the pool process started a new fork server
 
 
 def test_a_killed_pool_process_takes_down_what_its_attempt_started(
@@ -170,7 +203,8 @@ def test_a_killed_pool_process_takes_down_what_its_attempt_started(
     start("60.7")
     pids = sleepers(path)
     attempt = psutil.Process(psutil.Process(pids[0]).ppid())
-    psutil.Process(attempt.ppid()).kill()  # the pool process running the attempt
+    pool_process = psutil.Process(attempt.ppid()).parent()  # above the fork server
+    pool_process.kill()
     for pid in [*pids, attempt.pid]:  # the attempt, its group and its own session
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
 
@@ -187,7 +221,25 @@ def test_a_killed_pool_process_takes_down_an_attempt_that_ignores_signals(
     start("60.8")
     wait_until(pidfile.exists, timeout=60, what="the attempt to start")
     attempt = psutil.Process(int(pidfile.read_text()))
-    psutil.Process(attempt.ppid()).kill()  # the pool process running the attempt
+    fork_server = psutil.Process(attempt.ppid())
+    fork_server.parent().kill()  # the pool process running the attempt
+    for pid in (attempt.pid, int(daemon.read_text()), fork_server.pid):
+        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
+
+
+def test_a_killed_fork_server_takes_down_an_attempt_that_ignores_signals(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    from .test_callbacks import ended
+
+    daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
+    params = {"daemon": str(daemon), "pidfile": str(pidfile)}
+    define([{"jobName": "stubborn", "workerEntry": "dcm_testjobs:stubborn", "params": params}])
+    cluster.worker("w1")
+    start("60.10")
+    wait_until(pidfile.exists, timeout=60, what="the attempt to start")
+    attempt = psutil.Process(int(pidfile.read_text()))
+    psutil.Process(attempt.ppid()).kill()  # the attempt's fork server
     for pid in (attempt.pid, int(daemon.read_text())):
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
 

@@ -1,10 +1,10 @@
 """Calling a service's worker function, in the process that runs one attempt.
 
-Standard library only: this file also runs as a script under a service's own
-interpreter (the ``python`` field, a separate virtualenv without the
-scheduler installed): ``python child.py REQUEST.json RESULT.json PARENT_PID``;
-it then loads the scheduler's standard-library modules it shares (the entry
-resolver, the lifeline) from their files.
+Standard library only: the fork server (:mod:`workers_bridge.forkserver`)
+also runs under a service's own interpreter (the ``python`` field, a separate
+virtualenv without the scheduler installed) and loads this file, and the
+scheduler's standard-library modules it shares (the entry resolver, the
+lifeline), from their files.
 
 A request names the entry, the folders it is imported from and the call's
 arguments; the response is ``{"ok": true, "result": …}`` or ``{"ok": false,
@@ -31,6 +31,9 @@ def scheduler_module(name: str) -> Any:
     does not have the scheduler installed."""
     if __package__:
         return importlib.import_module(f"scheduler.{name}")
+    loaded = sys.modules.get(f"_dcm_scheduler_{name}")
+    if loaded is not None:
+        return loaded
     path = Path(__file__).resolve().parent.parent / "scheduler" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_dcm_scheduler_{name}", path)
     assert spec is not None and spec.loader is not None, path
@@ -40,46 +43,25 @@ def scheduler_module(name: str) -> Any:
     return module
 
 
-# (top module, roots) -> (size of sys.modules when listed, module names)
-_listed: dict[tuple[str, tuple[str, ...]], tuple[int, list[str]]] = {}
-
-
 def service_modules(entry: str, roots: list[str] | None = None) -> list[str]:
     """The loaded modules of the entry's top-level package, and every other
     loaded module whose file lies in the service's ``roots`` (a ``helpers``
-    module beside the package). Listed again only when ``sys.modules``
-    changed size: a worker that runs the same jobs pays for one scan."""
+    module beside the package)."""
     top = entry.partition(":")[0].split(".")[0]
     folders = tuple(os.path.join(os.path.abspath(root), "") for root in roots or () if root)
-    key = (top, folders)
-    cached = _listed.get(key)
-    if cached is not None and cached[0] == len(sys.modules):
-        return cached[1]
-    # A snapshot: another thread of the worker may be importing meanwhile.
-    modules = tuple(sys.modules.items())
-    names = [
+    return [
         name
-        for name, module in modules
+        for name, module in tuple(sys.modules.items())
         if name == top
         or name.startswith(top + ".")
         or (folders and str(getattr(module, "__file__", None) or "").startswith(folders))
     ]
-    _listed[key] = (len(modules), names)
-    return names
 
 
-def fresh_imports(
-    entry: str, roots: list[str] | None = None, loaded: list[str] | None = None
-) -> None:
-    """Forget the entry's package, so an attempt forked from a long-running
-    worker imports the service's current code, not the copy the worker
-    loaded when it first validated or ran it.
-
-    ``loaded`` is :func:`service_modules` computed by the parent before it
-    forked: scanning ``sys.modules`` in the child touches every module name,
-    and each touch copies a page of the parent's memory (2 ms per attempt).
-    """
-    for name in service_modules(entry, roots) if loaded is None else loaded:
+def fresh_imports(entry: str, roots: list[str] | None = None) -> None:
+    """Forget the entry's package, so the next import reads the service's
+    current code, not the copy this process loaded before."""
+    for name in service_modules(entry, roots):
         sys.modules.pop(name, None)
 
 
@@ -90,11 +72,13 @@ def resolve(entry: str, roots: list[str]) -> Any:
     return entries.load_entry(entry, [Path(root) for root in roots], front=True)
 
 
-def run(request: dict[str, Any], loaded: list[str] | None = None) -> dict[str, Any]:
-    """Call the worker of ``request``; never raises. ``loaded``: see :func:`fresh_imports`."""
+def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
+    """Call the worker of ``request`` (``worker``: the function, imported
+    beforehand from the service's current code); never raises."""
     try:
-        fresh_imports(request["entry"], request.get("roots", []), loaded)
-        worker = resolve(request["entry"], request.get("roots", []))
+        if worker is None:
+            fresh_imports(request["entry"], request.get("roots", []))
+            worker = resolve(request["entry"], request.get("roots", []))
     except BaseException as exc:  # noqa: BLE001
         return {
             "ok": False,
@@ -132,20 +116,3 @@ def run(request: dict[str, Any], loaded: list[str] | None = None) -> dict[str, A
 def write_response(path: str, response: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(response, handle, allow_nan=False)
-
-
-def main(argv: list[str]) -> int:
-    request_path, response_path, parent = argv[1], argv[2], int(argv[3])
-    # The worker process that started this one dies: take everything down.
-    scheduler_module("lifeline").guard(parent)
-    with open(request_path, encoding="utf-8") as handle:
-        request = json.load(handle)
-    response = run(request)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    write_response(response_path, response)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

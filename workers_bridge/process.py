@@ -1,35 +1,46 @@
 """Running one attempt of a job in a process of its own (docs/architecture.md).
 
-Every attempt runs in a child process: forked from the Celery worker, or,
-for a job with a ``python`` interpreter, a subprocess of that interpreter
-running :mod:`workers_bridge.child`. The child has its own process group, so
-a timeout kills the attempt and anything it started; a worker that calls
-``sys.exit``, crashes or leaks memory cannot take the Celery worker with it;
-its stdout and stderr go to a file whose tail is kept with the job error.
-While the child runs, the parent heart-beats the job row so the re-sender can
-tell a long job from a lost one.
+Every attempt runs in a child process forked from a fork server
+(:mod:`workers_bridge.forkserver`): a small interpreter — the worker's own,
+or the service's ``python`` — that this worker process starts once per
+service and that keeps the service's modules imported. The child has its own
+process group, so a timeout kills the attempt and anything it started; a
+worker that calls ``sys.exit``, crashes or leaks memory cannot take the
+Celery worker, or the fork server, with it; its stdout and stderr go to a
+file whose tail is kept with the job error. While the child runs, this
+process heart-beats the job row so the re-sender can tell a long job from a
+lost one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.lifeline import die_with_parent, guard, kill_tree
-from workers_bridge import child
+from scheduler.lifeline import die_with_parent, kill_tree
+from workers_bridge import forkserver
 
 OUTPUT_TAIL_BYTES = 8192
+# Fork servers one worker process keeps (one per service and interpreter);
+# the least recently used one is closed beyond this.
+MAX_SERVERS = 8
+# After the attempt's tree was killed, how long its fork server may take to report it.
+REAP_PATIENCE = 10.0
 
 
 @dataclass
@@ -52,6 +63,134 @@ class Ended:
     peak_kib: int = 0  # peak resident memory of the process, in KiB
 
 
+class ServerGone(Exception):
+    """The fork server ended; ``code`` is its exit status (minus a signal)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the fork server ended ({code})")
+        self.code = code
+
+
+class ForkServer:
+    """One :mod:`workers_bridge.forkserver` process of this worker process."""
+
+    def __init__(self, python: str) -> None:
+        self.owner = os.getpid()
+        self.folder = Path(tempfile.mkdtemp(prefix="dcm-attempt-"))
+        self.process = subprocess.Popen(
+            [python, forkserver.__file__, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            # Until the server guards itself: killed if this process dies first.
+            preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.requests = self.process.stdin
+        self.replies = self.process.stdout.fileno()
+        self.buffer = b""
+        self.broken = False  # killed or ended: closed once the outcome is read
+
+    @property
+    def output_path(self) -> Path:
+        return self.folder / "output.log"
+
+    @property
+    def response_path(self) -> Path:
+        return self.folder / "response.json"
+
+    def send(self, request: dict[str, Any]) -> None:
+        for stale in (self.output_path, self.response_path):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        line = json.dumps({"request": request, "folder": str(self.folder)}) + "\n"
+        try:
+            self.requests.write(line.encode("utf-8"))
+            self.requests.flush()
+        except (BrokenPipeError, ValueError):
+            raise ServerGone(self._exit_code()) from None
+
+    def read(self, wait: float) -> dict[str, Any] | None:
+        """The next reply, or None if none came within ``wait`` seconds."""
+        until = time.monotonic() + wait
+        while b"\n" not in self.buffer:
+            left = until - time.monotonic()
+            ready, _, _ = select.select([self.replies], [], [], max(left, 0.0))
+            if not ready:
+                return None
+            data = os.read(self.replies, 65536)
+            if not data:
+                raise ServerGone(self._exit_code())
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def _exit_code(self) -> int:
+        try:
+            return self.process.wait(REAP_PATIENCE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -signal.SIGKILL
+
+    def kill(self) -> None:
+        kill_tree(self.process.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(REAP_PATIENCE)
+
+    def close(self) -> None:
+        if self.owner == os.getpid():
+            with contextlib.suppress(OSError, ValueError):
+                self.requests.close()  # the server's signal to end
+            try:
+                self.process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            with contextlib.suppress(OSError, ValueError):
+                self.process.stdout.close()  # type: ignore[union-attr]
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_servers: OrderedDict[tuple[str, tuple[str, ...], int], ForkServer] = OrderedDict()
+_servers_lock = threading.Lock()
+
+
+def fork_server(python: str, roots: list[str]) -> ForkServer:
+    """This thread's fork server for the service in ``roots`` under ``python``."""
+    key = (python, tuple(roots), threading.get_ident())
+    with _servers_lock:
+        server = _servers.pop(key, None)
+        if server is not None and (
+            server.owner != os.getpid() or server.process.poll() is not None
+        ):
+            server.close()
+            server = None
+        if server is None:
+            server = ForkServer(python)
+        _servers[key] = server
+        while len(_servers) > MAX_SERVERS:
+            _key, oldest = _servers.popitem(last=False)
+            oldest.close()
+        return server
+
+
+def _discard(server: ForkServer) -> None:
+    with _servers_lock:
+        for key, known in list(_servers.items()):
+            if known is server:
+                del _servers[key]
+    server.close()
+
+
+def close_servers() -> None:
+    """End every fork server of this process (worker shutdown, tests)."""
+    with _servers_lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for server in servers:
+        server.close()
+
+
 def execute(
     request: dict[str, Any],
     *,
@@ -65,59 +204,21 @@ def execute(
     ``heartbeat`` is called every ``heartbeat_interval`` seconds while the
     attempt runs; when it returns False the attempt is killed.
     """
-    with tempfile.TemporaryDirectory(prefix="dcm-attempt-") as folder:
-        work = Path(folder)
-        response_path = work / "response.json"
-        output_path = work / "output.log"
-        ooms = oom_kills()
-        if python:
-            process = _spawn(python, request, work, response_path, output_path)
-            pid = process.pid
-            process.returncode = 0  # reaped here (with its memory use), not by Popen
-        else:
-            pid = _fork(request, response_path, output_path)
-        ended = _wait(pid, timeout, heartbeat, heartbeat_interval)
+    server = fork_server(python or sys.executable, list(request.get("roots", [])))
+    ooms = oom_kills()
+    try:
+        server.send(request)
+        ended = _wait(server, timeout, heartbeat, heartbeat_interval)
+    except ServerGone as gone:
+        server.broken = True
+        ended = Ended(gone.code, "exited")
+    try:
         if ended.how == "exited" and ended.code == -signal.SIGKILL:
-            return _killed(ended, ooms, output_path)
-        return _outcome(ended, timeout, response_path, output_path)
-
-
-def _fork(request: dict[str, Any], response_path: Path, output_path: Path) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    parent = os.getpid()
-    loaded = child.service_modules(str(request.get("entry", "")), request.get("roots", []))
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 0
-        try:
-            os.setsid()
-            guard(parent)  # the worker process dies: the attempt's tree goes too
-            output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(output, 1)
-            os.dup2(output, 2)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            # Celery (and pytest) replace sys.stdout with proxies that do not
-            # write to fd 1: give the worker plain line-buffered streams on the
-            # output file, so even a killed attempt leaves its tail there.
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-            response = child.run(request, loaded)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            child.write_response(str(response_path), response)
-        except BaseException:  # noqa: BLE001 - the parent reports a missing response
-            code = 70
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _reap(pid: int, how: str) -> Ended:
-    _pid, status, usage = os.wait4(pid, 0)
-    # ru_maxrss is in KiB on Linux.
-    return Ended(os.waitstatus_to_exitcode(status), how, int(usage.ru_maxrss))
+            return _killed(ended, ooms, server.output_path)
+        return _outcome(ended, timeout, server.response_path, server.output_path)
+    finally:
+        if server.broken:
+            _discard(server)
 
 
 def oom_kills() -> int | None:
@@ -136,57 +237,53 @@ def oom_kills() -> int | None:
     return None
 
 
-def _spawn(
-    python: str, request: dict[str, Any], work: Path, response_path: Path, output_path: Path
-) -> subprocess.Popen[bytes]:
-    request_path = work / "request.json"
-    request_path.write_text(json.dumps(request), encoding="utf-8")
-    with open(output_path, "wb") as output:
-        process = subprocess.Popen(
-            [python, child.__file__, str(request_path), str(response_path), str(os.getpid())],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            # Until child.main guards itself: killed if the worker dies first.
-            preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
-        )
-    return process
-
-
 def _wait(
-    pid: int,
+    server: ForkServer,
     timeout: float,
     heartbeat: Callable[[], bool] | None,
     heartbeat_interval: float,
 ) -> Ended:
-    """Wait for the child; kill its process group at the deadline, or when
+    """Wait for the attempt to end; kill its tree at the deadline, or when
     the heartbeat says the attempt is no longer wanted."""
     deadline = time.monotonic() + timeout
     next_beat = time.monotonic() + heartbeat_interval
-    pidfd = os.pidfd_open(pid)
-    try:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                _kill_group(pid)
-                return _reap(pid, "timeout")
-            wait = min(deadline, next_beat) - now
-            ready, _, _ = select.select([pidfd], [], [], max(wait, 0.0))
-            if ready:
-                return _reap(pid, "exited")
-            if heartbeat and time.monotonic() >= next_beat:
-                if not heartbeat():  # the job was cancelled or taken over: stop
-                    _kill_group(pid)
-                    return _reap(pid, "stopped")
-                next_beat = time.monotonic() + heartbeat_interval
-    finally:
-        os.close(pidfd)
+    pid: int | None = None
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return _stop(server, pid, "timeout")
+        try:
+            reply = server.read(min(deadline, next_beat) - now)
+        except ServerGone:
+            if pid is not None:
+                # Its server's parent-death signal may be ignored by service code.
+                kill_tree(pid)
+            raise
+        if reply is not None:
+            if "pid" in reply:
+                pid = int(reply["pid"])
+                continue
+            return Ended(int(reply["code"]), "exited", int(reply.get("peak_kib") or 0))
+        if heartbeat and time.monotonic() >= next_beat:
+            if not heartbeat():  # the job was cancelled or taken over: stop
+                return _stop(server, pid, "stopped")
+            next_beat = time.monotonic() + heartbeat_interval
 
 
-def _kill_group(pid: int) -> None:
-    kill_tree(pid)  # the group, and what left it with setsid
+def _stop(server: ForkServer, pid: int | None, how: str) -> Ended:
+    """Kill the attempt and everything it started; before it was forked (the
+    service's modules still importing), the fork server itself."""
+    if pid is not None:
+        kill_tree(pid)
+        try:
+            reply = server.read(REAP_PATIENCE)
+        except ServerGone:
+            reply = None
+        if reply is not None and "code" in reply:
+            return Ended(int(reply["code"]), how, int(reply.get("peak_kib") or 0))
+    server.kill()
+    server.broken = True
+    return Ended(-signal.SIGKILL, how)
 
 
 def _tail(path: Path) -> str:
@@ -228,8 +325,10 @@ def _killed(ended: Ended, ooms_before: int | None, output_path: Path) -> Attempt
 def _outcome(
     ended: Ended, timeout: float, response_path: Path, output_path: Path
 ) -> AttemptOutcome:
-    code = ended.code
-    suffix = _output_suffix(output_path)
+    response = _response(response_path) if ended.how == "exited" else None
+    if response is not None and response.get("ok"):
+        return AttemptOutcome(True, result=response.get("result"))
+    suffix = _output_suffix(output_path)  # read only when something went wrong
     if ended.how == "stopped":
         return AttemptOutcome(
             False, error=f"stopped: the job was cancelled or taken over by another worker{suffix}"
@@ -241,9 +340,8 @@ def _outcome(
             f"and was killed{suffix}",
             timed_out=True,
         )
-    try:
-        response = json.loads(response_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if response is None:
+        code = ended.code
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -253,10 +351,16 @@ def _outcome(
         else:
             how = f"exited with status {code}"
         return AttemptOutcome(False, error=f"the worker process {how} without a result{suffix}")
-    if response.get("ok"):
-        return AttemptOutcome(True, result=response.get("result"))
     error = str(response.get("error") or "worker failed")
     trace = response.get("traceback") or ""
     if trace:
         error = f"{error}\n{trace.rstrip()}"
     return AttemptOutcome(False, error=error + suffix)
+
+
+def _response(path: Path) -> dict[str, Any] | None:
+    try:
+        response = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return response if isinstance(response, dict) else None

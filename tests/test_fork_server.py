@@ -1,0 +1,79 @@
+"""Attempts are forked from a per-service fork server: clean, fresh, isolated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers_bridge.process import close_servers, execute
+
+
+@pytest.fixture(autouse=True)
+def _no_servers_left() -> Any:
+    yield
+    close_servers()
+
+
+def service(root: Path, source: str) -> dict[str, Any]:
+    package = root / "dcm_forked"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(source)
+    return {
+        "entry": "dcm_forked:work",
+        "roots": [str(root)],
+        "job_name": "forked",
+        "headers": {},
+        "params": {},
+        "added_params": {},
+        "kwargs": {},
+    }
+
+
+COUNTING = """
+import os
+CALLS = []
+
+def work(*args, **kwargs):
+    CALLS.append(1)
+    return {"calls": len(CALLS), "server": os.getppid(), "pid": os.getpid(), "version": 1}
+"""
+
+
+def test_attempts_fork_from_one_server_and_never_see_each_other_s_state(tmp_path: Path) -> None:
+    request = service(tmp_path, COUNTING)
+    first, second = (execute(request, timeout=30) for _ in range(2))
+    assert first.ok and second.ok, (first, second)
+    assert first.result["calls"] == second.result["calls"] == 1
+    assert first.result["server"] == second.result["server"]
+    assert first.result["pid"] != second.result["pid"]
+
+
+def test_a_service_edited_between_attempts_runs_its_new_code_at_once(tmp_path: Path) -> None:
+    request = service(tmp_path, COUNTING)
+    assert execute(request, timeout=30).result["version"] == 1
+    # Same size, most likely within the same second as the first version.
+    service(tmp_path, COUNTING.replace('"version": 1', '"version": 2'))
+    assert execute(request, timeout=30).result["version"] == 2
+
+
+def test_a_service_whose_import_ends_the_process_fails_and_the_next_attempt_works(
+    tmp_path: Path,
+) -> None:
+    request = service(tmp_path, "import os\nos._exit(3)\n")
+    outcome = execute(request, timeout=30)
+    assert not outcome.ok
+    assert "exited with status 3" in outcome.error
+    service(tmp_path, COUNTING)
+    assert execute(request, timeout=30).ok
+
+
+def test_a_service_whose_import_hangs_times_out_and_the_next_attempt_works(
+    tmp_path: Path,
+) -> None:
+    request = service(tmp_path, "import time\ntime.sleep(3600)\n")
+    outcome = execute(request, timeout=1)
+    assert (outcome.ok, outcome.timed_out) == (False, True)
+    service(tmp_path, COUNTING)
+    assert execute(request, timeout=30).ok

@@ -1,0 +1,196 @@
+"""A fork server: the small process every attempt of one service is forked from.
+
+Forking the Celery worker itself for each attempt costs ~20 ms in a real
+worker (its memory and threads are copied on write; docs/architecture.md),
+and a fresh interpreter per attempt costs more. Instead each pool process
+starts, per service, one of these: a plain interpreter (the worker's, or the
+service's own ``python``) that imports the service's modules once and forks
+a small, clean child per attempt. The child is what today's attempt always
+was: its own process group, its stdout and stderr in an output file, the
+worker call of :mod:`workers_bridge.child`, a JSON response file.
+
+Standard library only, run as a script under any interpreter:
+``python forkserver.py PARENT_PID``. Protocol, one JSON line each way on
+stdin and stdout: the parent sends ``{"request": …, "folder": …}``; the
+server answers ``{"pid": …}`` when the attempt's process exists, then
+``{"code": …, "peak_kib": …}`` when it has ended (``code`` as
+:func:`os.waitstatus_to_exitcode`). Killing the attempt (timeout,
+cancellation) is the parent's: it has the pid.
+
+Before each fork the server checks the files of the service's modules it
+imported; when one changed, it forgets them and imports the new code, so an
+edited service runs its new code from the next attempt on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _sibling(name: str) -> Any:
+    """A module of this folder: imported as usual inside the package, loaded
+    from its file when this runs as a script (its folder is not on
+    ``sys.path``: a service's ``child`` module must not find ours)."""
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_dcm_bridge_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+child = _sibling("child")
+
+
+class Preloaded:
+    """The workers of one service this process imported (entry -> function),
+    and the state of their modules' files when they were imported."""
+
+    def __init__(self) -> None:
+        self.roots: list[str] = []
+        self.workers: dict[str, Any] = {}
+        self.files: dict[str, tuple[int, int]] = {}
+
+    def worker(self, entry: str, roots: list[str]) -> Any | None:
+        """The worker function of ``entry``, imported from the current files;
+        None when it cannot be imported: the attempt imports it again and
+        reports why."""
+        changed = [path for path, state in self.files.items() if _state(path) != state]
+        if roots != self.roots or changed:
+            for path in changed:
+                # Python trusts bytecode whose source has the same mtime
+                # (in seconds) and size: an edit within a second would not be seen.
+                with contextlib.suppress(OSError, ValueError):
+                    os.unlink(importlib.util.cache_from_source(path))
+            self.forget()
+            self.roots = roots
+        worker = self.workers.get(entry)
+        if worker is not None:
+            return worker
+        try:
+            worker = child.resolve(entry, roots)
+        except BaseException:  # noqa: BLE001 - service code may raise anything
+            child.fresh_imports(entry, roots)
+            return None
+        self.workers[entry] = worker
+        for name in child.service_modules(entry, roots):
+            path = getattr(sys.modules.get(name), "__file__", None)
+            if path:
+                self.files[path] = _state(path)
+        return worker
+
+    def forget(self) -> None:
+        for entry in self.workers:
+            child.fresh_imports(entry, self.roots)
+        self.workers, self.files = {}, {}
+
+
+def _state(path: str) -> tuple[int, int]:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (status.st_mtime_ns, status.st_size)
+
+
+def attempt(
+    request: dict[str, Any], worker: Any | None, folder: str, server: int, replies: int
+) -> None:
+    """In the forked child: run the attempt, write its response; never returns."""
+    code = 0
+    try:
+        # Only the server answers its parent: the pipe's end must close when it dies.
+        os.close(replies)
+        os.setsid()
+        # The server dies: the attempt's tree goes too. The server watches
+        # its own parent and takes its whole tree down, so no watchdog here.
+        child.scheduler_module("lifeline").guard(server, watchdog=False)
+        output = os.open(
+            os.path.join(folder, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+        )
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        os.close(output)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115
+        response = child.run(request, worker=worker)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        child.write_response(os.path.join(folder, "response.json"), response)
+    except BaseException:  # noqa: BLE001 - the parent reports a missing response
+        code = 70
+    finally:
+        os._exit(code)
+
+
+def _reap_orphans() -> None:
+    """Reap descendants an attempt left behind that ended since (this process
+    keeps them in its tree, see :func:`scheduler.lifeline.keep_descendants`)."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(parent: int) -> int:
+    # Interrupting the worker's terminal must not end an attempt half way:
+    # the worker decides (warm shutdown waits for it, a kill takes all).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child.scheduler_module("lifeline").guard(parent)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    # Whatever service code prints while being imported goes to the worker's log.
+    os.dup2(2, 1)
+    preloaded = Preloaded()
+    requests = sys.stdin.buffer
+    while True:
+        line = requests.readline()
+        if not line:
+            return 0  # the parent closed the pipe: done
+        message = json.loads(line)
+        request, folder = message["request"], message["folder"]
+        _reap_orphans()
+        worker = preloaded.worker(request["entry"], request.get("roots", []))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        server = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            attempt(request, worker, folder, server, replies.fileno())
+        replies.write(json.dumps({"pid": pid}) + "\n")
+        _pid, status, usage = os.wait4(pid, 0)
+        # ru_maxrss is in KiB on Linux.
+        replies.write(
+            json.dumps(
+                {"code": os.waitstatus_to_exitcode(status), "peak_kib": int(usage.ru_maxrss)}
+            )
+            + "\n"
+        )
+
+
+def main(argv: list[str]) -> int:
+    here = str(Path(__file__).resolve().parent)
+    # Run as a script, this folder heads sys.path: service imports must not see it.
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
+        del sys.path[0]
+    return serve(int(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
