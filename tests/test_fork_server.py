@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,18 @@ def test_attempts_fork_from_one_server_and_never_see_each_other_s_state(tmp_path
     assert first.result["pid"] != second.result["pid"]
 
 
-def test_a_service_edited_between_attempts_runs_its_new_code_at_once(tmp_path: Path) -> None:
+def test_a_service_edited_between_attempts_runs_its_new_code_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # the fork server writes .pyc
     request = service(tmp_path, COUNTING)
+    module = tmp_path / "dcm_forked" / "__init__.py"
+    second = 1_700_000_000 * 10**9
+    os.utime(module, ns=(second, second + 100))
     assert execute(request, timeout=30).result["version"] == 1
-    # Same size, most likely within the same second as the first version.
+    # Same size and the same second: Python would trust the old bytecode.
     service(tmp_path, COUNTING.replace('"version": 1', '"version": 2'))
+    os.utime(module, ns=(second, second + 200))
     assert execute(request, timeout=30).result["version"] == 2
 
 
