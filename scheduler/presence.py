@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from scheduler import clock
 from scheduler.config import get_settings
-from scheduler.store.db import insert_for
+from scheduler.store.db import Executor, insert_for
 from scheduler.store.models import Worker, utcnow
 
 
@@ -27,7 +27,7 @@ def live_after(now: datetime | None = None) -> datetime:
 
 
 def record_presence(
-    db: Session, hostname: str, channels: list[str] | None, now: datetime | None = None
+    db: Executor, hostname: str, channels: list[str] | None, now: datetime | None = None
 ) -> None:
     """Upsert the worker's row; ``channels`` replaces its list when given."""
     now = now or utcnow()

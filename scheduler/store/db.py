@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler.config import get_settings
@@ -27,10 +27,16 @@ from scheduler.config import get_settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# What runs statements: an ORM session, or a plain connection on the per-job
+# path (:func:`statements`).
+Executor = Session | Connection
+
 _engines: dict[tuple[str, int], Engine] = {}
 _lock = threading.Lock()
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# A pooled PostgreSQL connection idle longer than this is tested before use.
+PING_AFTER_IDLE = 1.0
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -73,6 +79,31 @@ def _configure_postgresql(engine: Engine) -> None:
         dbapi_connection.autocommit = autocommit
 
 
+def _ping_when_idle(engine: Engine) -> None:
+    """Test a pooled connection before use when it sat idle for a while (a
+    database restart or a firewall may have closed it meanwhile); a worker
+    running job after job reuses its connection without the round trip.
+    A connection lost anyway fails its statement as a disconnect, which
+    the per-job path retries (:func:`retrying`) on a new connection."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_connection.rollback()
+        except Exception as exc:
+            raise DisconnectionError(f"pooled connection lost: {exc}") from exc
+
+
 def get_engine(url: str | None = None) -> Engine:
     """The engine for ``url`` (default: ``DCM_DATABASE_URL``), created once per process."""
     url = url or get_settings().database_url
@@ -85,7 +116,8 @@ def get_engine(url: str | None = None) -> Engine:
                 engine = create_engine(url, connect_args={"timeout": 30})
                 _configure_sqlite(engine)
             else:
-                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+                engine = create_engine(url, pool_size=5, max_overflow=10)
+                _ping_when_idle(engine)
                 if parsed.get_driver_name() == "psycopg":
                     _configure_postgresql(engine)
             _engines[key] = engine
@@ -102,6 +134,21 @@ def dispose_engines() -> None:
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def statements(url: str | None = None) -> Iterator[Connection]:
+    """A transaction on a plain connection, for the statements every job runs
+    (its claim, its ending): there an ORM session's bookkeeping costs more
+    than the statements themselves. Committed when the block ends."""
+    with get_engine(url).begin() as connection:
+        yield connection
+
+
+def dialect_name(db: Executor) -> str:
+    """``postgresql`` or ``sqlite``."""
+    bind = db if isinstance(db, Connection) else db.get_bind()
+    return str(bind.dialect.name)
 
 
 @contextmanager
@@ -154,11 +201,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(str(parsed.database))
 
 
-def insert_for(db: Session) -> Any:
+def insert_for(db: Executor) -> Any:
     """``insert`` of the session's dialect, for ``ON CONFLICT`` clauses."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    return postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert if dialect_name(db) == "postgresql" else sqlite.insert
 
 
 def rowcount(result: Any) -> int:
