@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from scheduler import messages
 from scheduler.clock import iso, utcnow
 from scheduler.messages import ReadyJob
-from scheduler.store.db import rowcount, transaction
+from scheduler.store.db import Executor, dialect_name, rowcount, statements
 from scheduler.store.models import Job, JobDependency, SchedulingSession
 from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
@@ -114,53 +114,84 @@ class Claimed:
     outcomes: dict[str, str] | None = None
 
 
-def claim(db: Session, job_id: str, hostname: str, now: datetime) -> Claimed | None:
+_CLAIM_RETURNS = (
+    Job.session_id,
+    Job.job_name,
+    Job.phase,
+    Job.channel,
+    Job.attempts,
+    Job.worker_entry,
+    Job.entry_root,
+    Job.params,
+    Job.timeout_s,
+    Job.python,
+)
+_SESSION_READS = (
+    SchedulingSession.event,
+    SchedulingSession.level,
+    SchedulingSession.uid,
+    SchedulingSession.revision,
+    SchedulingSession.headers,
+    SchedulingSession.added_params,
+)
+
+
+# The claim's statements, built once: each job runs them, and building a
+# statement costs more than SQLAlchemy's cached compilation of it.
+_TAKING = (
+    update(Job)
+    .where(
+        Job.id == bindparam("job_id"),
+        Job.status == JobStatus.QUEUED,
+        # A duplicate message must not skip dependencies or back-off.
+        Job.pending_deps == 0,
+        or_(Job.run_after.is_(None), Job.run_after <= bindparam("due", type_=Job.run_after.type)),
+    )
+    .values(
+        status=JobStatus.RUNNING,
+        attempts=Job.attempts + 1,
+        started_at=bindparam("now", type_=Job.started_at.type),
+        heartbeat_at=bindparam("now", type_=Job.heartbeat_at.type),
+        finished_at=None,
+        worker=bindparam("hostname"),
+        worker_pid=bindparam("pid"),
+    )
+)
+_CLAIM = _TAKING.returning(*_CLAIM_RETURNS)
+# PostgreSQL: the session's fields come back with the update.
+_CLAIM_WITH_SESSION = _TAKING.where(SchedulingSession.id == Job.session_id).returning(
+    *_CLAIM_RETURNS, *_SESSION_READS
+)
+_SESSION_OF_CLAIM = select(*_SESSION_READS).where(SchedulingSession.id == bindparam("session_id"))
+_DEPENDENCY_RESULTS = (
+    select(Job.job_name, Job.result)
+    .join(JobDependency, JobDependency.depends_on_id == Job.id)
+    .where(JobDependency.job_id == bindparam("job_id"))
+)
+
+
+def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | None:
     """``queued`` → ``running`` for this worker, if the job is ready; None for
-    a duplicate delivery, a job not ready yet, or one that ended."""
-    job = db.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == JobStatus.QUEUED,
-            # A duplicate message must not skip dependencies or back-off.
-            Job.pending_deps == 0,
-            or_(Job.run_after.is_(None), Job.run_after <= now + CLOCK_SKEW),
-        )
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            heartbeat_at=now,
-            finished_at=None,
-            worker=hostname,
-            worker_pid=os.getpid(),
-        )
-        .returning(
-            Job.session_id,
-            Job.job_name,
-            Job.phase,
-            Job.channel,
-            Job.attempts,
-            Job.worker_entry,
-            Job.entry_root,
-            Job.params,
-            Job.timeout_s,
-            Job.python,
-        )
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
-    if job is None:
-        return None
-    parent = db.execute(
-        select(
-            SchedulingSession.event,
-            SchedulingSession.level,
-            SchedulingSession.uid,
-            SchedulingSession.revision,
-            SchedulingSession.headers,
-            SchedulingSession.added_params,
-        ).where(SchedulingSession.id == job.session_id)
-    ).one()
+    a duplicate delivery, a job not ready yet, or one that ended. On
+    PostgreSQL the update also returns the session's fields it needs."""
+    values = {
+        "job_id": job_id,
+        "due": now + CLOCK_SKEW,
+        "now": now,
+        "hostname": hostname,
+        "pid": os.getpid(),
+    }
+    if dialect_name(db) == "postgresql":
+        row = db.execute(_CLAIM_WITH_SESSION, values).one_or_none()
+        if row is None:
+            return None
+        job, parent = row, row
+    else:
+        alone = db.execute(_CLAIM, values).one_or_none()
+        if alone is None:
+            return None
+        job = alone
+        parent = db.execute(_SESSION_OF_CLAIM, {"session_id": job.session_id}).one()
     claimed = Claimed(
         job_id=job_id,
         session_id=job.session_id,
@@ -180,13 +211,7 @@ def claim(db: Session, job_id: str, hostname: str, now: datetime) -> Claimed | N
         headers=parent.headers or {},
         added_params=parent.added_params,
     )
-    claimed.results = dict(
-        db.execute(
-            select(Job.job_name, Job.result)
-            .join(JobDependency, JobDependency.depends_on_id == Job.id)
-            .where(JobDependency.job_id == job_id)
-        ).all()
-    )
+    claimed.results = dict(db.execute(_DEPENDENCY_RESULTS, {"job_id": job_id}).all())
     if job.phase == Phase.POST:
         claimed.outcomes = dict(
             db.execute(
@@ -198,7 +223,7 @@ def claim(db: Session, job_id: str, hostname: str, now: datetime) -> Claimed | N
     return claimed
 
 
-def beat(db: Session, job_id: str, attempt: int) -> bool:
+def beat(db: Executor, job_id: str, attempt: int) -> bool:
     """Record that ``attempt`` is alive; False when the job is no longer this
     attempt's (cancelled, or re-queued as lost)."""
     alive = db.execute(
@@ -261,8 +286,29 @@ class Released:
     recorded: bool = True
 
 
+_LOCK_SESSION_OF_JOB = (
+    select(SchedulingSession.id)
+    .where(
+        SchedulingSession.id
+        == select(Job.session_id).where(Job.id == bindparam("job_id")).scalar_subquery()
+    )
+    .with_for_update()
+)
+_ENDING_READS = select(
+    Job.status,
+    Job.attempts,
+    Job.heartbeat_at,
+    Job.worker,
+    Job.started_at,
+    Job.attempt_log,
+    Job.max_attempts,
+    Job.retries,
+    Job.retry_delay_s,
+).where(Job.id == bindparam("job_id"))
+
+
 def record_ending(
-    db: Session, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
+    db: Executor, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
 ) -> Released:
     """Store the ending of ``attempt`` of ``job_id``: success and release of
     its dependents, a retry after its back-off, or a final failure. An
@@ -270,28 +316,10 @@ def record_ending(
     re-queued as lost, or cancelled meanwhile) is ignored."""
     now = now or utcnow()
     # Lock the job's session row first (one statement): see the module docstring.
-    session_id = db.scalar(
-        select(SchedulingSession.id)
-        .where(
-            SchedulingSession.id == select(Job.session_id).where(Job.id == job_id).scalar_subquery()
-        )
-        .with_for_update()
-    )
+    session_id = db.scalar(_LOCK_SESSION_OF_JOB, {"job_id": job_id})
     if session_id is None:
         return Released([], recorded=False)
-    job = db.execute(
-        select(
-            Job.status,
-            Job.attempts,
-            Job.heartbeat_at,
-            Job.worker,
-            Job.started_at,
-            Job.attempt_log,
-            Job.max_attempts,
-            Job.retries,
-            Job.retry_delay_s,
-        ).where(Job.id == job_id)
-    ).one()
+    job = db.execute(_ENDING_READS, {"job_id": job_id}).one()
     if job.status != JobStatus.RUNNING or job.attempts != attempt:
         return Released([], recorded=False)
     if (
@@ -311,7 +339,8 @@ def record_ending(
         changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
         _update_job(db, job_id, changes | {"finished_at": now})
         ready = release_dependents(db, job_id, succeeded=True, now=now)
-        finish_session_if_done(db, session_id, now)
+        if not ready:  # a job it made ready has not ended: nor has the session
+            finish_session_if_done(db, session_id, now)
         return Released(ready)
 
     changes["error"] = ending.error
@@ -339,18 +368,29 @@ def record_ending(
     return Released(ready)
 
 
-def end_attempt(job_id: str, attempt: int, ending: Ending) -> None:
+def end_attempt(job_id: str, attempt: int, ending: Ending) -> Released:
     """Record an ending in its own transaction, then send what it made ready
     (or the retry, with its back-off as countdown)."""
-    with transaction() as db:
-        released = record_ending(db, job_id, attempt, ending)
+    released = record(job_id, attempt, ending)
+    send(released)
+    return released
+
+
+def record(job_id: str, attempt: int, ending: Ending) -> Released:
+    """:func:`record_ending` in a transaction of its own."""
+    with statements() as db:
+        return record_ending(db, job_id, attempt, ending)
+
+
+def send(released: Released) -> None:
+    """Send what an ending released, once its transaction is committed."""
     if released.retry:
         retry_id, delay = released.retry
         messages.send_job_ids([retry_id], countdown=delay)
-    messages.send_jobs(released.ready)
+    messages.send_jobs(released.ready, marked=True)
 
 
-def _update_job(db: Session, job_id: str, changes: dict[str, Any]) -> None:
+def _update_job(db: Executor, job_id: str, changes: dict[str, Any]) -> None:
     db.execute(
         update(Job)
         .where(Job.id == job_id)
@@ -363,22 +403,23 @@ _SENDING = (Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position)
 
 
 def release_dependents(
-    db: Session, job_id: str, *, succeeded: bool, now: datetime
+    db: Executor, job_id: str, *, succeeded: bool, now: datetime
 ) -> list[ReadyJob]:
     """Propagate the end of ``job_id``: on success every dependent is
     decremented; on a final failure (or a cancellation) every job that needs
     it to succeed, directly or transitively, becomes ``upstream_failed``, and
     post jobs, which only wait for an end, are decremented instead, so they
     still run. Returns the dependents that became ready, with what sending
-    them needs, so the caller sends without reading back."""
+    them needs, so the caller sends without reading back; they are marked
+    dispatched in the same statement (a send that fails unmarks them, and
+    the re-sender sends what stays marked but unstarted)."""
     ready: list[ReadyJob] = []
     ended: list[tuple[str, bool]] = [(job_id, succeeded)]
     while ended:
         current, ok = ended.pop()
         if ok:
             # Every dependent waits for this one: one decrement for them all.
-            waiting = select(JobDependency.job_id).where(JobDependency.depends_on_id == current)
-            ready.extend(_decrement(db, Job.id.in_(waiting)))
+            ready.extend(_ready(db.execute(_DECREMENT_DEPENDENTS, {"job_id": current, "now": now})))
             continue
         edges = db.execute(
             select(JobDependency.job_id, JobDependency.requires_success).where(
@@ -402,19 +443,36 @@ def release_dependents(
                 if rowcount(marked):
                     ended.append((dependent, False))
             else:
-                ready.extend(_decrement(db, Job.id == dependent))
+                ready.extend(_ready(db.execute(_decrement(Job.id == dependent), {"now": now})))
     return ready
 
 
-def _decrement(db: Session, which: Any) -> list[ReadyJob]:
-    """One dependency of the jobs ``which`` ended; those left waiting for none are ready."""
-    rows = db.execute(
+def _decrement(which: Any) -> Any:
+    """One dependency of the jobs ``which`` ended (at ``:now``): those left
+    waiting for none are ready, and marked dispatched."""
+    becomes_ready = and_(Job.pending_deps == 1, Job.status == JobStatus.QUEUED)
+    return (
         update(Job)
         .where(which)
-        .values(pending_deps=Job.pending_deps - 1)
+        .values(
+            pending_deps=Job.pending_deps - 1,
+            dispatched_at=case(
+                (becomes_ready, bindparam("now", type_=Job.dispatched_at.type)),
+                else_=Job.dispatched_at,
+            ),
+        )
         .returning(Job.pending_deps, Job.status, *_SENDING)
-        .execution_options(synchronize_session=False)
-    ).all()
+    )
+
+
+_DECREMENT_DEPENDENTS = _decrement(
+    Job.id.in_(
+        select(JobDependency.job_id).where(JobDependency.depends_on_id == bindparam("job_id"))
+    )
+)
+
+
+def _ready(rows: Any) -> list[ReadyJob]:
     return [
         ReadyJob(row.id, row.job_name, row.channel, row.priority, row.sort_position)
         for row in rows
@@ -422,7 +480,7 @@ def _decrement(db: Session, which: Any) -> list[ReadyJob]:
     ]
 
 
-def finish_session_if_done(db: Session, session_id: str, now: datetime) -> str | None:
+def finish_session_if_done(db: Executor, session_id: str, now: datetime) -> str | None:
     """Give the session its final status once none of its jobs can still run."""
     counts: dict[str, int] = dict(
         db.execute(

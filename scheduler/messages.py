@@ -3,7 +3,7 @@
 Two kinds leave for the broker, both addressed by task name, so nothing here
 imports the modules that define the tasks: the jobs that became ready
 (``workers_bridge.run_job``: task id = job id, queue = channel, the job's
-priority, Flower name ``dcm:<jobName>``), sent as one Celery group and then
+priority, Flower name ``dcm:<jobName>``), sent as one Celery group and
 marked dispatched; and the plans of new sessions (``scheduler.plan``).
 
 Messages always follow committed rows. One broker retry policy serves both;
@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import group
 from sqlalchemy import select, update
 
-from scheduler.store.db import transaction
+from scheduler.store.db import statements, transaction
 from scheduler.store.models import Job, utcnow
 from scheduler.vocabulary import JobStatus
 
@@ -87,25 +88,37 @@ def _left_for_resender(what: str, count: int, error: Exception) -> None:
     log.warning("broker unavailable, %d %s left for the re-sender: %s", count, what, error)
 
 
-def send_jobs(jobs: Sequence[ReadyJob], countdown: float | None = None) -> int:
-    """Send jobs known to be queued and ready (one group), then mark them
-    dispatched; returns how many went out. Ordered by priority (higher
-    first), then sortPosition."""
+def send_jobs(
+    jobs: Sequence[ReadyJob], countdown: float | None = None, *, marked: bool = False
+) -> int:
+    """Send jobs known to be queued and ready, then mark them dispatched
+    (``marked``: the caller marked them already, in the transaction that
+    made them ready; a failed send unmarks them); returns how many went out.
+    Ordered by priority (higher first), then sortPosition."""
     if not jobs:
         return 0
     ordered = sorted(jobs, key=lambda j: (-j.priority, j.sort_position, j.job_name))
+    ids = [j.id for j in jobs]
     try:
         group(job_signature(job, countdown) for job in ordered).apply_async(
             retry=True, retry_policy=RETRY_POLICY
         )
     except Exception as exc:  # noqa: BLE001 - any broker failure: the rows say what is owed
         _left_for_resender("job(s)", len(jobs), exc)
+        if marked:
+            _mark_dispatched(ids, None)
         return 0
-    with transaction() as db:
-        db.execute(
-            update(Job).where(Job.id.in_([j.id for j in jobs])).values(dispatched_at=utcnow())
-        )
+    if not marked:
+        _mark_dispatched(ids, utcnow())
     return len(jobs)
+
+
+def _mark_dispatched(job_ids: list[str], when: datetime | None) -> None:
+    try:
+        with statements() as db:
+            db.execute(update(Job).where(Job.id.in_(job_ids)).values(dispatched_at=when))
+    except Exception as exc:  # noqa: BLE001 - left marked, the re-sender still sends them late
+        log.warning("could not record the dispatch of %d job(s): %s", len(job_ids), exc)
 
 
 def send_job_ids(job_ids: Sequence[str], countdown: float | None = None) -> int:
