@@ -52,6 +52,8 @@ class AttemptOutcome:
     # Killed by SIGKILL from outside the scheduler (the kernel's out-of-memory
     # killer, an operator): not the job's fault, so the job is re-queued.
     killed: bool = False
+    # time.perf_counter() when the attempt's process was forked, if it was.
+    forked_at: float | None = None
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ForkServer:
         self.replies = self.process.stdout.fileno()
         self.buffer = b""
         self.broken = False  # killed or ended: closed once the outcome is read
+        self.forked_at: float | None = None  # the current attempt's
 
     @property
     def output_path(self) -> Path:
@@ -100,6 +103,7 @@ class ForkServer:
         return self.folder / "response.json"
 
     def send(self, request: dict[str, Any]) -> None:
+        self.forked_at = None
         for stale in (self.output_path, self.response_path):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -214,8 +218,11 @@ def execute(
         ended = Ended(gone.code, "exited")
     try:
         if ended.how == "exited" and ended.code == -signal.SIGKILL:
-            return _killed(ended, ooms, server.output_path)
-        return _outcome(ended, timeout, server.response_path, server.output_path)
+            outcome = _killed(ended, ooms, server.output_path)
+        else:
+            outcome = _outcome(ended, timeout, server.response_path, server.output_path)
+        outcome.forked_at = server.forked_at
+        return outcome
     finally:
         if server.broken:
             _discard(server)
@@ -262,6 +269,7 @@ def _wait(
         if reply is not None:
             if "pid" in reply:
                 pid = int(reply["pid"])
+                server.forked_at = time.perf_counter()
                 continue
             return Ended(int(reply["code"]), "exited", int(reply.get("peak_kib") or 0))
         if heartbeat and time.monotonic() >= next_beat:

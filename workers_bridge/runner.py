@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from scheduler import jobstate
 from scheduler.config import get_settings
 from scheduler.emission import session_dir
 from scheduler.jobstate import Claimed, Ending
 from scheduler.presence import record_presence
-from scheduler.store.db import retrying, transaction
+from scheduler.store.db import Executor, retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
 from workers_bridge.process import AttemptOutcome, execute
 
@@ -80,7 +79,7 @@ def worker_call(claimed: Claimed) -> Attempt:
 def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | None:
     """Take the job if it is ``queued``; build the worker call."""
     now = now or utcnow()
-    with transaction() as db:
+    with statements() as db:
         claimed = jobstate.claim(db, job_id, hostname, now)
         if claimed is None:
             return None
@@ -99,7 +98,7 @@ class Heartbeat:
 
     def __call__(self) -> bool:
         try:
-            with transaction() as db:
+            with statements() as db:
                 mine = jobstate.beat(db, self.job_id, self.attempt)
         except Exception as exc:  # noqa: BLE001 - the store may be briefly away
             silent = time.monotonic() - self.last_ok
@@ -113,7 +112,7 @@ class Heartbeat:
 _touched: dict[tuple[str, str], float] = {}
 
 
-def _touch_worker(db: Session, hostname: str, channel: str, now: datetime) -> None:
+def _touch_worker(db: Executor, hostname: str, channel: str, now: datetime) -> None:
     """Record that ``hostname`` consumes ``channel`` and is alive (at most every
     few seconds per worker and channel: the heartbeat bootstep beats too)."""
     key = (hostname, channel)
@@ -177,10 +176,25 @@ def attempt_safely(taken: Attempt, heartbeat_interval: float) -> AttemptOutcome:
         )
 
 
-def run_job(job_id: str, hostname: str | None = None) -> str | None:
+@dataclass
+class Split:
+    """Where one job's time went, in seconds (``bench/overhead.py`` reports it)."""
+
+    claim: float = 0.0
+    start: float = 0.0  # from the claim to the attempt's process running
+    run: float = 0.0  # the attempt's process, fork to exit
+    ending: float = 0.0  # the ending's transaction
+    publish: float = 0.0  # sending what it released
+
+
+def run_job(job_id: str, hostname: str | None = None, split: Split | None = None) -> str | None:
     """Run one job if it can be claimed; returns its attempt's status or None."""
     hostname = hostname or socket.gethostname()
+    split = split or Split()
+    began = time.perf_counter()
     taken = retrying(lambda: claim(job_id, hostname), what=f"claiming job {job_id}", patience=60)
+    claimed = time.perf_counter()
+    split.claim = claimed - began
     if taken is None:
         lost = dead_local_attempt(job_id, hostname)
         if lost is not None:
@@ -196,6 +210,9 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
         outcome = AttemptOutcome(False, error=f"cannot create the job's output folder: {exc}")
     else:
         outcome = attempt_safely(taken, get_settings().heartbeat_interval)
+    attempted = time.perf_counter()
+    forked = outcome.forked_at or attempted
+    split.start, split.run = forked - claimed, attempted - forked
     ending = Ending(
         ok=outcome.ok,
         result=outcome.result,
@@ -204,9 +221,13 @@ def run_job(job_id: str, hostname: str | None = None) -> str | None:
         lost=outcome.killed,
     )
     # The attempt ran: its outcome must not be lost to a brief store outage.
-    retrying(
-        lambda: jobstate.end_attempt(job_id, taken.number, ending),
+    released = retrying(
+        lambda: jobstate.record(job_id, taken.number, ending),
         what=f"recording job {job_id}",
         patience=600,
     )
+    recorded = time.perf_counter()
+    split.ending = recorded - attempted
+    jobstate.send(released)
+    split.publish = time.perf_counter() - recorded
     return "succeeded" if outcome.ok else "failed"
