@@ -232,3 +232,19 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+
+def url_problem(url: str) -> str | None:
+    """Why Celery could not use the broker ``url`` at all (an unknown
+    transport, or one whose library is not installed); None when it can
+    try. Reaching the broker is another matter (``dcm-scheduler doctor``)."""
+    from kombu.transport import resolve_transport
+
+    scheme = url.partition("://")[0].split("+")[0]
+    try:
+        resolve_transport(scheme)
+    except KeyError:
+        return f"CELERY_BROKER_URL: no such broker transport {scheme!r} (redis://, amqp://, filesystem://)"
+    except ImportError as exc:
+        return f"CELERY_BROKER_URL: the {scheme!r} transport needs a library that is missing: {exc}"
+    return None

@@ -721,7 +721,13 @@ def run_command(
 ) -> None:
     """All-in-one on this machine: a supervised Celery worker with embedded beat."""
     from scheduler.allinone import run
+    from scheduler.broker import url_problem
 
+    # Refused here, once: the worker would die on it and be restarted in vain.
+    problem = url_problem(get_settings().broker_url)
+    if problem:
+        errors.print(f"[red]error:[/red] {problem}", highlight=False)
+        raise typer.Exit(2)
     raise typer.Exit(run(console, concurrency=concurrency, verbose=verbose, restarts=restarts))
 
 

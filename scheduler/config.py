@@ -125,11 +125,15 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     )
     settings_file = get("DCM_SETTINGS")
 
-    def seconds(name: str, default: float) -> float:
+    def seconds(name: str, default: float, least: float = 0.0) -> float:
         raw = get(name)
         if raw is None:
             return default
-        return parse_duration(raw, what=name)
+        value = parse_duration(raw, what=name)
+        if value < least:
+            # An interval of 0 turns a loop that waits into one that spins.
+            raise ConfigError(f"{name}: {raw!r} is too short; use at least {least:g}s")
+        return value
 
     return Settings(
         home=home,
@@ -139,17 +143,17 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         services_path=services_path,
         settings_file=Path(settings_file).expanduser().absolute() if settings_file else None,
         stable_age=seconds("DCM_STABLE_AGE", 60.0),
-        detect_interval=seconds("DCM_DETECT_INTERVAL", 5.0),
+        detect_interval=seconds("DCM_DETECT_INTERVAL", 5.0, least=0.1),
         detect_levels=levels,
         default_events=_split(get("DCM_DEFAULT_EVENTS") or "study.stable"),
         header_fields=None if header_fields in (None, "all", "*") else _split(header_fields),
         orthanc_url=get("DCM_ORTHANC_URL"),
         api_token=get("DCM_API_TOKEN"),
-        callback_timeout=seconds("DCM_CALLBACK_TIMEOUT", 30.0),
+        callback_timeout=seconds("DCM_CALLBACK_TIMEOUT", 30.0, least=0.1),
         output_dir=Path(get("DCM_OUTPUT_DIR") or home / "outputs").expanduser().absolute(),
-        resend_after=seconds("DCM_RESEND_AFTER", 300.0),
-        heartbeat_interval=seconds("DCM_HEARTBEAT_INTERVAL", 10.0),
-        visibility_timeout=seconds("DCM_VISIBILITY_TIMEOUT", 43200.0),
+        resend_after=seconds("DCM_RESEND_AFTER", 300.0, least=1),
+        heartbeat_interval=seconds("DCM_HEARTBEAT_INTERVAL", 10.0, least=0.1),
+        visibility_timeout=seconds("DCM_VISIBILITY_TIMEOUT", 43200.0, least=1),
         data_root=Path(get("DCM_DATA_ROOT") or "").expanduser().absolute()
         if get("DCM_DATA_ROOT")
         else None,

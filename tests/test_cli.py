@@ -395,6 +395,8 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         ({"DCM_DATABASE_URL": "mysql://u@h/db"}, "runs on SQLite or PostgreSQL, not 'mysql'"),
         ({"DCM_DATABASE_URL": "notaurl"}, "'notaurl' is not a URL"),
         ({"DCM_HOME": "/etc/hostname"}, "/etc/hostname is not a folder"),
+        ({"DCM_DETECT_INTERVAL": "0"}, "DCM_DETECT_INTERVAL: '0' is too short"),
+        ({"DCM_HEARTBEAT_INTERVAL": "0s"}, "DCM_HEARTBEAT_INTERVAL: '0s' is too short"),
     ],
 )
 def test_settings_that_cannot_work_are_wrong_usage_with_a_message(
@@ -591,3 +593,29 @@ def test_the_fast_path_reports_like_the_full_cli(nowhere: Path) -> None:
     assert list(nowhere.iterdir()) == []
     code, _out, error, _heavy = fast("jobs", "--json", "--status", "bogus", cwd=nowhere)
     assert code == 2 and "upstream_failed" in error  # the full CLI's usage error
+
+
+@pytest.mark.parametrize("args", [["sessions", "--json"], ["sessions"], ["jobs"], ["show", "abcd"]])
+def test_a_damaged_store_file_is_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    damaged = tmp_path / "store.db"
+    damaged.write_bytes(bytes(range(256)) * 300)  # not SQLite
+    monkeypatch.setenv("DCM_DATABASE_URL", f"sqlite:///{damaged}")
+    code, _out, error, _heavy = fast(*args)
+    assert code == 1
+    assert (
+        error.strip() == f"error: the store at sqlite:///{damaged} answered: file is not a database"
+    )
+
+
+def test_run_refuses_a_broker_url_no_transport_can_serve(
+    nowhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scheduler.config import reset_settings
+
+    monkeypatch.setenv("CELERY_BROKER_URL", "bogus://somewhere")
+    reset_settings()
+    result = run("run", "--concurrency", "1", code=2)
+    assert "no such broker transport 'bogus'" in result.output
+    assert not (nowhere / ".dcm-scheduler").exists()  # nothing was started or created

@@ -174,6 +174,7 @@ def opened(url: str) -> Iterator[DriverReader]:
         except sqlite3.Error as exc:
             raise StoreNotReadyError(f"cannot read the store at {path}: {exc}") from exc
         reader = DriverReader(connection, "sqlite")
+        failure: Any = sqlite3.Error
     else:
         import psycopg
 
@@ -185,8 +186,14 @@ def opened(url: str) -> Iterator[DriverReader]:
         connection.read_only = True
         connection.autocommit = True
         reader = DriverReader(connection, "postgresql")
+        failure = psycopg.Error
     try:
         yield reader
+    except failure as exc:  # a damaged file, a server gone mid-read
+        reason = hide_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else "", url)
+        raise StoreNotReadyError(
+            f"the store at {mask(url)} answered: {reason or type(exc).__name__}"
+        ) from exc
     finally:
         connection.close()
 
