@@ -84,9 +84,9 @@ class Preloaded:
             return None
         self.workers[entry] = worker
         for name in child.service_modules(entry, roots):
-            path = getattr(sys.modules.get(name), "__file__", None)
-            if path:
-                self.files[path] = _state(path)
+            source = getattr(sys.modules.get(name), "__file__", None)
+            if source:
+                self.files[source] = _state(source)
         return worker
 
     def forget(self) -> None:
