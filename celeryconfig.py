@@ -113,8 +113,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events cost a publish each (a third of a no-op job's time on a
+        # prefork worker): off until someone watches. Flower turns them on in
+        # every worker while it runs (its --enable_events, the default).
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         "task_default_queue": DEFAULT_CHANNEL,
         # Each queue on its own exchange and key, like the ones Celery creates
         # for `-Q gpu`: a message for one queue is never copied to another.

@@ -182,12 +182,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--split-sessions", type=int, default=100)
+    parser.add_argument("--pools", default=",".join(POOLS), help="comma list of solo, prefork")
     args = parser.parse_args()
+    pools = [pool for pool in args.pools.split(",") if pool]
     name = "dcm_bench_overhead"
     url = create_database(name)
     jobs = args.sessions * 6
-    ours: dict[str, list[float]] = {pool: [] for pool in POOLS}
-    raw: dict[str, list[float]] = {pool: [] for pool in POOLS}
+    ours: dict[str, list[float]] = {pool: [] for pool in pools}
+    raw: dict[str, list[float]] = {pool: [] for pool in pools}
     with tempfile.TemporaryDirectory(prefix="dcm-bench-overhead-") as tmp:
         home = Path(tmp)
         values = testing.environment_values(home, url, REDIS_URL)
@@ -198,7 +200,7 @@ def main() -> None:
             flush_redis()
             testing.noop_service(settings.services_path[0], diamond_jobs())
             record_study(STUDY)
-            for pool in POOLS:
+            for pool in pools:
                 hostname = f"bench-{pool}@localhost"
                 workers = [
                     celery_worker(
@@ -241,9 +243,9 @@ def main() -> None:
         "broker": "redis",
         **machine(),
     }
-    fastest_pool = min(POOLS, key=lambda pool: median(raw[pool]))
+    fastest_pool = min(pools, key=lambda pool: median(raw[pool]))
     baseline = median(raw[fastest_pool])
-    for pool in POOLS:
+    for pool in pools:
         emit(
             f"overhead.raw_canvas.{pool}",
             median(raw[pool]),
@@ -251,7 +253,7 @@ def main() -> None:
             params | {"worker": f"celery -A bench.rawtasks worker -P {pool} -c 1"},
             samples=[round(v, 2) for v in raw[pool]],
         )
-    for pool in POOLS:
+    for pool in pools:
         value = median(ours[pool])
         emit(
             f"overhead.scheduler.{pool}",
