@@ -23,15 +23,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, TypeGuard
 
-from sqlalchemy import and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from scheduler import messages
 from scheduler.clock import iso, utcnow
 from scheduler.messages import ReadyJob
-from scheduler.store.db import Executor, dialect_name, rowcount, statements
+from scheduler.store.db import Executor, rowcount, statements
 from scheduler.store.models import Job, JobDependency, SchedulingSession
 from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
@@ -158,10 +158,6 @@ _TAKING = (
     )
 )
 _CLAIM = _TAKING.returning(*_CLAIM_RETURNS)
-# PostgreSQL: the session's fields come back with the update.
-_CLAIM_WITH_SESSION = _TAKING.where(SchedulingSession.id == Job.session_id).returning(
-    *_CLAIM_RETURNS, *_SESSION_READS
-)
 _SESSION_OF_CLAIM = select(*_SESSION_READS).where(SchedulingSession.id == bindparam("session_id"))
 _DEPENDENCY_RESULTS = (
     select(Job.job_name, Job.result)
@@ -170,57 +166,64 @@ _DEPENDENCY_RESULTS = (
 )
 
 
+def _on_psycopg(db: Executor) -> TypeGuard[Connection]:
+    """Whether the per-job statements can go through psycopg itself
+    (:mod:`scheduler.store.jobs_pg`)."""
+    return isinstance(db, Connection) and db.dialect.driver == "psycopg"
+
+
 def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | None:
     """``queued`` → ``running`` for this worker, if the job is ready; None for
-    a duplicate delivery, a job not ready yet, or one that ended. On
-    PostgreSQL the update also returns the session's fields it needs."""
-    values = {
-        "job_id": job_id,
-        "due": now + CLOCK_SKEW,
-        "now": now,
-        "hostname": hostname,
-        "pid": os.getpid(),
-    }
-    if dialect_name(db) == "postgresql":
-        row = db.execute(_CLAIM_WITH_SESSION, values).one_or_none()
-        if row is None:
+    a duplicate delivery, a job not ready yet, or one that ended."""
+    if _on_psycopg(db):
+        from scheduler.store import jobs_pg
+
+        found = jobs_pg.claim(db, job_id, hostname, os.getpid(), now, now + CLOCK_SKEW)
+        if found is None:
             return None
-        job, parent = row, row
     else:
-        alone = db.execute(_CLAIM, values).one_or_none()
-        if alone is None:
+        values = {
+            "job_id": job_id,
+            "due": now + CLOCK_SKEW,
+            "now": now,
+            "hostname": hostname,
+            "pid": os.getpid(),
+        }
+        taken = db.execute(_CLAIM, values).one_or_none()
+        if taken is None:
             return None
-        job = alone
-        parent = db.execute(_SESSION_OF_CLAIM, {"session_id": job.session_id}).one()
-    claimed = Claimed(
+        found = dict(taken._mapping)
+        found |= db.execute(_SESSION_OF_CLAIM, {"session_id": found["session_id"]}).one()._mapping
+        found["results"] = dict(db.execute(_DEPENDENCY_RESULTS, {"job_id": job_id}).all())
+    job = Claimed(
         job_id=job_id,
-        session_id=job.session_id,
-        job_name=job.job_name,
-        phase=job.phase,
-        channel=job.channel,
-        attempt=job.attempts,
-        worker_entry=job.worker_entry,
-        entry_root=job.entry_root,
-        params=job.params,
-        timeout_s=job.timeout_s,
-        python=job.python,
-        event=parent.event,
-        level=parent.level,
-        uid=parent.uid,
-        revision=parent.revision,
-        headers=parent.headers or {},
-        added_params=parent.added_params,
+        session_id=found["session_id"],
+        job_name=found["job_name"],
+        phase=found["phase"],
+        channel=found["channel"],
+        attempt=found["attempts"],
+        worker_entry=found["worker_entry"],
+        entry_root=found["entry_root"],
+        params=found["params"],
+        timeout_s=found["timeout_s"],
+        python=found["python"],
+        event=found["event"],
+        level=found["level"],
+        uid=found["uid"],
+        revision=found["revision"],
+        headers=found["headers"] or {},
+        added_params=found["added_params"],
+        results=found["results"],
     )
-    claimed.results = dict(db.execute(_DEPENDENCY_RESULTS, {"job_id": job_id}).all())
     if job.phase == Phase.POST:
-        claimed.outcomes = dict(
+        job.outcomes = dict(
             db.execute(
                 select(Job.job_name, Job.status).where(
                     Job.session_id == job.session_id, Job.id != job_id
                 )
             ).all()
         )
-    return claimed
+    return job
 
 
 def beat(db: Executor, job_id: str, attempt: int) -> bool:
@@ -335,6 +338,14 @@ def record_ending(
     )
     changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
 
+    if ending.ok and _on_psycopg(db):
+        from scheduler.store import jobs_pg
+
+        rows = jobs_pg.succeed_and_release(db, job_id, ending.result, changes["attempt_log"], now)
+        ready = _ready(ReadyRow(*row) for row in rows)
+        if not ready:
+            finish_session_if_done(db, session_id, now)
+        return Released(ready)
     if ending.ok:
         changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
         _update_job(db, job_id, changes | {"finished_at": now})
@@ -470,6 +481,18 @@ _DECREMENT_DEPENDENTS = _decrement(
         select(JobDependency.job_id).where(JobDependency.depends_on_id == bindparam("job_id"))
     )
 )
+
+
+class ReadyRow(NamedTuple):
+    """A decremented dependent, as :func:`_decrement` returns it."""
+
+    pending_deps: int
+    status: str
+    id: str
+    job_name: str
+    channel: str
+    priority: int
+    sort_position: float
 
 
 def _ready(rows: Any) -> list[ReadyJob]:

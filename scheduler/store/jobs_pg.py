@@ -1,0 +1,111 @@
+"""The statements every job runs, on PostgreSQL, through psycopg itself.
+
+A job's claim and the ending of a successful attempt are the two
+transactions every job pays for. Through SQLAlchemy each statement costs
+more in Python (cache keys, execution context, result processing) than on
+the server; here they are plain SQL on the transaction's own psycopg
+connection, prepared by the server after a few runs, and folded: the claim
+returns the session's fields and the results of the job's dependencies
+with its ``UPDATE``; the ending's update of the job and the release of its
+dependents are one statement. :mod:`scheduler.jobstate` decides when they
+apply (what they do is what its SQLAlchemy statements do on SQLite) and
+keeps every other transition.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection
+
+from scheduler.vocabulary import JobStatus
+
+_CLAIM = f"""
+UPDATE jobs SET status = '{JobStatus.RUNNING}', attempts = jobs.attempts + 1,
+    started_at = %(now)s, heartbeat_at = %(now)s, finished_at = NULL,
+    worker = %(hostname)s, worker_pid = %(pid)s
+FROM sessions
+WHERE jobs.id = %(job_id)s AND jobs.status = '{JobStatus.QUEUED}' AND jobs.pending_deps = 0
+    AND (jobs.run_after IS NULL OR jobs.run_after <= %(due)s)
+    AND sessions.id = jobs.session_id
+RETURNING jobs.session_id, jobs.job_name, jobs.phase, jobs.channel, jobs.attempts,
+    jobs.worker_entry, jobs.entry_root, jobs.params, jobs.timeout_s, jobs.python,
+    sessions.event, sessions.level, sessions.uid, sessions.revision, sessions.headers,
+    sessions.added_params,
+    (SELECT coalesce(jsonb_object_agg(done.job_name, done.result), '{{}}'::jsonb)
+     FROM job_dependencies edge JOIN jobs done ON done.id = edge.depends_on_id
+     WHERE edge.job_id = jobs.id) AS results
+"""
+
+CLAIM_COLUMNS = [
+    "session_id",
+    "job_name",
+    "phase",
+    "channel",
+    "attempts",
+    "worker_entry",
+    "entry_root",
+    "params",
+    "timeout_s",
+    "python",
+    "event",
+    "level",
+    "uid",
+    "revision",
+    "headers",
+    "added_params",
+    "results",
+]
+
+_SUCCEED_AND_RELEASE = f"""
+WITH ended AS (
+    UPDATE jobs SET status = '{JobStatus.SUCCEEDED}', result = %(result)s, error = NULL,
+        attempt_log = %(attempt_log)s, finished_at = %(now)s
+    WHERE id = %(job_id)s
+)
+UPDATE jobs SET pending_deps = jobs.pending_deps - 1,
+    dispatched_at = CASE WHEN jobs.pending_deps = 1 AND jobs.status = '{JobStatus.QUEUED}'
+        THEN %(now)s ELSE jobs.dispatched_at END
+WHERE jobs.id IN (SELECT job_id FROM job_dependencies WHERE depends_on_id = %(job_id)s)
+RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
+    jobs.priority, jobs.sort_position
+"""
+
+
+def _cursor(db: Connection) -> Any:
+    return db.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
+def claim(
+    db: Connection, job_id: str, hostname: str, pid: int, now: datetime, due: datetime
+) -> dict[str, Any] | None:
+    """The claim's update (see :func:`scheduler.jobstate.claim`); its row, or None."""
+    with _cursor(db) as cursor:
+        cursor.execute(
+            _CLAIM,
+            {"job_id": job_id, "hostname": hostname, "pid": pid, "now": now, "due": due},
+            prepare=True,
+        )
+        row = cursor.fetchone()
+    return None if row is None else dict(zip(CLAIM_COLUMNS, row, strict=True))
+
+
+def succeed_and_release(
+    db: Connection, job_id: str, result: Any, attempt_log: list[Any], now: datetime
+) -> list[tuple[Any, ...]]:
+    """Mark the job succeeded and decrement its dependents; their rows
+    (pending_deps, status, id, job_name, channel, priority, sort_position)."""
+    with _cursor(db) as cursor:
+        cursor.execute(
+            _SUCCEED_AND_RELEASE,
+            {
+                "job_id": job_id,
+                "result": Jsonb(result),
+                "attempt_log": Jsonb(attempt_log),
+                "now": now,
+            },
+            prepare=True,
+        )
+        return list(cursor.fetchall())
