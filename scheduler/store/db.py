@@ -35,7 +35,8 @@ _engines: dict[tuple[str, int], Engine] = {}
 _lock = threading.Lock()
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-# A pooled PostgreSQL connection idle longer than this is tested before use.
+# On the per-job path, a pooled PostgreSQL connection idle longer than this
+# is tested before use (elsewhere, every time).
 PING_AFTER_IDLE = 1.0
 
 
@@ -79,12 +80,17 @@ def _configure_postgresql(engine: Engine) -> None:
         dbapi_connection.autocommit = autocommit
 
 
+# Set while :func:`statements` takes its connection from the pool.
+_per_job = threading.local()
+
+
 def _ping_when_idle(engine: Engine) -> None:
-    """Test a pooled connection before use when it sat idle for a while (a
-    database restart or a firewall may have closed it meanwhile); a worker
-    running job after job reuses its connection without the round trip.
-    A connection lost anyway fails its statement as a disconnect, which
-    the per-job path retries (:func:`retrying`) on a new connection."""
+    """Test a pooled connection before use (a database restart or a firewall
+    may have closed it meanwhile) — except on the per-job path
+    (:func:`statements`) when it was in use within the last second: a
+    worker running job after job saves the round trip, and a connection lost
+    anyway fails its statement as a disconnect, which that path retries
+    (:func:`retrying`) on a new connection."""
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -93,7 +99,9 @@ def _ping_when_idle(engine: Engine) -> None:
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         since = record.info.get("idle_since")
-        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+        if since is None:
+            return  # just connected
+        if getattr(_per_job, "active", False) and time.monotonic() - since < PING_AFTER_IDLE:
             return
         try:
             cursor = dbapi_connection.cursor()
@@ -141,7 +149,13 @@ def statements(url: str | None = None) -> Iterator[Connection]:
     """A transaction on a plain connection, for the statements every job runs
     (its claim, its ending): there an ORM session's bookkeeping costs more
     than the statements themselves. Committed when the block ends."""
-    with get_engine(url).begin() as connection:
+    engine = get_engine(url)
+    _per_job.active = True
+    try:
+        connection = engine.connect()
+    finally:
+        _per_job.active = False
+    with connection, connection.begin():
         yield connection
 
 
