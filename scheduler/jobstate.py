@@ -319,10 +319,20 @@ def record_ending(
     re-queued as lost, or cancelled meanwhile) is ignored."""
     now = now or utcnow()
     # Lock the job's session row first (one statement): see the module docstring.
-    session_id = db.scalar(_LOCK_SESSION_OF_JOB, {"job_id": job_id})
-    if session_id is None:
-        return Released([], recorded=False)
-    job = db.execute(_ENDING_READS, {"job_id": job_id}).one()
+    job: Any
+    if _on_psycopg(db):
+        from scheduler.store import jobs_pg
+
+        locked = jobs_pg.lock_and_read(db, job_id)
+        if locked is None:
+            return Released([], recorded=False)
+        session_id, job = locked
+    else:
+        found = db.scalar(_LOCK_SESSION_OF_JOB, {"job_id": job_id})
+        if found is None:
+            return Released([], recorded=False)
+        session_id = str(found)
+        job = db.execute(_ENDING_READS, {"job_id": job_id}).one()
     if job.status != JobStatus.RUNNING or job.attempts != attempt:
         return Released([], recorded=False)
     if (

@@ -6,8 +6,9 @@ more in Python (cache keys, execution context, result processing) than on
 the server; here they are plain SQL on the transaction's own psycopg
 connection, prepared by the server after a few runs, and folded: the claim
 returns the session's fields and the results of the job's dependencies
-with its ``UPDATE``; the ending's update of the job and the release of its
-dependents are one statement. :mod:`scheduler.jobstate` decides when they
+with its ``UPDATE``; an ending locks the session and reads the job as
+:mod:`scheduler.jobstate` does, and for a success the update of the job and
+the release of its dependents are one statement. :mod:`scheduler.jobstate` decides when they
 apply (what they do is what its SQLAlchemy statements do on SQLite) and
 keeps every other transition.
 """
@@ -15,7 +16,7 @@ keeps every other transition.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
@@ -59,6 +60,33 @@ CLAIM_COLUMNS = [
     "results",
 ]
 
+# The session row first, as every transition of a session's jobs does
+# (scheduler.jobstate); then the job, read after the lock is held.
+_LOCK_SESSION = """
+SELECT id FROM sessions WHERE id = (SELECT session_id FROM jobs WHERE id = %(job_id)s)
+FOR UPDATE
+"""
+_ENDING_READS = """
+SELECT status, attempts, heartbeat_at, worker, started_at, attempt_log, max_attempts,
+    retries, retry_delay_s
+FROM jobs WHERE id = %(job_id)s
+"""
+
+
+class EndingRead(NamedTuple):
+    """What ending an attempt reads of its job."""
+
+    status: str
+    attempts: int
+    heartbeat_at: datetime | None
+    worker: str | None
+    started_at: datetime | None
+    attempt_log: list[Any]
+    max_attempts: int
+    retries: int
+    retry_delay_s: float
+
+
 _SUCCEED_AND_RELEASE = f"""
 WITH ended AS (
     UPDATE jobs SET status = '{JobStatus.SUCCEEDED}', result = %(result)s, error = NULL,
@@ -90,6 +118,17 @@ def claim(
         )
         row = cursor.fetchone()
     return None if row is None else dict(zip(CLAIM_COLUMNS, row, strict=True))
+
+
+def lock_and_read(db: Connection, job_id: str) -> tuple[str, EndingRead] | None:
+    """Lock the job's session row and read the job; None if there is no such job."""
+    with _cursor(db) as cursor:
+        cursor.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
+        locked = cursor.fetchone()
+        if locked is None:
+            return None
+        cursor.execute(_ENDING_READS, {"job_id": job_id}, prepare=True)
+        return str(locked[0]), EndingRead(*cursor.fetchone())
 
 
 def succeed_and_release(
