@@ -27,7 +27,6 @@ Celery's own work between tasks (receiving, acknowledging, events).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
