@@ -116,8 +116,10 @@ def test_flower_shows_each_job_by_its_job_name_and_state(flower: str, define: De
         response.raise_for_status()
         tasks = response.json()
         found = {task_id: tasks[task_id] for task_id in job_ids if task_id in tasks}
-        done = bool(job_ids) and len(found) == len(job_ids) and all(
-            t.get("state") == "SUCCESS" for t in found.values()
+        done = (
+            bool(job_ids)
+            and len(found) == len(job_ids)
+            and all(t.get("state") == "SUCCESS" for t in found.values())
         )
         if done:
             return found
