@@ -122,8 +122,12 @@ def start(uid: str) -> str:
     return session_id
 
 
-def test_a_killed_pool_process_re_runs_its_job_once(
-    cluster: Cluster, define: Define, tmp_path: Path
+@pytest.mark.parametrize(
+    ("victim_process", "reason"),
+    [("pool process", "died during the attempt"), ("fork server", "SIGKILL")],
+)
+def test_a_killed_pool_process_or_fork_server_re_runs_its_job_once(
+    cluster: Cluster, define: Define, tmp_path: Path, victim_process: str, reason: str
 ) -> None:
     pidfile, calls_file = tmp_path / "pid", tmp_path / "calls"
     define(
@@ -141,47 +145,18 @@ def test_a_killed_pool_process_re_runs_its_job_once(
     attempt = psutil.Process(int(pidfile.read_text()))
     fork_server = psutil.Process(attempt.ppid())
     pool_process = fork_server.parent()
-    pool_process.kill()  # SIGKILL the process running the job
-    attempt.wait(timeout=30)  # the attempt dies with it (PDEATHSIG)
+    (pool_process if victim_process == "pool process" else fork_server).kill()
+    attempt.wait(timeout=30)  # the attempt dies with it (parent-death signal)
     fork_server.wait(timeout=30)
 
     doc = wait_session(session_id, timeout=90)
     victim = jobs_by_name(doc)["victim"]
     assert (doc["status"], victim["status"], victim["attempts"]) == ("succeeded", "succeeded", 2)
     assert victim["attempt_log"][0]["status"] == "lost"
-    assert "died during the attempt" in victim["attempt_log"][0]["error"]
+    assert reason in victim["attempt_log"][0]["error"]
     assert calls(calls_file, "victim") == 2  # one killed attempt, one that finished
-
-
-def test_a_killed_fork_server_re_runs_its_job_and_the_worker_goes_on(
-    cluster: Cluster, define: Define, tmp_path: Path
-) -> None:
-    pidfile, calls_file = tmp_path / "pid", tmp_path / "calls"
-    define(
-        [
-            {
-                "jobName": "victim",
-                "workerEntry": WORK,
-                "params": {"pidfile": str(pidfile), "calls": str(calls_file), "hang_first": True},
-            }
-        ]
-    )
-    cluster.worker("w1")
-    session_id = start("60.9")
-    wait_until(pidfile.exists, timeout=60, what="the first attempt to start")
-    attempt = psutil.Process(int(pidfile.read_text()))
-    fork_server = psutil.Process(attempt.ppid())
-    pool_process = fork_server.parent()
-    fork_server.kill()
-    attempt.wait(timeout=30)  # the attempt's tree goes with its fork server
-
-    doc = wait_session(session_id, timeout=90)
-    victim = jobs_by_name(doc)["victim"]
-    assert (doc["status"], victim["status"], victim["attempts"]) == ("succeeded", "succeeded", 2)
-    assert victim["attempt_log"][0]["status"] == "lost"
-    assert "SIGKILL" in victim["attempt_log"][0]["error"]
-    assert calls(calls_file, "victim") == 2
-    assert pool_process.is_running()  # the pool process started a new fork server
+    if victim_process == "fork server":
+        assert pool_process.is_running()  # it started a new fork server and went on
 
 
 def test_a_killed_pool_process_takes_down_what_its_attempt_started(
