@@ -199,7 +199,9 @@ def resolve_session_id(source: Any, given: str) -> str:
     if reader.rows("SELECT id FROM sessions WHERE id = :id", id=given):
         return given
     if len(given) < 4:
-        raise NotFoundError(f"no session {given!r}")
+        raise NotFoundError(
+            f"no session {given!r} (give the full id, or at least its first 4 characters)"
+        )
     prefix = given.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     ids = [
         row["id"]

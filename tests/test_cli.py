@@ -117,6 +117,12 @@ def test_unknown_session_is_a_reported_problem(env: Settings) -> None:
     assert "no session" in result.output
 
 
+def test_a_too_short_session_prefix_says_how_long_it_must_be(planned: str) -> None:
+    result = run("show", planned[:2], code=1)
+    assert "at least its first 4 characters" in result.output
+    assert run("show", planned[:4]).exit_code == 0
+
+
 def test_wrong_usage_exits_2(env: Settings) -> None:
     run("plan", code=2)
     run("plan", "--study", "1", "--series", "2", code=2)
