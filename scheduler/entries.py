@@ -240,3 +240,44 @@ def load_entry(
     if not callable(value):
         raise EntryError(entry, f"{entry!r} is not callable (it is a {type(value).__name__})")
     return value
+
+
+def _serve_import_checks() -> None:
+    """Import entries on request, in a process of their own (the registry's
+    checks, :mod:`scheduler.registry.importcheck`): a service whose import
+    crashes, exits or hangs takes only this process down. One JSON line per
+    request on stdin, ``{"entries": [[entry, [root, …], package], …]}``; one
+    per answer on the original stdout, ``{"errors": [reason or null, …],
+    "modules": {top-level name: location}}``. What service code prints goes
+    to stderr."""
+    import json
+    import os
+
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        request = json.loads(line)
+        errors: list[str | None] = []
+        for entry, roots, package in request["entries"]:
+            try:
+                load_entry(entry, [Path(root) for root in roots], package=package)
+            except EntryError as exc:
+                errors.append(str(exc))
+            else:
+                errors.append(None)
+        modules = {}
+        for name, module in list(sys.modules.items()):
+            location = module_location(module) if module is not None and "." not in name else None
+            if location is not None:
+                modules[name] = str(location)
+        sys.stdout.flush()
+        answers.write(json.dumps({"errors": errors, "modules": modules}) + "\n")
+    # Done: no waiting for threads service code started at import.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    # Run as a script: this folder heads sys.path, and must not shadow a
+    # service's modules (its own `config`, say).
+    del sys.path[0]
+    _serve_import_checks()

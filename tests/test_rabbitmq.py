@@ -206,7 +206,9 @@ def test_a_killed_pool_process_re_runs_its_job_once(
 ) -> None:
     """On RabbitMQ the pool's death re-queues the message at once (late
     acks, reject_on_worker_lost); the job's second attempt finishes it."""
-    test_faults.test_a_killed_pool_process_re_runs_its_job_once(rabbitmq_cluster, define, tmp_path)
+    test_faults.test_a_killed_pool_process_or_fork_server_re_runs_its_job_once(
+        rabbitmq_cluster, define, tmp_path, "pool process", "died during the attempt"
+    )
 
 
 def test_a_killed_worker_s_job_is_requeued_by_the_re_sender_and_finishes_once(

@@ -730,6 +730,34 @@ def test_one_broken_service_does_not_stop_another(tmp_path: Path) -> None:
     assert [j.job_name for j in registry.jobs()] == ["fine"]
 
 
+@pytest.mark.parametrize(
+    ("module_code", "reason"),
+    [
+        ("import os\nprint('leaving now')\nos._exit(3)\n", "ended the process with status 3"),
+        ("import time\nwhile True:\n    time.sleep(1)\n", "did not finish within 1s"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", "by signal 11"),
+    ],
+)
+def test_a_service_whose_import_exits_hangs_or_crashes_is_left_out_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+    module_code: str, reason: str,
+) -> None:  # fmt: skip
+    from scheduler.config import reset_settings
+
+    monkeypatch.setenv("DCM_CALLBACK_TIMEOUT", "1")
+    reset_settings()
+    simple_service(tmp_path, "good", job("fine", "good_code"))
+    code = {"fatal/__init__.py": module_code + CODE}
+    service(tmp_path, "fatal", [job("doomed", "fatal")], code)
+
+    registry = load(tmp_path)  # this process goes on, whatever the import did
+
+    assert names(registry) == ["good"]
+    assert reason in only_problem(registry)
+    assert "fatal" not in sys.modules
+    assert "leaving now" not in capfd.readouterr().out  # service output stays out of ours
+
+
 def test_depending_on_a_broken_service_cascades(tmp_path: Path) -> None:
     simple_service(tmp_path, "base", job("root", "base_code", timeout="never"))
     simple_service(tmp_path, "middle", job("mid", "middle_code", dependsOn="root"))

@@ -8,7 +8,6 @@ service that is still healthy.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,11 @@ from pathlib import Path
 from scheduler.entries import (
     EntryError,
     inside,
-    load_entry,
     locate,
-    module_location,
     same_path,
 )
 from scheduler.registry.definitions import Draft, JobDefinition
+from scheduler.registry.importcheck import ImportChecker
 from scheduler.vocabulary import Phase
 
 
@@ -78,8 +76,9 @@ def _entries(draft: Draft, job: JobDefinition) -> Iterator[tuple[str, str, str]]
             yield canonical, written.get(canonical, canonical), entry
 
 
-def check_entries(draft: Draft, claims: ModuleClaims, check_imports: bool) -> None:
-    """Entries inside the service, not shared with another service, importable.
+def check_entries(draft: Draft, claims: ModuleClaims, checker: ImportChecker | None) -> None:
+    """Entries inside the service, not shared with another service, importable
+    (imported by ``checker``, in a process of its own; None: not imported).
 
     A service already left out for another problem is only checked for where
     its entries point: its code is not run, and its modules claim nothing,
@@ -110,18 +109,18 @@ def check_entries(draft: Draft, claims: ModuleClaims, check_imports: bool) -> No
                 # process may lack: check where it is, never import it here.
                 continue
             to_import.append((job.job_name, canonical, written, entry))
-    if not check_imports or clashes or not healthy:
+    if checker is None or clashes or not healthy:
         return  # never run code that would share another service's modules
-    for job_name, canonical, written, entry in to_import:
-        try:
-            load_entry(entry, draft.roots, package=draft.package)
-        except EntryError as exc:
-            draft.report(job_name, written, f"cannot import {canonical} {entry!r}: {exc}")
+    errors, modules = checker.check(
+        [(entry, draft.roots, draft.package) for *_, entry in to_import]
+    )
+    for (job_name, canonical, written, entry), error in zip(to_import, errors, strict=True):
+        if error is not None:
+            draft.report(job_name, written, f"cannot import {canonical} {entry!r}: {error}")
     for top in own:
         # Modules the entries imported in turn (a `utils` of the service) are
         # claimed too, so another service with its own `utils` is reported.
-        module = sys.modules.get(top)
-        location = module_location(module) if module else None
+        location = modules.get(top)
         if own_root and location is not None and inside(location, [own_root]):
             claims.claim(draft, top, location)
 

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from scheduler.entries import (
-    inside,
-    module_location,
-)
 from scheduler.registry.definitions import Draft
 
 # Folders whose *.py files are not the service's code: caches, VCS data and
@@ -93,25 +88,3 @@ def code_stamp(locations: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
                 continue
             stamp.append((str(path), status.st_mtime_ns, status.st_size))
     return tuple(stamp)
-
-
-# Code hash of each service's code locations when this process last imported
-# it: a long-running planner re-imports a service whose code changed.
-_imported_code: dict[tuple[Path, ...], str] = {}
-
-
-def forget_changed_code(draft: Draft) -> None:
-    """Drop the modules of a service whose code changed since this process
-    imported it, so checking its entries imports the code on disk."""
-    locations = tuple(draft.code)
-    if not locations:
-        return
-    current = _digest(_code_of(draft))
-    previous = _imported_code.get(locations)
-    _imported_code[locations] = current
-    if previous is None or previous == current:
-        return
-    for name, module in list(sys.modules.items()):
-        location = module_location(module) if module is not None else None
-        if location is not None and inside(location, locations):
-            sys.modules.pop(name, None)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from scheduler.config import get_settings
 from scheduler.registry.checks import (
     ModuleClaims,
     cascade,
@@ -18,7 +19,7 @@ from scheduler.registry.checks import (
     check_job_names,
     check_service_names,
 )
-from scheduler.registry.code import forget_changed_code, hash
+from scheduler.registry.code import hash
 from scheduler.registry.definitions import Draft, Problem, Registry, ServiceDefinition
 from scheduler.registry.files import (
     discover_folders,
@@ -26,6 +27,7 @@ from scheduler.registry.files import (
     read_folder_service,
     read_system_settings,
 )
+from scheduler.registry.importcheck import ImportChecker
 
 
 def _registry(drafts: list[Draft], header_fields: tuple[str, ...] | None) -> Registry:
@@ -79,10 +81,13 @@ def load_registry(
     check_dependencies(drafts, owners)
     check_cycles(drafts, owners)
     claims = ModuleClaims()
-    for draft in drafts:
-        if check_imports:
-            forget_changed_code(draft)
-        check_entries(draft, claims, check_imports)
+    checker = ImportChecker(get_settings().callback_timeout) if check_imports else None
+    try:
+        for draft in drafts:
+            check_entries(draft, claims, checker)
+    finally:
+        if checker is not None:
+            checker.close()
     cascade(drafts, owners)
     for draft in drafts:
         hash(draft)
