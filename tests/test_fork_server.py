@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from scheduler.testing import wait_until
 from workers_bridge.process import close_servers, execute
 
 
@@ -72,7 +74,9 @@ def test_a_service_whose_import_ends_the_process_fails_and_the_next_attempt_work
     request = service(tmp_path, "import os\nos._exit(3)\n")
     outcome = execute(request, timeout=30)
     assert not outcome.ok
-    assert "exited with status 3" in outcome.error
+    assert outcome.error.startswith(
+        "the service's fork server exited with status 3 while importing the service's modules"
+    )
     service(tmp_path, COUNTING)
     assert execute(request, timeout=30).ok
 
@@ -83,5 +87,49 @@ def test_a_service_whose_import_hangs_times_out_and_the_next_attempt_works(
     request = service(tmp_path, "import time\ntime.sleep(3600)\n")
     outcome = execute(request, timeout=1)
     assert (outcome.ok, outcome.timed_out) == (False, True)
+    assert "the service's modules were still being imported" in outcome.error
     service(tmp_path, COUNTING)
     assert execute(request, timeout=30).ok
+
+
+SPAWNING = """
+import subprocess
+
+def work(*args, **kwargs):
+    return {"pid": subprocess.Popen(["sleep", "300"]).pid}
+"""
+
+
+def test_what_an_attempt_left_running_ends_with_its_fork_server(tmp_path: Path) -> None:
+    from .test_callbacks import ended
+
+    outcome = execute(service(tmp_path, SPAWNING), timeout=30)
+    assert outcome.ok, outcome
+    left = outcome.result["pid"]
+    assert not ended(left)  # kept: the service may want it while the server lives
+    close_servers()  # what evicting the least recently used server does too
+    wait_until(lambda: ended(left), timeout=10, what=f"process {left} to end")
+
+
+def test_attempt_folders_of_worker_processes_that_died_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import tempfile
+
+    from workers_bridge import process
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = Path(tempfile.gettempdir()) / f"{process.FOLDER_PREFIX}{gone.pid}-x1"
+    stale.mkdir()
+    (stale / "response.json").write_text("{}")
+    mine = Path(tempfile.mkdtemp(prefix=f"{process.FOLDER_PREFIX}{os.getpid()}-"))
+    monkeypatch.setattr(process, "_swept", set())  # as in a newly started worker process
+    try:
+        assert execute(service(tmp_path, COUNTING), timeout=30).ok
+        assert not stale.exists()
+        assert mine.exists()  # this process is alive: its folders stay
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)

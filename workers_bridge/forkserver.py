@@ -162,7 +162,13 @@ def serve(parent: int) -> int:
     while True:
         line = requests.readline()
         if not line:
-            return 0  # the parent closed the pipe: done
+            # The parent closed the pipe: done. What attempts left running
+            # (kept in this tree) does not outlive the server.
+            lifeline = child.scheduler_module("lifeline")
+            for leftover in reversed(lifeline.descendants(os.getpid())):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(leftover, signal.SIGKILL)
+            return 0
         message = json.loads(line)
         request, folder = message["request"], message["folder"]
         _reap_orphans()

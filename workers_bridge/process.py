@@ -14,6 +14,7 @@ lost one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -41,6 +42,8 @@ OUTPUT_TAIL_BYTES = 8192
 MAX_SERVERS = 8
 # After the attempt's tree was killed, how long its fork server may take to report it.
 REAP_PATIENCE = 10.0
+# Each fork server's folder (output tail, response): this, the worker process's pid, a suffix.
+FOLDER_PREFIX = "dcm-attempt-"
 
 
 @dataclass
@@ -78,7 +81,8 @@ class ForkServer:
 
     def __init__(self, python: str) -> None:
         self.owner = os.getpid()
-        self.folder = Path(tempfile.mkdtemp(prefix="dcm-attempt-"))
+        _sweep_folders()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self.process = subprocess.Popen(
             [python, forkserver.__file__, str(os.getpid())],
             stdin=subprocess.PIPE,
@@ -155,6 +159,32 @@ class ForkServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+_swept: set[int] = set()
+
+
+def _sweep_folders() -> None:
+    """Remove the attempt folders of worker processes that no longer exist
+    (killed, or ended without closing their fork servers); once per process."""
+    if os.getpid() in _swept:
+        return
+    _swept.add(os.getpid())
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        owner = folder.name.removeprefix(FOLDER_PREFIX).partition("-")[0]
+        if owner.isdigit() and not alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (perhaps another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 _servers: OrderedDict[tuple[str, tuple[str, ...], int], ForkServer] = OrderedDict()
 _servers_lock = threading.Lock()
 
@@ -186,6 +216,7 @@ def _discard(server: ForkServer) -> None:
     server.close()
 
 
+@atexit.register
 def close_servers() -> None:
     """End every fork server of this process (worker shutdown, tests)."""
     with _servers_lock:
@@ -221,6 +252,8 @@ def execute(
             outcome = _killed(ended, ooms, server.output_path)
         else:
             outcome = _outcome(ended, timeout, server.response_path, server.output_path)
+            if server.forked_at is None and not outcome.ok:
+                outcome.error = _before_fork(ended, timeout)
         outcome.forked_at = server.forked_at
         return outcome
     finally:
@@ -349,21 +382,39 @@ def _outcome(
             timed_out=True,
         )
     if response is None:
-        code = ended.code
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = "unknown signal"
-            how = f"was killed by signal {-code} ({name})"
-        else:
-            how = f"exited with status {code}"
+        how = _exit_description(ended.code)
         return AttemptOutcome(False, error=f"the worker process {how} without a result{suffix}")
     error = str(response.get("error") or "worker failed")
     trace = response.get("traceback") or ""
     if trace:
         error = f"{error}\n{trace.rstrip()}"
     return AttemptOutcome(False, error=error + suffix)
+
+
+def _before_fork(ended: Ended, timeout: float) -> str:
+    """Why an attempt never started: its fork server was still importing the
+    service's modules, and ended or ran out of time."""
+    if ended.how == "timeout":
+        return (
+            f"timeout: the service's modules were still being imported when the "
+            f"attempt's timeout of {timeout:g}s ran out"
+        )
+    if ended.how == "stopped":
+        return "stopped: the job was cancelled while the service's modules were being imported"
+    return (
+        f"the service's fork server {_exit_description(ended.code)} while importing the "
+        "service's modules, before the attempt started (what it printed is in the worker's log)"
+    )
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with status {code}"
 
 
 def _response(path: Path) -> dict[str, Any] | None:

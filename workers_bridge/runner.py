@@ -30,7 +30,7 @@ from scheduler.jobstate import Claimed, Ending
 from scheduler.presence import record_presence
 from scheduler.store.db import Executor, retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
-from workers_bridge.process import AttemptOutcome, execute
+from workers_bridge.process import AttemptOutcome, alive, execute
 
 log = logging.getLogger(__name__)
 
@@ -138,22 +138,12 @@ def dead_local_attempt(job_id: str, hostname: str) -> tuple[int, str] | None:
         running = jobstate.running_attempt(db, job_id)
     if running is None or running.worker != hostname or not running.worker_pid:
         return None
-    if running.worker_pid == os.getpid() or _alive(running.worker_pid):
+    if running.worker_pid == os.getpid() or alive(running.worker_pid):
         return None
     return (
         running.attempt,
         f"worker lost: process {running.worker_pid} on {hostname} died during the attempt",
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def attempt_safely(taken: Attempt, heartbeat_interval: float) -> AttemptOutcome:
