@@ -60,6 +60,7 @@ class Preloaded:
         self.roots: list[str] = []
         self.workers: dict[str, Any] = {}
         self.files: dict[str, tuple[int, int]] = {}
+        self.version = 0  # changes whenever the imported modules do
 
     def worker(self, entry: str, roots: list[str]) -> Any | None:
         """The worker function of ``entry``, imported from the current files;
@@ -83,6 +84,7 @@ class Preloaded:
             child.fresh_imports(entry, roots)
             return None
         self.workers[entry] = worker
+        self.version += 1
         for name in child.service_modules(entry, roots):
             source = getattr(sys.modules.get(name), "__file__", None)
             if source:
@@ -93,6 +95,7 @@ class Preloaded:
         for entry in self.workers:
             child.fresh_imports(entry, self.roots)
         self.workers, self.files = {}, {}
+        self.version += 1
 
 
 def _state(path: str) -> tuple[int, int]:
@@ -103,18 +106,21 @@ def _state(path: str) -> tuple[int, int]:
     return (status.st_mtime_ns, status.st_size)
 
 
-def attempt(
-    request: dict[str, Any], worker: Any | None, folder: str, server: int, replies: int
-) -> None:
+def _detach(server: int, replies: int) -> None:
+    """In a forked child, before its request: a process group and session of
+    its own, tied to the server's life."""
+    # Only the server answers its parent: the pipe's end must close when it dies.
+    os.close(replies)
+    os.setsid()
+    # The server dies: the attempt's tree goes too. The server watches its
+    # own parent and takes its whole tree down, so no watchdog here.
+    child.scheduler_module("lifeline").guard(server, watchdog=False)
+
+
+def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
     """In the forked child: run the attempt, write its response; never returns."""
     code = 0
     try:
-        # Only the server answers its parent: the pipe's end must close when it dies.
-        os.close(replies)
-        os.setsid()
-        # The server dies: the attempt's tree goes too. The server watches
-        # its own parent and takes its whole tree down, so no watchdog here.
-        child.scheduler_module("lifeline").guard(server, watchdog=False)
         output = os.open(
             os.path.join(folder, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
         )
@@ -135,6 +141,47 @@ def attempt(
         code = 70
     finally:
         os._exit(code)
+
+
+class Standby:
+    """A child forked ahead of the next attempt, waiting for its request on a
+    pipe: the fork and the child's set-up happen while the worker records
+    the previous attempt, not while the next one waits. Valid only while the
+    server's modules are those it was forked with."""
+
+    def __init__(self, preloaded: Preloaded, replies: int) -> None:
+        self.version = preloaded.version
+        self.workers = dict(preloaded.workers)
+        server = os.getpid()
+        readable, self.writable = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 70
+            try:
+                os.close(self.writable)
+                _detach(server, replies)
+                with os.fdopen(readable, "rb") as pipe:
+                    line = pipe.read()
+                if line:
+                    message = json.loads(line)
+                    request = message["request"]
+                    attempt(request, self.workers.get(request["entry"]), message["folder"])
+                code = 0  # no request: the server let it go
+            finally:
+                os._exit(code)
+        os.close(readable)
+
+    def take(self, message: dict[str, Any]) -> int:
+        with os.fdopen(self.writable, "wb") as pipe:
+            pipe.write(json.dumps(message).encode("utf-8"))
+        return self.pid
+
+    def discard(self) -> None:
+        os.close(self.writable)  # it reads no request and exits
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
 def _reap_orphans() -> None:
@@ -158,6 +205,7 @@ def serve(parent: int) -> int:
     # Whatever service code prints while being imported goes to the worker's log.
     os.dup2(2, 1)
     preloaded = Preloaded()
+    standby: Standby | None = None
     requests = sys.stdin.buffer
     while True:
         line = requests.readline()
@@ -173,12 +221,22 @@ def serve(parent: int) -> int:
         request, folder = message["request"], message["folder"]
         _reap_orphans()
         worker = preloaded.worker(request["entry"], request.get("roots", []))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        server = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            attempt(request, worker, folder, server, replies.fileno())
+        if standby is not None and (
+            standby.version != preloaded.version or request["entry"] not in standby.workers
+        ):
+            standby.discard()
+            standby = None
+        if standby is not None:
+            pid = standby.take(message)
+            standby = None
+        else:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            server = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                _detach(server, replies.fileno())
+                attempt(request, worker, folder)
         replies.write(json.dumps({"pid": pid}) + "\n")
         _pid, status, usage = os.wait4(pid, 0)
         # ru_maxrss is in KiB on Linux.
@@ -188,6 +246,8 @@ def serve(parent: int) -> int:
             )
             + "\n"
         )
+        if worker is not None:
+            standby = Standby(preloaded, replies.fileno())
 
 
 def main(argv: list[str]) -> int:
