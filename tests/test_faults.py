@@ -184,8 +184,9 @@ def test_a_killed_pool_process_takes_down_what_its_attempt_started(
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
 
 
-def test_a_killed_pool_process_takes_down_an_attempt_that_ignores_signals(
-    cluster: Cluster, define: Define, tmp_path: Path
+@pytest.mark.parametrize("victim_process", ["pool process", "fork server"])
+def test_a_killed_pool_process_or_fork_server_takes_down_an_attempt_that_ignores_signals(
+    cluster: Cluster, define: Define, tmp_path: Path, victim_process: str
 ) -> None:
     from .test_callbacks import ended
 
@@ -197,25 +198,8 @@ def test_a_killed_pool_process_takes_down_an_attempt_that_ignores_signals(
     wait_until(pidfile.exists, timeout=60, what="the attempt to start")
     attempt = psutil.Process(int(pidfile.read_text()))
     fork_server = psutil.Process(attempt.ppid())
-    fork_server.parent().kill()  # the pool process running the attempt
+    (fork_server.parent() if victim_process == "pool process" else fork_server).kill()
     for pid in (attempt.pid, int(daemon.read_text()), fork_server.pid):
-        wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
-
-
-def test_a_killed_fork_server_takes_down_an_attempt_that_ignores_signals(
-    cluster: Cluster, define: Define, tmp_path: Path
-) -> None:
-    from .test_callbacks import ended
-
-    daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
-    params = {"daemon": str(daemon), "pidfile": str(pidfile)}
-    define([{"jobName": "stubborn", "workerEntry": "dcm_testjobs:stubborn", "params": params}])
-    cluster.worker("w1")
-    start("60.10")
-    wait_until(pidfile.exists, timeout=60, what="the attempt to start")
-    attempt = psutil.Process(int(pidfile.read_text()))
-    psutil.Process(attempt.ppid()).kill()  # the attempt's fork server
-    for pid in (attempt.pid, int(daemon.read_text())):
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
 
 
