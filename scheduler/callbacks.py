@@ -15,7 +15,9 @@ its end of the socket.
 
 A request is two frames on a socket pair: the call (JSON) and the headers
 document (JSON, encoded once per plan). The answer is one frame: the
-decision as ``{"scheduled", "reason", "params", "traceback"}``.
+decision as ``{"scheduled", "reason", "params", "traceback"}``. A host also
+imports entries to check them when the registry is loaded (a request
+``{"check": …}``, see :func:`check_imports`).
 """
 
 from __future__ import annotations
@@ -296,6 +298,29 @@ def call(request: dict[str, Any], headers: Any, cache: dict[Any, Any]) -> dict[s
     }
 
 
+def check_imports(entries: list[list[Any]]) -> dict[str, Any]:
+    """Import each ``[entry, roots, package]`` (the registry's check,
+    :mod:`scheduler.registry.importcheck`); never raising. The reason each
+    one does not import (None when it does), and the top-level modules
+    loaded so far with their locations."""
+    from scheduler.entries import EntryError, load_entry, module_location
+
+    errors: list[str | None] = []
+    for entry, roots, package in entries:
+        try:
+            load_entry(entry, [Path(root) for root in roots], package=package)
+        except EntryError as exc:
+            errors.append(str(exc))
+        else:
+            errors.append(None)
+    modules = {}
+    for name, module in list(sys.modules.items()):
+        location = module_location(module) if module is not None and "." not in name else None
+        if location is not None:
+            modules[name] = str(location)
+    return {"errors": errors, "modules": modules}
+
+
 def serve(sock: socket.socket) -> None:
     cache: dict[Any, Any] = {}
     _send(sock, b"ready")
@@ -305,7 +330,10 @@ def serve(sock: socket.socket) -> None:
             headers = json.loads(_receive(sock))
         except EOFError:
             return  # the planner closed its end, or died
-        decision = call(request, headers, cache)
+        if "check" in request:
+            decision = check_imports(request["check"])
+        else:
+            decision = call(request, headers, cache)
         try:
             answer = json.dumps(decision)
         except (TypeError, ValueError) as exc:  # a reason or params that are not JSON
