@@ -12,11 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
 
 from scheduler.config import Settings
-from scheduler.store.db import transaction
-from scheduler.store.models import Worker, utcnow
+from scheduler.store.models import utcnow
 from scheduler.testing import (
     detect_and_send,
     environment_values,
@@ -28,7 +26,7 @@ from scheduler.testing import (
 )
 
 from .conftest import Define
-from .processes import CeleryProcess
+from .test_faults import Cluster
 
 AUTH = ("operator", "s3cret")
 
@@ -41,22 +39,12 @@ def worker(tmp_path: Path, pg_url: str, redis_url: str, services_root: Path) -> 
         "DCM_STABLE_AGE": "0",
     }
     with using_environment(values) as settings:
-        process = CeleryProcess(
-            "worker", "-n", "flowered@%h", "-c", "1", "--without-mingle", "--without-gossip",
-            log=tmp_path / "worker.log",
-        ).start()  # fmt: skip
+        workers = Cluster(tmp_path)
         try:
-            wait_until(lambda: worker_seen("flowered@"), timeout=60, what="the worker to start")
+            workers.worker("flowered")
             yield settings
         finally:
-            process.stop()
-
-
-def worker_seen(prefix: str) -> bool:
-    with transaction() as db:
-        return (
-            db.scalar(select(Worker.hostname).where(Worker.hostname.startswith(prefix))) is not None
-        )
+            workers.stop()
 
 
 @pytest.fixture
