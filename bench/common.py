@@ -141,9 +141,15 @@ def celery_worker(
     env: dict[str, str] | None = None,
     logfile: Path | None = None,
     extra: Sequence[str] = (),
+    app: str = "scheduler",
 ) -> subprocess.Popen[bytes]:
-    """A real ``celery -A scheduler worker`` process, started from the repo root."""
-    command = testing.celery_command(
+    """A real ``celery -A <app> worker`` process, started from the repo root."""
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
         "worker",
         "-Q",
         queues,
@@ -158,7 +164,7 @@ def celery_worker(
         "--without-gossip",
         "--without-mingle",
         *extra,
-    )
+    ]
     if include:
         command += ["-I", include]
     output = open(logfile, "ab") if logfile else subprocess.DEVNULL  # noqa: SIM115

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,6 @@ from typing import Any
 
 from bench.common import (
     REDIS_URL,
-    REPO,
     celery_worker,
     create_database,
     diamond_jobs,
@@ -126,13 +124,14 @@ def raw_worker(pool: str, logfile: Path) -> subprocess.Popen[bytes]:
     from bench.rawtasks import QUEUE, app
 
     name = f"raw-{pool}@localhost"
-    command = [
-        sys.executable, "-m", "celery", "-A", "bench.rawtasks", "worker", "-P", pool,
-        "-c", "1", "-Q", QUEUE, "-n", name, "--loglevel", "WARNING",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    output = open(logfile, "ab")  # noqa: SIM115
-    worker = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    worker = celery_worker(
+        QUEUE,
+        pool=pool,
+        hostname=name,
+        logfile=logfile,
+        extra=["--without-heartbeat"],
+        app="bench.rawtasks",
+    )
     testing.wait_until(
         lambda: app.control.ping(destination=[name], timeout=0.5), 60, f"worker {name}"
     )
