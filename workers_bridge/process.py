@@ -261,18 +261,30 @@ def execute(
             _discard(server)
 
 
-def oom_kills() -> int | None:
-    """Processes the out-of-memory killer ended in this process's cgroup so
-    far (cgroup v2), or None where that cannot be read."""
+@functools.cache
+def _memory_events() -> Path | None:
+    """This process's cgroup v2 ``memory.events`` file (read once: a process
+    stays in its cgroup)."""
     try:
         with open("/proc/self/cgroup", encoding="utf-8") as handle:
             line = next(line for line in handle if line.startswith("0::"))
-        events = Path("/sys/fs/cgroup", line[3:].strip().lstrip("/"), "memory.events")
+    except (OSError, StopIteration):
+        return None
+    return Path("/sys/fs/cgroup", line[3:].strip().lstrip("/"), "memory.events")
+
+
+def oom_kills() -> int | None:
+    """Processes the out-of-memory killer ended in this process's cgroup so
+    far (cgroup v2), or None where that cannot be read."""
+    events = _memory_events()
+    if events is None:
+        return None
+    try:
         for entry in events.read_text(encoding="utf-8").splitlines():
             name, _, value = entry.partition(" ")
             if name == "oom_kill":
                 return int(value)
-    except (OSError, StopIteration, ValueError):
+    except (OSError, ValueError):
         return None
     return None
 
