@@ -43,7 +43,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from scheduler.config import get_settings
-from scheduler.lifeline import die_with_parent
+from scheduler.lifeline import die_with_parent, exit_description
 from scheduler.redact import mask
 from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, Worker, utcnow
@@ -152,15 +152,6 @@ def kill_group(pgid: int, wait: float = 5.0) -> None:
     deadline = time.monotonic() + wait
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def exit_description(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 # Exit statuses of a command that refused its options: starting it again

@@ -131,6 +131,18 @@ def guard(parent: int, signum: int = signal.SIGUSR2, watchdog: bool = True) -> N
     threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
+def exit_description(code: int) -> str:
+    """How a process ended, from its exit status (minus the signal that
+    killed it, as :mod:`subprocess` and :func:`os.waitstatus_to_exitcode`
+    give it): "exited with status 3", "was killed by signal 9 (SIGKILL)"."""
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 def supported() -> bool:
     """Whether parent-death signals work here (Linux)."""
     return _libc is not None and hasattr(_libc, "prctl")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.lifeline import die_with_parent, kill_tree
+from scheduler.lifeline import die_with_parent, exit_description, kill_tree
 from workers_bridge import forkserver
 
 OUTPUT_TAIL_BYTES = 8192
@@ -394,7 +394,7 @@ def _outcome(
             timed_out=True,
         )
     if response is None:
-        how = _exit_description(ended.code)
+        how = exit_description(ended.code)
         return AttemptOutcome(False, error=f"the worker process {how} without a result{suffix}")
     error = str(response.get("error") or "worker failed")
     trace = response.get("traceback") or ""
@@ -414,19 +414,9 @@ def _before_fork(ended: Ended, timeout: float) -> str:
     if ended.how == "stopped":
         return "stopped: the job was cancelled while the service's modules were being imported"
     return (
-        f"the service's fork server {_exit_description(ended.code)} while importing the "
+        f"the service's fork server {exit_description(ended.code)} while importing the "
         "service's modules, before the attempt started (what it printed is in the worker's log)"
     )
-
-
-def _exit_description(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = "unknown signal"
-        return f"was killed by signal {-code} ({name})"
-    return f"exited with status {code}"
 
 
 def _response(path: Path) -> dict[str, Any] | None:
