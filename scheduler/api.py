@@ -184,10 +184,16 @@ def get_jobs(
     session_id: Annotated[str | None, Query(description="Session id or unique prefix.")] = None,
     status: JobStatus | None = None,
     job_name: Annotated[str | None, Query(max_length=255)] = None,
+    service: Annotated[str | None, Query(max_length=128)] = None,
+    version: Annotated[
+        str | None, Query(max_length=64, description="With service: jobs that version ran.")
+    ] = None,
     limit: Limit = 500,
     offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """Jobs (the ``jobs --json`` objects): a session's in DAG order, else newest first."""
+    if version is not None and service is None:
+        raise HTTPException(422, "version needs service: versions are numbered per service")
     with transaction() as db:
         if session_id:
             session_id = queries.resolve_session_id(db, session_id)
@@ -196,6 +202,8 @@ def get_jobs(
             session_id=session_id,
             status=status,
             job_name=job_name,
+            service=service,
+            version=version,
             limit=limit,
             offset=offset,
         )

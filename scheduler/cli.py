@@ -593,22 +593,42 @@ def jobs_command(
         str | None, typer.Option("--session", help="Only this session's jobs.")
     ] = None,
     status: Annotated[JobStatus | None, typer.Option(help="Only jobs with this status.")] = None,
+    service: Annotated[
+        str | None, typer.Option("--service", help="Only jobs of this service.")
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Only jobs run by this version of --service."),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 500,
     as_json: JsonOption = False,
 ) -> None:
-    """Jobs, with their status, attempts and worker."""
+    """Jobs, with their status, attempts and worker; with --service and
+    --version, what one version of a service ran and where its outputs are."""
     from scheduler import queries
     from scheduler.store.db import transaction
 
+    if version is not None and service is None:
+        raise fail("--version needs --service: versions are numbered per service", code=2)
     open_store()
     try:
         with transaction() as db:
             session_id = queries.resolve_session_id(db, session) if session else None
-            rows = queries.list_jobs(db, session_id=session_id, status=status, limit=limit)
+            rows = queries.list_jobs(
+                db,
+                session_id=session_id,
+                status=status,
+                service=service,
+                version=version,
+                limit=limit,
+            )
     except queries.NotFoundError as exc:
         raise fail(str(exc)) from exc
     if as_json:
         print_json(rows)
+        return
+    if service is not None:
+        print_provenance(rows)
         return
     grid = table(
         "job id", "session", "job", "phase", "channel", "status", "attempts", "worker", "duration"
@@ -624,6 +644,44 @@ def jobs_command(
             str(row["attempts"]),
             row["worker"] or "",
             seconds(row["duration_s"]),
+        )
+    print_table(grid)
+
+
+def provenance_lines(jobs: list[dict[str, Any]]) -> list[str]:
+    """Which code ran the session's jobs: one line per service version, hash
+    and interpreter."""
+    ran: dict[tuple[str, str, str, str], list[str]] = {}
+    for job in jobs:
+        key = (
+            job["service"],
+            job["service_version"],
+            job["service_hash"],
+            job["interpreter"] or "",
+        )
+        ran.setdefault(key, []).append(job["job_name"])
+    lines = []
+    for (service, version, content_hash, interpreter), names in ran.items():
+        line = f"code: {service} {version or '(no version)'}"
+        line += f" hash {content_hash[:12]}" if content_hash else ""
+        line += f", python {interpreter}" if interpreter else ""
+        lines.append(f"{line} — {', '.join(names)}")
+    return lines
+
+
+def print_provenance(rows: list[dict[str, Any]]) -> None:
+    """Jobs of one service with the code that ran them and their outputs."""
+    grid = table("job id", "session", "job", "version", "hash", "status", "finished", "outputs")
+    for row in rows:
+        grid.add_row(
+            short(row["id"]),
+            short(row["session_id"]),
+            row["job_name"],
+            row["service_version"],
+            row["service_hash"][:12],
+            styled(row["status"]),
+            when(row["finished_at"]),
+            row["output_dir"] or "",
         )
     print_table(grid)
 
@@ -679,6 +737,8 @@ def render_session(document: dict[str, Any]) -> None:
             )
     if document["jobs"]:
         print_table(grid)
+    for line in provenance_lines(document["jobs"]):
+        console.print(line, highlight=False, markup=False)
     for job in document["jobs"]:
         if job["error"]:
             console.print(

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", add_help=False, exit_on_error=False)
     jobs.add_argument("--session")
     jobs.add_argument("--status", choices=list(JobStatus))
+    jobs.add_argument("--service")
+    jobs.add_argument("--version")
     jobs.add_argument("--limit", type=int, default=500)
     show = commands.add_parser("show", add_help=False, exit_on_error=False)
     show.add_argument("session_id")
@@ -60,7 +62,9 @@ def _parsed(argv: list[str]) -> argparse.Namespace | None:
         args, unknown = _parser().parse_known_args(argv)
     except argparse.ArgumentError:
         return None
-    if unknown or getattr(args, "limit", 1) < 1:
+    # What the full CLI refuses with a message, it refuses.
+    refused = getattr(args, "version", None) is not None and not args.service
+    if unknown or refused or getattr(args, "limit", 1) < 1:
         return None
     return args
 
@@ -83,7 +87,12 @@ def answer(args: argparse.Namespace) -> int:
                     queries.resolve_session_id(reader, args.session) if args.session else None
                 )
                 found = queries.list_jobs(
-                    reader, session_id=session_id, status=args.status, limit=args.limit
+                    reader,
+                    session_id=session_id,
+                    status=args.status,
+                    service=args.service,
+                    version=args.version,
+                    limit=args.limit,
                 )
             elif args.command == "show":
                 found = queries.show_session(reader, args.session_id)

@@ -270,6 +270,9 @@ class Ending:
     # For a lost attempt: the heartbeat the re-sender saw. A newer one means
     # the attempt is alive after all, and the ending is ignored.
     last_heartbeat: datetime | None = None
+    # Where the attempt ran, kept in its attempt-log entry: the interpreter
+    # ("python": "<version> <executable>") and its output folder ("output_dir").
+    ran_in: dict[str, str] | None = None
 
     @property
     def status(self) -> AttemptStatus:
@@ -345,7 +348,7 @@ def record_ending(
 
     entry = attempt_entry(
         attempt, ending.status, job.worker, job.started_at, now, None if ending.ok else ending.error
-    )
+    ) | (ending.ran_in or {})
     changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
 
     if ending.ok and _on_psycopg(db):

@@ -19,6 +19,7 @@ from typing import Any
 
 from scheduler.clock import iso, live_after, utcnow
 from scheduler.store.reader import reader_of
+from scheduler.vocabulary import Phase
 
 
 class NotFoundError(LookupError):
@@ -64,7 +65,10 @@ def session_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def job_json(row: Mapping[str, Any], depends_on: Sequence[str] = ()) -> dict[str, Any]:
+def job_json(
+    row: Mapping[str, Any], dependencies: Sequence[Mapping[str, str]] = ()
+) -> dict[str, Any]:
+    """A job's document; ``dependencies`` as :func:`dependencies_of` gives them."""
     return {
         "id": row["id"],
         "session_id": row["session_id"],
@@ -78,7 +82,8 @@ def job_json(row: Mapping[str, Any], depends_on: Sequence[str] = ()) -> dict[str
         "status": row["status"],
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
-        "depends_on": list(depends_on),
+        "depends_on": [d["job_name"] for d in dependencies],
+        "dependencies": [dict(d) for d in dependencies],
         "params": row["params"],
         "result": row["result"],
         "error": row["error"],
@@ -89,7 +94,20 @@ def job_json(row: Mapping[str, Any], depends_on: Sequence[str] = ()) -> dict[str
         "started_at": iso(row["started_at"]),
         "finished_at": iso(row["finished_at"]),
         "duration_s": duration(row["started_at"], row["finished_at"]),
+        **ran_in(row["attempt_log"] or ()),
     }
+
+
+def ran_in(attempt_log: Sequence[dict[str, Any]]) -> dict[str, str | None]:
+    """The interpreter and output folder of the job's latest attempt that
+    recorded them (attempts run by earlier versions did not)."""
+    where: dict[str, str | None] = {"interpreter": None, "output_dir": None}
+    for entry in reversed(attempt_log):
+        if entry.get("output_dir"):
+            where["interpreter"] = entry.get("python")
+            where["output_dir"] = entry["output_dir"]
+            break
+    return where
 
 
 def _attempt_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -103,20 +121,33 @@ def _attempt_entry(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dependency_names(source: Any, job_ids: Sequence[str]) -> dict[str, list[str]]:
-    """job id → names of the jobs it depends on."""
+def dependencies_of(source: Any, job_ids: Sequence[str]) -> dict[str, list[dict[str, str]]]:
+    """job id → the jobs it depends on, each ``{"job_name", "kind"}``.
+
+    ``kind`` is ``implicit`` for an edge the phase rules add (README,
+    "Writing a service": a main job needs every pre job, a post job waits
+    for every pre and main job to end) and ``declared`` for the job's own
+    ``dependsOn``. A main job that also declares a pre job it needs anyway
+    shows that edge as ``implicit``: the store keeps one edge, which means
+    the same either way.
+    """
     if not job_ids:
         return {}
     rows = reader_of(source).rows(
-        "SELECT d.job_id, u.job_name FROM job_dependencies d "
-        "JOIN jobs u ON u.id = d.depends_on_id "
+        "SELECT d.job_id, d.requires_success, j.phase, u.job_name, u.phase AS upstream_phase "
+        "FROM job_dependencies d JOIN jobs u ON u.id = d.depends_on_id "
+        "JOIN jobs j ON j.id = d.job_id "
         "WHERE d.job_id IN (:ids) ORDER BY u.created_seq",
         ids=list(job_ids),
     )
-    names: dict[str, list[str]] = defaultdict(list)
+    found: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
-        names[row["job_id"]].append(row["job_name"])
-    return names
+        implicit = not row["requires_success"] or (
+            row["phase"] == Phase.MAIN and row["upstream_phase"] == Phase.PRE
+        )
+        kind = "implicit" if implicit else "declared"
+        found[row["job_id"]].append({"job_name": row["job_name"], "kind": kind})
+    return found
 
 
 def list_sessions(
@@ -151,12 +182,22 @@ def list_jobs(
     session_id: str | None = None,
     status: str | None = None,
     job_name: str | None = None,
+    service: str | None = None,
+    version: str | None = None,
     limit: int = 500,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Jobs: a session's in the order they were planned, or all, newest first."""
+    """Jobs: a session's in the order they were planned, or all, newest first.
+    ``service`` and ``version`` find what one version of a service ran (and
+    where its outputs are) when that version is recalled."""
     reader = reader_of(source)
-    where, params = _filters(session_id=session_id, status=status, job_name=job_name)
+    where, params = _filters(
+        session_id=session_id,
+        status=status,
+        job_name=job_name,
+        service=service,
+        service_version=version,
+    )
     order = "created_seq" if session_id else "created_at DESC, created_seq"
     rows = reader.rows(
         f"SELECT {JOB_COLUMNS} FROM jobs{_where(where)} "
@@ -165,7 +206,7 @@ def list_jobs(
         offset=offset,
         **params,
     )
-    deps = dependency_names(reader, [row["id"] for row in rows])
+    deps = dependencies_of(reader, [row["id"] for row in rows])
     return [job_json(row, deps.get(row["id"], ())) for row in rows]
 
 
@@ -175,7 +216,7 @@ def get_job(source: Any, job_id: str) -> dict[str, Any]:
     rows = reader.rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id)
     if not rows:
         raise NotFoundError(f"no job {job_id!r}")
-    return job_json(rows[0], dependency_names(reader, [job_id]).get(job_id, ()))
+    return job_json(rows[0], dependencies_of(reader, [job_id]).get(job_id, ()))
 
 
 def show_session(source: Any, session_id: str) -> dict[str, Any]:

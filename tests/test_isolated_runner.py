@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import sysconfig
@@ -63,6 +64,8 @@ def test_a_job_runs_under_its_own_interpreter(live: Settings, define: Define, ve
         "executable": str(venv),
         "uid": "40.1",
     }
+    # Its provenance names the interpreter that ran it.
+    assert job["interpreter"] == f"{platform.python_version()} {venv}"
 
 
 def test_timeout_kills_the_subprocess_and_output_tail_is_kept(

@@ -50,6 +50,8 @@ def _sibling(name: str) -> Any:
 
 
 child = _sibling("child")
+# Which interpreter runs the attempts: their job's provenance records it.
+INTERPRETER = f"{sys.version.split()[0]} {sys.executable}"
 
 
 class Preloaded:
@@ -237,7 +239,7 @@ def serve(parent: int) -> int:
             if pid == 0:
                 _detach(server, replies.fileno())
                 attempt(request, worker, folder)
-        replies.write(json.dumps({"pid": pid}) + "\n")
+        replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
         _pid, status, usage = os.wait4(pid, 0)
         # ru_maxrss is in KiB on Linux.
         replies.write(

@@ -57,6 +57,8 @@ class AttemptOutcome:
     killed: bool = False
     # time.perf_counter() when the attempt's process was forked, if it was.
     forked_at: float | None = None
+    # The interpreter the attempt ran in: "<version> <executable>".
+    interpreter: str | None = None
 
 
 @dataclass
@@ -97,6 +99,7 @@ class ForkServer:
         self.buffer = b""
         self.broken = False  # killed or ended: closed once the outcome is read
         self.forked_at: float | None = None  # the current attempt's
+        self.interpreter: str | None = None  # "<version> <executable>", once it forked
 
     @property
     def output_path(self) -> Path:
@@ -254,7 +257,7 @@ def execute(
             outcome = _outcome(ended, timeout, server.response_path, server.output_path)
             if server.forked_at is None and not outcome.ok:
                 outcome.error = _before_fork(ended, timeout)
-        outcome.forked_at = server.forked_at
+        outcome.forked_at, outcome.interpreter = server.forked_at, server.interpreter
         return outcome
     finally:
         if server.broken:
@@ -315,6 +318,7 @@ def _wait(
             if "pid" in reply:
                 pid = int(reply["pid"])
                 server.forked_at = time.perf_counter()
+                server.interpreter = reply.get("python")
                 continue
             return Ended(int(reply["code"]), "exited", int(reply.get("peak_kib") or 0))
         if heartbeat and time.monotonic() >= next_beat:

@@ -166,6 +166,15 @@ def attempt_safely(taken: Attempt, heartbeat_interval: float) -> AttemptOutcome:
         )
 
 
+def ran_in(taken: Attempt, outcome: AttemptOutcome) -> dict[str, str]:
+    """The attempt's provenance beside the service version and hash of its
+    job: the interpreter that ran it and the folder it wrote to."""
+    where = {"output_dir": str(taken.request["kwargs"]["output_dir"])}
+    if outcome.interpreter:
+        where["python"] = outcome.interpreter
+    return where
+
+
 @dataclass
 class Split:
     """Where one job's time went, in seconds (``bench/overhead.py`` reports it)."""
@@ -209,6 +218,7 @@ def run_job(job_id: str, hostname: str | None = None, split: Split | None = None
         error=outcome.error,
         timed_out=outcome.timed_out,
         lost=outcome.killed,
+        ran_in=ran_in(taken, outcome),
     )
     # The attempt ran: its outcome must not be lost to a brief store outage.
     released = retrying(
