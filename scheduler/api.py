@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -34,6 +36,7 @@ from scheduler import control, queries
 from scheduler.config import get_settings
 from scheduler.headers import UnknownCandidateError
 from scheduler.legacy_push import BadPushError, stable_patient
+from scheduler.metrics import StoreCollector
 from scheduler.redact import hide_secrets, mask
 from scheduler.registry import current_registry, folder_problems
 from scheduler.sessions import trigger
@@ -161,13 +164,28 @@ def get_sessions(
     uid: Annotated[str | None, Query(max_length=128)] = None,
     event: Annotated[str | None, Query(max_length=128)] = None,
     since: Annotated[datetime | None, Query(description="Created at or after (ISO 8601).")] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=128,
+            description="Part of the UID, patient ID or name, study UID, description or "
+            "accession number (case-insensitive).",
+        ),
+    ] = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """Scheduling sessions, newest first (the ``sessions --json`` objects)."""
     with transaction() as db:
         return queries.list_sessions(
-            db, status=status, uid=uid, event=event, since=since, limit=limit, offset=offset
+            db,
+            status=status,
+            uid=uid,
+            event=event,
+            since=since,
+            q=q,
+            limit=limit,
+            offset=offset,
         )
 
 
@@ -223,6 +241,17 @@ def get_services() -> dict[str, Any]:
     return queries.services_report(current_registry(), missing)
 
 
+@reads.get("/services/stats")
+def get_service_stats(
+    since: Annotated[
+        datetime | None, Query(description="Jobs that finished at or after (ISO 8601).")
+    ] = None,
+) -> list[dict[str, Any]]:
+    """Per job name and service: runs, success rate, p50/p95 duration, last failure."""
+    with transaction() as db:
+        return queries.service_stats(db, since)
+
+
 @reads.get("/workers")
 def get_workers() -> list[dict[str, Any]]:
     """Workers seen: hostname, channels, pid, started_at, last_heartbeat, age_s, live."""
@@ -265,6 +294,13 @@ def get_health(request: Request) -> JSONResponse:
         },
         status_code=code,
     )
+
+
+def get_metrics(request: Request) -> Response:
+    """The scheduler's figures in Prometheus text format, read from the store
+    (README, "Metrics"); the same access rule as the other reads."""
+    body = generate_latest(request.app.state.metrics)
+    return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 @writes.post("/trigger", status_code=201)
@@ -405,6 +441,16 @@ def create_app(*, host: str = "127.0.0.1", web: Path = WEB) -> FastAPI:
     app.include_router(writes)
     app.include_router(legacy)
     app.add_api_route("/api/health", get_health, methods=["GET"], tags=["read"])
+    app.state.metrics = CollectorRegistry(auto_describe=False)
+    app.state.metrics.register(StoreCollector())
+    app.add_api_route(
+        "/metrics",
+        get_metrics,
+        methods=["GET"],
+        dependencies=[Depends(require_read)],
+        tags=["read"],
+        response_class=Response,
+    )
     app.add_exception_handler(queries.NotFoundError, _error(404))
     app.add_exception_handler(UnknownCandidateError, _error(404))
     app.add_exception_handler(control.NothingToDoError, _error(409))
@@ -418,6 +464,10 @@ def create_app(*, host: str = "127.0.0.1", web: Path = WEB) -> FastAPI:
     @app.get("/sessions/{session_id}", include_in_schema=False)
     def session_page(session_id: str) -> Response:
         return RedirectResponse(f"/#/sessions/{session_id}")
+
+    @app.get("/services", include_in_schema=False)
+    def services_page() -> Response:
+        return RedirectResponse("/#/services")
 
     app.mount("/static", StaticFiles(directory=web), name="static")
     return app

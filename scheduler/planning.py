@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,8 @@ def decide(
     """
     result = Plan(event=event)
     jobs_trace: dict[str, Any] = {}
+    # Seconds each callback took (README, "Metrics"): observed, not decided on.
+    callback_s: dict[str, float] = {}
     scheduled: dict[str, JobDefinition] = {}
     for definition in evaluation_order(definitions):
         name = definition.job_name
@@ -140,7 +143,9 @@ def decide(
             kwargs = dict(context, event=event, revision=revision)
             if "session_dir" in context:
                 kwargs["output_dir"] = os.path.join(context["session_dir"], name)
+            started = time.perf_counter()
             outcome = run_callback(definition, headers, result.added_params, kwargs)
+            callback_s[name] = round(time.perf_counter() - started, 6)
         else:
             outcome = CallbackOutcome(True, "no registryEntry: always scheduled")
         entry = base | _decision(outcome.scheduled, outcome.reason)
@@ -155,7 +160,12 @@ def decide(
         result.jobs.append(PlannedJob(definition, outcome.params, len(result.jobs)))
 
     result.edges = _edges(list(scheduled.values()))
-    result.trace = {"event": event, "revision": revision, "jobs": jobs_trace}
+    result.trace = {
+        "event": event,
+        "revision": revision,
+        "jobs": jobs_trace,
+        "callback_s": callback_s,
+    }
     return result
 
 

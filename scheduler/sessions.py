@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scheduler import notifications
 from scheduler.config import Settings, get_settings
 from scheduler.detection import LEVELS as RESOURCE_LEVELS
 from scheduler.emission import create_session, session_dir, store_plan
@@ -98,6 +99,7 @@ def decide_for(
         "uid": uid,
         "session_dir": str(session_dir(settings.output_dir, session_id)),
     }
+    started = time.perf_counter()
     result = decide(
         registry.every_job(),
         headers,
@@ -106,6 +108,8 @@ def decide_for(
         context=context,
         run_callback=make_callback_runner(settings.callback_timeout, registry.code_version),
     )
+    # How long deciding took, callbacks included (README, "Metrics").
+    result.trace["planning_s"] = round(time.perf_counter() - started, 6)
     trace_left_out_services(result, registry)
     warn_unconsumed_channels(result, live)
     return result, headers
@@ -265,14 +269,19 @@ def plan_session(session_id: str) -> PlannedSession | None:
     definitions = {ids[job.definition.job_name]: job.definition for job in result.jobs}
     send_jobs([ReadyJob.of(job_id, definitions[job_id]) for job_id in ready])
     status = SessionStatus.RUNNING if result.jobs else SessionStatus.EMPTY
+    if status == SessionStatus.EMPTY:
+        notifications.announce()
     return PlannedSession(session_id, result, headers, ready, status)
 
 
 def _fail_planning(session_id: str, message: str) -> None:
     with transaction() as db:
         row = db.get(SchedulingSession, session_id)
-        if row is not None and row.status == SessionStatus.PLANNING:
-            row.status, row.error, row.finished_at = SessionStatus.FAILED, message, utcnow()
+        if row is None or row.status != SessionStatus.PLANNING:
+            return
+        row.status, row.error, row.finished_at = SessionStatus.FAILED, message, utcnow()
+        notifications.queue_session_event(db, session_id, row.status, row.finished_at)
+    notifications.announce()
 
 
 @dataclass(frozen=True)
