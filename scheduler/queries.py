@@ -157,15 +157,21 @@ def list_sessions(
     uid: str | None = None,
     event: str | None = None,
     since: datetime | None = None,
+    q: str | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Sessions, newest first (``sessions --json``). ``source``: a reader or
-    a SQLAlchemy session."""
+    a SQLAlchemy session. ``q`` finds sessions by a part of their UID, or of
+    the patient ID or name, study UID, description or accession number of
+    the data they are about (case-insensitive)."""
     where, params = _filters(status=status, uid=uid, event=event)
     if since:
         where.append("created_at >= :since")
         params["since"] = _bindable_time(since, source)
+    if q and q.strip():
+        where.append(_matching_data(reader_of(source).dialect))
+        params["q"] = "%" + _escape_like(q.strip().lower()) + "%"
     rows = reader_of(source).rows(
         f"SELECT {SESSION_COLUMNS} FROM sessions{_where(where)} "
         "ORDER BY created_at DESC LIMIT :limit OFFSET :offset",
@@ -243,7 +249,7 @@ def resolve_session_id(source: Any, given: str) -> str:
         raise NotFoundError(
             f"no session {given!r} (give the full id, or at least its first 4 characters)"
         )
-    prefix = given.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    prefix = _escape_like(given) + "%"
     ids = [
         row["id"]
         for row in reader.rows(
@@ -255,6 +261,40 @@ def resolve_session_id(source: Any, given: str) -> str:
             f"no session {given!r}" if not ids else f"session id {given!r} is ambiguous"
         )
     return str(ids[0])
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _matching_data(dialect: str) -> str:
+    """The condition of ``list_sessions(q=…)``: the session's UID, or the
+    patient, study or series it is about, matches ``:q`` (a ``LIKE`` pattern
+    in lower case). A patient's session matches its studies' fields too."""
+
+    def tag(table: str, name: str) -> str:
+        if dialect == "postgresql":
+            return f"{table}.tags->>'{name}'"
+        return f"json_extract({table}.tags, '$.{name}')"
+
+    def like(column: str) -> str:
+        return f"LOWER(COALESCE({column}, '')) LIKE :q ESCAPE '\\'"
+
+    patient = " OR ".join(like(c) for c in ("p.patient_id", tag("p", "PatientName")))
+    study = " OR ".join(
+        like(c)
+        for c in ("st.study_uid", tag("st", "StudyDescription"), tag("st", "AccessionNumber"))
+    )
+    return (
+        f"({like('uid')} OR uid IN ("
+        f"SELECT p.patient_id FROM patients p WHERE {patient} "
+        "UNION SELECT p.patient_id FROM patients p JOIN studies st ON st.patient_pk = p.id "
+        f"WHERE {study} "
+        "UNION SELECT st.study_uid FROM studies st JOIN patients p ON p.id = st.patient_pk "
+        f"WHERE {patient} OR {study} "
+        "UNION SELECT se.series_uid FROM series se JOIN studies st ON st.id = se.study_pk "
+        f"JOIN patients p ON p.id = st.patient_pk WHERE {patient} OR {study}))"
+    )
 
 
 def _filters(**values: Any) -> tuple[list[str], dict[str, Any]]:
@@ -317,6 +357,128 @@ def list_workers(source: Any, heartbeat_interval: float | None = None) -> list[d
         }
         for row in rows
     ]
+
+
+# Percentiles on SQLite are computed here over each job's newest runs, at most this many.
+PERCENTILE_SAMPLE = 10_000
+
+
+def service_stats(source: Any, since: datetime | None = None) -> list[dict[str, Any]]:
+    """How each job of each service did (``GET /api/services/stats``): jobs
+    that ran to an end (``succeeded`` or ``failed``) and finished at or after
+    ``since``, by job name and service. Each entry: ``runs``, ``succeeded``,
+    ``failed``, ``success_rate`` (0–1), ``p50_s`` and ``p95_s`` (duration of
+    the last attempt, interpolated as PostgreSQL's ``percentile_cont``),
+    ``last_version`` and ``last_failure`` (``finished_at``, ``session_id``,
+    ``job_id``, ``error``: its first line) or null."""
+    reader = reader_of(source)
+    where = "status IN ('succeeded', 'failed') AND finished_at IS NOT NULL"
+    params: dict[str, Any] = {}
+    if since:
+        where += " AND finished_at >= :since"
+        params["since"] = _bindable_time(since, reader)
+    ranked = (
+        "SELECT job_name, service, service_version, status, session_id, id, error, "
+        "started_at, finished_at, ROW_NUMBER() OVER (PARTITION BY job_name, service, "
+        "status ORDER BY finished_at DESC, id) AS newest "
+        f"FROM jobs WHERE {where}"
+    )
+    counts = reader.rows(
+        "SELECT job_name, service, COUNT(*) AS runs, "
+        "SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END) AS succeeded "
+        f"FROM jobs WHERE {where} GROUP BY job_name, service ORDER BY service, job_name",
+        **params,
+    )
+    newest = reader.rows(f"SELECT * FROM ({ranked}) ranked WHERE newest = 1", **params)
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    failures: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in sorted(newest, key=lambda r: r["finished_at"]):
+        key = (row["job_name"], row["service"])
+        last[key] = row
+        if row["status"] == "failed":
+            failures[key] = row
+    percentiles = _duration_percentiles(reader, where, params)
+    stats = []
+    for row in counts:
+        key = (row["job_name"], row["service"])
+        runs, succeeded = int(row["runs"]), int(row["succeeded"] or 0)
+        failure = failures.get(key)
+        p50, p95 = percentiles.get(key, (None, None))
+        stats.append(
+            {
+                "job_name": row["job_name"],
+                "service": row["service"],
+                "runs": runs,
+                "succeeded": succeeded,
+                "failed": runs - succeeded,
+                "success_rate": round(succeeded / runs, 4),
+                "p50_s": p50,
+                "p95_s": p95,
+                "last_version": last[key]["service_version"] if key in last else None,
+                "last_failure": None
+                if failure is None
+                else {
+                    "finished_at": iso(failure["finished_at"]),
+                    "session_id": failure["session_id"],
+                    "job_id": failure["id"],
+                    "error": (failure["error"] or "").strip().split("\n")[0],
+                },
+            }
+        )
+    return stats
+
+
+def _duration_percentiles(
+    reader: Any, where: str, params: dict[str, Any]
+) -> dict[tuple[str, str], tuple[float | None, float | None]]:
+    """(job name, service) → the median and 95th percentile of durations."""
+    timed = f"{where} AND started_at IS NOT NULL"
+    if reader.dialect == "postgresql":
+        seconds = "EXTRACT(EPOCH FROM (finished_at - started_at))::float8"
+        rows = reader.rows(
+            f"SELECT job_name, service, "
+            f"percentile_cont(0.5) WITHIN GROUP (ORDER BY {seconds}) AS p50, "
+            f"percentile_cont(0.95) WITHIN GROUP (ORDER BY {seconds}) AS p95 "
+            f"FROM jobs WHERE {timed} GROUP BY job_name, service",
+            **params,
+        )
+        return {
+            (row["job_name"], row["service"]): (_seconds(row["p50"]), _seconds(row["p95"]))
+            for row in rows
+        }
+    rows = reader.rows(
+        "SELECT job_name, service, started_at, finished_at FROM ("
+        "SELECT job_name, service, started_at, finished_at, ROW_NUMBER() OVER "
+        "(PARTITION BY job_name, service ORDER BY finished_at DESC) AS newest "
+        f"FROM jobs WHERE {timed}) ranked WHERE newest <= :sample",
+        sample=PERCENTILE_SAMPLE,
+        **params,
+    )
+    durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        durations[(row["job_name"], row["service"])].append(
+            (row["finished_at"] - row["started_at"]).total_seconds()
+        )
+    return {
+        key: (_seconds(percentile(values, 0.5)), _seconds(percentile(values, 0.95)))
+        for key, values in durations.items()
+    }
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """The ``fraction`` percentile with linear interpolation between the two
+    nearest values, as PostgreSQL's ``percentile_cont``."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else round(float(value), 3)
 
 
 def services_report(registry: Any, problems: Sequence[str] = ()) -> dict[str, Any]:
