@@ -7,6 +7,7 @@ options or subcommands fail the test.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -107,3 +108,57 @@ def test_a_plain_worker_consumes_planning_and_default() -> None:
         check=True,
     )
     assert done.stdout.strip() == "['dcm.planning', 'default']"
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path → repository path of each ``./`` mount of a service."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *_mode = volume.split(":")
+        if source.startswith("./"):
+            mounts[target] = ROOT / source
+    return mounts
+
+
+def test_prometheus_scrapes_the_api_with_its_token(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    mounts = bind_mounts(prometheus)
+    assert all(path.exists() for path in mounts.values()), mounts
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    [target] = [t for group in job["static_configs"] for t in group["targets"]]
+    host, port = target.split(":")
+    api = services[host]["command"]
+    assert api[:2] == ["dcm-scheduler", "serve"]
+    assert api[api.index("--port") + 1] == port
+    # The api listens on 0.0.0.0, where reads need the token: the secret.
+    assert api[api.index("--host") + 1] == "0.0.0.0"
+    [secret] = prometheus["secrets"]
+    assert job["authorization"]["credentials_file"] == f"/run/secrets/{secret}"
+    assert compose["secrets"][secret] == {"environment": "DCM_API_TOKEN"}
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
+    compose: dict[str, Any],
+) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = bind_mounts(grafana)
+    assert all(path.exists() for path in mounts.values()), mounts
+    provisioning = mounts["/etc/grafana/provisioning"]
+    [datasources] = (provisioning / "datasources").glob("*.yml")
+    [source] = yaml.safe_load(datasources.read_text())["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
+    [providers] = (provisioning / "dashboards").glob("*.yml")
+    [provider] = yaml.safe_load(providers.read_text())["providers"]
+    folder = mounts[provider["options"]["path"]]
+    dashboard = json.loads((folder / "dcm-scheduler.json").read_text())
+    uids = {
+        target["datasource"]["uid"]
+        for panel in dashboard["panels"]
+        for target in [panel, *panel["targets"]]
+    }
+    assert uids == {source["uid"]}

@@ -1,0 +1,234 @@
+"""``GET /metrics`` (README, "Metrics"): the figures Prometheus scrapes are
+those the store holds after a real run, on SQLite and PostgreSQL, and every
+metric the Grafana dashboard charts is in a scrape."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+
+from scheduler.api import create_app
+from scheduler.config import Settings
+from scheduler.presence import record_presence
+from scheduler.queries import list_workers
+from scheduler.store.db import transaction
+from scheduler.store.models import Job, SchedulingSession, utcnow
+from scheduler.testing import detect_and_send, record_study, use_environment
+from tests.test_api import AUTH, TOKEN, eager
+
+from .conftest import Define
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "dcm-scheduler.json"
+WORK = "dcm_testjobs:work"
+
+
+def jobs(calls: Path) -> list[dict[str, Any]]:
+    """A session with a success, a retried success, a failure, what needed
+    it, a timeout, a callback, and a job for a channel nobody runs."""
+    stable = "study.stable"
+    return [
+        {
+            "jobName": "ok",
+            "workerEntry": WORK,
+            "events": stable,
+            "registryEntry": "dcm_testjobs:accept",
+        },
+        {
+            "jobName": "flaky",
+            "workerEntry": WORK,
+            "events": stable,
+            "retries": 1,
+            "retryDelay": 0,
+            "params": {"calls": str(calls), "fail_times": 1},
+        },
+        {"jobName": "broken", "workerEntry": WORK, "events": stable, "params": {"raise": "boom"}},
+        {"jobName": "after-broken", "workerEntry": WORK, "events": stable, "dependsOn": "broken"},
+        {
+            "jobName": "slow",
+            "workerEntry": WORK,
+            "events": stable,
+            "timeout": 1,
+            "params": {"hang": True},
+        },
+        {"jobName": "on-gpu", "workerEntry": WORK, "events": "reprocess", "channel": "gpu"},
+    ]
+
+
+@pytest.fixture
+def client(
+    env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
+    """The API on loopback over a fresh store, with the token configured."""
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
+    monkeypatch.setenv("DCM_API_TOKEN", TOKEN)
+    use_environment({})
+    return TestClient(create_app())
+
+
+def scrape(client: TestClient, **headers: str) -> dict[str, Any]:
+    """Family name → family, as Prometheus parses the exposition."""
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {family.name: family for family in text_string_to_metric_families(response.text)}
+
+
+def values(family: Any, suffix: str = "", **match: str) -> dict[tuple[str, ...], float]:
+    """Sample values of ``family`` (samples named name+suffix), keyed by the
+    labels not given in ``match``."""
+    found: dict[tuple[str, ...], float] = {}
+    for sample in family.samples:
+        if sample.name != family.name + suffix:
+            continue
+        if any(sample.labels.get(k) != v for k, v in match.items()):
+            continue
+        key = tuple(v for k, v in sorted(sample.labels.items()) if k not in match and k != "le")
+        found[key] = sample.value
+    return found
+
+
+def total(family: Any, suffix: str = "", **match: str) -> float:
+    return sum(values(family, suffix, **match).values())
+
+
+def run_sessions(client: TestClient, define: Define, tmp_path: Path) -> None:
+    """One detected session run to its end in this process, one manual
+    session left queued, a live and a gone worker."""
+    define(jobs(tmp_path / "calls"))
+    record_study("9.1", now=utcnow() - timedelta(minutes=5))
+    with eager():
+        [detected] = detect_and_send()
+    record_study("9.2")
+    response = client.post(
+        "/api/trigger", json={"event": "reprocess", "level": "study", "uid": "9.2"}, headers=AUTH
+    )
+    assert response.status_code == 201, response.text
+    with transaction() as db:
+        record_presence(db, "live@host", ["default"])
+        record_presence(db, "gone@host", ["gpu"], now=utcnow() - timedelta(hours=1))
+        assert db.get(SchedulingSession, detected).status == "partial"  # type: ignore[union-attr]
+
+
+def test_a_scrape_counts_what_the_store_holds(
+    client: TestClient, define: Define, tmp_path: Path
+) -> None:
+    run_sessions(client, define, tmp_path)
+    with transaction() as db:
+        rows = db.scalars(select(Job)).all()
+        sessions = db.scalars(select(SchedulingSession)).all()
+        by_status = Counter(
+            (j.job_name, j.status) for j in rows if j.status not in ("queued", "running")
+        )
+        attempts = Counter((j.job_name, entry["status"]) for j in rows for entry in j.attempt_log)
+        finished = [j for j in rows if j.status in ("succeeded", "failed") and j.started_at]
+        retries = {j.job_name: j.attempts - 1 for j in rows if j.attempts > 1}
+        session_statuses = Counter((s.event, s.status) for s in sessions)
+    metrics = scrape(client)
+
+    assert total(metrics["dcm_instances_ingested"], "_total") == 4
+    assert values(metrics["dcm_sessions"], "_total") == {("reprocess",): 1, ("study.stable",): 1}
+    assert values(metrics["dcm_sessions_finished"], "_total") == {
+        ("study.stable", "partial"): session_statuses[("study.stable", "partial")]
+    }
+    assert values(metrics["dcm_sessions_open"]) == {("reprocess", "running"): 1}
+
+    finished_total = metrics["dcm_jobs_finished"]
+    assert {
+        (labels[1], labels[3]): value for labels, value in values(finished_total, "_total").items()
+    } == dict(by_status)
+    assert dict(by_status) == {
+        ("ok", "succeeded"): 1,
+        ("flaky", "succeeded"): 1,
+        ("broken", "failed"): 1,
+        ("after-broken", "upstream_failed"): 1,
+        ("slow", "failed"): 1,
+    }
+    assert values(
+        finished_total, "_total", service="testjobs", status="failed", channel="default"
+    ) == {
+        ("broken",): 1,
+        ("slow",): 1,
+    }
+    attempt_values = {
+        (labels[1], labels[3]): value
+        for labels, value in values(metrics["dcm_job_attempts"], "_total").items()
+    }
+    assert attempt_values == dict(attempts)
+    assert attempt_values[("slow", "timeout")] == 1
+    assert attempt_values[("flaky", "failed")] == attempt_values[("flaky", "succeeded")] == 1
+    assert (
+        {labels[1]: v for labels, v in values(metrics["dcm_job_retries"], "_total").items()}
+        == retries
+        == {"flaky": 1}
+    )
+
+    for name in ("dcm_job_duration_seconds", "dcm_job_queue_wait_seconds"):
+        histogram = metrics[name]
+        assert total(histogram, "_count") == len(finished) == 4, name
+        counts = values(histogram, "_count")
+        assert counts == {("default", job): 1 for job in ("ok", "flaky", "broken", "slow")}, name
+        # Cumulative buckets: +Inf holds every observation.
+        assert total(histogram, "_bucket", le="+Inf") == len(finished)
+    slow_run = values(
+        metrics["dcm_job_duration_seconds"], "_bucket", job_name="broken", le="3600.0"
+    )
+    assert slow_run == {("default",): 1}
+
+    assert values(metrics["dcm_jobs_queued"]) == {("default",): 0, ("gpu",): 1}
+    assert values(metrics["dcm_jobs_running"]) == {("default",): 0, ("gpu",): 0}
+    with transaction() as db:
+        live = Counter(c for w in list_workers(db) if w["live"] for c in w["channels"])
+    assert live["default"] >= 1 and live["gpu"] == 0
+    assert values(metrics["dcm_workers_live"]) == {
+        ("default",): live["default"],
+        ("gpu",): 0,
+    }
+
+    lag = metrics["dcm_detection_lag_seconds"]
+    assert total(lag, "_count") == 1
+    assert 300 <= total(lag, "_sum") < 360
+    assert total(lag, "_bucket", le="120.0") == 0
+    assert total(lag, "_bucket", le="600.0") == 1
+    assert total(metrics["dcm_session_planning_seconds"], "_count") == 2
+    assert total(metrics["dcm_session_planning_delay_seconds"], "_count") == 2
+    assert values(metrics["dcm_callback_duration_seconds"], "_count") == {("ok",): 1}
+
+
+# The dashboard and the access rule do not depend on the backend: SQLite only.
+ON_SQLITE = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+
+
+@ON_SQLITE
+def test_every_metric_the_grafana_dashboard_charts_is_in_a_scrape(
+    client: TestClient, define: Define, tmp_path: Path
+) -> None:
+    run_sessions(client, define, tmp_path)
+    scraped = {sample.name for family in scrape(client).values() for sample in family.samples}
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    assert expressions
+    charted = {name for expr in expressions for name in re.findall(r"\bdcm_[a-z_]+", expr)}
+    assert charted and charted <= scraped, charted - scraped
+
+
+@ON_SQLITE
+def test_off_loopback_a_scrape_needs_the_token(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DCM_API_TOKEN", TOKEN)
+    use_environment({})
+    remote = TestClient(create_app(host="0.0.0.0"))
+    assert remote.get("/metrics").status_code == 401
+    assert "dcm_jobs_queued" in scrape(remote, **AUTH)
