@@ -80,6 +80,13 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         },
     }
+    if settings.retention is not None:
+        # Hourly: each run has an hour of endings to prune, a few short batches.
+        beat_schedule["dcm-prune"] = {
+            "task": "scheduler.prune",
+            "schedule": timedelta(hours=1),
+            "options": {"queue": PLANNING_QUEUE, "expires": 3600},
+        }
     if settings.orthanc_url:
         beat_schedule["dcm-orthanc"] = {
             "task": "scheduler.follow_orthanc",

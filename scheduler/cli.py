@@ -524,6 +524,68 @@ def cancel(
 
 
 @app.command()
+def prune(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            help="Sessions that ended longer ago than this: 90d, 12h, 30m, 2w or seconds.",
+        ),
+    ],
+    outputs: Annotated[
+        bool, typer.Option("--outputs", help="Also delete their output folders.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete ended sessions older than AGE, their jobs and the data only they used."""
+    from scheduler import retention
+    from scheduler.config import parse_age
+    from scheduler.store.db import init_db
+
+    try:
+        age = parse_age(older_than, what="--older-than")
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from exc
+    init_db()
+    try:
+        report = retention.prune(age, outputs=outputs, dry_run=dry_run)
+    except retention.PruneBusyError as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print_json(report.as_dict())
+        return
+    counts = report.as_dict()
+    grid = table(
+        "what",
+        "would go" if dry_run else "removed",
+        title=f"{'dry run: ' if dry_run else ''}ended before {when(counts['cutoff'])} UTC",
+    )
+    for name in (
+        *("sessions", "jobs", "dependencies", "leases"),
+        *("patients", "studies", "series", "instances"),
+    ):
+        grid.add_row(name, str(counts[name]))
+    for name, count in counts["other_rows"].items():
+        grid.add_row(name, str(count))
+    if outputs:
+        grid.add_row("output folders", str(report.output_folders))
+        grid.add_row("bytes freed", f"{report.bytes_freed} ({human_bytes(report.bytes_freed)})")
+    print_table(grid)
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+@app.command()
 def workers(as_json: JsonOption = False) -> None:
     """Celery workers seen, the channels they consume, their last heartbeat."""
     from scheduler import queries

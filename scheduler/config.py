@@ -46,6 +46,20 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     )
 
 
+def parse_age(value: str, *, what: str = "AGE") -> float:
+    """Seconds from an age such as ``"90d"``, ``"12h"``, ``"30m"``, ``"2w"`` or
+    plain seconds: how old an ended session must be to be pruned."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*w\s*", value)
+    if match:
+        return float(match.group(1)) * 7 * 86400
+    try:
+        return parse_duration(value, what=what)
+    except ConfigError:
+        raise ConfigError(
+            f"{what}: expected an age like '90d', '12h', '30m', '2w' or seconds, got {value!r}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed view of the environment; build with :func:`get_settings`."""
@@ -69,6 +83,8 @@ class Settings:
     heartbeat_interval: float
     visibility_timeout: float
     data_root: Path | None
+    # Age after which ended sessions are pruned on beat (README, "Retention").
+    retention: float | None
 
     @property
     def broker_folder(self) -> Path:
@@ -96,6 +112,16 @@ def store_url(url: str) -> str:
             f"DCM_DATABASE_URL: the store runs on SQLite or PostgreSQL, not {scheme!r}"
         )
     return url
+
+
+def _retention(value: str | None) -> float | None:
+    if value is None:
+        return None
+    age = parse_age(value, what="DCM_RETENTION")
+    if age <= 0:
+        # Zero would delete each session and its outputs as soon as it ends.
+        raise ConfigError(f"DCM_RETENTION: {value!r} is too short; use an age like '90d'")
+    return age
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -157,6 +183,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         data_root=Path(get("DCM_DATA_ROOT") or "").expanduser().absolute()
         if get("DCM_DATA_ROOT")
         else None,
+        retention=_retention(get("DCM_RETENTION")),
     )
 
 

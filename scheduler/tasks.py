@@ -1,15 +1,17 @@
 """Celery tasks of the scheduler side; thin shells over the library.
 
 All run on the ``dcm.planning`` queue: ``scheduler.detect`` and
-``scheduler.resend`` from beat, ``scheduler.plan`` once per new session.
+``scheduler.resend`` from beat, ``scheduler.plan`` once per new session,
+``scheduler.prune`` hourly from beat when ``DCM_RETENTION`` is set.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from scheduler import detection, messages, orthanc, resender, sessions
+from scheduler import detection, messages, orthanc, resender, retention, sessions
 from scheduler.celery_app import app
+from scheduler.config import get_settings
 from scheduler.store.db import TRANSIENT
 
 
@@ -45,3 +47,16 @@ def resend() -> dict[str, int]:
 def follow_orthanc() -> dict[str, object]:
     report = orthanc.follow_changes()
     return {"recorded": report.recorded, "seq": report.seq, "error": report.error}
+
+@app.task(name="scheduler.prune", ignore_result=True)
+def prune() -> dict[str, Any]:
+    """Retention on beat (README, "Retention"): rows and output folders of
+    sessions that ended longer than ``DCM_RETENTION`` ago."""
+    age = get_settings().retention
+    if age is None:
+        return {"skipped": "DCM_RETENTION is not set"}
+    try:
+        report = retention.prune(age, outputs=True)
+    except retention.PruneBusyError:
+        return {"skipped": "another prune is running"}
+    return report.as_dict()
