@@ -80,6 +80,13 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         },
     }
+    if settings.webhook_urls:
+        # Delivers what a lost message left in the outbox, and the retries.
+        beat_schedule["dcm-webhooks"] = {
+            "task": "scheduler.deliver_webhooks",
+            "schedule": timedelta(seconds=max(settings.detect_interval, 5.0)),
+            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
+        }
     if settings.retention is not None:
         # Hourly: each run has an hour of endings to prune, a few short batches.
         beat_schedule["dcm-prune"] = {

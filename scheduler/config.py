@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import tzinfo
 from functools import lru_cache
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from scheduler.vocabulary import Level
 
@@ -85,6 +87,15 @@ class Settings:
     data_root: Path | None
     # Age after which ended sessions are pruned on beat (README, "Retention").
     retention: float | None
+    # Notifications (README, "Notifications").
+    webhook_urls: tuple[str, ...]
+    webhook_secret: str | None
+    webhook_events: frozenset[str]
+    webhook_services: frozenset[str]
+    dashboard_url: str
+    # The clock of off-peak windows (README, "Off-peak windows"); None: the
+    # machine's local zone.
+    timezone: tzinfo | None = None
 
     @property
     def broker_folder(self) -> Path:
@@ -114,6 +125,38 @@ def store_url(url: str) -> str:
     return url
 
 
+# Session events a webhook may be sent for: one per final status of a
+# session, and session.finished for all of them (README, "Notifications").
+WEBHOOK_EVENTS = (
+    "session.succeeded",
+    "session.failed",
+    "session.partial",
+    "session.cancelled",
+    "session.empty",
+)
+ANY_FINISH = "session.finished"
+DEFAULT_WEBHOOK_EVENTS = "session.failed,session.partial"
+# Where `dcm-scheduler serve` listens by default.
+DASHBOARD_URL = "http://127.0.0.1:8765"
+
+
+def _http_url(name: str, url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{name}: {url!r} is not an http:// or https:// URL")
+    return url
+
+
+def _webhook_events(value: str | None) -> frozenset[str]:
+    events = frozenset(_split(value or DEFAULT_WEBHOOK_EVENTS))
+    unknown = sorted(events - {*WEBHOOK_EVENTS, ANY_FINISH})
+    if unknown:
+        raise ConfigError(
+            f"DCM_WEBHOOK_EVENTS: unknown event {unknown[0]!r}; use a comma list of "
+            + ", ".join((*WEBHOOK_EVENTS, ANY_FINISH))
+        )
+    return frozenset(WEBHOOK_EVENTS) if ANY_FINISH in events else events
+
+
 def _retention(value: str | None) -> float | None:
     if value is None:
         return None
@@ -122,6 +165,17 @@ def _retention(value: str | None) -> float | None:
         # Zero would delete each session and its outputs as soon as it ends.
         raise ConfigError(f"DCM_RETENTION: {value!r} is too short; use an age like '90d'")
     return age
+
+
+def _timezone(value: str | None) -> tzinfo | None:
+    if value is None:
+        return None
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"DCM_TIMEZONE: unknown time zone {value!r}; use an IANA name like 'Europe/Berlin'"
+        ) from None
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -184,6 +238,16 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         if get("DCM_DATA_ROOT")
         else None,
         retention=_retention(get("DCM_RETENTION")),
+        webhook_urls=tuple(
+            _http_url("DCM_WEBHOOK_URLS", url) for url in _split(get("DCM_WEBHOOK_URLS"))
+        ),
+        webhook_secret=get("DCM_WEBHOOK_SECRET"),
+        webhook_events=_webhook_events(get("DCM_WEBHOOK_EVENTS")),
+        webhook_services=frozenset(_split(get("DCM_WEBHOOK_SERVICES"))),
+        dashboard_url=_http_url(
+            "DCM_DASHBOARD_URL", get("DCM_DASHBOARD_URL") or DASHBOARD_URL
+        ).rstrip("/"),
+        timezone=_timezone(get("DCM_TIMEZONE")),
     )
 
 

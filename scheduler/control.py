@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from scheduler import jobstate, messages
+from scheduler import jobstate, messages, notifications
 from scheduler.queries import NotFoundError, resolve_session_id
 from scheduler.store.db import transaction
 from scheduler.store.models import Job
@@ -106,4 +106,5 @@ def cancel_session(session_id: str) -> CancelReport:
             done = jobstate.cancel(db, session_id)
         except jobstate.SessionEndedError as exc:
             raise NothingToDoError(str(exc)) from exc
+    notifications.announce()
     return CancelReport(session_id, done.cancelled, done.stopped)

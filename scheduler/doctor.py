@@ -236,12 +236,46 @@ def check_orthanc(settings: Settings) -> Check | None:
     return Check("orthanc", OK, f"{base}, Orthanc {version}")
 
 
+def check_webhooks(settings: Settings) -> Check | None:
+    """Notifications not delivered (README, "Notifications"): a receiver
+    down or refusing them, or webhooks turned off with some still owed."""
+    from scheduler.store.db import transaction
+    from scheduler.webhooks import MAX_ATTEMPTS, outbox_state, receiver
+
+    with transaction() as db:
+        state = outbox_state(db)
+    if not settings.webhook_urls and not (state.waiting or state.given_up):
+        return None
+    urls = ", ".join(map(receiver, settings.webhook_urls)) or "no DCM_WEBHOOK_URLS"
+    if state.given_up:
+        return Check(
+            "webhooks",
+            PROBLEM,
+            f"{state.given_up} notification(s) given up after {MAX_ATTEMPTS} attempts "
+            f"({urls}); last error: {state.last_error}",
+            "make the receiver answer 2xx; given-up notifications are not sent again",
+        )
+    if state.failing or (state.waiting and not settings.webhook_urls):
+        return Check(
+            "webhooks",
+            WARNING,
+            f"{state.waiting} notification(s) waiting, {state.failing} failing ({urls}); "
+            f"last error: {state.last_error}",
+            "check that the receiver runs and answers 2xx, and that beat and a "
+            "dcm.planning worker run: they are retried with a growing back-off",
+        )
+    return Check("webhooks", OK, f"{urls}, {state.waiting} waiting")
+
+
 def run_checks(settings: Settings | None = None) -> list[Check]:
     settings = settings or get_settings()
     store = check_store(settings)
     checks = [store, check_broker(settings), check_services(settings)]
     if store.status == OK:
         checks += [check_workers(settings), check_beat(settings), check_backlog(settings)]
+        webhooks = check_webhooks(settings)
+        if webhooks:
+            checks.append(webhooks)
     orthanc = check_orthanc(settings)
     if orthanc:
         checks.append(orthanc)

@@ -23,6 +23,7 @@ from sqlalchemy import insert as insert_statement
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from scheduler import notifications
 from scheduler.planning import Plan
 from scheduler.store.db import insert_for, rowcount
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
@@ -124,6 +125,8 @@ def store_plan(
     )
     if rowcount(claimed) != 1:
         return None
+    if not plan.jobs:
+        notifications.queue_session_event(db, session_id, SessionStatus.EMPTY, now)
     ids = job_ids or {job.definition.job_name: new_id() for job in plan.jobs}
     pending = {name: 0 for name in ids}
     for edge in plan.edges:
@@ -149,6 +152,7 @@ def store_plan(
                 "added_params": job.added_params or {},
                 "sort_position": d.sort_position,
                 "priority": d.priority,
+                "window": d.window,
                 "status": JobStatus.QUEUED,
                 "attempts": 0,
                 "max_attempts": d.retries + 1,

@@ -28,11 +28,11 @@ from typing import Any, NamedTuple, TypeGuard
 from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from scheduler import messages
+from scheduler import messages, notifications
 from scheduler.clock import iso, utcnow
-from scheduler.messages import ReadyJob
+from scheduler.messages import NORMAL, ReadyJob, SessionFlags
 from scheduler.store.db import Executor, rowcount, statements
-from scheduler.store.models import Job, JobDependency, SchedulingSession
+from scheduler.store.models import Job, JobDependency, PausedChannel, SchedulingSession
 from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
     AttemptStatus,
@@ -146,6 +146,8 @@ _TAKING = (
         # A duplicate message must not skip dependencies or back-off.
         Job.pending_deps == 0,
         or_(Job.run_after.is_(None), Job.run_after <= bindparam("due", type_=Job.run_after.type)),
+        # A message sent before its channel was paused runs after the resume.
+        ~select(PausedChannel.channel).where(PausedChannel.channel == Job.channel).exists(),
     )
     .values(
         status=JobStatus.RUNNING,
@@ -172,14 +174,29 @@ def _on_psycopg(db: Executor) -> TypeGuard[Connection]:
     return isinstance(db, Connection) and db.dialect.driver == "psycopg"
 
 
+# A job refused because its channel is paused is owed a message again:
+# ``resume`` (and the re-sender, after it) sends what is not dispatched.
+_UNDISPATCH_IF_PAUSED = (
+    update(Job)
+    .where(
+        Job.id == bindparam("job_id"),
+        Job.status == JobStatus.QUEUED,
+        select(PausedChannel.channel).where(PausedChannel.channel == Job.channel).exists(),
+    )
+    .values(dispatched_at=None)
+)
+
+
 def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | None:
     """``queued`` → ``running`` for this worker, if the job is ready; None for
-    a duplicate delivery, a job not ready yet, or one that ended."""
+    a duplicate delivery, a job not ready yet, one that ended, or one of a
+    paused channel (left queued, not dispatched)."""
     if _on_psycopg(db):
         from scheduler.store import jobs_pg
 
         found = jobs_pg.claim(db, job_id, hostname, os.getpid(), now, now + CLOCK_SKEW)
         if found is None:
+            db.execute(_UNDISPATCH_IF_PAUSED, {"job_id": job_id})
             return None
     else:
         values = {
@@ -191,6 +208,7 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
         }
         taken = db.execute(_CLAIM, values).one_or_none()
         if taken is None:
+            db.execute(_UNDISPATCH_IF_PAUSED, {"job_id": job_id})
             return None
         found = dict(taken._mapping)
         found |= db.execute(_SESSION_OF_CLAIM, {"session_id": found["session_id"]}).one()._mapping
@@ -290,10 +308,14 @@ class Released:
     ready: list[ReadyJob]
     retry: tuple[str, float] | None = None
     recorded: bool = True
+    # The session ended: its webhooks may be owed (scheduler.notifications).
+    finished: bool = False
 
 
 _LOCK_SESSION_OF_JOB = (
-    select(SchedulingSession.id)
+    select(
+        SchedulingSession.id, SchedulingSession.urgent, SchedulingSession.cohort.is_not(None)
+    )
     .where(
         SchedulingSession.id
         == select(Job.session_id).where(Job.id == bindparam("job_id")).scalar_subquery()
@@ -329,13 +351,14 @@ def record_ending(
         locked = jobs_pg.lock_and_read(db, job_id)
         if locked is None:
             return Released([], recorded=False)
-        session_id, job = locked
+        (session_id, urgent, cohort), job = locked
     else:
-        found = db.scalar(_LOCK_SESSION_OF_JOB, {"job_id": job_id})
+        found = db.execute(_LOCK_SESSION_OF_JOB, {"job_id": job_id}).one_or_none()
         if found is None:
             return Released([], recorded=False)
-        session_id = str(found)
+        session_id, urgent, cohort = str(found[0]), bool(found[1]), bool(found[2])
         job = db.execute(_ENDING_READS, {"job_id": job_id}).one()
+    flags = SessionFlags(urgent, cohort)
     if job.status != JobStatus.RUNNING or job.attempts != attempt:
         return Released([], recorded=False)
     if (
@@ -355,17 +378,17 @@ def record_ending(
         from scheduler.store import jobs_pg
 
         rows = jobs_pg.succeed_and_release(db, job_id, ending.result, changes["attempt_log"], now)
-        ready = _ready(ReadyRow(*row) for row in rows)
-        if not ready:
-            finish_session_if_done(db, session_id, now)
-        return Released(ready)
+        ready = _ready((ReadyRow(*row) for row in rows), flags)
+        if ready:
+            return Released(ready)
+        return Released(ready, finished=finish_session_if_done(db, session_id, now) is not None)
     if ending.ok:
         changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
         _update_job(db, job_id, changes | {"finished_at": now})
-        ready = release_dependents(db, job_id, succeeded=True, now=now)
-        if not ready:  # a job it made ready has not ended: nor has the session
-            finish_session_if_done(db, session_id, now)
-        return Released(ready)
+        ready = release_dependents(db, job_id, succeeded=True, now=now, session=flags)
+        if ready:  # a job it made ready has not ended: nor has the session
+            return Released(ready)
+        return Released(ready, finished=finish_session_if_done(db, session_id, now) is not None)
 
     changes["error"] = ending.error
     budget = job.max_attempts + (LOST_WORKER_GRACE if ending.lost else 0)
@@ -387,9 +410,8 @@ def record_ending(
         return Released([], retry=(job_id, delay))
 
     _update_job(db, job_id, changes | {"status": JobStatus.FAILED, "finished_at": now})
-    ready = release_dependents(db, job_id, succeeded=False, now=now)
-    finish_session_if_done(db, session_id, now)
-    return Released(ready)
+    ready = release_dependents(db, job_id, succeeded=False, now=now, session=flags)
+    return Released(ready, finished=finish_session_if_done(db, session_id, now) is not None)
 
 
 def end_attempt(job_id: str, attempt: int, ending: Ending) -> Released:
@@ -412,6 +434,8 @@ def send(released: Released) -> None:
         retry_id, delay = released.retry
         messages.send_job_ids([retry_id], countdown=delay)
     messages.send_jobs(released.ready, marked=True)
+    if released.finished:
+        notifications.announce()
 
 
 def _update_job(db: Executor, job_id: str, changes: dict[str, Any]) -> None:
@@ -427,7 +451,12 @@ _SENDING = (Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position)
 
 
 def release_dependents(
-    db: Executor, job_id: str, *, succeeded: bool, now: datetime
+    db: Executor,
+    job_id: str,
+    *,
+    succeeded: bool,
+    now: datetime,
+    session: SessionFlags = NORMAL,
 ) -> list[ReadyJob]:
     """Propagate the end of ``job_id``: on success every dependent is
     decremented; on a final failure (or a cancellation) every job that needs
@@ -443,7 +472,8 @@ def release_dependents(
         current, ok = ended.pop()
         if ok:
             # Every dependent waits for this one: one decrement for them all.
-            ready.extend(_ready(db.execute(_DECREMENT_DEPENDENTS, {"job_id": current, "now": now})))
+            decremented = db.execute(_DECREMENT_DEPENDENTS, {"job_id": current, "now": now})
+            ready.extend(_ready(decremented, session))
             continue
         edges = db.execute(
             select(JobDependency.job_id, JobDependency.requires_success).where(
@@ -467,7 +497,8 @@ def release_dependents(
                 if rowcount(marked):
                     ended.append((dependent, False))
             else:
-                ready.extend(_ready(db.execute(_decrement(Job.id == dependent), {"now": now})))
+                decremented = db.execute(_decrement(Job.id == dependent), {"now": now})
+                ready.extend(_ready(decremented, session))
     return ready
 
 
@@ -485,7 +516,7 @@ def _decrement(which: Any) -> Any:
                 else_=Job.dispatched_at,
             ),
         )
-        .returning(Job.pending_deps, Job.status, *_SENDING)
+        .returning(Job.pending_deps, Job.status, *_SENDING, Job.window)
     )
 
 
@@ -506,18 +537,30 @@ class ReadyRow(NamedTuple):
     channel: str
     priority: int
     sort_position: float
+    window: str | None
 
 
-def _ready(rows: Any) -> list[ReadyJob]:
+def _ready(rows: Any, session: SessionFlags) -> list[ReadyJob]:
     return [
-        ReadyJob(row.id, row.job_name, row.channel, row.priority, row.sort_position)
+        ReadyJob(
+            row.id,
+            row.job_name,
+            row.channel,
+            row.priority,
+            row.sort_position,
+            session.urgent,
+            session.cohort,
+            row.window,
+        )
         for row in rows
         if row.pending_deps == 0 and row.status == JobStatus.QUEUED
     ]
 
 
 def finish_session_if_done(db: Executor, session_id: str, now: datetime) -> str | None:
-    """Give the session its final status once none of its jobs can still run."""
+    """Give the session its final status once none of its jobs can still run,
+    with its webhook notifications queued in the same transaction; returns
+    that status, or None if the session has not ended now."""
     counts: dict[str, int] = dict(
         db.execute(
             select(Job.status, func.count())
@@ -540,7 +583,10 @@ def finish_session_if_done(db: Executor, session_id: str, now: datetime) -> str 
         )
         .values(status=final, finished_at=now)
     )
-    return str(final) if rowcount(done) else None
+    if not rowcount(done):
+        return None
+    notifications.queue_session_event(db, session_id, final, now)
+    return str(final)
 
 
 # --------------------------------------------------------------------------
@@ -677,4 +723,5 @@ def cancel(db: Session, session_id: str, now: datetime | None = None) -> Cancell
         job.finished_at = now
         job.error = "cancelled by an operator"
     row.status, row.finished_at = SessionStatus.CANCELLED, now
+    notifications.queue_session_event(db, session_id, SessionStatus.CANCELLED, now)
     return report

@@ -2,6 +2,7 @@
 
 All run on the ``dcm.planning`` queue: ``scheduler.detect`` and
 ``scheduler.resend`` from beat, ``scheduler.plan`` once per new session,
+``scheduler.deliver_webhooks`` after a session ended and from beat,
 ``scheduler.prune`` hourly from beat when ``DCM_RETENTION`` is set.
 """
 
@@ -9,7 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler import detection, messages, orthanc, resender, retention, sessions
+from scheduler import (
+    detection,
+    messages,
+    notifications,
+    orthanc,
+    resender,
+    retention,
+    sessions,
+    webhooks,
+)
 from scheduler.celery_app import app
 from scheduler.config import get_settings
 from scheduler.store.db import TRANSIENT
@@ -43,10 +53,21 @@ def resend() -> dict[str, int]:
     return {"plans": report.plans, "jobs": report.jobs, "lost": report.lost}
 
 
+@app.task(name=notifications.DELIVER, ignore_result=True)
+def deliver_webhooks() -> dict[str, int]:
+    report = webhooks.deliver_due()
+    return {
+        "delivered": report.delivered,
+        "failed": report.failed,
+        "given_up": report.given_up,
+    }
+
+
 @app.task(name="scheduler.follow_orthanc", ignore_result=True)
 def follow_orthanc() -> dict[str, object]:
     report = orthanc.follow_changes()
     return {"recorded": report.recorded, "seq": report.seq, "error": report.error}
+
 
 @app.task(name="scheduler.prune", ignore_result=True)
 def prune() -> dict[str, Any]:

@@ -169,6 +169,7 @@ class SchedulingSession(Base):
         ),
         Index("ix_sessions_status", "status"),
         Index("ix_sessions_uid", "uid"),
+        Index("ix_sessions_cohort", "cohort"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -190,6 +191,11 @@ class SchedulingSession(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     planned_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Urgent sessions' jobs go ahead of every normal job of their channel and
+    # ignore off-peak windows (README, "Urgent studies first").
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The cohort run that opened the session, if any (README, "Cohort runs").
+    cohort: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="session", order_by="Job.created_seq")
 
@@ -238,6 +244,8 @@ class Job(Base):
     # Earliest time the job may run (retry back-off).
     run_after: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # "HH:MM-HH:MM": the job is sent only while this off-peak window is open.
+    window: Mapped[str | None] = mapped_column(String(16), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -276,3 +284,68 @@ class Cursor(Base):
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(String(255), default="")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One notification owed to one webhook URL (README, "Notifications"),
+    written in the transaction that gave its session a final status.
+    ``sequence`` counts the session's notifications, so a session retried
+    and ended again is notified again, while one ending is queued once."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        UniqueConstraint("session_id", "event", "sequence", "url", name="uq_webhook_outbox_once"),
+        Index("ix_webhook_outbox_due", "delivered_at", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(String(64))
+    sequence: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    # The exact bytes sent (signed), frozen at the first attempt so every
+    # retry sends the same document.
+    body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When it may be tried next; NULL once delivered or given up.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Cohort(Base):
+    """A named run of one event over the stored studies (series, patients)
+    that match its criteria, opened at a limited rate."""
+
+    __tablename__ = "cohorts"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event: Mapped[str] = mapped_column(String(128))
+    level: Mapped[str] = mapped_column(String(16))
+    # The --where, --since, --until and --limit it was started with.
+    criteria: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # Sessions opened per minute at most; None: as fast as planning allows.
+    rate_per_min: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Candidates matched when it started, and sessions opened so far.
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    opened: Mapped[int] = mapped_column(Integer, default=0)
+    # How far opening went: the row id of the last candidate examined, and
+    # the highest one when it started (data recorded later is not in it).
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    up_to: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="opening")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class PausedChannel(Base):
+    """A channel an operator paused: its jobs stay queued, unsent, until resumed."""
+
+    __tablename__ = "paused_channels"
+
+    channel: Mapped[str] = mapped_column(String(128), primary_key=True)
+    paused_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
