@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -438,6 +439,8 @@ def print_trace(trace: dict[str, Any]) -> None:
         )
         grid.add_row(name, entry.get("phase", ""), decision, first_line(entry.get("reason")))
     print_table(grid)
+    for reason in trace.get("urgent", []):
+        console.print(f"[bold red]urgent:[/bold red] {reason}", highlight=False)
     for problem in trace.get("service_problems", []):
         errors.print(f"[red]service problem:[/red] {problem}", highlight=False)
     for warning in trace.get("warnings", []):
@@ -450,13 +453,53 @@ def trigger(
     study: StudyOption = None,
     series: SeriesOption = None,
     patient: PatientOption = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where",
+            help="Cohort: FIELD=VALUE on a stored tag (* matches anything); repeatable.",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Cohort: study date on or after (YYYY-MM-DD).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Cohort: study date on or before (YYYY-MM-DD).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Cohort: at most this many sessions.")] = None,
+    rate: Annotated[
+        str | None, typer.Option(help="Cohort: sessions opened at most, e.g. 30/min, 2/s, 500/h.")
+    ] = None,
+    cohort_level: Annotated[
+        Level, typer.Option("--level", help="Cohort: one session per study, series or patient.")
+    ] = Level.STUDY,
+    name: Annotated[
+        str | None, typer.Option(help="Cohort name (default <event>-<date>-<time>).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Cohort: count the matches, open nothing.")
+    ] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Cohort: start it and return, no progress bar.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a new session for a resource with a custom event."""
+    """Start a new session for a resource with a custom event, or, with
+    --where/--since/--until/--limit, a cohort run over every match."""
     from scheduler import sessions as session_flow
     from scheduler.headers import UnknownCandidateError
     from scheduler.store.db import init_db
 
+    if where or since or until or limit is not None:
+        if study or series or patient:
+            raise fail("give --study/--series/--patient or cohort criteria, not both", 2)
+        cohort = CohortRequest(event, cohort_level, where or [], since, until, limit, rate, name)
+        start_cohort(cohort, dry_run=dry_run, no_wait=no_wait, as_json=as_json)
+        return
+    if dry_run or rate or name:
+        raise fail(
+            "--dry-run, --rate and --name are for cohorts: add --where, --since or --limit", 2
+        )
     level, uid = candidate(study, series, patient)
     init_db()
     try:
@@ -472,11 +515,160 @@ def trigger(
     )
 
 
+@dataclass(frozen=True)
+class CohortRequest:
+    """A cohort run as ``trigger`` was given it."""
+
+    event: str
+    level: str
+    where: list[str]
+    since: str | None
+    until: str | None
+    limit: int | None
+    rate: str | None
+    name: str | None
+
+
+def start_cohort(request: CohortRequest, *, dry_run: bool, no_wait: bool, as_json: bool) -> None:
+    """``trigger --where …``: count (``--dry-run``) or start a cohort run,
+    then follow it with a progress bar in a terminal."""
+    from scheduler import cohorts
+    from scheduler.store.db import init_db
+
+    try:
+        criteria = cohorts.Criteria(
+            cohorts.parse_where(request.where),
+            request.since and cohorts.parse_day(request.since, "--since"),
+            request.until and cohorts.parse_day(request.until, "--until"),
+            request.limit,
+        )
+        rate = cohorts.parse_rate(request.rate)
+        if dry_run:
+            open_store()
+            found = cohorts.preview(request.level, criteria)
+        else:
+            init_db()
+            started = cohorts.start(
+                request.event, request.level, criteria, rate_per_min=rate, name=request.name
+            )
+    except cohorts.CohortExistsError as exc:
+        raise fail(str(exc)) from exc
+    except cohorts.CohortError as exc:
+        raise fail(str(exc), 2) from exc
+    if dry_run:
+        if as_json:
+            print_json(found.as_dict() | {"dry_run": True, "criteria": criteria.as_dict()})
+            return
+        console.print(f"{found.count} {request.level}(s) match; nothing opened (--dry-run)")
+        for uid in found.first:
+            console.print(f"  {uid}", highlight=False)
+        if found.count > len(found.first):
+            console.print(f"  … and {found.count - len(found.first)} more")
+        return
+    if as_json or no_wait or not console.is_terminal:
+        if as_json:
+            print_json(started)
+        else:
+            console.print(cohort_line(started))
+        return
+    follow_cohort(started)
+
+
+def cohort_line(cohort: dict[str, Any]) -> str:
+    counts = ", ".join(f"{s} {n}" for s, n in cohort["sessions"].items() if n)
+    return (
+        f"cohort {cohort['name']} ({cohort['event']}, {cohort['status']}): "
+        f"opened {cohort['opened']}/{cohort['total']}, ended {cohort['ended']}"
+        + (f" ({counts})" if counts else "")
+    )
+
+
+def follow_cohort(cohort: dict[str, Any]) -> None:
+    """A progress bar of the cohort's ended sessions until it is done; Ctrl-C
+    stops following, not the cohort."""
+    import time
+
+    from scheduler import cohorts
+    from scheduler.doctor import OK, check_beat
+
+    name = cohort["name"]
+    beat = check_beat(get_settings())
+    if beat.status != OK:
+        errors.print(
+            f"[yellow]warning:[/yellow] {beat.detail}; the cohort opens its sessions on beat: "
+            f"{beat.fix}",
+            highlight=False,
+        )
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(name, total=cohort["total"])
+            while True:
+                progress.update(
+                    task,
+                    total=cohort["total"],
+                    completed=cohort["ended"],
+                    description=f"{name}: opened {cohort['opened']}/{cohort['total']}, ended",
+                )
+                if cohort["status"] in (cohorts.DONE, cohorts.CANCELLED):
+                    break
+                time.sleep(1.0)
+                cohort = cohorts.summary(name)
+    except KeyboardInterrupt:
+        console.print(
+            f"stopped following; cohort {name} keeps running "
+            f"(dcm-scheduler cohorts; stop it with dcm-scheduler cancel --cohort {name})"
+        )
+        return
+    console.print(cohort_line(cohort))
+
+
+@app.command("cohorts")
+def cohorts_command(as_json: JsonOption = False) -> None:
+    """Cohort runs, newest first, with their sessions counted by status."""
+    from scheduler import cohorts
+    from scheduler.store.db import transaction
+
+    open_store()
+    with transaction() as db:
+        rows = cohorts.list_cohorts(db)
+    if as_json:
+        print_json(rows)
+        return
+    grid = table(
+        "cohort", "event", "level", "status", "opened", "total", *STATUS_COLUMNS, "created"
+    )
+    for row in rows:
+        grid.add_row(
+            row["name"],
+            row["event"],
+            row["level"],
+            styled(row["status"]),
+            str(row["opened"]),
+            str(row["total"]),
+            *(str(row["sessions"].get(s, 0)) for s in STATUS_COLUMNS),
+            when(row["created_at"]),
+        )
+    print_table(grid)
+
+
+STATUS_COLUMNS = ("planning", "running", "succeeded", "failed", "partial", "cancelled")
+
+
 @app.command()
 def retry(
     job_id: Annotated[str | None, typer.Argument(help="A failed job's id.")] = None,
     session: Annotated[
         str | None, typer.Option("--session", help="Retry every failed job of this session.")
+    ] = None,
+    cohort: Annotated[
+        str | None,
+        typer.Option("--cohort", help="Retry every failed job of this cohort run's sessions."),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -484,9 +676,23 @@ def retry(
     from scheduler import control, queries
     from scheduler.store.db import init_db
 
-    if (job_id is None) == (session is None):
-        raise fail("give a JOB_ID or --session ID", 2)
+    if [job_id, session, cohort].count(None) != 2:
+        raise fail("give a JOB_ID, --session ID or --cohort NAME", 2)
     init_db()
+    if cohort is not None:
+        from scheduler import cohorts
+
+        try:
+            done = cohorts.retry_cohort(cohort)
+        except (queries.NotFoundError, control.NothingToDoError) as exc:
+            raise fail(str(exc)) from exc
+        if as_json:
+            print_json(done.as_dict())
+            return
+        console.print(
+            f"cohort {cohort}: re-queued {done.jobs} job(s) in {len(done.sessions)} session(s)"
+        )
+        return
     try:
         report = control.retry_jobs(job_id=job_id, session_id=session)
     except (queries.NotFoundError, control.NothingToDoError) as exc:
@@ -502,14 +708,38 @@ def retry(
 
 @app.command()
 def cancel(
-    session_id: Annotated[str, typer.Argument(help="Session id (or a unique prefix).")],
+    session_id: Annotated[
+        str | None, typer.Argument(help="Session id (or a unique prefix).")
+    ] = None,
+    cohort: Annotated[
+        str | None,
+        typer.Option("--cohort", help="Stop opening this cohort run and cancel its sessions."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Cancel what has not started and stop what runs."""
     from scheduler import control, queries
     from scheduler.store.db import init_db
 
+    if (session_id is None) == (cohort is None):
+        raise fail("give a SESSION_ID or --cohort NAME", 2)
     init_db()
+    if cohort is not None:
+        from scheduler import cohorts
+
+        try:
+            stopped = cohorts.cancel_cohort(cohort)
+        except (queries.NotFoundError, control.NothingToDoError) as exc:
+            raise fail(str(exc)) from exc
+        if as_json:
+            print_json(stopped.as_dict())
+            return
+        console.print(
+            f"cohort {cohort} cancelled: {len(stopped.sessions)} open session(s) cancelled, "
+            f"{stopped.not_opened} never opened"
+        )
+        return
+    assert session_id is not None
     try:
         report = control.cancel_session(session_id)
     except (queries.NotFoundError, control.NothingToDoError) as exc:
@@ -562,7 +792,8 @@ def prune(
     grid = table(
         "what",
         "would go" if dry_run else "removed",
-        title=f"{'dry run: ' if dry_run else ''}ended before {when(counts['cutoff'])} UTC",
+        title=f"sessions ended before {when(counts['cutoff'])} UTC"
+        + (" (dry run: nothing deleted)" if dry_run else ""),
     )
     for name in (
         *("sessions", "jobs", "dependencies", "leases"),
@@ -634,7 +865,7 @@ def sessions_command(
     if as_json:
         print_json(rows)
         return
-    grid = table("session", "event", "level", "uid", "rev", "status", "created", "finished")
+    grid = table("session", "event", "level", "uid", "rev", "status", "", "created", "finished")
     for row in rows:
         grid.add_row(
             short(row["id"]),
@@ -643,6 +874,7 @@ def sessions_command(
             row["uid"],
             str(row["revision"]),
             styled(row["status"]),
+            "[bold red]urgent[/bold red]" if row.get("urgent") else "",
             when(row["created_at"]),
             when(row["finished_at"]),
         )

@@ -17,12 +17,14 @@ import celeryconfig
 from scheduler import detection, retention, sessions
 from scheduler.cli import app as cli
 from scheduler.config import ConfigError, Settings, load_settings, parse_age
-from scheduler.leases import acquire, new_holder, release
+from scheduler.leases import acquire, new_holder, release, take
+from scheduler.sessions import lease_name
 from scheduler.store.db import transaction
 from scheduler.store.models import (
     Instance,
     Job,
     JobDependency,
+    Lease,
     Patient,
     SchedulingSession,
     Series,
@@ -106,6 +108,8 @@ def test_only_sessions_that_ended_before_the_age_go_with_their_jobs_and_data(
         db.execute(update(Job).where(Job.session_id == retried).values(status="queued"))
     record_study("1.7", now=LONG_AGO)
     planning = detection.detect().sessions[0]
+    with transaction() as db:  # left by a planner that died
+        take(db, lease_name(old[0]), 15, new_holder(), now=LONG_AGO)
     before = counts()
 
     dry = prune_cli("--older-than", "90d", "--dry-run", "--json")
@@ -121,6 +125,7 @@ def test_only_sessions_that_ended_before_the_age_go_with_their_jobs_and_data(
         "studies": 2,  # 1.4 keeps its rows for the session of yesterday
     }
     assert (report["series"], report["instances"], report["patients"]) == (2, 4, 2)
+    assert report["leases"] == 1
     left = {s.id for n in range(1, 8) for s in sessions_of(f"1.{n}")}
     assert left == {recent, second, running, retried, planning}
     assert not set(old) & left
@@ -128,6 +133,7 @@ def test_only_sessions_that_ended_before_the_age_go_with_their_jobs_and_data(
     with transaction() as db:
         assert db.scalar(select(Study.instance_count).where(Study.study_uid == "1.4")) == 4
         assert set(db.scalars(select(Patient.patient_id))) == {"P1"}
+        assert db.get(Lease, lease_name(old[0])) is None
         assert set(db.scalars(select(Job.status).where(Job.session_id == running))) == {"queued"}
     assert counts()["jobs"] == before["jobs"] - 6
     # Nothing more is old enough: a second prune finds nothing.
