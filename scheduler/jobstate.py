@@ -313,9 +313,7 @@ class Released:
 
 
 _LOCK_SESSION_OF_JOB = (
-    select(
-        SchedulingSession.id, SchedulingSession.urgent, SchedulingSession.cohort.is_not(None)
-    )
+    select(SchedulingSession.id, SchedulingSession.urgent, SchedulingSession.cohort.is_not(None))
     .where(
         SchedulingSession.id
         == select(Job.session_id).where(Job.id == bindparam("job_id")).scalar_subquery()

@@ -15,17 +15,20 @@ is back (README, "Failure modes"): a failure to send is logged, never raised.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import group
 from sqlalchemy import select, update
 
+from scheduler.config import get_settings
 from scheduler.store.db import statements, transaction
-from scheduler.store.models import Job, utcnow
+from scheduler.store.models import Job, PausedChannel, SchedulingSession, utcnow
 from scheduler.vocabulary import JobStatus
+from scheduler.windows import window_open
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,18 @@ def app() -> Any:
 
 
 @dataclass(frozen=True)
+class SessionFlags:
+    """What of a job's session decides how its messages go: urgent ones
+    first, cohort ones after live work (README, "Urgent studies first")."""
+
+    urgent: bool = False
+    cohort: bool = False
+
+
+NORMAL = SessionFlags()
+
+
+@dataclass(frozen=True)
 class ReadyJob:
     """What sending a job needs, without loading its row."""
 
@@ -53,30 +68,71 @@ class ReadyJob:
     channel: str
     priority: int
     sort_position: float
+    urgent: bool = False
+    cohort: bool = False
+    # "HH:MM-HH:MM": sent only while this off-peak window is open.
+    window: str | None = None
 
     @classmethod
-    def of(cls, job_id: str, definition: Any) -> ReadyJob:
+    def of(cls, job_id: str, definition: Any, session: SessionFlags = NORMAL) -> ReadyJob:
         return cls(
             job_id,
             definition.job_name,
             definition.channel,
             definition.priority,
             definition.sort_position,
+            session.urgent,
+            session.cohort,
+            getattr(definition, "window", None),
         )
 
+    @property
+    def level(self) -> int:
+        return message_priority(self.priority, urgent=self.urgent, cohort=self.cohort)
 
-def broker_priority(priority: int) -> int:
-    """Our priority (0-9, higher first) in the broker's terms: Redis runs
-    the lowest number first, AMQP the highest."""
+
+# Message priorities, higher first, on one scale for every queue (README,
+# "Urgent studies first"): urgent sessions above every normal job, cohort
+# runs below them, a job's own priority (0-9) in between. RabbitMQ queues are
+# declared with x-max-priority 10 (celeryconfig), so the scale fits 0-9.
+URGENT_LEVEL = 9
+COHORT_LEVEL = 0
+# A plan message of a live session, and a job's default priority (5).
+NORMAL_LEVEL = 4
+
+
+def message_priority(
+    priority: int | None = None, *, urgent: bool = False, cohort: bool = False
+) -> int:
+    """The message priority (0-9, higher first) of a job of ``priority``
+    (None: a plan message) in an urgent, cohort or normal session: 9 urgent,
+    0 cohort, and the job's priority 0-9 folded into 1-8 (0 and 1 share 1,
+    4 and 5 share 4)."""
+    if urgent:
+        return URGENT_LEVEL
+    if cohort:
+        return COHORT_LEVEL
+    if priority is None:
+        return NORMAL_LEVEL
+    return 1 + max(0, min(9, priority)) * 7 // 9
+
+
+def broker_priority(
+    priority: int | None = None, *, urgent: bool = False, cohort: bool = False
+) -> int:
+    """:func:`message_priority` in the broker's terms: Redis runs the lowest
+    number first, AMQP the highest. Every message the scheduler sends takes
+    its priority from here."""
+    level = message_priority(priority, urgent=urgent, cohort=cohort)
     url = str(app().conf.broker_url or "")
-    return 9 - priority if url.startswith(("redis", "rediss")) else priority
+    return 9 - level if url.startswith(("redis", "rediss")) else level
 
 
 def job_signature(job: ReadyJob, countdown: float | None = None) -> Any:
     options: dict[str, Any] = {
         "task_id": job.id,
         "queue": job.channel,
-        "priority": broker_priority(job.priority),
+        "priority": broker_priority(job.priority, urgent=job.urgent, cohort=job.cohort),
         "shadow": f"dcm:{job.job_name}",
     }
     if countdown:
@@ -88,16 +144,71 @@ def _left_for_resender(what: str, count: int, error: Exception) -> None:
     log.warning("broker unavailable, %d %s left for the re-sender: %s", count, what, error)
 
 
+# How long a process trusts what it read of the paused channels. A message
+# sent within that time after a pause is stopped by the claim instead.
+PAUSED_TTL = 2.0
+_paused: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+
+
+def paused_channels() -> frozenset[str]:
+    """The channels an operator paused (README, "Pausing a channel"), as read
+    at most :data:`PAUSED_TTL` seconds ago by this process."""
+    global _paused
+    read_at, channels = _paused
+    if time.monotonic() - read_at < PAUSED_TTL:
+        return channels
+    try:
+        with statements() as db:
+            channels = frozenset(db.scalars(select(PausedChannel.channel)))
+    except Exception as exc:  # noqa: BLE001 - the claim still refuses a paused channel's job
+        log.warning("could not read the paused channels: %s", exc)
+    _paused = (time.monotonic(), channels)
+    return channels
+
+
+def forget_paused() -> None:
+    """Read the paused channels afresh at the next send (after a pause or resume)."""
+    global _paused
+    _paused = (float("-inf"), frozenset())
+
+
+def held_back(jobs: Sequence[ReadyJob], at: datetime) -> list[ReadyJob]:
+    """The jobs that must not be sent at ``at``: those of a paused channel,
+    and those of a normal session whose off-peak window is closed."""
+    paused = paused_channels()
+    zone = get_settings().timezone if any(j.window for j in jobs) else None
+    return [
+        job
+        for job in jobs
+        if job.channel in paused or (not job.urgent and not window_open(job.window, at, zone))
+    ]
+
+
 def send_jobs(
-    jobs: Sequence[ReadyJob], countdown: float | None = None, *, marked: bool = False
+    jobs: Sequence[ReadyJob],
+    countdown: float | None = None,
+    *,
+    marked: bool = False,
+    now: datetime | None = None,
 ) -> int:
     """Send jobs known to be queued and ready, then mark them dispatched
     (``marked``: the caller marked them already, in the transaction that
     made them ready; a failed send unmarks them); returns how many went out.
-    Ordered by priority (higher first), then sortPosition."""
+    Ordered by message priority (urgent first, cohort last), then priority,
+    then sortPosition. Jobs held back (a paused channel, a closed window at
+    the time the message would run) stay queued and undispatched: the
+    re-sender or ``resume`` sends them later."""
     if not jobs:
         return 0
-    ordered = sorted(jobs, key=lambda j: (-j.priority, j.sort_position, j.job_name))
+    held = held_back(jobs, (now or utcnow()) + timedelta(seconds=countdown or 0))
+    if held:
+        if marked:
+            _mark_dispatched([j.id for j in held], None)
+        waiting = {j.id for j in held}
+        jobs = [j for j in jobs if j.id not in waiting]
+        if not jobs:
+            return 0
+    ordered = sorted(jobs, key=lambda j: (-j.level, -j.priority, j.sort_position, j.job_name))
     ids = [j.id for j in jobs]
     try:
         group(job_signature(job, countdown) for job in ordered).apply_async(
@@ -121,7 +232,9 @@ def _mark_dispatched(job_ids: list[str], when: datetime | None) -> None:
         log.warning("could not record the dispatch of %d job(s): %s", len(job_ids), exc)
 
 
-def send_job_ids(job_ids: Sequence[str], countdown: float | None = None) -> int:
+def send_job_ids(
+    job_ids: Sequence[str], countdown: float | None = None, *, now: datetime | None = None
+) -> int:
     """:func:`send_jobs` for jobs known by id only (read from the store; those
     no longer queued are left out)."""
     if not job_ids:
@@ -130,27 +243,38 @@ def send_job_ids(job_ids: Sequence[str], countdown: float | None = None) -> int:
         jobs = [
             ReadyJob(*row)
             for row in db.execute(
-                select(Job.id, Job.job_name, Job.channel, Job.priority, Job.sort_position).where(
-                    Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED
+                select(
+                    Job.id,
+                    Job.job_name,
+                    Job.channel,
+                    Job.priority,
+                    Job.sort_position,
+                    SchedulingSession.urgent,
+                    SchedulingSession.cohort.is_not(None),
+                    Job.window,
                 )
+                .join(SchedulingSession, SchedulingSession.id == Job.session_id)
+                .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED)
             )
         ]
-    return send_jobs(jobs, countdown)
+    return send_jobs(jobs, countdown, now=now)
 
 
-def send_plans(session_ids: Sequence[str]) -> int:
-    """Send one ``scheduler.plan`` task per session; returns how many went out."""
+def send_plans(session_ids: Sequence[str], *, urgent: bool = False, cohort: bool = False) -> int:
+    """Send one ``scheduler.plan`` task per session (those of a cohort run
+    after live ones); returns how many went out."""
     if not session_ids:
         return 0
     sent = 0
     celery_app = app()
+    priority = broker_priority(urgent=urgent, cohort=cohort)
     try:
         with celery_app.producer_or_acquire() as producer:
             for session_id in session_ids:
                 # A signature, not send_task: where the task is known (a
                 # worker, eager mode) its own options and routing apply.
                 celery_app.signature(PLAN, kwargs={"session_id": session_id}).apply_async(
-                    producer=producer, retry=True, retry_policy=RETRY_POLICY
+                    producer=producer, retry=True, retry_policy=RETRY_POLICY, priority=priority
                 )
                 sent += 1
     except Exception as exc:  # noqa: BLE001 - sessions left in planning are re-planned

@@ -55,9 +55,9 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
             )
         }
         planning = [
-            session_id
-            for session_id in db.scalars(
-                select(SchedulingSession.id).where(
+            (session_id, cohort)
+            for session_id, cohort in db.execute(
+                select(SchedulingSession.id, SchedulingSession.cohort).where(
                     SchedulingSession.status == SessionStatus.PLANNING,
                     SchedulingSession.created_at
                     < now - min(PLANNING_GRACE, timedelta(seconds=settings.resend_after)),
@@ -83,8 +83,10 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
                 Job.status == JobStatus.RUNNING, Job.heartbeat_at < silent
             )
         ).all()
-    report.plans = send_plans(planning)
-    report.jobs = send_job_ids(ready)
+    report.plans = send_plans([s for s, cohort in planning if cohort is None])
+    report.plans += send_plans([s for s, cohort in planning if cohort is not None], cohort=True)
+    # Jobs of a paused channel or a closed window stay queued (send_jobs).
+    report.jobs = send_job_ids(ready, now=now)
     for job_id, attempt, worker, beat in lost:
         log.warning("job %s: worker %s silent since %s; re-queueing", job_id, worker, beat)
         jobstate.end_attempt(

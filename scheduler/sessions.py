@@ -31,7 +31,7 @@ from scheduler.emission import create_session, session_dir, store_plan
 from scheduler.headers import UnknownCandidateError, build_headers, candidate_query
 from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
-from scheduler.messages import ReadyJob, send_jobs
+from scheduler.messages import ReadyJob, SessionFlags, send_jobs
 from scheduler.planning import Plan, decide, make_callback_runner
 from scheduler.presence import live_channels
 from scheduler.registry import Registry, current_registry, record_load
@@ -257,6 +257,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
             ids = {job.definition.job_name: new_id() for job in result.jobs}
             with transaction() as db:
                 ready = store_plan(db, session_id, result, headers, job_ids=ids)
+                flags = session_flags(db, session_id)
                 drop(db, name, holder)
             planned = True
     finally:
@@ -267,11 +268,21 @@ def plan_session(session_id: str) -> PlannedSession | None:
         return None
     # The planner knows what it just wrote: send it without reading it back.
     definitions = {ids[job.definition.job_name]: job.definition for job in result.jobs}
-    send_jobs([ReadyJob.of(job_id, definitions[job_id]) for job_id in ready])
+    send_jobs([ReadyJob.of(job_id, definitions[job_id], flags) for job_id in ready])
     status = SessionStatus.RUNNING if result.jobs else SessionStatus.EMPTY
     if status == SessionStatus.EMPTY:
         notifications.announce()
     return PlannedSession(session_id, result, headers, ready, status)
+
+
+def session_flags(db: Session, session_id: str) -> SessionFlags:
+    """Whether the session is urgent and of a cohort, as its plan left it."""
+    row = db.execute(
+        select(SchedulingSession.urgent, SchedulingSession.cohort).where(
+            SchedulingSession.id == session_id
+        )
+    ).one()
+    return SessionFlags(bool(row.urgent), row.cohort is not None)
 
 
 def _fail_planning(session_id: str, message: str) -> None:

@@ -48,6 +48,7 @@ JOB_FIELDS = (
     "retries",
     "retryDelay",
     "priority",
+    "window",
     "params",
     "python",
     "onNewData",
@@ -88,6 +89,8 @@ class JobDefinition:
     # so a result can be traced to the code that produced it.
     service_version: str = field(default="", compare=False)
     service_hash: str = field(default="", compare=False)
+    # "HH:MM-HH:MM": sent only while this off-peak window is open (scheduler.windows).
+    window: str | None = None
 
     def matches(self, event: str) -> bool:
         """Whether ``event`` starts this job (``*`` and ``study.*`` patterns)."""

@@ -32,6 +32,7 @@ from scheduler.registry.definitions import (
     show,
 )
 from scheduler.vocabulary import DEFAULT_CHANNEL, Phase
+from scheduler.windows import WindowError, parse_window
 
 
 def read_json(path: Path, draft: Draft) -> Any:
@@ -139,6 +140,13 @@ def _integer(low: int, high: int | None) -> Callable[[Any], int]:
     return parse
 
 
+def _window(value: Any) -> str:
+    try:
+        return str(parse_window(text(value)))
+    except WindowError as exc:
+        raise Invalid(str(exc)) from exc
+
+
 def _choice(options: Sequence[str]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in options:
@@ -174,6 +182,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "retries": _integer(0, None),
     "retryDelay": _duration("retryDelay", positive=False),
     "priority": _integer(0, 9),
+    "window": _window,
     "params": _object,
     "python": _non_empty,
     "onNewData": _choice(ON_NEW_DATA),
@@ -274,6 +283,7 @@ def _job_definition(draft: Draft, values: dict[str, Any], ctx: JobContext) -> Jo
         retries=values.get("retries", 0),
         retry_delay_s=values.get("retryDelay", DEFAULT_RETRY_DELAY_S),
         priority=values.get("priority", DEFAULT_PRIORITY),
+        window=values.get("window"),
         params=values.get("params", {}),
         python=_python_path(python, ctx.folder) if python else None,
         on_new_data=values.get("onNewData", ON_NEW_DATA[0]),

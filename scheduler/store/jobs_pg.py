@@ -30,6 +30,7 @@ UPDATE jobs SET status = '{JobStatus.RUNNING}', attempts = jobs.attempts + 1,
 FROM sessions
 WHERE jobs.id = %(job_id)s AND jobs.status = '{JobStatus.QUEUED}' AND jobs.pending_deps = 0
     AND (jobs.run_after IS NULL OR jobs.run_after <= %(due)s)
+    AND NOT EXISTS (SELECT 1 FROM paused_channels paused WHERE paused.channel = jobs.channel)
     AND sessions.id = jobs.session_id
 RETURNING jobs.session_id, jobs.job_name, jobs.phase, jobs.channel, jobs.attempts,
     jobs.worker_entry, jobs.entry_root, jobs.params, jobs.timeout_s, jobs.python,
@@ -63,7 +64,8 @@ CLAIM_COLUMNS = [
 # The session row first, as every transition of a session's jobs does
 # (scheduler.jobstate); then the job, read after the lock is held.
 _LOCK_SESSION = """
-SELECT id FROM sessions WHERE id = (SELECT session_id FROM jobs WHERE id = %(job_id)s)
+SELECT id, urgent, cohort IS NOT NULL FROM sessions
+WHERE id = (SELECT session_id FROM jobs WHERE id = %(job_id)s)
 FOR UPDATE
 """
 _ENDING_READS = """
@@ -98,7 +100,7 @@ UPDATE jobs SET pending_deps = jobs.pending_deps - 1,
         THEN %(now)s ELSE jobs.dispatched_at END
 WHERE jobs.id IN (SELECT job_id FROM job_dependencies WHERE depends_on_id = %(job_id)s)
 RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
-    jobs.priority, jobs.sort_position
+    jobs.priority, jobs.sort_position, jobs.window
 """
 
 
@@ -120,22 +122,25 @@ def claim(
     return None if row is None else dict(zip(CLAIM_COLUMNS, row, strict=True))
 
 
-def lock_and_read(db: Connection, job_id: str) -> tuple[str, EndingRead] | None:
-    """Lock the job's session row and read the job; None if there is no such job."""
+def lock_and_read(db: Connection, job_id: str) -> tuple[tuple[str, bool, bool], EndingRead] | None:
+    """Lock the job's session row and read the job; the session's id and
+    whether it is urgent and of a cohort, and the job; None if there is no
+    such job."""
     with _cursor(db) as cursor:
         cursor.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
         locked = cursor.fetchone()
         if locked is None:
             return None
         cursor.execute(_ENDING_READS, {"job_id": job_id}, prepare=True)
-        return str(locked[0]), EndingRead(*cursor.fetchone())
+        session = (str(locked[0]), bool(locked[1]), bool(locked[2]))
+        return session, EndingRead(*cursor.fetchone())
 
 
 def succeed_and_release(
     db: Connection, job_id: str, result: Any, attempt_log: list[Any], now: datetime
 ) -> list[tuple[Any, ...]]:
     """Mark the job succeeded and decrement its dependents; their rows
-    (pending_deps, status, id, job_name, channel, priority, sort_position)."""
+    (pending_deps, status, id, job_name, channel, priority, sort_position, window)."""
     with _cursor(db) as cursor:
         cursor.execute(
             _SUCCEED_AND_RELEASE,
