@@ -1,28 +1,46 @@
-"""The dashboard (``serve``) in a real browser, on a live session: PostgreSQL,
-Redis and a Celery worker run the jobs while headless Chromium watches.
+"""The dashboard (``serve``) in a real browser: on a live session (PostgreSQL,
+Redis and a Celery worker run the jobs while headless Chromium watches), and
+on a known history in SQLite for the sessions list, the session graph and
+the services page (README, "HTTP API and dashboard").
 
 Needs the Debian package ``chromium`` (``/usr/bin/chromium``, or the binary named
 by ``DCM_TEST_CHROMIUM``); Playwright never downloads a browser here. Locally
-the test skips without it; under CI it fails.
+the tests skip without it; under CI they fail. One browser serves the module.
+Each page is saved as a screenshot for a person to look at, in
+``DCM_SCREENSHOTS`` (default ``build/screenshots`` of the repository).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from scheduler.api import create_app
 from scheduler.config import Settings, reset_settings
 from scheduler.sessions import trigger
-from scheduler.testing import free_port, record_study
+from scheduler.store.db import init_db, transaction
+from scheduler.testing import (
+    environment_values,
+    free_port,
+    record_study,
+    session_doc,
+    using_environment,
+)
 
 from .conftest import Define, require
+from .engine import jobs_by_name
+from .history import History, add_session, record_history
 
 CHROMIUM = Path(os.environ.get("DCM_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -37,14 +55,16 @@ CHROMIUM_ARGS = [
 ]
 TOKEN = "dashboard-token"
 WAIT_MS = 60_000
+SCREENSHOTS = Path(
+    os.environ.get("DCM_SCREENSHOTS")
+    or Path(__file__).resolve().parent.parent / "build" / "screenshots"
+)
 
 
-@pytest.fixture
-def server(live: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The real server (uvicorn, in a thread of this process) on a free port."""
-    monkeypatch.setenv("DCM_API_TOKEN", TOKEN)
-    reset_settings()
-    config = uvicorn.Config(create_app(), host="127.0.0.1", port=free_port(), log_level="warning")
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread of this process, on a free port."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
     served = uvicorn.Server(config)
     thread = threading.Thread(target=served.run, name="dashboard-server", daemon=True)
     thread.start()
@@ -52,13 +72,46 @@ def server(live: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     while not served.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{config.port}"
-    served.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        served.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def server(live: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The real server on the live setup."""
+    monkeypatch.setenv("DCM_API_TOKEN", TOKEN)
+    reset_settings()
+    with serving(create_app()) as url:
+        yield url
     reset_settings()
 
 
 @pytest.fixture
+def history(tmp_path: Path, define: Define, services_root: Path) -> Iterator[tuple[str, History]]:
+    """The server over a SQLite store holding the known history of tests/history.py."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    init_db(url)
+    values = environment_values(tmp_path, url) | {"DCM_SERVICES_PATH": str(services_root)}
+    with using_environment(values):
+        recorded = record_history(define)
+        with serving(create_app()) as served:
+            yield served, recorded
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save the whole page where a person can look at it, and say where."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot of the {name} page: {path}")
+    assert path.stat().st_size > 0
+    return path
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     require(CHROMIUM.exists(), f"Chromium ({CHROMIUM}, Debian package chromium)")
     from playwright.sync_api import sync_playwright
@@ -150,8 +203,167 @@ def test_dashboard_follows_a_running_session_and_retries_a_failed_job(
     assert page.evaluate("localStorage.getItem('dcm-scheduler.api-token')") == TOKEN
     expect(page.locator("#retry-session")).to_be_disabled()
 
-    screenshot = tmp_path / "dashboard.png"
-    page.screenshot(path=str(screenshot), full_page=True)
-    print(f"dashboard screenshot: {screenshot}")
-    assert screenshot.stat().st_size > 0
+    screenshot(page, "session-live")
+    assert problems == []
+
+
+def watched_page(browser: Any) -> tuple[Any, list[str]]:
+    """A page whose console errors and uncaught exceptions are collected."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    return page, problems
+
+
+def crosses(start: tuple[float, float], end: tuple[float, float], box: tuple[float, ...]) -> bool:
+    """Whether the segment passes through the inside of ``box`` (left, top,
+    right, bottom); touching its border does not count (Liang–Barsky)."""
+    left, top, right, bottom = box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1
+    (x, y), (dx, dy) = start, (end[0] - start[0], end[1] - start[1])
+    enter, leave = 0.0, 1.0
+    for p, q in ((-dx, x - left), (dx, right - x), (-dy, y - top), (dy, bottom - y)):
+        if p == 0:
+            if q < 0:
+                return False
+        elif p < 0:
+            enter = max(enter, q / p)
+        else:
+            leave = min(leave, q / p)
+    return enter < leave
+
+
+GRAPH_SHAPES = """() => ({
+  boxes: [...document.querySelectorAll("svg.dag g.node")].map((g) => {
+    const m = g.transform.baseVal.consolidate().matrix;
+    const r = g.querySelector("rect");
+    return [g.dataset.job, m.e, m.f, m.e + r.width.baseVal.value, m.f + r.height.baseVal.value];
+  }),
+  edges: [...document.querySelectorAll("svg.dag path.edge")].map((p) => ({
+    from: p.dataset.from, to: p.dataset.to, classes: p.getAttribute("class"),
+    d: p.getAttribute("d"), width: parseFloat(getComputedStyle(p).strokeWidth),
+    opacity: parseFloat(getComputedStyle(p).strokeOpacity),
+  })),
+})"""
+
+
+def test_session_graph_routes_every_edge_between_boxes_and_draws_implied_edges_lighter(
+    browser: Any, history: tuple[str, History]
+) -> None:
+    from playwright.sync_api import expect
+
+    server, recorded = history
+    page, problems = watched_page(browser)
+    page.goto(f"{server}/#/sessions/{recorded.graph}")
+    expect(page.locator('svg.dag [data-job="notify"]')).to_be_visible(timeout=WAIT_MS)
+
+    shapes = page.evaluate(GRAPH_SHAPES)
+    boxes = {name: tuple(box) for name, *box in shapes["boxes"]}
+    assert set(boxes) == {"prep", "segment", "measure", "report", "qc", "notify"}
+    edges = {(e["from"], e["to"]): e for e in shapes["edges"]}
+    assert len(edges) == 13
+    for (upstream, job), edge in edges.items():
+        points = [(float(x), float(y)) for x, y in re.findall(r"([-\d.]+),([-\d.]+)", edge["d"])]
+        for other, box in boxes.items():
+            if other in (upstream, job):
+                continue
+            for start, end in zip(points, points[1:], strict=False):
+                assert not crosses(start, end, box), f"{upstream} → {job} passes behind {other}"
+    # The check has something to catch: segment → report spans measure's rank.
+    over = edges[("segment", "report")]["d"]
+    xs = [float(x) for x, _ in re.findall(r"([-\d.]+),([-\d.]+)", over)]
+    assert min(xs) < boxes["measure"][0] and max(xs) > boxes["measure"][2]
+
+    implied = {key for key, edge in edges.items() if "implicit" in edge["classes"].split()}
+    mains = ["segment", "measure", "report", "qc"]
+    assert implied == {("prep", m) for m in mains} | {(u, "notify") for u in ["prep", *mains]}
+    declared = edges[("segment", "measure")]
+    for key in implied:
+        assert edges[key]["width"] < declared["width"]
+        assert edges[key]["opacity"] < declared["opacity"]
+
+    # Which code ran: on the box and on the job's card.
+    node = page.locator('svg.dag [data-job="segment"] .provenance')
+    job = jobs_by_name(session_doc(recorded.graph))["segment"]
+    expect(node).to_contain_text(f"testjobs {job['service_version']} · {job['service_hash'][:8]}")
+    expect(page.locator('[data-job-card="segment"] .provenance')).to_contain_text(
+        job["service_hash"][:12]
+    )
+    screenshot(page, "session-graph")
+    assert problems == []
+
+
+def test_sessions_list_filters_by_status_event_and_patient_and_follows_new_sessions(
+    browser: Any, history: tuple[str, History]
+) -> None:
+    from playwright.sync_api import expect
+
+    server, recorded = history
+    sessions = recorded.sessions
+    page, problems = watched_page(browser)
+    row = lambda session_id: page.locator(f'tr[data-session="{session_id}"]')  # noqa: E731
+
+    page.goto(f"{server}/#/")
+    expect(row(recorded.graph)).to_be_visible(timeout=WAIT_MS)
+    page.fill("#filter-q", "thorax")
+    page.press("#filter-q", "Enter")
+    expect(page.locator("#sessions tbody tr")).to_have_count(2, timeout=WAIT_MS)
+    expect(row(recorded.graph)).to_be_visible()
+    expect(row(sessions["series"])).to_be_visible()
+    page.select_option("#filter-status", "succeeded")
+    expect(page.locator("#sessions tbody tr[data-session]")).to_have_count(1, timeout=WAIT_MS)
+    expect(row(sessions["series"])).to_be_visible()
+    assert "q=thorax" in page.url and "status=succeeded" in page.url
+
+    # A link with the filters opens the same list; it follows new sessions.
+    page.goto(f"{server}/#/?q=richard&event=patient.stable")
+    expect(row(sessions["patient"])).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#sessions tbody tr[data-session]")).to_have_count(1)
+    updated = page.get_attribute("#sessions-updated", "data-updated")
+    with transaction() as db:
+        arrived = add_session(
+            db, "patient", "PAT-8", "patient.stable", "running", recorded.now + timedelta(seconds=1)
+        )
+        add_session(db, "study", "1.2.7", "patient.stable", "running", recorded.now)
+    expect(row(arrived)).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#sessions tbody tr[data-session]")).to_have_count(2)
+    assert page.get_attribute("#sessions-updated", "data-updated") != updated
+    expect(page.locator("#filter-q")).to_have_value("richard")
+    expect(page.locator("#filter-event")).to_have_value("patient.stable")
+    screenshot(page, "sessions")
+    assert problems == []
+
+
+def test_services_page_shows_runs_success_durations_and_the_last_failure_per_period(
+    browser: Any, history: tuple[str, History]
+) -> None:
+    from playwright.sync_api import expect
+
+    server, recorded = history
+    page, problems = watched_page(browser)
+    page.goto(f"{server}/services")
+    segment = page.locator('tr[data-stats="seg/segment"]')
+    expect(segment.locator('[data-field="runs"]')).to_have_text("5", timeout=WAIT_MS)
+    expect(page.locator("#period")).to_have_value("7d")
+    expect(segment.locator('[data-field="success"]')).to_have_text("80%")
+    expect(segment.locator('[data-field="p50"]')).to_have_text("3.0s")
+    expect(segment.locator('[data-field="p95"]')).to_have_text("8.8s")
+    failure = segment.locator('[data-field="last-failure"]')
+    expect(failure).to_contain_text("RuntimeError: out of memory")
+    expect(failure.locator("a")).to_have_attribute(
+        "href", f"#/sessions/{recorded.sessions['failed-run']}"
+    )
+    expect(page.locator('tr[data-stats="testjobs/measure"]')).to_contain_text("no lungs found")
+    screenshot(page, "services")
+
+    page.select_option("#period", "all")
+    expect(segment.locator('[data-field="runs"]')).to_have_text("6", timeout=WAIT_MS)
+    expect(segment.locator('[data-field="p95"]')).to_have_text("1m 18s")
+    assert page.url.endswith("#/services?period=all")
+    page.select_option("#period", "24h")
+    expect(segment.locator('[data-field="runs"]')).to_have_text("5", timeout=WAIT_MS)
+    failure.locator("a").click()
+    expect(page.locator("#session")).to_have_attribute(
+        "data-session", recorded.sessions["failed-run"], timeout=WAIT_MS
+    )
     assert problems == []

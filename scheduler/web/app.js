@@ -1,9 +1,12 @@
-// The dcm-scheduler dashboard: sessions, and one session's job DAG.
+// The dcm-scheduler dashboard: sessions, one session's job DAG, and how
+// each service's jobs do.
 //
-// Plain JavaScript over the JSON API of the same server (no build step).
-// Routes: #/ (sessions, filters in the hash query) and #/sessions/<id>.
-// Writes send the API token as a bearer token; it is asked for once and
-// kept in localStorage. Pages refresh every second while work is running.
+// Plain JavaScript over the JSON API of the same server (no build step); the
+// DAG is laid out by dagre (vendor/dagre.min.js, see vendor/README.md).
+// Routes: #/ (sessions, filters in the hash query), #/sessions/<id> and
+// #/services (the period in the hash query). Writes send the API token as a
+// bearer token; it is asked for once and kept in localStorage. Pages refresh
+// while they are open: every second or two while work is running.
 "use strict";
 
 (() => {
@@ -15,13 +18,16 @@
     "planning", "running", "succeeded", "failed", "partial", "cancelled", "empty",
   ];
   const FAST_POLL_MS = 1000;
+  const LIST_POLL_MS = 5000;
   const SLOW_POLL_MS = 10000;
   const PAGE_SIZE = 50;
-  const NODE_W = 200;
-  const NODE_H = 54;
-  const COL_GAP = 70;
-  const ROW_GAP = 22;
+  const NODE_W = 196;
+  const NODE_H = 66;
+  const RANK_SEP = 72;
+  const NODE_SEP = 26;
+  const EDGE_SEP = 14;
   const PAD = 16;
+  const PERIODS = { "24h": 24 * 3600, "7d": 7 * 24 * 3600, "30d": 30 * 24 * 3600, all: null };
 
   const view = document.getElementById("view");
   let routeId = 0; // bumped on every navigation: stale refreshes stop
@@ -253,10 +259,20 @@
     const hash = location.hash.replace(/^#/, "") || "/";
     const [path, query] = hash.split("?");
     const match = path.match(/^\/sessions\/([^/]+)$/);
+    markNav(match ? "sessions" : path === "/services" ? "services" : "sessions");
     if (match) {
       showSession(decodeURIComponent(match[1]), routeId);
+    } else if (path === "/services") {
+      showServices(new URLSearchParams(query || ""), routeId);
     } else {
       showSessions(new URLSearchParams(query || ""), routeId);
+    }
+  }
+
+  function markNav(page) {
+    for (const link of document.querySelectorAll("[data-nav]")) {
+      if (link.getAttribute("data-nav") === page) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
     }
   }
 
@@ -277,12 +293,13 @@
   async function showSessions(params, id) {
     const filters = {
       status: params.get("status") || "",
-      uid: params.get("uid") || "",
       event: params.get("event") || "",
+      q: params.get("q") || "",
+      uid: params.get("uid") || "", // links made before the search box
       offset: Math.max(0, Number(params.get("offset")) || 0),
     };
     const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(filters.offset) });
-    for (const key of ["status", "uid", "event"]) if (filters[key]) query.set(key, filters[key]);
+    for (const key of ["status", "event", "q", "uid"]) if (filters[key]) query.set(key, filters[key]);
     let rows;
     try {
       rows = await api(`/api/sessions?${query}`);
@@ -297,8 +314,12 @@
       lastDocument = text;
       renderSessions(rows, filters);
     }
+    const stamp = document.getElementById("sessions-updated");
+    stamp.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
+    stamp.setAttribute("data-updated", String(Date.now()));
+    // New sessions arrive all the time: the list follows them under its filters.
     const busy = rows.some((row) => ACTIVE_SESSION.has(row.status));
-    poll(() => showSessions(params, id), busy ? FAST_POLL_MS * 2 : SLOW_POLL_MS, id);
+    poll(() => showSessions(params, id), busy ? FAST_POLL_MS * 2 : LIST_POLL_MS, id);
   }
 
   function go(filters) {
@@ -310,26 +331,32 @@
 
   function renderSessionsPage(filters) {
     // The filters are drawn once per route, so a refresh never eats what is typed.
-    const status = el("select", { id: "filter-status", name: "status" },
+    const status = el("select", { id: "filter-status", name: "status", title: "status" },
       el("option", { value: "", text: "any status" }),
       SESSION_STATUSES.map((s) => el("option", { value: s, selected: s === filters.status, text: s })));
-    const uid = el("input", {
-      id: "filter-uid", name: "uid", type: "search", value: filters.uid,
-      placeholder: "study/series UID or patient ID", size: 44,
+    const q = el("input", {
+      id: "filter-q", name: "q", type: "search", value: filters.q,
+      placeholder: "patient ID or name, study UID, description, accession", size: 48,
     });
     const event = el("input", {
       id: "filter-event", name: "event", type: "search", value: filters.event,
-      placeholder: "event", size: 14,
+      placeholder: "event", size: 16, list: "known-events",
     });
+    const events = el("datalist", { id: "known-events" },
+      ["study.stable", "series.stable", "patient.stable", "reprocess"]
+        .map((name) => el("option", { value: name })));
     const form = el("form", {
       class: "filters",
       onsubmit: (e) => {
         e.preventDefault();
-        go({ status: status.value, uid: uid.value.trim(), event: event.value.trim() });
+        go({ status: status.value, q: q.value.trim(), event: event.value.trim(), uid: filters.uid });
       },
-    }, status, uid, event, el("button", { type: "submit", text: "Search" }),
-    el("button", { type: "button", class: "quiet", text: "Clear", onclick: () => go({}) }));
+    }, status, q, event, events, el("button", { type: "submit", text: "Search" }),
+    el("button", { type: "button", class: "quiet", text: "Clear", onclick: () => go({}) }),
+    filters.uid ? el("span", { class: "muted", text: `uid = ${filters.uid}` }) : null,
+    el("span", { id: "sessions-updated", class: "muted live" }));
     status.addEventListener("change", () => form.requestSubmit());
+    event.addEventListener("change", () => form.requestSubmit());
     view.replaceChildren(el("section", { class: "sessions", id: "sessions-view" },
       el("h1", { text: "Sessions" }), form, el("div", { id: "sessions-list" })));
   }
@@ -430,6 +457,7 @@
     el("h2", { text: `Jobs (${doc.jobs.length})` }),
     doc.jobs.length ? dag(doc.jobs) : el("p", { class: "muted", text: "no job was scheduled" }),
     legend(),
+    doc.jobs.length ? edgeLegend() : null,
     el("div", { class: "jobs" }, doc.jobs.map((job) => jobCard(job, traced[job.job_name], refresh))),
     notScheduled(traced),
     notes("Warnings", trace.warnings), notes("Service problems", trace.service_problems)));
@@ -465,82 +493,92 @@
 
   // ---------------------------------------------------------------- DAG
 
+  function dependenciesOf(job) {
+    // A server without edge kinds sends depends_on only: draw those as declared.
+    return job.dependencies
+      || job.depends_on.map((name) => ({ job_name: name, kind: "declared" }));
+  }
+
   function layout(jobs) {
-    const byName = new Map(jobs.map((job) => [job.job_name, job]));
-    const depth = new Map();
-    const visiting = new Set();
-    const depthOf = (name) => {
-      if (depth.has(name)) return depth.get(name);
-      if (visiting.has(name)) return 0; // a cycle cannot be stored; stay safe anyway
-      visiting.add(name);
-      const parents = byName.get(name).depends_on.filter((p) => byName.has(p));
-      const value = parents.length ? 1 + Math.max(...parents.map(depthOf)) : 0;
-      visiting.delete(name);
-      depth.set(name, value);
-      return value;
-    };
-    const columns = [];
-    for (const job of jobs) {
-      const d = depthOf(job.job_name);
-      (columns[d] = columns[d] || []).push(job);
-    }
-    const row = new Map();
-    columns.forEach((column, index) => {
-      if (index > 0) {
-        // Barycentre ordering: a job sits near the jobs it depends on.
-        const weight = (job) => {
-          const parents = job.depends_on.filter((p) => row.has(p));
-          return parents.length
-            ? parents.reduce((sum, p) => sum + row.get(p), 0) / parents.length : 0;
-        };
-        column.sort((a, b) => weight(a) - weight(b));
-      }
-      column.forEach((job, i) => row.set(job.job_name, i));
+    // dagre ranks the jobs left to right, orders each rank to cut crossings,
+    // and gives an edge that spans ranks a free slot in each rank it crosses.
+    const graph = new dagre.graphlib.Graph();
+    graph.setGraph({
+      rankdir: "LR", ranksep: RANK_SEP, nodesep: NODE_SEP, edgesep: EDGE_SEP,
+      marginx: PAD, marginy: PAD + 8,
     });
-    const place = new Map();
+    graph.setDefaultEdgeLabel(() => ({}));
+    for (const job of jobs) graph.setNode(job.job_name, { width: NODE_W, height: NODE_H });
     for (const job of jobs) {
-      place.set(job.job_name, {
-        x: PAD + depth.get(job.job_name) * (NODE_W + COL_GAP),
-        y: PAD + row.get(job.job_name) * (NODE_H + ROW_GAP),
-      });
+      for (const dependency of dependenciesOf(job)) {
+        if (graph.hasNode(dependency.job_name)) graph.setEdge(dependency.job_name, job.job_name);
+      }
     }
-    const tallest = Math.max(...columns.map((c) => (c ? c.length : 0)));
-    return {
-      place,
-      width: PAD * 2 + columns.length * NODE_W + (columns.length - 1) * COL_GAP,
-      height: PAD * 2 + tallest * NODE_H + (tallest - 1) * ROW_GAP,
+    dagre.layout(graph);
+    const place = new Map(jobs.map((job) => {
+      const node = graph.node(job.job_name);
+      return [job.job_name, { x: node.x - NODE_W / 2, y: node.y - NODE_H / 2 }];
+    }));
+    const columns = [...new Set([...place.values()].map((p) => p.x))];
+    const route = (from, to) => {
+      // An edge leaves its job's right side and enters the other's left side.
+      // Where it crosses a rank it runs straight through its own slot, and it
+      // bends only between ranks, where there is no box to pass behind.
+      const a = place.get(from);
+      const b = place.get(to);
+      const points = [{ x: a.x + NODE_W, y: a.y + NODE_H / 2 }];
+      for (const p of graph.edge(from, to).points.slice(1, -1)) {
+        const left = columns.find((x) => p.x > x && p.x < x + NODE_W);
+        if (left === undefined) points.push({ x: p.x, y: p.y });
+        else points.push({ x: left, y: p.y }, { x: left + NODE_W, y: p.y });
+      }
+      points.push({ x: b.x, y: b.y + NODE_H / 2 });
+      return points;
     };
+    const size = graph.graph();
+    return { place, route, width: Math.ceil(size.width), height: Math.ceil(size.height) };
+  }
+
+  function provenance(job) {
+    const version = job.service_version ? ` ${job.service_version}` : "";
+    const hash = job.service_hash ? ` · ${job.service_hash.slice(0, 8)}` : "";
+    return `${job.service}${version}${hash}`;
+  }
+
+  function clip(text, length) {
+    return text.length > length ? `${text.slice(0, length - 1)}…` : text;
   }
 
   function dag(jobs) {
-    const { place, width, height } = layout(jobs);
+    const { place, route, width, height } = layout(jobs);
     const byName = new Map(jobs.map((job) => [job.job_name, job]));
     const edges = [];
     for (const job of jobs) {
-      const to = place.get(job.job_name);
-      for (const parent of job.depends_on) {
-        const from = place.get(parent);
-        if (!from) continue;
-        const x1 = from.x + NODE_W;
-        const y1 = from.y + NODE_H / 2;
-        const x2 = to.x - 4;
-        const y2 = to.y + NODE_H / 2;
-        const bend = (x2 - x1) / 2;
+      for (const { job_name: parent, kind } of dependenciesOf(job)) {
+        if (!place.has(parent)) continue;
+        const points = route(parent, job.job_name);
         edges.push(svg("path", {
-          class: `edge from-${byName.get(parent).status}`,
+          class: `edge ${kind} from-${byName.get(parent).status}`,
           "data-from": parent,
           "data-to": job.job_name,
-          d: `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}`,
-          "marker-end": "url(#arrow)",
-        }));
+          "data-kind": kind,
+          d: `M${points.map((p) => `${p.x},${p.y}`).join(" L")}`,
+          "marker-end": kind === "implicit" ? "url(#arrow-implicit)" : "url(#arrow)",
+        }, svg("title", {
+          text: kind === "implicit"
+            ? `${job.job_name} waits for ${parent} (phase rule: ${byName.get(parent).phase} before ${job.phase})`
+            : `${job.job_name} depends on ${parent} (dependsOn)`,
+        })));
       }
     }
+    // Declared edges are drawn last, over the lighter implicit ones.
+    edges.sort((a, b) => (a.getAttribute("data-kind") === "implicit" ? 0 : 1)
+      - (b.getAttribute("data-kind") === "implicit" ? 0 : 1));
     const nodes = jobs.map((job) => {
       const { x, y } = place.get(job.job_name);
       const took = seconds(jobDuration(job));
       const attempts = job.max_attempts > 1 || job.attempts > 1
         ? ` · try ${job.attempts}/${job.max_attempts}` : "";
-      const label = job.job_name.length > 24 ? `${job.job_name.slice(0, 23)}…` : job.job_name;
       return svg("g", {
         class: `node status-${job.status}`,
         "data-job": job.job_name,
@@ -552,20 +590,31 @@
         onclick: () => focusCard(job.job_name),
         onkeydown: (e) => { if (e.key === "Enter") focusCard(job.job_name); },
       },
-      svg("title", { text: `${job.job_name}: ${job.status}${took ? ` (${took})` : ""}` }),
+      svg("title", {
+        text: `${job.job_name}: ${job.status}${took ? ` (${took})` : ""}\n`
+          + `${job.service} ${job.service_version || ""} ${job.service_hash || ""}`.trim(),
+      }),
       svg("rect", { width: NODE_W, height: NODE_H, rx: 8, ry: 8 }),
       svg("circle", { class: "dot", cx: 14, cy: 18, r: 5 }),
-      svg("text", { class: "name", x: 26, y: 22, text: label }),
-      svg("text", { class: "meta", x: 12, y: 42, text: `${job.status}${took ? ` · ${took}` : ""}${attempts}` }));
+      svg("text", { class: "name", x: 26, y: 22, text: clip(job.job_name, 23) }),
+      svg("text", { class: "meta", x: 12, y: 40, text: `${job.status}${took ? ` · ${took}` : ""}${attempts}` }),
+      svg("text", { class: "provenance", x: 12, y: 57, text: clip(provenance(job), 30) }));
     });
-    const arrow = svg("defs", {}, svg("marker", {
-      id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 8, markerHeight: 8,
+    const marker = (id) => svg("marker", {
+      id, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 8, markerHeight: 8,
       orient: "auto-start-reverse",
-    }, svg("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow" })));
+    }, svg("path", { d: "M0,0 L10,5 L0,10 z", class: id }));
     return el("div", { class: "dag-wrap" }, svg("svg", {
       class: "dag", id: "dag", width, height, viewBox: `0 0 ${width} ${height}`,
       role: "img", "aria-label": "job dependency graph",
-    }, arrow, svg("g", { class: "edges" }, edges), svg("g", { class: "nodes" }, nodes)));
+    }, svg("defs", {}, marker("arrow"), marker("arrow-implicit")),
+    svg("g", { class: "edges" }, edges), svg("g", { class: "nodes" }, nodes)));
+  }
+
+  function edgeLegend() {
+    return el("p", { class: "legend edges-legend" },
+      el("span", { class: "edge-sample declared" }), "dependsOn",
+      el("span", { class: "edge-sample implicit" }), "phase rule (pre → main, → post)");
   }
 
   function focusCard(name) {
@@ -599,6 +648,10 @@
       el("span", { class: "muted", text: `${job.service} · ${job.phase} · channel ${job.channel}` }),
       retry),
     el("dl", { class: "facts small" },
+      fact("code", el("span", {
+        class: "provenance", title: job.service_hash || "",
+      }, `${job.service} ${job.service_version || "(no version)"}`,
+      job.service_hash ? el("code", { text: ` ${job.service_hash.slice(0, 12)}` }) : null)),
       fact("attempts", `${job.attempts}/${job.max_attempts}`),
       fact("worker", job.worker || "—"),
       fact("depends on", job.depends_on.join(", ") || "—"),
@@ -620,6 +673,81 @@
       "data-key": `result-${job.id}`,
     }, el("summary", { text: "result" }),
     el("pre", { text: JSON.stringify(job.result, null, 2) }))) : null);
+  }
+
+  // ----------------------------------------------------------- services
+
+  async function showServices(params, id) {
+    const period = Object.hasOwn(PERIODS, params.get("period")) ? params.get("period") : "7d";
+    const span = PERIODS[period];
+    const query = span === null ? ""
+      : `?since=${encodeURIComponent(new Date(Date.now() - span * 1000).toISOString())}`;
+    let rows;
+    try {
+      rows = await api(`/api/services/stats${query}`);
+    } catch (error) {
+      failure(error, id, () => showServices(params, id));
+      return;
+    }
+    if (id !== routeId) return;
+    if (!view.querySelector("#services-view")) renderServicesPage(period);
+    const text = JSON.stringify(rows);
+    if (text !== lastDocument) {
+      lastDocument = text;
+      renderServiceStats(rows, period);
+    }
+    poll(() => showServices(params, id), SLOW_POLL_MS, id);
+  }
+
+  function renderServicesPage(period) {
+    const select = el("select", { id: "period", name: "period", title: "period" },
+      Object.keys(PERIODS).map((key) => el("option", {
+        value: key, selected: key === period, text: key === "all" ? "all time" : `last ${key}`,
+      })));
+    select.addEventListener("change", () => { location.hash = `#/services?period=${select.value}`; });
+    view.replaceChildren(el("section", { class: "services", id: "services-view" },
+      el("h1", { text: "Services" }),
+      el("p", { class: "muted" },
+        "Jobs that ran to an end (succeeded or failed) in the period, by job and service. "
+        + "Durations are of the last attempt."),
+      el("form", { class: "filters", onsubmit: (e) => e.preventDefault() },
+        el("label", {}, "period ", select)),
+      el("div", { id: "services-stats" })));
+  }
+
+  function rate(value) {
+    const percent = Math.round(value * 1000) / 10;
+    const level = value >= 0.95 ? "good" : value >= 0.8 ? "fair" : "poor";
+    return el("span", { class: `rate ${level}`, text: `${percent}%` });
+  }
+
+  function renderServiceStats(rows, period) {
+    const body = rows.map((row) => {
+      const failure = row.last_failure;
+      return el("tr", { "data-stats": `${row.service}/${row.job_name}` },
+        el("td", { text: row.service }),
+        el("td", {}, el("strong", { text: row.job_name })),
+        el("td", { class: "num", "data-field": "runs", text: row.runs }),
+        el("td", { class: "num", "data-field": "failed", text: row.failed }),
+        el("td", { class: "num", "data-field": "success" }, rate(row.success_rate)),
+        el("td", { class: "num", "data-field": "p50", text: seconds(row.p50_s) || "—" }),
+        el("td", { class: "num", "data-field": "p95", text: seconds(row.p95_s) || "—" }),
+        el("td", { class: "mono", text: row.last_version || "—" }),
+        el("td", { class: "last-failure", "data-field": "last-failure" }, failure
+          ? [when(failure.finished_at), " ",
+            el("a", { href: `#/sessions/${failure.session_id}`, class: "mono", text: short(failure.session_id) }),
+            el("div", { class: "error-message", title: failure.error, text: failure.error })]
+          : el("span", { class: "muted", text: "—" })));
+    });
+    const table = el("table", { id: "service-stats", class: "grid" },
+      el("thead", {}, el("tr", {},
+        ["service", "job", "runs", "failed", "success", "p50", "p95", "last version", "last failure"]
+          .map((h) => el("th", { text: h })))),
+      el("tbody", {}, body.length ? body : el("tr", {}, el("td", {
+        colspan: 9, class: "muted",
+        text: period === "all" ? "no job has run yet" : `no job ended in the last ${period}`,
+      }))));
+    document.getElementById("services-stats").replaceChildren(table);
   }
 
   window.addEventListener("hashchange", route);
