@@ -211,8 +211,8 @@ def deliver_due(settings: Settings | None = None, now: datetime | None = None) -
     report = DeliveryReport()
     with transaction() as db:
         due = list(
-            db.scalars(
-                select(WebhookDelivery.id)
+            db.execute(
+                select(WebhookDelivery.id, WebhookDelivery.url)
                 .where(
                     WebhookDelivery.delivered_at.is_(None),
                     WebhookDelivery.next_attempt_at <= now,
@@ -221,13 +221,19 @@ def deliver_due(settings: Settings | None = None, now: datetime | None = None) -
                 .limit(BATCH)
             )
         )
-    for delivery_id in due:
+    # A receiver that failed once in this run is not tried again until the
+    # next: a host that swallows connections costs one timeout, not one per row.
+    failing: set[str] = set()
+    for delivery_id, url in due:
+        if url in failing:
+            continue
         claimed = _claim(delivery_id, now, settings)
         if claimed is None:
             continue  # delivered or taken by another deliverer meanwhile
         error = _post(claimed, settings)
         outcome = _settle(claimed, error, now)
         if error is not None:
+            failing.add(url)
             log.warning(
                 "webhook %s to %s, attempt %d: %s",
                 claimed.id,

@@ -308,6 +308,17 @@ def test_a_session_retried_and_failing_again_is_notified_again(
     }
 
 
+def test_a_failing_receiver_is_tried_once_per_run_not_once_per_notification(
+    hooked: Settings, define: Define, receiver: Receiver
+) -> None:
+    for uid in ("48.1", "48.2"):
+        run_ready(planned(define, uid, [{"jobName": "a", "workerEntry": WORK}]), fail=True)
+    receiver.answers = [502]
+    assert webhooks.deliver_due() == webhooks.DeliveryReport(failed=1)
+    assert sorted(row.attempts for row in outbox()) == [0, 1]
+    assert webhooks.deliver_due().delivered == 1  # the untried one, due all along
+
+
 def test_without_a_webhook_url_the_outbox_is_never_touched(
     env: Settings, define: Define, services_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
