@@ -787,8 +787,16 @@ def prune(
         raise fail(str(exc)) from exc
     if as_json:
         print_json(report.as_dict())
-        return
-    counts = report.as_dict()
+    else:
+        print_prune(report.as_dict())
+    for problem in report.output_errors:
+        errors.print(f"[red]error:[/red] not removed: {printable(problem)}", highlight=False)
+    if report.output_errors:
+        raise typer.Exit(1)
+
+
+def print_prune(counts: dict[str, Any]) -> None:
+    dry_run = counts["dry_run"]
     grid = table(
         "what",
         "would go" if dry_run else "removed",
@@ -802,9 +810,12 @@ def prune(
         grid.add_row(name, str(counts[name]))
     for name, count in counts["other_rows"].items():
         grid.add_row(name, str(count))
-    if outputs:
-        grid.add_row("output folders", str(report.output_folders))
-        grid.add_row("bytes freed", f"{report.bytes_freed} ({human_bytes(report.bytes_freed)})")
+    if counts["outputs"]:
+        folders, orphans = counts["output_folders"], counts["orphan_folders"]
+        size = counts["bytes_freed"]
+        gone = f" ({orphans} of sessions already gone)" if orphans else ""
+        grid.add_row("output folders", f"{folders}{gone}")
+        grid.add_row("bytes freed", f"{size} ({human_bytes(size)})")
     print_table(grid)
 
 

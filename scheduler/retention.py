@@ -17,6 +17,13 @@ then new data: new rows, revision 1, a session planned normally — never
 late data of a session that no longer exists, never skipped as "already
 known". A study still used by a kept session keeps its rows.
 
+Output folders go after their rows are committed, so a session that a
+racing retry kept never loses its outputs; with ``outputs`` a prune also
+removes the folders named like a session id whose session is gone and that
+nothing touched since the cutoff (left by a prune without ``outputs``, or
+one stopped between its rows and its folders). Nothing is followed through
+a symlink: a link is removed as a link.
+
 Work is done in batches of short transactions, never one transaction for a
 year of data, so live detection, planning and jobs wait for at most one
 batch. A ``--dry-run`` reads the same batches and counts what would go.
@@ -70,6 +77,8 @@ STUDY_BATCH = 20
 IN_CHUNK = 500
 # An output folder is named after its session id; anything else is left alone.
 SESSION_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What a session id looks like (a UUID): the only names an orphan folder may have.
+SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Tables with a count of their own in the report; others go to ``other_rows``.
 COUNTED = ("sessions", "jobs", "dependencies", "leases")
 
@@ -95,7 +104,11 @@ class PruneReport:
     series: int = 0
     instances: int = 0
     output_folders: int = 0
+    # Of those, folders whose session was already gone.
+    orphan_folders: int = 0
     bytes_freed: int = 0
+    # Output folders that could not be removed, with the reason.
+    output_errors: list[str] = field(default_factory=list)
     # Rows of other tables that pointed at pruned sessions or jobs, by table.
     other_rows: dict[str, int] = field(default_factory=dict)
 
@@ -114,7 +127,9 @@ class PruneReport:
             "series": self.series,
             "instances": self.instances,
             "output_folders": self.output_folders,
+            "orphan_folders": self.orphan_folders,
             "bytes_freed": self.bytes_freed,
+            "output_errors": list(self.output_errors),
             "other_rows": dict(sorted(self.other_rows.items())),
         }
 
@@ -211,6 +226,8 @@ class _Pruner:
             references = self.sessions_batch(page)
             self.resources(references)
         self.patients_left()
+        if self.report.outputs:
+            self.orphans()
 
     def sessions_batch(self, page: list[str]) -> set[tuple[str, str]]:
         """Delete (or count) one page of sessions; returns the (level, uid)
@@ -270,19 +287,49 @@ class _Pruner:
             status = folder.lstat()
         except FileNotFoundError:
             return
+        self.remove(folder, status)
+
+    def remove(self, folder: Path, status: os.stat_result, orphan: bool = False) -> None:
         size = _size(folder)
+        if not self.dry_run:
+            try:
+                if stat.S_ISDIR(status.st_mode):
+                    # rmtree never follows symlinks: it unlinks them.
+                    shutil.rmtree(folder)
+                else:
+                    folder.unlink()
+            except OSError as exc:
+                log.warning("could not remove the output folder %s: %s", folder, exc)
+                self.report.output_errors.append(f"{folder}: {exc.strerror or exc}")
+                return
         self.report.output_folders += 1
+        self.report.orphan_folders += orphan
         self.report.bytes_freed += size
-        if self.dry_run:
-            return
+
+    def orphans(self) -> None:
+        """Session folders whose session is gone (pruned without
+        ``--outputs``, or a prune stopped between its rows and its folders),
+        untouched since the cutoff. Only names that are session ids count."""
         try:
-            if stat.S_ISDIR(status.st_mode):
-                # rmtree never follows symlinks: it unlinks them.
-                shutil.rmtree(folder)
-            else:
-                folder.unlink()
-        except OSError as exc:
-            log.warning("could not remove the output folder %s: %s", folder, exc)
+            with os.scandir(self.output_root) as listing:
+                named = {e.name: e.path for e in listing if SESSION_ID.fullmatch(e.name)}
+        except OSError:
+            return
+        for chunk in _chunks(sorted(named)):
+            with transaction() as db:
+                known = set(
+                    db.scalars(select(SchedulingSession.id).where(SchedulingSession.id.in_(chunk)))
+                )
+            for name in chunk:
+                if name in known:
+                    continue
+                folder = Path(named[name])
+                try:
+                    status = folder.lstat()
+                except FileNotFoundError:
+                    continue
+                if status.st_mtime < self.cutoff.timestamp():
+                    self.remove(folder, status, orphan=True)
 
     # ---------------------------------------------------------------- resources
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -174,12 +175,28 @@ def test_outputs_go_with_their_sessions_without_following_symlinks(
     assert (store.output_dir / kept).is_dir()
 
 
-def test_without_outputs_the_folders_stay(store: Settings) -> None:
+def test_folders_left_by_a_prune_without_outputs_go_with_a_later_one(store: Settings) -> None:
     old = ended("3.4")
-    (store.output_dir / old).mkdir(parents=True)
+    (store.output_dir / old / "convert").mkdir(parents=True)
+    (store.output_dir / old / "convert" / "mask.nii").write_bytes(b"m" * 300)
     report = prune_cli("--older-than", "30d", "--json")
     assert (report["sessions"], report["output_folders"]) == (1, 0)
-    assert (store.output_dir / old).is_dir()
+    assert (store.output_dir / old).is_dir()  # rows only: the folder stays
+
+    fresh, notes = store.output_dir / str(uuid.uuid4()), store.output_dir / "notes"
+    fresh.mkdir()  # a session's folder that is not old: left alone
+    notes.mkdir()  # not named like a session: not ours
+    for folder in (store.output_dir / old, notes):
+        os.utime(folder, (LONG_AGO.timestamp(), LONG_AGO.timestamp()))
+    report = prune_cli("--older-than", "30d", "--outputs", "--json")
+    assert report["sessions"] == 0
+    assert (report["output_folders"], report["orphan_folders"], report["bytes_freed"]) == (
+        1,
+        1,
+        300,
+    )
+    assert not (store.output_dir / old).exists()
+    assert fresh.is_dir() and notes.is_dir()
 
 
 def test_a_study_arriving_again_after_its_prune_is_a_new_session_planned_normally(
