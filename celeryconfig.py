@@ -80,6 +80,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         },
     }
+    # Cohort runs open their sessions on beat; one short read when none runs.
+    beat_schedule["dcm-cohorts"] = {
+        "task": "scheduler.open_cohorts",
+        "schedule": timedelta(seconds=max(settings.detect_interval, 5.0)),
+        "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
+    }
     if settings.webhook_urls:
         # Delivers what a lost message left in the outbox, and the retries.
         beat_schedule["dcm-webhooks"] = {

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from scheduler import control, queries
+from scheduler import channels, cohorts, control, queries
 from scheduler.config import get_settings
 from scheduler.headers import UnknownCandidateError
 from scheduler.legacy_push import BadPushError, stable_patient
@@ -144,6 +144,23 @@ class TriggerRequest(BaseModel):
     event: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     level: Level
     uid: str = Field(min_length=1, max_length=128)
+
+
+class CohortRequest(BaseModel):
+    """``POST /api/cohorts``: a cohort run (README, "Cohort runs"), the
+    options of ``trigger --where`` as fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    level: Level = Level.STUDY
+    where: list[str] = Field(default_factory=list, description="FIELD=VALUE items.")
+    since: str | None = Field(default=None, description="Study date on or after (YYYY-MM-DD).")
+    until: str | None = Field(default=None, description="Study date on or before (YYYY-MM-DD).")
+    limit: int | None = Field(default=None, ge=1)
+    rate: str | None = Field(default=None, description="e.g. 30/min, 2/s, 500/h.")
+    name: str | None = Field(default=None, max_length=128)
+    dry_run: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -328,6 +345,75 @@ def post_session_cancel(session_id: str) -> dict[str, Any]:
     return control.cancel_session(session_id).as_dict()
 
 
+@reads.get("/channels")
+def get_channels() -> list[dict[str, Any]]:
+    """Channels seen (consumed by a worker, holding jobs, or paused), with
+    whether each is paused (README, "Pausing a channel")."""
+    with transaction() as db:
+        return queries.list_channels(db)
+
+
+class PauseRequest(BaseModel):
+    """``POST /api/channels/{channel}/pause``: why, optionally."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=500)
+
+
+@writes.post("/channels/{channel}/pause")
+def post_channel_pause(
+    channel: str, body: Annotated[PauseRequest | None, Body()] = None
+) -> dict[str, Any]:
+    """Stop sending the channel's jobs; running ones finish, queued ones wait."""
+    return channels.pause(channel, body.reason if body else None).as_dict()
+
+
+@writes.post("/channels/{channel}/resume")
+def post_channel_resume(channel: str) -> dict[str, Any]:
+    """Send the paused channel's queued jobs, in priority order."""
+    return channels.resume(channel).as_dict()
+
+
+@reads.get("/cohorts")
+def get_cohorts() -> list[dict[str, Any]]:
+    """Cohort runs, newest first, with their sessions counted by status
+    (``cohorts --json``)."""
+    with transaction() as db:
+        return cohorts.list_cohorts(db)
+
+
+@writes.post("/cohorts", status_code=201)
+def post_cohort(body: CohortRequest, response: Response) -> dict[str, Any]:
+    """Start a cohort run (opened on beat at its rate), or with ``dry_run``
+    count its matches and open nothing (200)."""
+    if not (body.where or body.since or body.until or body.limit):
+        raise cohorts.CohortError("give where, since, until or limit")
+    criteria = cohorts.Criteria(
+        cohorts.parse_where(body.where),
+        body.since and cohorts.parse_day(body.since, "since"),
+        body.until and cohorts.parse_day(body.until, "until"),
+        body.limit,
+    )
+    rate = cohorts.parse_rate(body.rate)
+    if body.dry_run:
+        response.status_code = 200
+        return cohorts.preview(body.level, criteria).as_dict() | {"dry_run": True}
+    return cohorts.start(body.event, body.level, criteria, rate_per_min=rate, name=body.name)
+
+
+@writes.post("/cohorts/{name}/cancel")
+def post_cohort_cancel(name: str) -> dict[str, Any]:
+    """Stop opening the cohort's sessions and cancel those still open."""
+    return cohorts.cancel_cohort(name).as_dict()
+
+
+@writes.post("/cohorts/{name}/retry")
+def post_cohort_retry(name: str) -> dict[str, Any]:
+    """Re-run the failed jobs of every failed or partial session of the cohort."""
+    return cohorts.retry_cohort(name).as_dict()
+
+
 STABLE_PATIENT_EXAMPLES: dict[str, Any] = {
     "orthanc": {
         "summary": "what dcm-processor's Orthanc script sends",
@@ -454,6 +540,10 @@ def create_app(*, host: str = "127.0.0.1", web: Path = WEB) -> FastAPI:
     app.add_exception_handler(queries.NotFoundError, _error(404))
     app.add_exception_handler(UnknownCandidateError, _error(404))
     app.add_exception_handler(control.NothingToDoError, _error(409))
+    app.add_exception_handler(channels.ChannelNameError, _error(422))
+    app.add_exception_handler(channels.NotPausedError, _error(409))
+    app.add_exception_handler(cohorts.CohortExistsError, _error(409))
+    app.add_exception_handler(cohorts.CohortError, _error(422))
     app.add_exception_handler(BadPushError, _error(400))
     app.add_exception_handler(OperationalError, _store_unreachable)
 

@@ -844,7 +844,10 @@ def workers(as_json: JsonOption = False) -> None:
         state = "[green]live[/green]" if row["live"] else "[red]silent[/red]"
         grid.add_row(
             row["hostname"],
-            ", ".join(row["channels"]),
+            ", ".join(
+                f"{c} [yellow](paused)[/yellow]" if c in row["paused"] else c
+                for c in row["channels"]
+            ),
             when(row["last_heartbeat"]),
             f"{row['age_s']:.0f}s",
             state,
@@ -855,6 +858,74 @@ def workers(as_json: JsonOption = False) -> None:
             "no worker is running (one that stops leaves this list): start one with "
             "`celery -A scheduler worker`, or `dcm-scheduler run` on one machine"
         )
+    print_paused()
+
+
+def print_paused() -> None:
+    """One line per paused channel (README, "Pausing a channel")."""
+    from scheduler import queries
+    from scheduler.store.db import transaction
+
+    with transaction() as db:
+        paused = queries.list_paused(db)
+    for row in paused:
+        reason = f": {row['reason']}" if row["reason"] else ""
+        console.print(
+            f"[yellow]channel {row['channel']} paused[/yellow] since "
+            f"{when(row['paused_at'])}{reason}; {row['queued']} job(s) queued "
+            f"(`dcm-scheduler resume {row['channel']}`)"
+        )
+
+
+ChannelArgument = Annotated[str, typer.Argument(help="The channel (queue) name, like gpu.")]
+
+
+@app.command()
+def pause(
+    channel: ChannelArgument,
+    reason: Annotated[
+        str | None, typer.Option(help="Why, shown by workers, doctor and the dashboard.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Stop sending the jobs of a channel; running ones finish, queued ones wait."""
+    from scheduler import channels
+    from scheduler.store.db import init_db
+
+    try:
+        channels.check_channel(channel)
+    except channels.ChannelNameError as exc:
+        raise fail(str(exc), 2) from exc
+    init_db()
+    report = channels.pause(channel, reason)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    console.print(
+        f"channel {channel} paused: {report.queued} queued job(s) wait; running ones finish "
+        f"(`dcm-scheduler resume {channel}` sends them)"
+    )
+
+
+@app.command()
+def resume(channel: ChannelArgument, as_json: JsonOption = False) -> None:
+    """Send a paused channel's jobs again, in priority order."""
+    from scheduler import channels
+    from scheduler.store.db import init_db
+
+    try:
+        channels.check_channel(channel)
+    except channels.ChannelNameError as exc:
+        raise fail(str(exc), 2) from exc
+    init_db()
+    try:
+        report = channels.resume(channel)
+    except channels.NotPausedError as exc:
+        raise fail(str(exc)) from exc
+    if as_json:
+        print_json(report.as_dict())
+        return
+    console.print(f"channel {channel} resumed: {report.sent} queued job(s) sent")
 
 
 @app.command("sessions")
@@ -1048,6 +1119,10 @@ def render_session(document: dict[str, Any]) -> None:
         if job["error"]:
             console.print(
                 f"[red]{job['job_name']}[/red]: {first_line(job['error'])}", highlight=False
+            )
+        if job.get("waiting"):
+            console.print(
+                f"[yellow]{job['job_name']}[/yellow]: waiting, {job['waiting']}", highlight=False
             )
     trace = document.get("trace") or {}
     for left_out in trace.get("services_left_out", []):

@@ -3,7 +3,8 @@
 All run on the ``dcm.planning`` queue: ``scheduler.detect`` and
 ``scheduler.resend`` from beat, ``scheduler.plan`` once per new session,
 ``scheduler.deliver_webhooks`` after a session ended and from beat,
-``scheduler.prune`` hourly from beat when ``DCM_RETENTION`` is set.
+``scheduler.prune`` hourly from beat when ``DCM_RETENTION`` is set,
+``scheduler.open_cohorts`` from beat (the sessions of cohort runs).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler import (
+    cohorts,
     detection,
     messages,
     notifications,
@@ -60,6 +62,17 @@ def deliver_webhooks() -> dict[str, int]:
         "delivered": report.delivered,
         "failed": report.failed,
         "given_up": report.given_up,
+    }
+
+
+@app.task(name="scheduler.open_cohorts", ignore_result=True)
+def open_cohorts() -> dict[str, Any]:
+    """The next sessions of each cohort run, at its rate (README, "Cohort runs")."""
+    tick = cohorts.open_due()
+    return {
+        "opened": {name: len(ids) for name, ids in tick.opened.items()},
+        "finished": tick.finished,
+        "skipped": tick.skipped,
     }
 
 

@@ -173,9 +173,11 @@ def record_study(
     series_uid: str | None = None,
     series: int = 1,
     first: int = 1,
+    tags: dict[str, Any] | None = None,
 ) -> None:
     """Record ``instances`` CT instances of one study, numbered from
-    ``first``: in ``series_uid``, or spread over ``series`` series."""
+    ``first``: in ``series_uid``, or spread over ``series`` series; ``tags``
+    are added to (or replace) those of every instance."""
     from scheduler.ingest import record_instances
     from scheduler.store.db import transaction
 
@@ -191,6 +193,7 @@ def record_study(
                 "Modality": "CT",
                 "location": f"/data/{in_series}/{n}.dcm",
             }
+            | (tags or {})
         )
     with transaction() as db:
         record_instances(db, items, now=now)
