@@ -20,6 +20,7 @@
   const FAST_POLL_MS = 1000;
   const LIST_POLL_MS = 5000;
   const SLOW_POLL_MS = 10000;
+  const STATS_POLL_MS = 30000; // the statistics read every job of the period
   const PAGE_SIZE = 50;
   const NODE_W = 196;
   const NODE_H = 66;
@@ -696,7 +697,7 @@
       lastDocument = text;
       renderServiceStats(rows, period);
     }
-    poll(() => showServices(params, id), SLOW_POLL_MS, id);
+    poll(() => showServices(params, id), STATS_POLL_MS, id);
   }
 
   function renderServicesPage(period) {
