@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import (
@@ -56,7 +56,8 @@ OPEN_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 def seconds_between(start: str, end: str, dialect: str) -> str:
     """SQL for the seconds from ``start`` to ``end`` (two time expressions)."""
     if dialect == "postgresql":
-        return f"EXTRACT(EPOCH FROM ({end} - {start}))"
+        # date_part answers a double; EXTRACT a numeric, much slower to add up.
+        return f"date_part('epoch', {end} - {start})"
     # SQLite keeps times as ISO text; julianday() reads it, in days.
     return f"((julianday({end}) - julianday({start})) * 86400.0)"
 
@@ -88,53 +89,83 @@ def trace_number(key: str, dialect: str) -> str:
     return f"json_extract(s.trace, '$.{key}')"
 
 
+def fenced(subquery: str, dialect: str) -> str:
+    """``subquery`` kept from being merged into the query around it, so each
+    value it computes is computed once per row, not once per use."""
+    return f"{subquery} OFFSET 0" if dialect == "postgresql" else f"{subquery} LIMIT -1"
+
+
 @dataclass(frozen=True)
 class Histogram:
-    """What one histogram is made of: a value per row and its labels."""
+    """One histogram of a :class:`Scan`: a value per row, observed for the
+    rows whose scan labels match ``where``, reported by ``labels``."""
 
     name: str
     documentation: str
     labels: Sequence[str]
     buckets: Sequence[float]
-    # Columns of ``source`` for each label, and the value's expression.
-    columns: Sequence[str]
     value: str
-    # FROM … WHERE …: the rows observed.
+    where: Mapping[str, Collection[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One pass over a table: rows grouped by ``labels`` (SQL ``columns``),
+    with a row count, ``sums`` and every histogram's count, sum and bucket
+    counts computed by the database for each group."""
+
+    labels: Sequence[str]
+    columns: Sequence[str]
     source: str
+    histograms: Sequence[Histogram] = ()
+    sums: Mapping[str, str] = field(default_factory=dict)
 
+    def sql(self, dialect: str) -> str:
+        inner = [f"{column} AS l{n}" for n, column in enumerate(self.columns)]
+        inner += [f"{value} AS s_{name}" for name, value in self.sums.items()]
+        inner += [f"{h.value} AS v{n}" for n, h in enumerate(self.histograms)]
+        grouped = [f"l{n}" for n in range(len(self.columns))]
+        outer = [*grouped, "COUNT(*) AS n"]
+        outer += [f"SUM(s_{name}) AS {name}" for name in self.sums]
+        for n, histogram in enumerate(self.histograms):
+            outer += [f"COUNT(v{n}) AS h{n}_n", f"SUM(v{n}) AS h{n}_sum"]
+            outer += [
+                f"SUM(CASE WHEN v{n} <= {bound!r} THEN 1 ELSE 0 END) AS h{n}_b{b}"
+                for b, bound in enumerate(histogram.buckets)
+            ]
+        rows = fenced(f"SELECT {', '.join(inner)} {self.source}", dialect)
+        group = f" GROUP BY {', '.join(grouped)}" if grouped else ""
+        return f"SELECT {', '.join(outer)} FROM ({rows}) AS scanned{group}"
 
-def histogram_sql(histogram: Histogram) -> str:
-    """One row per label set: count, sum and a cumulative count per bucket,
-    all counted by the database."""
-    labels = [f"{column} AS l{n}" for n, column in enumerate(histogram.columns)]
-    grouped = [f"l{n}" for n in range(len(histogram.columns))]
-    buckets = [
-        f"SUM(CASE WHEN v <= {bound!r} THEN 1 ELSE 0 END) AS b{n}"
-        for n, bound in enumerate(histogram.buckets)
-    ]
-    inner = f"SELECT {', '.join([*labels, f'{histogram.value} AS v'])} {histogram.source}"
-    group = f" GROUP BY {', '.join(grouped)}" if grouped else ""
-    return (
-        f"SELECT {', '.join([*grouped, 'COUNT(*) AS n', 'SUM(v) AS total', *buckets])} "
-        f"FROM ({inner}) AS observed WHERE v IS NOT NULL{group}"
-    )
+    def read(self, reader: Reader) -> list[dict[str, Any]]:
+        """The groups, with their labels by name."""
+        rows = reader.rows(self.sql(reader.dialect))
+        for row in rows:
+            row.update({label: _label(row[f"l{n}"]) for n, label in enumerate(self.labels)})
+        return rows
 
-
-def histogram_family(histogram: Histogram, rows: list[dict[str, Any]]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(
-        histogram.name, histogram.documentation, labels=list(histogram.labels)
-    )
-    for row in rows:
-        buckets: list[tuple[str, float]] = [
-            (_bound(bound), float(row[f"b{n}"] or 0)) for n, bound in enumerate(histogram.buckets)
-        ]
-        buckets.append(("+Inf", float(row["n"])))
-        family.add_metric(
-            [_label(row[f"l{n}"]) for n in range(len(histogram.labels))],
-            buckets,
-            float(row["total"] or 0),
+    def family(self, n: int, rows: list[dict[str, Any]]) -> HistogramMetricFamily:
+        """Histogram ``n`` of the scan, its groups added up by its own labels."""
+        histogram = self.histograms[n]
+        merged: dict[tuple[str, ...], list[float]] = {}
+        for row in rows:
+            if any(row[label] not in allowed for label, allowed in histogram.where.items()):
+                continue
+            key = tuple(row[label] for label in histogram.labels)
+            figures = [row[f"h{n}_n"], row[f"h{n}_sum"]]
+            figures += [row[f"h{n}_b{b}"] for b in range(len(histogram.buckets))]
+            total = merged.setdefault(key, [0.0] * len(figures))
+            for index, figure in enumerate(figures):
+                total[index] += float(figure or 0)
+        family = HistogramMetricFamily(
+            histogram.name, histogram.documentation, labels=list(histogram.labels)
         )
-    return family
+        for key, (count, seconds, *cumulative) in sorted(merged.items()):
+            if not count:
+                continue
+            buckets = [(_bound(b), c) for b, c in zip(histogram.buckets, cumulative, strict=True)]
+            family.add_metric(list(key), [*buckets, ("+Inf", count)], seconds)
+        return family
 
 
 def _bound(bound: float) -> str:
@@ -146,79 +177,64 @@ def _label(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------
-# The histograms
+# Sessions
 
 
-def histograms(dialect: str) -> list[Histogram]:
-    finished_jobs = (
-        "FROM jobs j WHERE j.finished_at IS NOT NULL "
-        "AND j.started_at IS NOT NULL AND j.status IN ('succeeded', 'failed')"
+def sessions_scan(dialect: str) -> Scan:
+    return Scan(
+        ["event", "level", "status", "detected"],
+        ["s.event", "s.level", "s.status", "CASE WHEN s.trigger = '' THEN 1 ELSE 0 END"],
+        "FROM sessions s LEFT JOIN instances i ON i.id = s.last_instance_id",
+        [
+            Histogram(
+                "dcm_detection_lag_seconds",
+                "From the last instance of a candidate received to its session "
+                "created by detection.",
+                ["level"],
+                DETECTION_LAG_BUCKETS,
+                seconds_between("i.received_at", "s.created_at", dialect),
+                {"detected": ["1"]},
+            ),
+            Histogram(
+                "dcm_session_planning_delay_seconds",
+                "From a session created to its plan stored: the wait for a "
+                "planner and the planning.",
+                ["event"],
+                PLANNING_BUCKETS,
+                seconds_between("s.created_at", "s.planned_at", dialect),
+            ),
+            Histogram(
+                "dcm_session_planning_seconds",
+                "Time a planner spent deciding a session's jobs, callbacks included.",
+                ["event"],
+                PLANNING_BUCKETS,
+                trace_number("planning_s", dialect),
+            ),
+        ],
     )
-    callback_join, callback_job, callback_seconds = callback_timings(dialect)
-    return [
-        Histogram(
-            "dcm_detection_lag_seconds",
-            "From the last instance of a candidate received to its session created by detection.",
-            ["level"],
-            DETECTION_LAG_BUCKETS,
-            ["s.level"],
-            seconds_between("i.received_at", "s.created_at", dialect),
-            "FROM sessions s JOIN instances i ON i.id = s.last_instance_id WHERE s.trigger = ''",
-        ),
-        Histogram(
-            "dcm_session_planning_delay_seconds",
-            "From a session created to its plan stored: the wait for a planner and the planning.",
-            ["event"],
-            PLANNING_BUCKETS,
-            ["s.event"],
-            seconds_between("s.created_at", "s.planned_at", dialect),
-            "FROM sessions s WHERE s.planned_at IS NOT NULL",
-        ),
-        Histogram(
-            "dcm_session_planning_seconds",
-            "Time a planner spent deciding a session's jobs, callbacks included.",
-            ["event"],
-            PLANNING_BUCKETS,
-            ["s.event"],
-            trace_number("planning_s", dialect),
-            "FROM sessions s WHERE s.planned_at IS NOT NULL",
-        ),
-        Histogram(
-            "dcm_callback_duration_seconds",
-            "Time one registry callback took to decide whether its job runs.",
-            ["job_name"],
-            CALLBACK_BUCKETS,
-            [callback_job],
-            callback_seconds,
-            f"FROM sessions s {callback_join} WHERE s.planned_at IS NOT NULL",
-        ),
-        Histogram(
-            "dcm_job_queue_wait_seconds",
-            "From a finished job's last dispatch to its last attempt started.",
-            ["job_name", "channel"],
-            QUEUE_WAIT_BUCKETS,
-            ["j.job_name", "j.channel"],
-            seconds_between("j.dispatched_at", "j.started_at", dialect),
-            finished_jobs + " AND j.dispatched_at IS NOT NULL",
-        ),
-        Histogram(
-            "dcm_job_duration_seconds",
-            "Run time of the last attempt of each succeeded or failed job.",
-            ["job_name", "channel"],
-            JOB_DURATION_BUCKETS,
-            ["j.job_name", "j.channel"],
-            seconds_between("j.started_at", "j.finished_at", dialect),
-            finished_jobs,
-        ),
-    ]
 
 
-# --------------------------------------------------------------------------
-# Counters and gauges
+def callbacks_scan(dialect: str) -> Scan:
+    join, job_name, seconds = callback_timings(dialect)
+    return Scan(
+        ["job_name"],
+        [job_name],
+        f"FROM sessions s {join}",
+        [
+            Histogram(
+                "dcm_callback_duration_seconds",
+                "Time one registry callback took to decide whether its job runs.",
+                ["job_name"],
+                CALLBACK_BUCKETS,
+                seconds,
+            )
+        ],
+    )
 
 
 def _sessions(reader: Reader) -> Iterator[Metric]:
-    rows = reader.rows("SELECT event, status, COUNT(*) AS n FROM sessions GROUP BY event, status")
+    scan = sessions_scan(reader.dialect)
+    rows = scan.read(reader)
     created = CounterMetricFamily("dcm_sessions", "Scheduling sessions created.", labels=["event"])
     finished = CounterMetricFamily(
         "dcm_sessions_finished",
@@ -231,41 +247,80 @@ def _sessions(reader: Reader) -> Iterator[Metric]:
         labels=["event", "status"],
     )
     per_event: dict[str, int] = defaultdict(int)
+    per_status: dict[tuple[str, str], int] = defaultdict(int)
     for row in rows:
         per_event[row["event"]] += row["n"]
-        family = open_ if row["status"] in OPEN_SESSION_STATUSES else finished
-        family.add_metric([row["event"], row["status"]], row["n"])
+        per_status[row["event"], row["status"]] += row["n"]
     for event, count in sorted(per_event.items()):
         created.add_metric([event], count)
+    for (event, status), count in sorted(per_status.items()):
+        family = open_ if status in OPEN_SESSION_STATUSES else finished
+        family.add_metric([event, status], count)
     yield from (created, finished, open_)
+    for n in range(len(scan.histograms)):
+        yield scan.family(n, rows)
+    callbacks = callbacks_scan(reader.dialect)
+    yield callbacks.family(0, callbacks.read(reader))
+
+
+# --------------------------------------------------------------------------
+# Jobs
+
+
+def jobs_scan(dialect: str) -> Scan:
+    ran = {"status": [JobStatus.SUCCEEDED, JobStatus.FAILED]}
+    return Scan(
+        ["service", "job_name", "channel", "status"],
+        ["j.service", "j.job_name", "j.channel", "j.status"],
+        "FROM jobs j",
+        [
+            Histogram(
+                "dcm_job_queue_wait_seconds",
+                "From a finished job's last dispatch to its last attempt started.",
+                ["job_name", "channel"],
+                QUEUE_WAIT_BUCKETS,
+                seconds_between("j.dispatched_at", "j.started_at", dialect),
+                ran,
+            ),
+            Histogram(
+                "dcm_job_duration_seconds",
+                "Run time of the last attempt of each succeeded or failed job.",
+                ["job_name", "channel"],
+                JOB_DURATION_BUCKETS,
+                seconds_between("j.started_at", "j.finished_at", dialect),
+                ran,
+            ),
+        ],
+        {"retries": "CASE WHEN j.attempts > 1 THEN j.attempts - 1 ELSE 0 END"},
+    )
 
 
 def _jobs(reader: Reader) -> Iterator[Metric]:
+    scan = jobs_scan(reader.dialect)
+    rows = scan.read(reader)
     finished = CounterMetricFamily(
         "dcm_jobs_finished",
         "Jobs that ended, by final status.",
         labels=["service", "job_name", "channel", "status"],
     )
-    for row in reader.rows(
-        "SELECT service, job_name, channel, status, COUNT(*) AS n FROM jobs "
-        "WHERE status IN (:final) GROUP BY service, job_name, channel, status",
-        final=sorted(JOB_FINAL_STATUSES),
-    ):
-        finished.add_metric(
-            [row["service"], row["job_name"], row["channel"], row["status"]], row["n"]
-        )
     retries = CounterMetricFamily(
         "dcm_job_retries",
         "Attempts beyond each job's first: automatic retries, re-runs after a "
         "lost worker, and operators' retries.",
         labels=["service", "job_name", "channel"],
     )
-    for row in reader.rows(
-        "SELECT service, job_name, channel, SUM(attempts - 1) AS n FROM jobs "
-        "WHERE attempts > 1 GROUP BY service, job_name, channel"
-    ):
-        retries.add_metric([row["service"], row["job_name"], row["channel"]], row["n"])
+    per_job: dict[tuple[str, str, str], int] = defaultdict(int)
+    for row in rows:
+        key = (row["service"], row["job_name"], row["channel"])
+        per_job[key] += int(row["retries"] or 0)
+        if row["status"] in JOB_FINAL_STATUSES:
+            finished.add_metric([*key, row["status"]], row["n"])
+    for key, count in sorted(per_job.items()):
+        if count:
+            retries.add_metric(list(key), count)
     yield from (finished, retries)
+    for n in range(len(scan.histograms)):
+        yield scan.family(n, rows)
 
 
 def _attempts(reader: Reader) -> Iterator[Metric]:
@@ -345,8 +400,6 @@ def collect_from(reader: Reader, heartbeat_interval: float) -> Iterator[Metric]:
     yield from _jobs(reader)
     yield from _attempts(reader)
     yield from _backlog(reader, heartbeat_interval)
-    for histogram in histograms(reader.dialect):
-        yield histogram_family(histogram, reader.rows(histogram_sql(histogram)))
     yield GaugeMetricFamily(
         "dcm_metrics_collect_seconds",
         "Time this scrape spent reading the store.",
