@@ -144,6 +144,31 @@ def check_workers(settings: Settings) -> Check:
     return Check("workers", OK, f"live channels: {', '.join(sorted(live))}")
 
 
+def check_paused(settings: Settings) -> Check | None:
+    """A warning per paused channel: its jobs wait until someone resumes it
+    (README, "Pausing a channel"); None when nothing is paused."""
+    from scheduler.queries import list_paused
+    from scheduler.store.db import transaction
+
+    with transaction() as db:
+        paused = list_paused(db)
+    if not paused:
+        return None
+    detail = "; ".join(
+        f"{row['channel']} since {row['paused_at']}"
+        + (f" ({row['reason']})" if row["reason"] else "")
+        + f", {row['queued']} job(s) queued"
+        for row in paused
+    )
+    return Check(
+        "paused channels",
+        WARNING,
+        f"paused: {detail}",
+        "; ".join(f"dcm-scheduler resume {row['channel']}" for row in paused)
+        + " when the maintenance is over",
+    )
+
+
 def check_beat(settings: Settings) -> Check:
     """Beat renews a lease every few seconds while it runs (scheduler.beat):
     no lease, or one not renewed for three rounds, means nothing detects new
@@ -273,6 +298,9 @@ def run_checks(settings: Settings | None = None) -> list[Check]:
     checks = [store, check_broker(settings), check_services(settings)]
     if store.status == OK:
         checks += [check_workers(settings), check_beat(settings), check_backlog(settings)]
+        paused = check_paused(settings)
+        if paused:
+            checks.append(paused)
         webhooks = check_webhooks(settings)
         if webhooks:
             checks.append(webhooks)

@@ -20,6 +20,7 @@ from typing import Any
 from scheduler.clock import iso, live_after, utcnow
 from scheduler.store.reader import reader_of
 from scheduler.vocabulary import Phase
+from scheduler.windows import waiting_for
 
 
 class NotFoundError(LookupError):
@@ -34,12 +35,18 @@ def duration(start: datetime | None, end: datetime | None) -> float | None:
 
 SESSION_COLUMNS = (
     "id, event, level, uid, revision, fingerprint, trigger, status, error, "
-    "created_at, planned_at, finished_at"
+    "created_at, planned_at, finished_at, urgent, cohort"
 )
 JOB_COLUMNS = (
     "id, session_id, job_name, service, service_version, service_hash, phase, channel, "
     "priority, status, attempts, max_attempts, params, result, error, attempt_log, worker, "
-    "created_at, dispatched_at, started_at, finished_at"
+    'created_at, dispatched_at, started_at, finished_at, jobs."window", '
+    # What a queued job waits for (README, "Off-peak windows", "Pausing a channel").
+    "(SELECT urgent FROM sessions WHERE sessions.id = jobs.session_id) AS session_urgent, "
+    "(SELECT reason FROM paused_channels WHERE paused_channels.channel = jobs.channel) "
+    "AS paused_reason, "
+    "EXISTS (SELECT 1 FROM paused_channels WHERE paused_channels.channel = jobs.channel) "
+    "AS channel_paused"
 )
 
 
@@ -62,6 +69,9 @@ def session_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "created_at": iso(row["created_at"]),
         "planned_at": iso(row["planned_at"]),
         "finished_at": iso(row["finished_at"]),
+        # README, "Urgent studies first" and "Cohort runs".
+        "urgent": bool(row["urgent"]),
+        "cohort": row["cohort"],
     }
 
 
@@ -95,7 +105,25 @@ def job_json(
         "finished_at": iso(row["finished_at"]),
         "duration_s": duration(row["started_at"], row["finished_at"]),
         **ran_in(row["attempt_log"] or ()),
+        "window": row["window"],
+        "waiting": waiting(row),
     }
+
+
+def waiting(row: Mapping[str, Any], now: datetime | None = None) -> str | None:
+    """What holds a queued job back from being sent, in words: its paused
+    channel, or its off-peak window while closed (urgent sessions ignore
+    windows); None when nothing does."""
+    if row["status"] != "queued":
+        return None
+    if row["channel_paused"]:
+        reason = f" ({row['paused_reason']})" if row["paused_reason"] else ""
+        return f"channel {row['channel']} paused{reason}"
+    if not row["window"] or row["session_urgent"]:
+        return None
+    from scheduler.config import get_settings
+
+    return waiting_for(row["window"], now or utcnow(), get_settings().timezone)
 
 
 def ran_in(attempt_log: Sequence[dict[str, Any]]) -> dict[str, str | None]:
@@ -341,10 +369,12 @@ def list_workers(source: Any, heartbeat_interval: float | None = None) -> list[d
         heartbeat_interval = get_settings().heartbeat_interval
     now = utcnow()
     threshold = live_after(heartbeat_interval, now)
-    rows = reader_of(source).rows(
+    reader = reader_of(source)
+    rows = reader.rows(
         "SELECT hostname, channels, pid, started_at, last_heartbeat FROM workers "
         "ORDER BY last_heartbeat DESC"
     )
+    paused = {row["channel"] for row in reader.rows("SELECT channel FROM paused_channels")}
     return [
         {
             "hostname": row["hostname"],
@@ -354,8 +384,58 @@ def list_workers(source: Any, heartbeat_interval: float | None = None) -> list[d
             "last_heartbeat": iso(row["last_heartbeat"]),
             "age_s": round((now - row["last_heartbeat"]).total_seconds(), 1),
             "live": row["last_heartbeat"] >= threshold,
+            # Its channels an operator paused (README, "Pausing a channel").
+            "paused": sorted(paused.intersection(row["channels"] or ())),
         }
         for row in rows
+    ]
+
+
+def list_paused(source: Any) -> list[dict[str, Any]]:
+    """The paused channels (README, "Pausing a channel"), oldest pause first:
+    ``channel``, ``paused_at``, ``reason`` and ``queued`` (its jobs that wait)."""
+    rows = reader_of(source).rows(
+        "SELECT p.channel, p.paused_at, p.reason, "
+        "(SELECT COUNT(*) FROM jobs WHERE jobs.channel = p.channel AND jobs.status = 'queued') "
+        "AS queued FROM paused_channels p ORDER BY p.paused_at, p.channel"
+    )
+    return [
+        {
+            "channel": row["channel"],
+            "paused_at": iso(row["paused_at"]),
+            "reason": row["reason"],
+            "queued": int(row["queued"]),
+        }
+        for row in rows
+    ]
+
+
+def list_channels(source: Any) -> list[dict[str, Any]]:
+    """Every channel a worker consumes, a job waits on or runs on, or an
+    operator paused (``GET /api/channels``), by name: ``channel``, ``paused``,
+    ``paused_at``, ``reason``, ``queued`` and ``running`` (its jobs)."""
+    reader = reader_of(source)
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"queued": 0, "running": 0})
+    for row in reader.rows(
+        "SELECT channel, status, COUNT(*) AS n FROM jobs "
+        "WHERE status IN ('queued', 'running') GROUP BY channel, status"
+    ):
+        counts[row["channel"]][row["status"]] = int(row["n"])
+    consumed = {
+        channel
+        for row in reader.rows("SELECT channels FROM workers")
+        for channel in row["channels"] or ()
+    }
+    paused = {row["channel"]: row for row in list_paused(reader)}
+    return [
+        {
+            "channel": channel,
+            "paused": channel in paused,
+            "paused_at": paused[channel]["paused_at"] if channel in paused else None,
+            "reason": paused[channel]["reason"] if channel in paused else None,
+            **counts[channel],
+        }
+        for channel in sorted(consumed | set(counts) | set(paused))
     ]
 
 

@@ -100,7 +100,7 @@ UPDATE jobs SET pending_deps = jobs.pending_deps - 1,
         THEN %(now)s ELSE jobs.dispatched_at END
 WHERE jobs.id IN (SELECT job_id FROM job_dependencies WHERE depends_on_id = %(job_id)s)
 RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
-    jobs.priority, jobs.sort_position, jobs.window
+    jobs.priority, jobs.sort_position, jobs."window"
 """
 
 

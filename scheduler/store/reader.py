@@ -39,6 +39,7 @@ TIME_COLUMNS = frozenset(
         "last_heartbeat",
         "received_at",
         "expires_at",
+        "paused_at",
     }
 )
 _PARAMETER = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")

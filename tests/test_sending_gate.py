@@ -1,0 +1,404 @@
+"""What is sent, when, and in which order (README, "Urgent studies first",
+"Off-peak windows", "Pausing a channel").
+
+Most tests plan sessions in this process on each store (SQLite and
+PostgreSQL) and record the job messages as they leave, in order, with the
+priority the broker gets; time is passed explicitly (``now``), never slept.
+One test runs a real worker on PostgreSQL and Redis to show that a message
+already in the broker when its channel was paused does not run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from scheduler import channels, messages, queries, resender
+from scheduler.api import create_app
+from scheduler.cli import app as cli
+from scheduler.config import ConfigError, Settings, load_settings
+from scheduler.doctor import WARNING, check_paused
+from scheduler.jobstate import Ending, end_attempt
+from scheduler.presence import record_presence
+from scheduler.registry import load_registry
+from scheduler.sessions import trigger
+from scheduler.store.db import transaction
+from scheduler.store.models import Job
+from scheduler.testing import (
+    environment_values,
+    record_study,
+    using_environment,
+    wait_session,
+    wait_until,
+)
+from scheduler.windows import WindowError, parse_window, waiting_for, window_open
+from workers_bridge import runner
+
+from .conftest import Define
+from .engine import jobs_by_name
+from .support import worker_in_process, write_json
+
+WORK = "dcm_testjobs:work"
+TOKEN = "gate-token"
+
+
+def job(name: str, **fields: Any) -> dict[str, Any]:
+    return {"jobName": name, "workerEntry": WORK, **fields}
+
+
+def at(hour: int, minute: int = 0, day: int = 1) -> datetime:
+    return datetime(2026, 12, day, hour, minute, tzinfo=UTC)
+
+
+def window_around(now: datetime, start_h: float, end_h: float) -> str:
+    """A window from ``start_h`` to ``end_h`` hours after ``now`` (UTC)."""
+    start, end = now + timedelta(hours=start_h), now + timedelta(hours=end_h)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+@pytest.fixture
+def gate(tmp_path: Path, store_url: str, services_root: Path) -> Iterator[Settings]:
+    """A fresh store (each backend), the filesystem broker, the testjobs
+    service, windows on UTC and the API token."""
+    values = environment_values(tmp_path, store_url) | {
+        "DCM_SERVICES_PATH": str(services_root),
+        "DCM_TIMEZONE": "UTC",
+        "DCM_API_TOKEN": TOKEN,
+        # Messages sent in a test are never stale within its hours of `now`.
+        "DCM_RESEND_AFTER": "1d",
+    }
+    with using_environment(values) as settings:
+        messages.forget_paused()
+        yield settings
+    messages.forget_paused()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(jobName, broker priority) of every job message, in the order sent."""
+    record: list[tuple[str, int]] = []
+    original = messages.job_signature
+
+    def spy(ready: messages.ReadyJob, countdown: float | None = None) -> Any:
+        signature = original(ready, countdown)
+        record.append((ready.job_name, signature.options["priority"]))
+        return signature
+
+    monkeypatch.setattr(messages, "job_signature", spy)
+    return record
+
+
+def job_row(name: str) -> Job:
+    with transaction() as db:
+        return db.scalars(select(Job).where(Job.job_name == name)).one()
+
+
+def shown(session_id: str) -> dict[str, Any]:
+    with transaction() as db:
+        return queries.show_session(db, session_id)
+
+
+def paused_list() -> list[dict[str, Any]]:
+    with transaction() as db:
+        return queries.list_paused(db)
+
+
+def started(uid: str, event: str = "study.stable") -> str:
+    record_study(uid)
+    return trigger(event, "study", uid).session_id
+
+
+# --------------------------------------------------------------------------
+# Urgent first
+
+
+def test_urgent_sessions_go_above_every_normal_job_and_cohorts_below() -> None:
+    normal = [messages.message_priority(p) for p in range(10)]
+    assert normal == sorted(normal) and min(normal) == 1 and max(normal) == 8
+    assert messages.message_priority(0, urgent=True) == 9
+    assert messages.message_priority(9, cohort=True) == 0
+    # A cohort session that is also urgent is urgent.
+    assert messages.message_priority(0, urgent=True, cohort=True) == 9
+    # Plan messages: live ones above cohort ones.
+    assert messages.message_priority(cohort=True) < messages.message_priority()
+
+
+def test_an_urgent_session_s_jobs_are_sent_at_the_top_priority(
+    gate: Settings, define: Define, sent: list[tuple[str, int]]
+) -> None:
+    define(
+        [
+            job("routine", priority=9, events=["routine"]),
+            job("stroke", priority=0, events=["stroke"], urgent=True),
+        ]
+    )
+    started("30.1", "routine")
+    urgent = started("30.1", "stroke")
+    # The filesystem broker takes AMQP's order: higher first.
+    assert sent == [("routine", 8), ("stroke", 9)]
+    assert shown(urgent)["urgent"] is True
+
+
+# --------------------------------------------------------------------------
+# Off-peak windows
+
+
+def test_a_window_across_midnight_is_open_from_its_start_to_its_end() -> None:
+    night = parse_window("20:00-06:00")
+    assert [night.is_open(at(h, m), UTC) for h, m in ((19, 59), (20, 0), (23, 59))] == [
+        False,
+        True,
+        True,
+    ]
+    assert [night.is_open(at(h, m), UTC) for h, m in ((0, 0), (5, 59), (6, 0), (12, 0))] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert night.opens_at(at(12), UTC) == at(20)
+    assert waiting_for("20:00-06:00", at(12), UTC) == "window 20:00-06:00 opens at 20:00"
+    assert waiting_for("20:00-06:00", at(21), UTC) is None
+    day = parse_window("08:00-09:30")
+    assert (day.is_open(at(8), UTC), day.is_open(at(9, 30), UTC)) == (True, False)
+    assert waiting_for("08:00-09:30", at(10), UTC) == "window 08:00-09:30 opens at 08:00 tomorrow"
+    # The scheduler's zone, not UTC, decides: 20:00 in Berlin is 19:00 UTC in winter.
+    berlin = load_settings({"DCM_TIMEZONE": "Europe/Berlin"}).timezone
+    assert window_open("20:00-06:00", at(19), berlin) and not window_open("20:00-06:00", at(19))
+    assert window_open(None, at(12), UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("20:00", "HH:MM-HH:MM"),
+        ("8:00-9:00", "HH:MM-HH:MM"),
+        ("24:00-06:00", "00:00 to 23:59"),
+        ("20:00-06:60", "00:00 to 23:59"),
+        ("06:00-06:00", "starts and ends at the same time"),
+    ],
+)
+def test_a_window_that_is_not_two_different_times_of_day_is_refused(text: str, why: str) -> None:
+    with pytest.raises(WindowError, match=why):
+        parse_window(text)
+
+
+def test_services_validate_names_the_file_job_and_field_of_a_bad_window(tmp_path: Path) -> None:
+    definition = write_json(
+        tmp_path / "night" / "dcm-processor.json",
+        {"name": "night", "jobs": [job("recon", window="25:00-06:00")]},
+    )
+    [problem] = load_registry([tmp_path], entry_points=False).problems
+    assert str(problem).startswith(f"{definition}: job 'recon': field 'window': ")
+    assert "25:00" in str(problem)
+
+
+def test_a_bad_time_zone_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match="DCM_TIMEZONE: unknown time zone 'Mars/Olympus'"):
+        load_settings({"DCM_TIMEZONE": "Mars/Olympus"})
+
+
+def test_a_windowed_job_waits_queued_until_the_resender_finds_its_window_open(
+    gate: Settings, define: Define, sent: list[tuple[str, int]]
+) -> None:
+    now = datetime.now(UTC)
+    window = window_around(now, 2, 3)
+    define([job("day"), job("night", window=window, priority=1), job("late", window=window)])
+    session_id = started("31.1")
+    assert sent == [("day", 4)]
+    night = job_row("night")
+    assert (night.status, night.dispatched_at, night.window) == ("queued", None, window)
+    doc = jobs_by_name(shown(session_id))
+    assert doc["night"]["waiting"] == f"window {window} opens at {window[:5]}"
+    assert doc["day"]["waiting"] is None
+
+    assert resender.resend(gate, now=now + timedelta(hours=1)).jobs == 0
+    assert resender.resend(gate, now=now + timedelta(hours=2, minutes=1)).jobs == 2
+    # In priority order once open.
+    assert sent == [("day", 4), ("late", 4), ("night", 1)]
+    assert job_row("night").dispatched_at is not None
+
+
+def test_an_urgent_session_ignores_windows(
+    gate: Settings, define: Define, sent: list[tuple[str, int]]
+) -> None:
+    window = window_around(datetime.now(UTC), 2, 3)
+    define([job("night", window=window, urgent=True)])
+    session_id = started("31.2")
+    assert sent == [("night", 9)]
+    assert jobs_by_name(shown(session_id))["night"]["waiting"] is None
+
+
+def test_a_retry_due_outside_its_window_waits_for_it(
+    gate: Settings, define: Define, sent: list[tuple[str, int]]
+) -> None:
+    # Open now, closed when the retry's back-off of two hours is over.
+    window = window_around(datetime.now(UTC), -1, 1)
+    define([job("night", window=window, retries=1, retryDelay="2h")])
+    started("31.3")
+    assert sent == [("night", 4)]
+    night = job_row("night")
+    assert runner.claim(night.id, "w@host") is not None
+    released = end_attempt(night.id, 1, Ending(ok=False, error="failed once"))
+    assert released.retry is not None
+    assert sent == [("night", 4)]
+    night = job_row("night")
+    assert (night.status, night.dispatched_at) == ("queued", None)
+
+
+# --------------------------------------------------------------------------
+# Paused channels
+
+
+def test_a_paused_channel_holds_its_jobs_and_resume_sends_them_by_priority(
+    gate: Settings, define: Define, sent: list[tuple[str, int]]
+) -> None:
+    define(
+        [
+            job("elsewhere"),
+            job("low", channel="gpu", priority=1),
+            job("high", channel="gpu", priority=9),
+            job("mid", channel="gpu"),
+        ]
+    )
+    report = channels.pause("gpu", reason="driver update")
+    assert (report.paused, report.reason, report.queued) == (True, "driver update", 0)
+    session_id = started("32.1")
+    assert sent == [("elsewhere", 4)]
+    doc = jobs_by_name(shown(session_id))
+    assert doc["high"]["status"] == "queued"
+    assert doc["high"]["waiting"] == "channel gpu paused (driver update)"
+    # The re-sender leaves them, and does not call them lost.
+    later = resender.resend(gate, now=datetime.now(UTC) + timedelta(hours=1))
+    assert (later.jobs, later.lost) == (0, 0)
+    assert sent == [("elsewhere", 4)]
+    [paused] = paused_list()
+    assert (paused["channel"], paused["reason"], paused["queued"]) == ("gpu", "driver update", 3)
+    check = check_paused(gate)
+    assert check is not None and check.status == WARNING
+    assert "gpu" in check.detail and "dcm-scheduler resume gpu" in check.fix
+
+    resumed = channels.resume("gpu")
+    assert (resumed.queued, resumed.sent) == (3, 3)
+    assert sent[1:] == [("high", 8), ("mid", 4), ("low", 1)]
+    assert paused_list() == []
+    assert check_paused(gate) is None
+    with pytest.raises(channels.NotPausedError, match="channel gpu is not paused"):
+        channels.resume("gpu")
+
+
+def test_a_message_sent_before_the_pause_is_refused_by_the_claim_and_a_running_one_ends(
+    gate: Settings, define: Define, sent: list[tuple[str, int]]
+) -> None:
+    define([job("first", channel="gpu"), job("second", channel="gpu")])
+    session_id = started("32.2")
+    assert len(sent) == 2
+    first, second = job_row("first"), job_row("second")
+    assert runner.claim(first.id, "w@host") is not None  # running when the pause comes
+    channels.pause("gpu")
+
+    # second's message is in the broker: its delivery is turned away.
+    assert runner.claim(second.id, "w@host") is None
+    second = job_row("second")
+    assert (second.status, second.attempts, second.dispatched_at) == ("queued", 0, None)
+    # The running attempt ends as usual; the session waits, not failed.
+    end_attempt(first.id, 1, Ending(ok=True, result={}))
+    assert job_row("first").status == "succeeded"
+    assert shown(session_id)["status"] == "running"
+
+    assert channels.resume("gpu").sent == 1
+    assert sent[2:] == [("second", 4)]
+    assert runner.claim(second.id, "w@host") is not None
+
+
+def test_pause_resume_and_the_listings_through_the_cli_the_api_and_a_new_process(
+    gate: Settings, define: Define, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    define([job("recon", channel="gpu")])
+    with transaction() as db:
+        record_presence(db, "w1@host", ["gpu", "default"])
+    bad = CliRunner().invoke(cli, ["pause", "no such channel"])
+    assert bad.exit_code == 2 and "is not a channel name" in bad.output
+    assert "Traceback" not in bad.output
+    paused = CliRunner().invoke(cli, ["pause", "gpu", "--reason", "maintenance", "--json"])
+    assert paused.exit_code == 0, paused.output
+    assert json.loads(paused.stdout)["paused"] is True
+
+    # Another process reads the same state from the store.
+    env = environment_values(tmp_path, gate.database_url) | {"COLUMNS": "200"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "scheduler.entry", "workers", "--json"],
+        env=dict(os.environ) | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(shown.stdout)[0]["paused"] == ["gpu"]
+    table = CliRunner().invoke(cli, ["workers"], env={"COLUMNS": "200"})
+    assert "gpu (paused)" in table.output
+    assert "channel gpu paused" in table.output and "maintenance" in table.output
+
+    client = TestClient(create_app())
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    listed = client.get("/api/channels").json()
+    assert {c["channel"]: c["paused"] for c in listed} == {"default": False, "gpu": True}
+    assert client.post("/api/channels/gpu/resume").status_code == 401
+    assert client.post("/api/channels/gpu/resume", headers=auth).json()["paused"] is False
+    assert client.post("/api/channels/gpu/resume", headers=auth).status_code == 409
+    assert client.post("/api/channels/bad%20name/pause", headers=auth).status_code == 422
+    body = {"reason": "night maintenance"}
+    again = client.post("/api/channels/gpu/pause", json=body, headers=auth).json()
+    assert (again["paused"], again["reason"]) == (True, "night maintenance")
+    resumed = CliRunner().invoke(cli, ["resume", "gpu"])
+    assert resumed.exit_code == 0 and "channel gpu resumed" in resumed.output
+    missing = CliRunner().invoke(cli, ["resume", "gpu"])
+    assert missing.exit_code == 1 and "not paused" in missing.output
+
+
+def test_a_real_worker_leaves_a_paused_channel_s_message_queued_until_resume(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    services_root: Path,
+    define: Define,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers_bridge.runner")
+    define([job("recon")])
+    values = environment_values(tmp_path, pg_url, redis_url) | {
+        "DCM_SERVICES_PATH": str(services_root)
+    }
+    with worker_in_process(values, concurrency=1):
+        messages.forget_paused()
+        channels.pause("default")
+        session_id = started("33.1")
+        recon = job_row("recon")
+        assert recon.dispatched_at is None  # held back at sending
+        # A message that left before the pause was seen (another process's
+        # cache): the worker's claim turns it away.
+        ready = messages.ReadyJob(recon.id, "recon", "default", 5, 0.0)
+        messages.job_signature(ready).apply_async()
+        wait_until(
+            lambda: f"job {recon.id} is not queued any more" in caplog.text,
+            what="the paused channel's message to be turned away",
+        )
+        recon = job_row("recon")
+        assert (recon.status, recon.attempts, recon.dispatched_at) == ("queued", 0, None)
+        assert channels.resume("default").sent == 1
+        doc = wait_session(session_id)
+    messages.forget_paused()
+    assert doc["status"] == "succeeded"
+    assert jobs_by_name(doc)["recon"]["attempts"] == 1
