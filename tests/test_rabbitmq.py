@@ -133,6 +133,47 @@ def test_among_ready_jobs_of_a_channel_the_higher_priority_runs_first(
         assert declared["gpu"].get("x-max-priority") == 10
 
 
+def test_an_urgent_session_s_first_job_starts_right_after_the_running_one(
+    cluster: Cluster, define: Define, tmp_path: Path
+) -> None:
+    """README, "Urgent studies first": behind a backlog on one worker
+    process, only the job already running starts before the urgent one."""
+    gate, calls_file = tmp_path / "gate", tmp_path / "calls"
+    recorded = {"calls": str(calls_file)}
+    define(
+        [
+            job(
+                "blocker",
+                events=["block"],
+                channel="gpu",
+                params={**recorded, "wait_for": str(gate)},
+            ),
+            job("routine", events=["routine"], channel="gpu", params=recorded),
+            job("important", events=["routine"], channel="gpu", priority=9, params=recorded),
+            job(
+                "stroke", events=["stroke"], channel="gpu", priority=0, urgent=True, params=recorded
+            ),
+        ]
+    )
+    cluster.worker("w1", queues="gpu", concurrency=1)
+    record_study("90.5")
+    sessions = [trigger("block", "study", "90.5").session_id]
+    wait_until(lambda: calls(calls_file, "blocker") == 1, what="the blocker to occupy the worker")
+    sessions += [trigger("routine", "study", "90.5").session_id for _ in range(3)]
+    urgent = trigger("stroke", "study", "90.5").session_id
+    gate.write_text("go")
+    docs = [wait_session(session_id) for session_id in [*sessions, urgent]]
+    assert all(doc["status"] == "succeeded" for doc in docs)
+    assert docs[-1]["urgent"] is True
+    ran = sorted((j for doc in docs for j in doc["jobs"]), key=lambda j: j["started_at"])
+    assert [j["job_name"] for j in ran] == [
+        "blocker",
+        "stroke",
+        *["important"] * 3,
+        *["routine"] * 3,
+    ]
+
+
 def test_a_retry_runs_after_its_delay_and_succeeds(
     cluster: Cluster, define: Define, tmp_path: Path
 ) -> None:
