@@ -40,8 +40,8 @@ T = TypeVar("T")
 
 
 def environment_values(folder: Path, database_url: str, broker_url: str = "") -> dict[str, str]:
-    """Every setting of a scheduler living in ``folder``: no header fields
-    or legacy settings file, study-level detection, a 60 s stable age.
+    """Every setting of a scheduler living in ``folder``: no header fields,
+    legacy settings file or retention, study-level detection, a 60 s stable age.
     An empty ``broker_url`` is the embedded filesystem broker."""
     return {
         "DCM_HOME": str(folder / "home"),
@@ -57,6 +57,7 @@ def environment_values(folder: Path, database_url: str, broker_url: str = "") ->
         "DCM_SETTINGS": "",
         "DCM_CALLBACK_TIMEOUT": "5",
         "DCM_HEARTBEAT_INTERVAL": "10",
+        "DCM_RETENTION": "",  # no pruning on beat unless a test asks for it
     }
 
 
