@@ -30,6 +30,7 @@ from scheduler.store.models import (
     SchedulingSession,
     Series,
     Study,
+    WebhookDelivery,
     utcnow,
 )
 from scheduler.testing import NOOP, noop_service, record_study, using_environment
@@ -139,6 +140,21 @@ def test_only_sessions_that_ended_before_the_age_go_with_their_jobs_and_data(
     assert counts()["jobs"] == before["jobs"] - 6
     # Nothing more is old enough: a second prune finds nothing.
     assert prune_cli("--older-than", "90d", "--json")["sessions"] == 0
+
+
+def test_rows_other_tables_keep_about_a_session_go_with_it(store: Settings) -> None:
+    old, kept = ended("1.8", status="failed"), ended("1.9", at=utcnow() - DAY, status="failed")
+    with transaction() as db:
+        for session_id in (old, kept):
+            db.add(
+                WebhookDelivery(
+                    session_id=session_id, event="session.failed", sequence=1, url="http://x"
+                )
+            )
+    report = retention.prune(30 * 86400)
+    assert (report.sessions, report.other_rows) == (1, {"webhook_outbox": 1})
+    with transaction() as db:
+        assert list(db.scalars(select(WebhookDelivery.session_id))) == [kept]
 
 
 def test_the_table_names_what_went(store: Settings) -> None:
