@@ -36,6 +36,8 @@ from .conftest import Define
 
 WORK = "dcm_testjobs:work"
 SECRET = "s3cret"
+# For rules the store's backend does not change: the SQLite store alone.
+SQLITE_ONLY = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 
 
 class Receiver:
@@ -250,6 +252,7 @@ def test_only_subscribed_events_are_queued_and_session_finished_means_every_endi
     assert [row.session_id for row in outbox()][3:] == [listed]
 
 
+@SQLITE_ONLY
 def test_a_planning_failure_is_notified(
     hooked: Settings, define: Define, receiver: Receiver
 ) -> None:
@@ -308,6 +311,7 @@ def test_a_session_retried_and_failing_again_is_notified_again(
     }
 
 
+@SQLITE_ONLY
 def test_a_failing_receiver_is_tried_once_per_run_not_once_per_notification(
     hooked: Settings, define: Define, receiver: Receiver
 ) -> None:
@@ -359,6 +363,7 @@ def test_beat_delivers_what_a_lost_message_left_in_the_outbox(
     assert check is not None and check.status == doctor.OK
 
 
+@SQLITE_ONLY
 def test_doctor_reports_notifications_that_were_given_up(
     hooked: Settings, define: Define, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
