@@ -22,7 +22,7 @@ from scheduler.presence import record_presence
 from scheduler.queries import list_workers
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession, utcnow
-from scheduler.testing import detect_and_send, record_study, use_environment
+from scheduler.testing import detect_and_send, record_study, use_environment, using_environment
 from tests.test_api import AUTH, TOKEN, eager
 
 from .conftest import Define
@@ -232,3 +232,13 @@ def test_off_loopback_a_scrape_needs_the_token(
     remote = TestClient(create_app(host="0.0.0.0"))
     assert remote.get("/metrics").status_code == 401
     assert "dcm_jobs_queued" in scrape(remote, **AUTH)
+
+
+@ON_SQLITE
+def test_a_scrape_of_an_unreachable_store_is_503_without_its_password(env: Settings) -> None:
+    url = "postgresql+psycopg://scheduler:hunter2@127.0.0.1:9/store?connect_timeout=2"
+    with using_environment({"DCM_DATABASE_URL": url}):
+        response = TestClient(create_app()).get("/metrics")
+    assert response.status_code == 503
+    assert "store is unreachable" in response.json()["detail"]
+    assert "hunter2" not in response.text
