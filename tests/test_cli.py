@@ -403,6 +403,8 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         ({"DCM_HOME": "/etc/hostname"}, "/etc/hostname is not a folder"),
         ({"DCM_DETECT_INTERVAL": "0"}, "DCM_DETECT_INTERVAL: '0' is too short"),
         ({"DCM_HEARTBEAT_INTERVAL": "0s"}, "DCM_HEARTBEAT_INTERVAL: '0s' is too short"),
+        ({"DCM_WEBHOOK_URLS": "hooks.example.org"}, "DCM_WEBHOOK_URLS: 'hooks.example.org'"),
+        ({"DCM_WEBHOOK_EVENTS": "session.done"}, "DCM_WEBHOOK_EVENTS: unknown event"),
     ],
 )
 def test_settings_that_cannot_work_are_wrong_usage_with_a_message(

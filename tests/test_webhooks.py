@@ -17,7 +17,7 @@ from sqlalchemy import event, func, select
 
 from celeryconfig import celery_settings
 from scheduler import control, doctor, jobstate, sessions, tasks, webhooks
-from scheduler.config import ConfigError, Settings, load_settings, reset_settings
+from scheduler.config import Settings, load_settings, reset_settings
 from scheduler.emission import create_session
 from scheduler.jobstate import Ending
 from scheduler.store.db import get_engine, statements, transaction
@@ -375,15 +375,6 @@ def test_doctor_reports_notifications_that_were_given_up(
     assert check is not None and check.status == doctor.PROBLEM
     assert "1 notification(s) given up" in check.detail and "HTTP 503" in check.detail
     assert "t0k3n" not in check.detail  # the receiver's token stays out of reports
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [("DCM_WEBHOOK_URLS", "hooks.example.org"), ("DCM_WEBHOOK_EVENTS", "session.done")],
-)
-def test_a_bad_webhook_setting_names_the_setting(name: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=name):
-        load_settings({name: value})
 
 
 def test_a_real_worker_notifies_when_the_last_job_fails(
