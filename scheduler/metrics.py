@@ -65,21 +65,33 @@ def seconds_between(start: str, end: str, dialect: str) -> str:
 def attempt_entries(dialect: str) -> tuple[str, str]:
     """SQL joining each job to the entries of its ``attempt_log``, and the
     expression of an entry's status."""
+    # A log that is not a list (written by hand, say) counts as empty, not as an error.
     if dialect == "postgresql":
-        return "CROSS JOIN LATERAL jsonb_array_elements(j.attempt_log) AS e", "e->>'status'"
-    return "CROSS JOIN json_each(j.attempt_log) AS e", "json_extract(e.value, '$.status')"
+        log = "CASE WHEN jsonb_typeof(j.attempt_log) = 'array' THEN j.attempt_log END"
+        return f"CROSS JOIN LATERAL jsonb_array_elements({log}) AS e", "e->>'status'"
+    log = "CASE WHEN json_type(j.attempt_log) = 'array' THEN j.attempt_log END"
+    return f"CROSS JOIN json_each({log}) AS e", "json_extract(e.value, '$.status')"
 
 
 def callback_timings(dialect: str) -> tuple[str, str, str]:
     """SQL joining each session to its trace's ``callback_s`` entries, the
     job name and the seconds of each."""
     if dialect == "postgresql":
-        return (
-            "CROSS JOIN LATERAL jsonb_each(s.trace->'callback_s') AS c",
-            "c.key",
-            "(c.value #>> '{}')::float",
+        timings = (
+            "CASE WHEN jsonb_typeof(s.trace->'callback_s') = 'object' "
+            "THEN s.trace->'callback_s' END"
         )
-    return "CROSS JOIN json_each(s.trace, '$.callback_s') AS c", "c.key", "c.value"
+        return (
+            f"CROSS JOIN LATERAL jsonb_each({timings}) AS c",
+            "c.key",
+            "CASE WHEN jsonb_typeof(c.value) = 'number' THEN (c.value #>> '{}')::float END",
+        )
+    timings = "CASE WHEN json_type(s.trace, '$.callback_s') = 'object' THEN s.trace END"
+    return (
+        f"CROSS JOIN json_each({timings}, '$.callback_s') AS c",
+        "c.key",
+        "CASE WHEN c.type IN ('integer', 'real') THEN c.value END",
+    )
 
 
 def trace_number(key: str, dialect: str) -> str:
