@@ -5,6 +5,11 @@ imports the modules that define the tasks: the jobs that became ready
 (``workers_bridge.run_job``: task id = job id, queue = channel, the job's
 priority, Flower name ``dcm:<jobName>``), sent as one Celery group and
 marked dispatched; and the plans of new sessions (``scheduler.plan``).
+Every message's priority comes from :func:`broker_priority`: urgent
+sessions first, cohort runs last (README, "Urgent studies first"). Jobs of
+a paused channel and jobs whose off-peak window is closed are held back,
+queued and undispatched, for ``resume`` and the re-sender (README,
+"Pausing a channel", "Off-peak windows").
 
 Messages always follow committed rows. One broker retry policy serves both;
 when the broker stays away the rows keep saying what is owed (jobs not
