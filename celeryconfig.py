@@ -80,10 +80,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
         },
     }
-    # Cohort runs open their sessions on beat; one short read when none runs.
+    # Cohort runs open their sessions on beat, each tick what their rate
+    # allows since the last; one short read when none runs.
     beat_schedule["dcm-cohorts"] = {
         "task": "scheduler.open_cohorts",
-        "schedule": timedelta(seconds=max(settings.detect_interval, 5.0)),
+        "schedule": timedelta(seconds=settings.detect_interval),
         "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
     }
     if settings.webhook_urls:

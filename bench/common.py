@@ -177,6 +177,29 @@ def celery_worker(
     )
 
 
+def celery_beat(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A real ``celery -A scheduler beat``, its schedule file and log in ``home``."""
+    with open(home / "beat.log", "ab") as beat_log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "scheduler",
+                "beat",
+                "--loglevel",
+                "WARNING",
+                "-s",
+                str(home / "beat-schedule"),
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=beat_log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """Warm shutdown (SIGTERM), then SIGKILL if it does not stop."""
     if process.poll() is not None:

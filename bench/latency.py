@@ -24,17 +24,15 @@ started).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.common import (
     REDIS_URL,
-    REPO,
+    celery_beat,
     celery_worker,
     create_database,
     diamond_jobs,
@@ -98,27 +96,7 @@ def main() -> None:
                 )
                 worker_ready("bench-planner@localhost")
                 worker_ready("bench-jobs@localhost")
-                with open(home / "beat.log", "ab") as beat_log:
-                    processes.append(
-                        subprocess.Popen(
-                            [
-                                sys.executable,
-                                "-m",
-                                "celery",
-                                "-A",
-                                "scheduler",
-                                "beat",
-                                "--loglevel",
-                                "WARNING",
-                                "-s",
-                                str(home / "beat-schedule"),
-                            ],
-                            cwd=REPO,
-                            env={**os.environ, **values},
-                            stdout=beat_log,
-                            stderr=subprocess.STDOUT,
-                        )
-                    )
+                processes.append(celery_beat(home, values))
                 uids = [f"1.2.826.0.1.3680043.40.{n}" for n in range(args.studies)]
                 for uid in uids:
                     record_study(uid)
