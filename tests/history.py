@@ -24,7 +24,7 @@ from .conftest import Define
 
 # prep (pre) → every main job; segment → measure → report and segment →
 # report (an edge over measure); segment → qc; notify (post) after all.
-GRAPH = [
+GRAPH: list[dict[str, Any]] = [
     {"jobName": "prep", "workerEntry": "dcm_testjobs:work", "phase": "pre", "events": "graph"},
     {"jobName": "segment", "workerEntry": "dcm_testjobs:work", "events": "graph"},
     {

@@ -114,7 +114,10 @@ def screenshot(page: Any, name: str) -> Path:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     require(CHROMIUM.exists(), f"Chromium ({CHROMIUM}, Debian package chromium)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    # A loaded machine (CI runs tests side by side) may take seconds to render.
+    expect.set_options(timeout=WAIT_MS)
 
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
