@@ -45,6 +45,8 @@ SERIES_TAGS = (
     "StationName",
     "ContrastBolusAgent",
     "PerformedProcedureStepDescription",
+    # Constant over a series in practice; rules select thin-slice series on it.
+    "SliceThickness",
 )
 INSTANCE_TAGS = (
     "SOPInstanceUID",

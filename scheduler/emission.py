@@ -119,6 +119,7 @@ def store_plan(
             headers=headers,
             added_params=plan.added_params,
             trace=plan.trace,
+            urgent=plan.urgent,
             planned_at=now,
             finished_at=None if plan.jobs else now,
         )

@@ -13,6 +13,14 @@ becomes ``added_params[jobName]``, visible to later callbacks and to every
 worker of the session. Anything else, an exception or a callback running
 past its time limit means "not scheduled", with the reason in the trace
 (README, "Writing a service").
+
+A job's ``when`` condition (:mod:`scheduler.rules`) is tested first, on each
+series: when no series matches, the job is not scheduled and its callback is
+not run; otherwise the matching series are ``added_params[jobName]["series"]``,
+which the callback sees and may narrow. A scheduled job whose ``urgent``
+condition holds, or whose callback returned ``"urgent": true`` in its dict,
+makes the session urgent; the trace's ``urgent`` says why (README, "Rules
+without code" and "Urgent studies first").
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 
 from scheduler.callbacks import CallbackOutcome, run_in_host
 from scheduler.registry.definitions import JobDefinition
+from scheduler.rules import Condition, evaluate, series_records
 from scheduler.vocabulary import Phase
 
 
@@ -51,6 +60,7 @@ class Plan:
     edges: list[Edge] = field(default_factory=list)
     added_params: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, Any] = field(default_factory=dict)
+    urgent: bool = False
 
     @property
     def job_names(self) -> list[str]:
@@ -113,6 +123,10 @@ def decide(
     # Seconds each callback took (README, "Metrics"): observed, not decided on.
     callback_s: dict[str, float] = {}
     scheduled: dict[str, JobDefinition] = {}
+    urgent: list[str] = []
+    # Read the series once, and only when a rule needs them (large studies).
+    rules = any(d.when is not None or isinstance(d.urgent, Condition) for d in definitions)
+    records = series_records(headers) if rules else []
     for definition in evaluation_order(definitions):
         name = definition.job_name
         base = {"service": definition.service, "phase": definition.phase}
@@ -139,6 +153,17 @@ def decide(
                 + ", which is not scheduled in this session",
             )
             continue
+        matched: list[str] | None = None
+        when = ""
+        if definition.when is not None:
+            tested = evaluate(definition.when, records)
+            when = "when: " + tested.summary()
+            if not tested.holds:
+                jobs_trace[name] = base | _decision(False, when)
+                continue
+            matched = tested.matched
+            # The callback sees the matching series where it would put its own.
+            result.added_params[name] = {"series": matched}
         if definition.registry_entry:
             kwargs = dict(context, event=event, revision=revision)
             if "session_dir" in context:
@@ -146,6 +171,12 @@ def decide(
             started = time.perf_counter()
             outcome = run_callback(definition, headers, result.added_params, kwargs)
             callback_s[name] = round(time.perf_counter() - started, 6)
+            if matched is not None:
+                outcome.reason = f"{when}; {outcome.reason}"
+                if outcome.scheduled:
+                    outcome.params = {"series": matched, **(outcome.params or {})}
+        elif matched is not None:
+            outcome = CallbackOutcome(True, when, {"series": matched})
         else:
             outcome = CallbackOutcome(True, "no registryEntry: always scheduled")
         entry = base | _decision(outcome.scheduled, outcome.reason)
@@ -153,9 +184,14 @@ def decide(
             entry["traceback"] = outcome.traceback
         jobs_trace[name] = entry
         if not outcome.scheduled:
+            result.added_params.pop(name, None)
             continue
         if outcome.params is not None:
             result.added_params[name] = outcome.params
+        why = _urgency(definition, outcome.params, records, matched)
+        if why:
+            entry["urgent"] = why
+            urgent.append(f"job {name!r}: {why}")
         scheduled[name] = definition
         result.jobs.append(PlannedJob(definition, outcome.params, len(result.jobs)))
 
@@ -166,7 +202,30 @@ def decide(
         "jobs": jobs_trace,
         "callback_s": callback_s,
     }
+    if urgent:
+        result.urgent = True
+        result.trace["urgent"] = urgent
     return result
+
+
+def _urgency(
+    definition: JobDefinition,
+    params: dict[str, Any] | None,
+    records: list[tuple[str, dict[str, list[Any]]]],
+    matched: list[str] | None,
+) -> str:
+    """Why this scheduled job makes its session urgent; "" when it does not.
+    An ``urgent`` condition is tested on the series the job's ``when``
+    matched (every series without ``when``)."""
+    if params is not None and params.get("urgent") is True:
+        return 'its callback returned "urgent": true'
+    if definition.urgent is True:
+        return '"urgent": true in its definition'
+    if isinstance(definition.urgent, Condition):
+        tested = evaluate(definition.urgent, records, only=matched)
+        if tested.holds:
+            return "urgent: " + tested.summary()
+    return ""
 
 
 def _edges(jobs: list[JobDefinition]) -> list[Edge]:

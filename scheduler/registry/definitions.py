@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scheduler.rules import Condition
 from scheduler.vocabulary import Phase
 
 DEFINITION_FILE = "dcm-processor.json"
@@ -39,6 +40,8 @@ JOB_FIELDS = (
     "jobName",
     "workerEntry",
     "registryEntry",
+    "when",
+    "urgent",
     "events",
     "dependsOn",
     "sortPosition",
@@ -89,6 +92,10 @@ class JobDefinition:
     # so a result can be traced to the code that produced it.
     service_version: str = field(default="", compare=False)
     service_hash: str = field(default="", compare=False)
+    # Rules without code (scheduler.rules): the series the job is for, and
+    # whether scheduling it makes the session urgent (a condition, or True).
+    when: Condition | None = field(default=None, compare=False)
+    urgent: Condition | bool = field(default=False, compare=False)
     # "HH:MM-HH:MM": sent only while this off-peak window is open (scheduler.windows).
     window: str | None = None
 

@@ -31,6 +31,8 @@ from scheduler.registry.definitions import (
     JobDefinition,
     show,
 )
+from scheduler.registry.positions import line_in_job
+from scheduler.rules import Condition, RuleError, compile_condition, render
 from scheduler.vocabulary import DEFAULT_CHANNEL, Phase
 from scheduler.windows import WindowError, parse_window
 
@@ -163,6 +165,41 @@ def _object(value: Any) -> dict[str, Any]:
     return copy
 
 
+class InvalidRule(Invalid):
+    """A ``when`` or ``urgent`` condition that cannot be used, with where inside it."""
+
+    def __init__(self, error: RuleError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _when(value: Any) -> Condition:
+    try:
+        return compile_condition(value, ("when",))
+    except RuleError as exc:
+        raise InvalidRule(exc) from exc
+
+
+def _urgent(value: Any) -> Condition | bool:
+    if isinstance(value, bool):
+        return value
+    try:
+        if not isinstance(value, dict):
+            raise RuleError(
+                ("urgent",), f"expected true, false or an object of conditions, got {show(value)}"
+            )
+        return compile_condition(value, ("urgent",))
+    except RuleError as exc:
+        raise InvalidRule(exc) from exc
+
+
+def _report_rule(draft: Draft, label: str, name: Any, error: RuleError) -> None:
+    """Report a wrong condition at the exact place inside it, with its line."""
+    line = line_in_job(draft.definition_file, name, error.path) if isinstance(name, str) else None
+    where = f"line {line}: " if line is not None else ""
+    draft.report(label, render(error.path), where + error.message)
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise Invalid(f"expected true or false, got {show(value)}")
@@ -173,6 +210,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "jobName": job_name,
     "workerEntry": _non_empty,
     "registryEntry": _non_empty,
+    "when": _when,
+    "urgent": _urgent,
     "events": _names,
     "dependsOn": _names,
     "sortPosition": _number,
@@ -248,6 +287,8 @@ def _read_job(draft: Draft, raw: Any, index: int, ctx: JobContext) -> None:
             continue
         try:
             values[canonical] = _PARSERS[canonical](value)
+        except InvalidRule as exc:
+            _report_rule(draft, label, name, exc.error)
         except Invalid as exc:
             draft.report(label, key, str(exc))
     for canonical, meaning in _REQUIRED.items():
@@ -274,6 +315,8 @@ def _job_definition(draft: Draft, values: dict[str, Any], ctx: JobContext) -> Jo
         service=draft.name,
         worker_entry=values["workerEntry"],
         registry_entry=values.get("registryEntry"),
+        when=values.get("when"),
+        urgent=values.get("urgent", False),
         events=values.get("events", ctx.default_events),
         depends_on=values.get("dependsOn", ()),
         sort_position=values.get("sortPosition", ctx.default_sort),
