@@ -1093,7 +1093,8 @@ def render_session(document: dict[str, Any]) -> None:
     console.print(
         f"session [bold]{document['id']}[/bold]  {document['level']} {document['uid']}  "
         f"event {document['event']}  revision {document['revision']}  "
-        f"status {styled(document['status'])}",
+        f"status {styled(document['status'])}"
+        + ("  [bold red]urgent[/bold red]" if document.get("urgent") else ""),
         highlight=False,
     )
     if document.get("error"):

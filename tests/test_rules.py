@@ -5,6 +5,7 @@ with ``when`` and ``urgent``, and the urgent flag in the store and listings."""
 from __future__ import annotations
 
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from scheduler import entry
 from scheduler.api import create_app
 from scheduler.cli import app as cli
 from scheduler.config import Settings
@@ -444,16 +446,38 @@ def test_an_urgent_session_is_stored_and_shown_in_listings_and_the_api(rules: No
     assert api.get(f"/api/sessions/{stroke['session_id']}").json()["urgent"] is True
     assert [s["urgent"] for s in api.get("/api/sessions").json()] == [False, True]
 
+    assert "urgent" in run("show", stroke["session_id"]).splitlines()[0]
+    assert "urgent" not in run("show", routine["session_id"]).splitlines()[0]
     table = run("sessions")
     urgent_line = next(line for line in table.splitlines() if "7.1" in line)
     routine_line = next(line for line in table.splitlines() if "7.2" in line)
     assert "urgent" in urgent_line and "urgent" not in routine_line
 
 
-def test_plan_dry_run_prints_the_condition_that_failed(rules: None) -> None:
+def test_the_fast_json_listing_has_urgent_and_cohort_too(
+    rules: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record("9.1", CT, description="code stroke")
+    run("plan", "--study", "9.1")
+    monkeypatch.setattr(sys, "argv", ["dcm-scheduler", "sessions", "--json"])
+    with pytest.raises(SystemExit) as ended:
+        entry.main()
+    assert ended.value.code == 0
+    [session] = json.loads(capsys.readouterr().out)
+    assert (session["urgent"], session["cohort"]) == (True, None)
+
+
+def test_plan_dry_run_prints_the_condition_that_failed_and_why_it_is_urgent(rules: None) -> None:
     record("8.1", US, description="abdomen")
+    record("8.2", CT, description="Code stroke")
     output = " ".join(run("plan", "--study", "8.1", "--dry-run").split())
     assert 'when: Modality is "US", not "CT" (no series matched)' in output, output
     assert 'when: Modality is "US", not "MR" (no series matched)' in output, output
+    assert "urgent:" not in output
+    output = " ".join(run("plan", "--study", "8.2", "--dry-run").split())
+    assert (
+        'urgent: job \'triage\': urgent: StudyDescription "Code stroke" matches "stroke|code"'
+        in output
+    ), output
     with transaction() as db:
         assert db.query(SchedulingSession).count() == 0
