@@ -400,6 +400,7 @@ def plan(
                 "level": level,
                 "uid": uid,
                 "jobs": result.job_names,
+                "urgent": result.urgent,
                 "trace": result.trace,
             }
         else:
@@ -417,6 +418,7 @@ def plan(
                 "level": level,
                 "uid": uid,
                 "jobs": planned.plan.job_names,
+                "urgent": planned.plan.urgent,
                 "trace": planned.plan.trace,
             }
     except UnknownCandidateError as exc:

@@ -69,6 +69,7 @@ class PlannedSession:
             "uid": uid,
             "status": self.status,
             "jobs": self.plan.job_names,
+            "urgent": self.plan.urgent,
             "trace": self.plan.trace,
         }
 

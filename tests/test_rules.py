@@ -425,6 +425,7 @@ def test_an_urgent_session_is_stored_and_shown_in_listings_and_the_api(rules: No
     finally:
         app.conf.task_always_eager = False
     assert stroke["jobs"] == routine["jobs"] == ["triage"]
+    assert (stroke["urgent"], routine["urgent"]) == (True, False)
     assert stroke["trace"]["urgent"] == [
         'job \'triage\': urgent: StudyDescription "CODE STROKE" matches "stroke|code"'
         " (1 of 1 series matched)"
