@@ -333,6 +333,8 @@ def test_sessions_list_filters_by_status_event_and_patient_and_follows_new_sessi
     assert page.get_attribute("#sessions-updated", "data-updated") != updated
     expect(page.locator("#filter-q")).to_have_value("richard")
     expect(page.locator("#filter-event")).to_have_value("patient.stable")
+    # The event filter suggests what the loaded services listen to.
+    expect(page.locator('#known-events option[value="graph"]')).to_have_count(1)
     screenshot(page, "sessions")
     assert problems == []
 

@@ -343,9 +343,10 @@
       id: "filter-event", name: "event", type: "search", value: filters.event,
       placeholder: "event", size: 16, list: "known-events",
     });
-    const events = el("datalist", { id: "known-events" },
-      ["study.stable", "series.stable", "patient.stable", "reprocess"]
-        .map((name) => el("option", { value: name })));
+    const events = el("datalist", { id: "known-events" });
+    knownEvents().then((names) => {
+      events.replaceChildren(...names.map((name) => el("option", { value: name })));
+    });
     const form = el("form", {
       class: "filters",
       onsubmit: (e) => {
@@ -360,6 +361,20 @@
     event.addEventListener("change", () => form.requestSubmit());
     view.replaceChildren(el("section", { class: "sessions", id: "sessions-view" },
       el("h1", { text: "Sessions" }), form, el("div", { id: "sessions-list" })));
+  }
+
+  async function knownEvents() {
+    // The events the loaded services listen to, offered in the event filter.
+    const names = new Set(["study.stable", "series.stable", "patient.stable"]);
+    try {
+      const report = await api("/api/services");
+      for (const service of report.services) {
+        for (const job of service.jobs) for (const name of job.events) names.add(name);
+      }
+    } catch (_error) {
+      // The filter works without suggestions.
+    }
+    return [...names].sort();
   }
 
   function renderSessions(rows, filters) {
