@@ -258,6 +258,23 @@ def test_urgent_takes_true_false_or_a_condition(define: Define, services_root: P
     ]
 
 
+def test_a_legacy_settings_file_may_carry_rules_and_is_checked_the_same(tmp_path: Path) -> None:
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("def worker(*args, **kwargs):\n    return {}\n")
+    settings = folder / "settings.json"
+    settings.write_text(
+        '[{"jobName": "old", "worker": "legacy.worker"},\n'
+        ' {"jobName": "ruled", "worker": "legacy.worker",\n'
+        '  "when": {"Modality": {"in": "CT"}}}]\n'
+    )
+    registry = load_registry([tmp_path], entry_points=False)
+    assert [str(p) for p in registry.problems] == [
+        f"{settings}: job 'ruled': field 'when.Modality.in': line 3: "
+        'expected a non-empty list of values, got "CT"'
+    ]
+
+
 # --------------------------------------------------------------------------
 # Planning
 
