@@ -567,13 +567,27 @@ def start_cohort(request: CohortRequest, *, dry_run: bool, no_wait: bool, as_jso
         if found.count > len(found.first):
             console.print(f"  … and {found.count - len(found.first)} more")
         return
-    if as_json or no_wait or not console.is_terminal:
-        if as_json:
-            print_json(started)
-        else:
-            console.print(cohort_line(started))
+    if as_json:
+        print_json(started)
+        return
+    warn_without_beat()
+    if no_wait or not console.is_terminal:
+        console.print(cohort_line(started))
         return
     follow_cohort(started)
+
+
+def warn_without_beat() -> None:
+    """Cohort runs open their sessions on beat: say so when it is not running."""
+    from scheduler.doctor import OK, check_beat
+
+    beat = check_beat(get_settings())
+    if beat.status != OK:
+        errors.print(
+            f"[yellow]warning:[/yellow] {beat.detail}; the cohort opens its sessions on beat: "
+            f"{beat.fix}",
+            highlight=False,
+        )
 
 
 def cohort_line(cohort: dict[str, Any]) -> str:
@@ -591,16 +605,8 @@ def follow_cohort(cohort: dict[str, Any]) -> None:
     import time
 
     from scheduler import cohorts
-    from scheduler.doctor import OK, check_beat
 
     name = cohort["name"]
-    beat = check_beat(get_settings())
-    if beat.status != OK:
-        errors.print(
-            f"[yellow]warning:[/yellow] {beat.detail}; the cohort opens its sessions on beat: "
-            f"{beat.fix}",
-            highlight=False,
-        )
     try:
         with Progress(
             TextColumn("{task.description}"),

@@ -185,7 +185,11 @@ def test_retry_reruns_the_failed_jobs_of_the_cohort(
     define([{**RERUN[0], "params": {"fail_until": str(marker)}}])
     for n in range(3):
         record_study(f"5.{n}")
-    run_json("trigger", "rerun", "--where", "Modality=CT", "--name", "r1", "--no-wait")
+    started = CliRunner().invoke(
+        cli, ["trigger", "rerun", "--where", "Modality=CT", "--name", "r1", "--no-wait"]
+    )
+    assert "cohort r1 (rerun, opening): opened 0/3, ended 0" in started.stdout
+    assert "beat has never run" in started.stderr  # the cohort would wait for it
     with eager():
         cohorts.open_due()  # plans and runs inline
     listed = run_json("cohorts")
