@@ -159,6 +159,21 @@ def test_a_cohort_opens_no_more_than_a_tick_allows_and_waits_for_its_planners(
     assert started["total"] == cohorts.summary("fast")["opened"] == 5
 
 
+def test_a_second_beat_opens_nothing_while_the_first_holds_the_lease(
+    services: Settings,
+) -> None:
+    from scheduler import tasks
+    from scheduler.leases import lease
+
+    record_study("3.9")
+    cohorts.start("rerun", "study", Criteria(limit=1), name="once")
+    with lease(cohorts.LEASE, 60) as held:
+        assert held
+        assert tasks.open_cohorts() == {"opened": {}, "finished": [], "skipped": True}
+    assert tasks.open_cohorts() == {"opened": {"once": 1}, "finished": [], "skipped": False}
+    assert len(cohort_sessions("once")) == 1
+
+
 def test_cancel_stops_opening_and_cancels_the_open_sessions(services: Settings) -> None:
     for n in range(4):
         record_study(f"4.{n}")
