@@ -20,7 +20,7 @@ from sqlalchemy import delete, or_, select
 from scheduler import messages
 from scheduler.clock import iso, utcnow
 from scheduler.registry.definitions import CHANNEL
-from scheduler.store.db import transaction
+from scheduler.store.db import rowcount, transaction
 from scheduler.store.models import Job, PausedChannel
 from scheduler.vocabulary import JobStatus
 
@@ -90,7 +90,7 @@ def resume(channel: str, now: datetime | None = None) -> ChannelReport:
     now = now or utcnow()
     with transaction() as db:
         removed = db.execute(delete(PausedChannel).where(PausedChannel.channel == channel))
-        if not removed.rowcount:  # type: ignore[attr-defined]
+        if not rowcount(removed):
             raise NotPausedError(f"channel {channel} is not paused")
         owed = list(
             db.scalars(

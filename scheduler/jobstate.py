@@ -19,6 +19,7 @@ guarantee is kept"). When a session's last job ends, the session gets
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from scheduler.vocabulary import (
     Phase,
     SessionStatus,
 )
+
+log = logging.getLogger(__name__)
 
 # A job whose worker or process vanished (killed, out of memory, machine
 # lost) is re-run this many times beyond its own retries before it fails:
@@ -187,6 +190,12 @@ _UNDISPATCH_IF_PAUSED = (
 )
 
 
+def _left_for_resume(db: Executor, job_id: str) -> None:
+    """A claim refused: if the job's channel is paused, it is owed a message."""
+    if rowcount(db.execute(_UNDISPATCH_IF_PAUSED, {"job_id": job_id})):
+        log.info("job %s: its channel is paused; left queued until it is resumed", job_id)
+
+
 def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | None:
     """``queued`` → ``running`` for this worker, if the job is ready; None for
     a duplicate delivery, a job not ready yet, one that ended, or one of a
@@ -196,7 +205,7 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
 
         found = jobs_pg.claim(db, job_id, hostname, os.getpid(), now, now + CLOCK_SKEW)
         if found is None:
-            db.execute(_UNDISPATCH_IF_PAUSED, {"job_id": job_id})
+            _left_for_resume(db, job_id)
             return None
     else:
         values = {
@@ -208,7 +217,7 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
         }
         taken = db.execute(_CLAIM, values).one_or_none()
         if taken is None:
-            db.execute(_UNDISPATCH_IF_PAUSED, {"job_id": job_id})
+            _left_for_resume(db, job_id)
             return None
         found = dict(taken._mapping)
         found |= db.execute(_SESSION_OF_CLAIM, {"session_id": found["session_id"]}).one()._mapping

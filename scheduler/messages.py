@@ -88,7 +88,7 @@ class ReadyJob:
             definition.sort_position,
             session.urgent,
             session.cohort,
-            getattr(definition, "window", None),
+            definition.window,
         )
 
     @property

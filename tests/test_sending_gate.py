@@ -376,7 +376,7 @@ def test_a_real_worker_leaves_a_paused_channel_s_message_queued_until_resume(
     define: Define,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="workers_bridge.runner")
+    caplog.set_level(logging.INFO, logger="scheduler.jobstate")
     define([job("recon")])
     values = environment_values(tmp_path, pg_url, redis_url) | {
         "DCM_SERVICES_PATH": str(services_root)
@@ -392,7 +392,7 @@ def test_a_real_worker_leaves_a_paused_channel_s_message_queued_until_resume(
         ready = messages.ReadyJob(recon.id, "recon", "default", 5, 0.0)
         messages.job_signature(ready).apply_async()
         wait_until(
-            lambda: f"job {recon.id} is not queued any more" in caplog.text,
+            lambda: f"job {recon.id}: its channel is paused" in caplog.text,
             what="the paused channel's message to be turned away",
         )
         recon = job_row("recon")
