@@ -189,6 +189,12 @@ def get_sessions(
             "accession number (case-insensitive).",
         ),
     ] = None,
+    cohort: Annotated[
+        str | None, Query(max_length=128, description="Sessions of this cohort run.")
+    ] = None,
+    urgent: Annotated[
+        bool | None, Query(description="Only urgent (true) or only other (false) sessions.")
+    ] = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> list[dict[str, Any]]:
@@ -201,6 +207,8 @@ def get_sessions(
             event=event,
             since=since,
             q=q,
+            cohort=cohort,
+            urgent=urgent,
             limit=limit,
             offset=offset,
         )

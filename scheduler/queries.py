@@ -186,14 +186,20 @@ def list_sessions(
     event: str | None = None,
     since: datetime | None = None,
     q: str | None = None,
+    cohort: str | None = None,
+    urgent: bool | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
     """Sessions, newest first (``sessions --json``). ``source``: a reader or
     a SQLAlchemy session. ``q`` finds sessions by a part of their UID, or of
     the patient ID or name, study UID, description or accession number of
-    the data they are about (case-insensitive)."""
-    where, params = _filters(status=status, uid=uid, event=event)
+    the data they are about (case-insensitive); ``cohort`` keeps a cohort
+    run's sessions, ``urgent`` the urgent (True) or the other (False) ones."""
+    where, params = _filters(status=status, uid=uid, event=event, cohort=cohort)
+    if urgent is not None:
+        where.append("urgent = :urgent")
+        params["urgent"] = urgent
     if since:
         where.append("created_at >= :since")
         params["since"] = _bindable_time(since, source)

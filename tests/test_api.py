@@ -138,6 +138,29 @@ def test_sessions_are_listed_newest_first_with_filters_and_pages(
     assert len(ids(since=(utcnow() - timedelta(minutes=5)).isoformat())) == 3
 
 
+def test_sessions_are_filtered_by_cohort_and_urgency(
+    client: TestClient, sessions: list[str]
+) -> None:
+    with transaction() as db:
+        rerun = db.get(SchedulingSession, sessions[0])
+        urgent = db.get(SchedulingSession, sessions[1])
+        assert rerun is not None and urgent is not None
+        rerun.cohort = "ct-rerun"
+        urgent.urgent = True
+
+    def ids(**params: Any) -> list[str]:
+        response = client.get("/api/sessions", params=params)
+        assert response.status_code == 200, response.text
+        return [r["id"] for r in response.json()]
+
+    assert ids(cohort="ct-rerun") == [sessions[0]]
+    assert ids(cohort="other") == []
+    assert ids(urgent="true") == [sessions[1]]
+    assert ids(urgent="false") == [sessions[2], sessions[0]]
+    assert ids(urgent="true", cohort="ct-rerun") == []
+    assert client.get("/api/sessions", params={"urgent": "maybe"}).status_code == 422
+
+
 @pytest.mark.parametrize(
     "query",
     ["status=bogus", "limit=0", "limit=100000", "offset=-1", "since=yesterday"],
