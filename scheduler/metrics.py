@@ -15,6 +15,11 @@ scrape reads one row per label set, never one per job. Counters follow the
 rows: when ``prune`` deletes old sessions and jobs, or a retried session
 leaves its final status, a counter goes down, which Prometheus treats as a
 counter reset (``rate()`` and ``increase()`` carry on from the new value).
+Sessions and the waits of their jobs carry ``urgent`` and ``origin`` (live
+or cohort) labels, so urgent and routine work, and live and cohort work,
+are charted apart (README, "Urgent studies first", "Cohort runs"); whether
+an off-peak window is open is decided in Python, at the collector's
+``now``, once per distinct window (README, "Off-peak windows").
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
 from typing import Any
 
 from prometheus_client.core import (
@@ -37,6 +43,7 @@ from prometheus_client.registry import Collector
 from scheduler.clock import live_after, utcnow
 from scheduler.store.reader import Reader, reader_of
 from scheduler.vocabulary import JOB_FINAL_STATUSES, JobStatus, SessionStatus
+from scheduler.windows import window_open
 
 # Bucket upper bounds, in seconds, for each histogram.
 DETECTION_LAG_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -47,6 +54,11 @@ JOB_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 
 
 OPEN_SESSION_STATUSES = (SessionStatus.PLANNING, SessionStatus.RUNNING)
 OPEN_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# "true"/"false" for a session's urgent flag, and "live"/"cohort" for where
+# it came from: the labels that split sessions and job waits.
+URGENT = "CASE WHEN s.urgent THEN 'true' ELSE 'false' END"
+ORIGIN = "CASE WHEN s.cohort IS NULL THEN 'live' ELSE 'cohort' END"
 
 
 # --------------------------------------------------------------------------
@@ -194,15 +206,23 @@ def _label(value: Any) -> str:
 
 def sessions_scan(dialect: str) -> Scan:
     return Scan(
-        ["event", "level", "status", "detected"],
-        ["s.event", "s.level", "s.status", "CASE WHEN s.trigger = '' THEN 1 ELSE 0 END"],
+        ["event", "level", "status", "detected", "urgent", "cohort"],
+        [
+            "s.event",
+            "s.level",
+            "s.status",
+            "CASE WHEN s.trigger = '' THEN 1 ELSE 0 END",
+            URGENT,
+            # The cohort's name: cohorts are few, so the groups stay few.
+            "s.cohort",
+        ],
         "FROM sessions s LEFT JOIN instances i ON i.id = s.last_instance_id",
         [
             Histogram(
                 "dcm_detection_lag_seconds",
                 "From the last instance of a candidate received to its session "
                 "created by detection.",
-                ["level"],
+                ["level", "urgent"],
                 DETECTION_LAG_BUCKETS,
                 seconds_between("i.received_at", "s.created_at", dialect),
                 {"detected": ["1"]},
@@ -211,7 +231,7 @@ def sessions_scan(dialect: str) -> Scan:
                 "dcm_session_planning_delay_seconds",
                 "From a session created to its plan stored: the wait for a "
                 "planner and the planning.",
-                ["event"],
+                ["event", "origin"],
                 PLANNING_BUCKETS,
                 seconds_between("s.created_at", "s.planned_at", dialect),
             ),
@@ -247,28 +267,42 @@ def callbacks_scan(dialect: str) -> Scan:
 def _sessions(reader: Reader) -> Iterator[Metric]:
     scan = sessions_scan(reader.dialect)
     rows = scan.read(reader)
-    created = CounterMetricFamily("dcm_sessions", "Scheduling sessions created.", labels=["event"])
+    kinds = ["urgent", "origin"]
+    created = CounterMetricFamily(
+        "dcm_sessions", "Scheduling sessions created.", labels=["event", *kinds]
+    )
     finished = CounterMetricFamily(
         "dcm_sessions_finished",
         "Scheduling sessions that ended, by final status.",
-        labels=["event", "status"],
+        labels=["event", "status", *kinds],
     )
     open_ = GaugeMetricFamily(
         "dcm_sessions_open",
         "Scheduling sessions planning or running now.",
-        labels=["event", "status"],
+        labels=["event", "status", *kinds],
     )
-    per_event: dict[str, int] = defaultdict(int)
-    per_status: dict[tuple[str, str], int] = defaultdict(int)
+    cohorts = GaugeMetricFamily(
+        "dcm_cohort_sessions",
+        "Sessions of each cohort run in the store, by status.",
+        labels=["cohort", "status"],
+    )
+    per_event: dict[tuple[str, ...], int] = defaultdict(int)
+    per_status: dict[tuple[str, ...], int] = defaultdict(int)
+    per_cohort: dict[tuple[str, str], int] = defaultdict(int)
     for row in rows:
-        per_event[row["event"]] += row["n"]
-        per_status[row["event"], row["status"]] += row["n"]
-    for event, count in sorted(per_event.items()):
-        created.add_metric([event], count)
-    for (event, status), count in sorted(per_status.items()):
-        family = open_ if status in OPEN_SESSION_STATUSES else finished
-        family.add_metric([event, status], count)
-    yield from (created, finished, open_)
+        row["origin"] = "cohort" if row["cohort"] else "live"
+        per_event[row["event"], row["urgent"], row["origin"]] += row["n"]
+        per_status[row["event"], row["status"], row["urgent"], row["origin"]] += row["n"]
+        if row["cohort"]:
+            per_cohort[row["cohort"], row["status"]] += row["n"]
+    for key, count in sorted(per_event.items()):
+        created.add_metric(list(key), count)
+    for key, count in sorted(per_status.items()):
+        family = open_ if key[1] in OPEN_SESSION_STATUSES else finished
+        family.add_metric(list(key), count)
+    for key, count in sorted(per_cohort.items()):
+        cohorts.add_metric(list(key), count)
+    yield from (created, finished, open_, cohorts)
     for n in range(len(scan.histograms)):
         yield scan.family(n, rows)
     callbacks = callbacks_scan(reader.dialect)
@@ -282,14 +316,14 @@ def _sessions(reader: Reader) -> Iterator[Metric]:
 def jobs_scan(dialect: str) -> Scan:
     ran = {"status": [JobStatus.SUCCEEDED, JobStatus.FAILED]}
     return Scan(
-        ["service", "job_name", "channel", "status"],
-        ["j.service", "j.job_name", "j.channel", "j.status"],
-        "FROM jobs j",
+        ["service", "job_name", "channel", "status", "urgent", "origin"],
+        ["j.service", "j.job_name", "j.channel", "j.status", URGENT, ORIGIN],
+        "FROM jobs j JOIN sessions s ON s.id = j.session_id",
         [
             Histogram(
                 "dcm_job_queue_wait_seconds",
                 "From a finished job's last dispatch to its last attempt started.",
-                ["job_name", "channel"],
+                ["job_name", "channel", "urgent", "origin"],
                 QUEUE_WAIT_BUCKETS,
                 seconds_between("j.dispatched_at", "j.started_at", dialect),
                 ran,
@@ -322,11 +356,14 @@ def _jobs(reader: Reader) -> Iterator[Metric]:
         labels=["service", "job_name", "channel"],
     )
     per_job: dict[tuple[str, str, str], int] = defaultdict(int)
+    per_status: dict[tuple[str, str, str, str], int] = defaultdict(int)
     for row in rows:
         key = (row["service"], row["job_name"], row["channel"])
         per_job[key] += int(row["retries"] or 0)
         if row["status"] in JOB_FINAL_STATUSES:
-            finished.add_metric([*key, row["status"]], row["n"])
+            per_status[(*key, row["status"])] += row["n"]
+    for status_key, count in sorted(per_status.items()):
+        finished.add_metric(list(status_key), count)
     for key, count in sorted(per_job.items()):
         if count:
             retries.add_metric(list(key), count)
@@ -354,19 +391,38 @@ def _attempts(reader: Reader) -> Iterator[Metric]:
     yield attempts
 
 
-def _backlog(reader: Reader, heartbeat_interval: float) -> Iterator[Metric]:
-    """Jobs waiting and running per channel, and the live workers that
-    consume each channel (zero for a channel with work and no worker)."""
+# A queued job's off-peak window, when the job is ready, not yet sent and
+# of a normal session (urgent sessions ignore windows): the jobs a closed
+# window holds back (README, "Off-peak windows").
+HELD_WINDOW = (
+    "CASE WHEN s.urgent THEN NULL "
+    "WHEN j.status = 'queued' AND j.pending_deps = 0 AND j.dispatched_at IS NULL "
+    'THEN j."window" END'
+)
+
+
+def _backlog(
+    reader: Reader, heartbeat_interval: float, now: datetime, zone: tzinfo | None
+) -> Iterator[Metric]:
+    """Jobs waiting and running per channel, the live workers that consume
+    each channel (zero for a channel with work and no worker), the paused
+    channels, and the jobs a closed off-peak window holds back at ``now``
+    (on ``zone``'s clock)."""
+    waits = "CASE WHEN j.pending_deps > 0 THEN 1 ELSE 0 END"
     open_rows = reader.rows(
-        "SELECT channel, status, CASE WHEN pending_deps > 0 THEN 1 ELSE 0 END AS waiting, "
-        "COUNT(*) AS n FROM jobs WHERE status IN (:open) "
-        "GROUP BY channel, status, CASE WHEN pending_deps > 0 THEN 1 ELSE 0 END",
+        f"SELECT j.channel, j.status, {waits} AS waiting, {HELD_WINDOW} AS held, "
+        "COUNT(*) AS n FROM jobs j JOIN sessions s ON s.id = j.session_id "
+        f"WHERE j.status IN (:open) GROUP BY j.channel, j.status, {waits}, {HELD_WINDOW}",
         open=list(OPEN_JOB_STATUSES),
     )
     worker_rows = reader.rows("SELECT channels, last_heartbeat FROM workers")
+    paused = {row["channel"] for row in reader.rows("SELECT channel FROM paused_channels")}
     queued: dict[str, int] = defaultdict(int)
     waiting: dict[str, int] = defaultdict(int)
     running: dict[str, int] = defaultdict(int)
+    held: dict[str, int] = defaultdict(int)
+    # One row per (channel, window): each window is read once per scrape.
+    opened: dict[str, bool] = {}
     for row in open_rows:
         if row["status"] == JobStatus.RUNNING:
             running[row["channel"]] += row["n"]
@@ -374,17 +430,33 @@ def _backlog(reader: Reader, heartbeat_interval: float) -> Iterator[Metric]:
             waiting[row["channel"]] += row["n"]
         else:
             queued[row["channel"]] += row["n"]
-    threshold = live_after(heartbeat_interval, utcnow())
+        window = row["held"]
+        if window:
+            if window not in opened:
+                opened[window] = window_open(window, now, zone)
+            if not opened[window]:
+                held[row["channel"]] += row["n"]
+    threshold = live_after(heartbeat_interval, now)
     live: dict[str, int] = defaultdict(int)
     for row in worker_rows:
         for channel in row["channels"] or ():
             live[channel] += 1 if row["last_heartbeat"] >= threshold else 0
-    channels = sorted({*queued, *waiting, *running, *live})
+    channels = sorted({*queued, *waiting, *running, *live, *paused})
     figures = (
         ("dcm_jobs_queued", "Jobs ready to run, waiting for a worker of their channel.", queued),
         ("dcm_jobs_waiting", "Queued jobs still waiting for their dependencies.", waiting),
         ("dcm_jobs_running", "Jobs running now.", running),
         ("dcm_workers_live", "Workers with a recent heartbeat consuming the channel.", live),
+        (
+            "dcm_jobs_waiting_window",
+            "Queued jobs ready and unsent whose off-peak window is closed now.",
+            held,
+        ),
+        (
+            "dcm_channel_paused",
+            "1 while an operator has paused the channel, else 0.",
+            dict.fromkeys(paused, 1),
+        ),
     )
     for name, documentation, counts in figures:
         family = GaugeMetricFamily(name, documentation, labels=["channel"])
@@ -404,14 +476,21 @@ def _instances(reader: Reader) -> Iterator[Metric]:
 # The collector
 
 
-def collect_from(reader: Reader, heartbeat_interval: float) -> Iterator[Metric]:
-    """Every figure of the store that ``reader`` reads."""
+def collect_from(
+    reader: Reader,
+    heartbeat_interval: float,
+    now: datetime | None = None,
+    zone: tzinfo | None = None,
+) -> Iterator[Metric]:
+    """Every figure of the store that ``reader`` reads, at ``now`` (the
+    current time by default), with off-peak windows on ``zone``'s clock
+    (None: the machine's local zone, as ``DCM_TIMEZONE`` unset)."""
     started = time.perf_counter()
     yield from _instances(reader)
     yield from _sessions(reader)
     yield from _jobs(reader)
     yield from _attempts(reader)
-    yield from _backlog(reader, heartbeat_interval)
+    yield from _backlog(reader, heartbeat_interval, now or utcnow(), zone)
     yield GaugeMetricFamily(
         "dcm_metrics_collect_seconds",
         "Time this scrape spent reading the store.",
@@ -433,25 +512,30 @@ class StoreCollector(Collector):
 
     ``open_reader`` gives a reader for one scrape (the configured store by
     default); ``heartbeat_interval`` decides when a worker is live
-    (``DCM_HEARTBEAT_INTERVAL`` by default)."""
+    (``DCM_HEARTBEAT_INTERVAL`` by default); ``clock`` tells the time of a
+    scrape, which decides the live workers and the open off-peak windows
+    (``DCM_TIMEZONE``'s clock)."""
 
     def __init__(
         self,
         open_reader: Callable[[], AbstractContextManager[Reader]] = store_reader,
         heartbeat_interval: float | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.open_reader = open_reader
         self.heartbeat_interval = heartbeat_interval
+        self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
+        from scheduler.config import get_settings
+
+        settings = get_settings()
         interval = self.heartbeat_interval
         if interval is None:
-            from scheduler.config import get_settings
-
-            interval = get_settings().heartbeat_interval
+            interval = settings.heartbeat_interval
         with self.open_reader() as reader:
             # Read everything before the first family leaves: one transaction.
-            families = list(collect_from(reader, interval))
+            families = list(collect_from(reader, interval, self.clock(), settings.timezone))
         yield from families
 
     def describe(self) -> Iterator[Metric]:

@@ -136,11 +136,16 @@ def test_a_scrape_counts_what_the_store_holds(
     metrics = scrape(client)
 
     assert total(metrics["dcm_instances_ingested"], "_total") == 4
-    assert values(metrics["dcm_sessions"], "_total") == {("reprocess",): 1, ("study.stable",): 1}
-    assert values(metrics["dcm_sessions_finished"], "_total") == {
+    routine = {"urgent": "false", "origin": "live"}
+    assert values(metrics["dcm_sessions"], "_total", **routine) == {
+        ("reprocess",): 1,
+        ("study.stable",): 1,
+    }
+    assert total(metrics["dcm_sessions"], "_total") == 2
+    assert values(metrics["dcm_sessions_finished"], "_total", **routine) == {
         ("study.stable", "partial"): session_statuses[("study.stable", "partial")]
     }
-    assert values(metrics["dcm_sessions_open"]) == {("reprocess", "running"): 1}
+    assert values(metrics["dcm_sessions_open"], **routine) == {("reprocess", "running"): 1}
 
     finished_total = metrics["dcm_jobs_finished"]
     assert {
@@ -172,10 +177,13 @@ def test_a_scrape_counts_what_the_store_holds(
         == {"flaky": 1}
     )
 
-    for name in ("dcm_job_duration_seconds", "dcm_job_queue_wait_seconds"):
+    for name, match in (
+        ("dcm_job_duration_seconds", {}),
+        ("dcm_job_queue_wait_seconds", routine),
+    ):
         histogram = metrics[name]
         assert total(histogram, "_count") == len(finished) == 4, name
-        counts = values(histogram, "_count")
+        counts = values(histogram, "_count", **match)
         assert counts == {("default", job): 1 for job in ("ok", "flaky", "broken", "slow")}, name
         # Cumulative buckets: +Inf holds every observation.
         assert total(histogram, "_bucket", le="+Inf") == len(finished)
