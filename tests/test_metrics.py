@@ -7,23 +7,29 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from sqlalchemy import select, update
+from typer.testing import CliRunner
 
 from scheduler.api import create_app
+from scheduler.cli import app as cli
 from scheduler.config import Settings
+from scheduler.metrics import StoreCollector
 from scheduler.presence import record_presence
 from scheduler.queries import list_workers
+from scheduler.sessions import trigger
 from scheduler.store.db import transaction
 from scheduler.store.models import Job, SchedulingSession, utcnow
 from scheduler.testing import detect_and_send, record_study, use_environment, using_environment
 from tests.test_api import AUTH, TOKEN, eager
+from tests.test_sending_gate import window_around
 
 from .conftest import Define
 
@@ -80,7 +86,18 @@ def scrape(client: TestClient, **headers: str) -> dict[str, Any]:
     response = client.get("/metrics", headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {family.name: family for family in text_string_to_metric_families(response.text)}
+    return parsed(response.text)
+
+
+def parsed(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def scrape_at(now: datetime) -> dict[str, Any]:
+    """A scrape of the configured store as if the clock said ``now``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(clock=lambda: now))
+    return parsed(generate_latest(registry).decode())
 
 
 def values(family: Any, suffix: str = "", **match: str) -> dict[tuple[str, ...], float]:
@@ -210,6 +227,102 @@ def test_a_scrape_counts_what_the_store_holds(
     assert total(metrics["dcm_session_planning_seconds"], "_count") == 2
     assert total(metrics["dcm_session_planning_delay_seconds"], "_count") == 2
     assert values(metrics["dcm_callback_duration_seconds"], "_count") == {("ok",): 1}
+
+
+def test_urgent_cohort_paused_and_window_series_follow_the_store(
+    client: TestClient, define: Define
+) -> None:
+    now = utcnow()
+    closed = window_around(now, 2, 3)  # opens in two hours
+    define(
+        [
+            {"jobName": "stroke", "workerEntry": WORK, "events": "stroke", "urgent": True},
+            # Urgent: a closed window does not hold it (the pause does).
+            {
+                "jobName": "stroke-gpu",
+                "workerEntry": WORK,
+                "events": "stroke",
+                "urgent": True,
+                "channel": "gpu",
+                "window": closed,
+            },
+            {"jobName": "routine", "workerEntry": WORK, "events": "routine"},
+            {"jobName": "night", "workerEntry": WORK, "events": "night", "window": closed},
+        ]
+    )
+    with using_environment({"DCM_TIMEZONE": "UTC"}):
+        with transaction() as db:
+            record_presence(db, "w@host", ["default", "gpu"])
+        paused = CliRunner().invoke(cli, ["pause", "gpu"])
+        assert paused.exit_code == 0, paused.output
+        record_study("9.1")
+        record_study("9.2")
+        with eager():
+            trigger("stroke", "study", "9.1")
+            trigger("routine", "study", "9.1")
+            cohort = trigger("routine", "study", "9.2").session_id
+            trigger("night", "study", "9.1")
+        waited = {"stroke": 1, "routine": 100}
+        with transaction() as db:
+            db.execute(
+                update(SchedulingSession)
+                .where(SchedulingSession.id == cohort)
+                .values(cohort="ct-2025")
+            )
+            for job in db.scalars(select(Job).where(Job.started_at.is_not(None))):
+                seconds = 1000 if job.session_id == cohort else waited[job.job_name]
+                assert job.started_at is not None
+                job.dispatched_at = job.started_at - timedelta(seconds=seconds)
+            sessions = db.scalars(select(SchedulingSession)).all()
+            created = Counter(
+                (s.event, "cohort" if s.cohort else "live", "true" if s.urgent else "false")
+                for s in sessions
+            )
+            statuses = Counter((s.event, s.status, bool(s.urgent)) for s in sessions)
+        metrics = scrape(client)
+        later = scrape_at(now + timedelta(hours=2, minutes=30))
+        resumed = CliRunner().invoke(cli, ["resume", "gpu"])
+        assert resumed.exit_code == 0, resumed.output
+        after_resume = scrape_at(now)
+
+    # Labels sort by name: event, origin, urgent.
+    assert values(metrics["dcm_sessions"], "_total") == dict(created)
+    assert dict(created) == {
+        ("stroke", "live", "true"): 1,
+        ("routine", "live", "false"): 1,
+        ("routine", "cohort", "false"): 1,
+        ("night", "live", "false"): 1,
+    }
+    # The urgent session waits for its paused gpu job; the others ended.
+    assert statuses[("stroke", "running", True)] == 1
+    assert values(metrics["dcm_sessions_open"], urgent="true") == {("stroke", "live", "running"): 1}
+    assert values(metrics["dcm_sessions_finished"], "_total", urgent="false") == {
+        ("routine", "cohort", "succeeded"): 1,
+        ("routine", "live", "succeeded"): 1,
+    }
+    assert values(metrics["dcm_cohort_sessions"]) == {("ct-2025", "succeeded"): 1}
+
+    # Queue wait, urgent apart from routine and live apart from cohort.
+    wait = metrics["dcm_job_queue_wait_seconds"]
+    assert values(wait, "_count") == {
+        ("default", "stroke", "live", "true"): 1,
+        ("default", "routine", "live", "false"): 1,
+        ("default", "routine", "cohort", "false"): 1,
+    }
+    assert values(wait, "_bucket", le="5.0", urgent="true") == {("default", "stroke", "live"): 1}
+    assert values(wait, "_bucket", le="300.0", urgent="false") == {
+        ("default", "routine", "live"): 1,
+        ("default", "routine", "cohort"): 0,
+    }
+    assert total(wait, "_sum", urgent="true") == pytest.approx(1, abs=0.01)
+    assert total(wait, "_sum", origin="cohort") == pytest.approx(1000, abs=0.01)
+
+    # The paused gpu holds an urgent job: paused, not waiting for its window.
+    assert values(metrics["dcm_channel_paused"]) == {("default",): 0, ("gpu",): 1}
+    assert values(metrics["dcm_jobs_waiting_window"]) == {("default",): 1, ("gpu",): 0}
+    assert values(later["dcm_jobs_waiting_window"]) == {("default",): 0, ("gpu",): 0}
+    assert values(after_resume["dcm_channel_paused"]) == {("default",): 0, ("gpu",): 0}
+    assert values(after_resume["dcm_jobs_waiting_window"])[("default",)] == 1
 
 
 # The dashboard and the access rule do not depend on the backend: SQLite only.
