@@ -567,6 +567,14 @@ def create_app(*, host: str = "127.0.0.1", web: Path = WEB) -> FastAPI:
     def services_page() -> Response:
         return RedirectResponse("/#/services")
 
+    @app.get("/channels", include_in_schema=False)
+    def channels_page() -> Response:
+        return RedirectResponse("/#/channels")
+
+    @app.get("/cohorts", include_in_schema=False)
+    def cohorts_page() -> Response:
+        return RedirectResponse("/#/cohorts")
+
     app.mount("/static", StaticFiles(directory=web), name="static")
     return app
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from scheduler.api import create_app
-from scheduler.config import Settings, reset_settings
+from scheduler.cohorts import Criteria, parse_where
+from scheduler.cohorts import start as cohort_start
+from scheduler.config import Settings, get_settings, reset_settings
 from scheduler.sessions import trigger
 from scheduler.store.db import init_db, transaction
+from scheduler.store.models import Cohort, Job, SchedulingSession, utcnow
 from scheduler.testing import (
     environment_values,
     free_port,
@@ -37,6 +40,7 @@ from scheduler.testing import (
     session_doc,
     using_environment,
 )
+from scheduler.windows import waiting_for
 
 from .conftest import Define, require
 from .engine import jobs_by_name
@@ -371,4 +375,121 @@ def test_services_page_shows_runs_success_durations_and_the_last_failure_per_per
     expect(page.locator("#session")).to_have_attribute(
         "data-session", recorded.sessions["failed-run"], timeout=WAIT_MS
     )
+    assert problems == []
+
+
+def held_back(db: Any, now: datetime, recorded: History) -> tuple[str, str, str]:
+    """An urgent session (its trace says why) and, in cohort ``ct-rerun``
+    with the failed MR session, a session whose job waits for an off-peak
+    window that is closed now, on channel ``gpu``: the urgent id, the waiting
+    one's, and the window."""
+    zone = get_settings().timezone
+    local = now.astimezone(zone)
+    window = f"{local + timedelta(hours=2):%H:%M}-{local + timedelta(hours=3):%H:%M}"
+    assert waiting_for(window, now, zone) is not None
+    urgent = add_session(db, "study", "1.2.7", "study.stable", "running", now)
+    waiting = add_session(db, "study", "1.2.8", "reprocess", "running", now)
+    row = db.get(SchedulingSession, urgent)
+    row.urgent = True
+    row.trace = {"urgent": ["job 'triage': urgent: StudyDescription matches (?i)thorax"]}
+    db.get(SchedulingSession, waiting).cohort = "ct-rerun"
+    db.get(SchedulingSession, recorded.sessions["mr"]).cohort = "ct-rerun"
+    for session_id, name, status, channel in (
+        (urgent, "triage", "running", "default"),
+        (waiting, "heavy", "queued", "gpu"),
+    ):
+        db.add(
+            Job(
+                session_id=session_id,
+                job_name=name,
+                service="seg",
+                worker_entry="seg:run",
+                status=status,
+                channel=channel,
+                window=window if status == "queued" else None,
+                created_at=now,
+                started_at=now if status == "running" else None,
+            )
+        )
+    cohort = db.get(Cohort, "ct-rerun")
+    cohort.opened, cohort.status = 2, "opened"
+    return urgent, waiting, window
+
+
+def test_urgent_waiting_jobs_channels_and_cohorts_in_the_dashboard(
+    browser: Any, history: tuple[str, History]
+) -> None:
+    from playwright.sync_api import expect
+
+    server, recorded = history
+    criteria = Criteria(parse_where(["Modality=CT"]), None, None, None)
+    cohort_start("reprocess", "study", criteria, rate_per_min=30, name="ct-rerun")
+    with transaction() as db:
+        urgent, waiting, window = held_back(db, utcnow(), recorded)
+    page, problems = watched_page(browser)
+    page.on(
+        "dialog", lambda d: d.accept("scanner maintenance") if d.type == "prompt" else d.accept()
+    )
+    row = lambda session_id: page.locator(f'tr[data-session="{session_id}"]')  # noqa: E731
+
+    # The list: urgent marked, the cohort named; the urgent filter keeps the urgent only.
+    page.goto(f"{server}/#/")
+    expect(row(urgent).locator(".badge.urgent")).to_be_visible(timeout=WAIT_MS)
+    expect(row(waiting).locator(".badge.urgent")).to_have_count(0)
+    expect(row(waiting).locator('[data-cohort="ct-rerun"]')).to_have_text("ct-rerun")
+    page.check("#filter-urgent")
+    expect(page.locator("#sessions tbody tr[data-session]")).to_have_count(1, timeout=WAIT_MS)
+    expect(row(urgent)).to_be_visible()
+
+    # The urgent session says why; the waiting job shows what holds it back.
+    row(urgent).locator("a").first.click()
+    expect(page.locator("#urgent-why")).to_contain_text("StudyDescription matches (?i)thorax")
+    page.goto(f"{server}/#/sessions/{waiting}")
+    card = page.locator('[data-job-card="heavy"]')
+    expect(card.locator(".waiting-note")).to_contain_text(f"window {window} opens at")
+    expect(card).to_have_class(re.compile(r"\bwaiting\b"))
+    expect(page.locator('svg.dag [data-job="heavy"]')).to_have_class(re.compile(r"\bwaiting\b"))
+    screenshot(page, "session-waiting")
+
+    # Pause gpu from the Channels page (asking for the token), then resume it.
+    with using_environment({"DCM_API_TOKEN": TOKEN}):
+        page.click('nav a[data-nav="channels"]')
+        gpu = page.locator('tr[data-channel="gpu"]')
+        expect(gpu.locator('[data-field="queued"]')).to_have_text("1", timeout=WAIT_MS)
+        gpu.locator("button[data-pause]").click()
+        page.fill("#token-input", TOKEN)
+        page.click("#token-save")
+        expect(gpu).to_have_attribute("data-paused", "true", timeout=WAIT_MS)
+        expect(gpu.locator('[data-field="state"]')).to_contain_text("scanner maintenance")
+        channel = lambda: next(  # noqa: E731
+            c for c in page.request.get(f"{server}/api/channels").json() if c["channel"] == "gpu"
+        )
+        assert channel()["paused"] and channel()["reason"] == "scanner maintenance"
+        screenshot(page, "channels")
+        gpu.locator("button[data-resume]").click()
+        expect(gpu).to_have_attribute("data-paused", "false", timeout=WAIT_MS)
+        assert not channel()["paused"]
+
+        # The cohort with its sessions by status; count matches, then cancel it.
+        page.goto(f"{server}/cohorts")
+        cohort = page.locator('tr[data-cohort="ct-rerun"]')
+        expect(cohort.locator('[data-field="opened"]')).to_have_text("2/2", timeout=WAIT_MS)
+        expect(cohort.locator('[data-count="running"]')).to_have_text("running 1")
+        expect(cohort.locator('[data-count="failed"]')).to_have_text("failed 1")
+        expect(cohort.locator('[data-cohort-action="retry"]')).to_be_enabled()
+        page.click(".start-cohort summary")
+        page.fill('#cohort-form [name="event"]', "reprocess")
+        page.fill('#cohort-form [name="where"]', "Modality=CT\nStudyDescription=*BRAIN*")
+        page.click("#cohort-dry-run")
+        expect(page.locator("#cohort-count")).to_have_attribute("data-count", "1")
+        expect(page.locator("#cohort-preview")).to_contain_text("1.2.8")
+        screenshot(page, "cohorts")
+        cohort.locator('[data-cohort-action="cancel"]').click()
+        expect(cohort).to_have_attribute("data-status", "cancelled", timeout=WAIT_MS)
+        expect(cohort.locator('[data-count="cancelled"]')).to_have_text("cancelled 1")
+
+    # A cohort's name lists its sessions.
+    cohort.locator("a[data-cohort]").click()
+    expect(page.locator("#sessions tbody tr[data-session]")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#filter-cohort")).to_have_value("ct-rerun")
     assert problems == []

@@ -1,10 +1,10 @@
-// The dcm-scheduler dashboard: sessions, one session's job DAG, and how
-// each service's jobs do.
+// The dcm-scheduler dashboard: sessions, one session's job DAG, how each
+// service's jobs do, the channels (pause and resume) and the cohort runs.
 //
 // Plain JavaScript over the JSON API of the same server (no build step); the
 // DAG is laid out by dagre (vendor/dagre.min.js, see vendor/README.md).
-// Routes: #/ (sessions, filters in the hash query), #/sessions/<id> and
-// #/services (the period in the hash query). Writes send the API token as a
+// Routes: #/ (sessions, filters in the hash query), #/sessions/<id>,
+// #/services (the period in the hash query), #/channels and #/cohorts. Writes send the API token as a
 // bearer token; it is asked for once and kept in localStorage. Pages refresh
 // while they are open: every second or two while work is running.
 "use strict";
@@ -57,7 +57,7 @@
         node.setAttribute(key, value === true ? "" : String(value));
       }
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === undefined || child === null || child === false) continue;
       node.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -66,6 +66,18 @@
 
   function badge(status) {
     return el("span", { class: `badge status-${status}`, "data-status": status, text: status });
+  }
+
+  function urgentBadge(title) {
+    return el("span", { class: "badge urgent", "data-urgent": "true", title, text: "urgent" });
+  }
+
+  function cohortLink(name) {
+    // A cohort's name leads to its sessions (README, "Cohort runs").
+    return el("a", {
+      class: "cohort-link", "data-cohort": name, href: `#/?cohort=${encodeURIComponent(name)}`,
+      title: `the sessions of cohort ${name}`, text: name,
+    });
   }
 
   function short(id) {
@@ -216,10 +228,10 @@
     return data;
   }
 
-  async function write(path, success) {
+  async function write(path, success, body) {
     if (!storedToken() && !(await askToken())) return false;
     try {
-      const data = await api(path, { method: "POST" });
+      const data = await api(path, { method: "POST", body });
       toast(success(data), "ok");
       return true;
     } catch (error) {
@@ -260,11 +272,16 @@
     const hash = location.hash.replace(/^#/, "") || "/";
     const [path, query] = hash.split("?");
     const match = path.match(/^\/sessions\/([^/]+)$/);
-    markNav(match ? "sessions" : path === "/services" ? "services" : "sessions");
+    const page = { "/services": "services", "/channels": "channels", "/cohorts": "cohorts" }[path];
+    markNav(match ? "sessions" : page || "sessions");
     if (match) {
       showSession(decodeURIComponent(match[1]), routeId);
-    } else if (path === "/services") {
+    } else if (page === "services") {
       showServices(new URLSearchParams(query || ""), routeId);
+    } else if (page === "channels") {
+      showChannels(routeId);
+    } else if (page === "cohorts") {
+      showCohorts(routeId);
     } else {
       showSessions(new URLSearchParams(query || ""), routeId);
     }
@@ -297,10 +314,14 @@
       event: params.get("event") || "",
       q: params.get("q") || "",
       uid: params.get("uid") || "", // links made before the search box
+      cohort: params.get("cohort") || "",
+      urgent: params.get("urgent") === "true" ? "true" : "",
       offset: Math.max(0, Number(params.get("offset")) || 0),
     };
     const query = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(filters.offset) });
-    for (const key of ["status", "event", "q", "uid"]) if (filters[key]) query.set(key, filters[key]);
+    for (const key of ["status", "event", "q", "uid", "cohort", "urgent"]) {
+      if (filters[key]) query.set(key, filters[key]);
+    }
     let rows;
     try {
       rows = await api(`/api/sessions?${query}`);
@@ -347,18 +368,31 @@
     knownEvents().then((names) => {
       events.replaceChildren(...names.map((name) => el("option", { value: name })));
     });
+    const urgent = el("input", {
+      id: "filter-urgent", name: "urgent", type: "checkbox", checked: filters.urgent === "true",
+    });
+    const cohort = el("input", {
+      id: "filter-cohort", name: "cohort", type: "search", value: filters.cohort,
+      placeholder: "cohort", size: 14,
+    });
     const form = el("form", {
       class: "filters",
       onsubmit: (e) => {
         e.preventDefault();
-        go({ status: status.value, q: q.value.trim(), event: event.value.trim(), uid: filters.uid });
+        go({
+          status: status.value, q: q.value.trim(), event: event.value.trim(), uid: filters.uid,
+          cohort: cohort.value.trim(), urgent: urgent.checked ? "true" : "",
+        });
       },
-    }, status, q, event, events, el("button", { type: "submit", text: "Search" }),
+    }, status, q, event, events, cohort,
+    el("label", { class: "check" }, urgent, " urgent only"),
+    el("button", { type: "submit", text: "Search" }),
     el("button", { type: "button", class: "quiet", text: "Clear", onclick: () => go({}) }),
     filters.uid ? el("span", { class: "muted", text: `uid = ${filters.uid}` }) : null,
     el("span", { id: "sessions-updated", class: "muted live" }));
     status.addEventListener("change", () => form.requestSubmit());
     event.addEventListener("change", () => form.requestSubmit());
+    urgent.addEventListener("change", () => form.requestSubmit());
     view.replaceChildren(el("section", { class: "sessions", id: "sessions-view" },
       el("h1", { text: "Sessions" }), form, el("div", { id: "sessions-list" })));
   }
@@ -378,10 +412,13 @@
   }
 
   function renderSessions(rows, filters) {
-    const body = rows.map((row) => el("tr", { "data-session": row.id, "data-status": row.status },
+    const body = rows.map((row) => el("tr", {
+      "data-session": row.id, "data-status": row.status, "data-urgent": row.urgent ? "true" : null,
+    },
       el("td", {}, el("a", { href: `#/sessions/${row.id}`, class: "mono", text: short(row.id) })),
-      el("td", {}, badge(row.status)),
+      el("td", {}, badge(row.status), row.urgent ? [" ", urgentBadge()] : null),
       el("td", { text: row.event }),
+      el("td", { class: "cohort" }, row.cohort ? cohortLink(row.cohort) : null),
       el("td", { text: row.level }),
       el("td", { class: "uid mono", title: row.uid, text: row.uid }),
       el("td", { class: "num", text: row.revision }),
@@ -390,10 +427,10 @@
       el("td", { class: "num", text: seconds(elapsed(row.created_at, row.finished_at)) })));
     const table = el("table", { id: "sessions", class: "grid" },
       el("thead", {}, el("tr", {},
-        ["session", "status", "event", "level", "uid", "rev", "created", "finished", "took"]
-          .map((h) => el("th", { text: h })))),
+        ["session", "status", "event", "cohort", "level", "uid", "rev", "created", "finished",
+          "took"].map((h) => el("th", { text: h })))),
       el("tbody", {}, body.length ? body
-        : el("tr", {}, el("td", { colspan: 9, class: "muted", text: "no session matches" }))));
+        : el("tr", {}, el("td", { colspan: 10, class: "muted", text: "no session matches" }))));
     const pager = el("div", { class: "pager" },
       el("button", {
         type: "button", class: "quiet", disabled: filters.offset === 0, text: "← newer",
@@ -457,8 +494,10 @@
       fact("revision", doc.revision), fact("created", when(doc.created_at)),
       fact("planned", when(doc.planned_at)), fact("finished", when(doc.finished_at)),
       fact("took", seconds(elapsed(doc.created_at, doc.finished_at))),
-      doc.trigger ? fact("trigger", "manual") : null);
+      doc.trigger ? fact("trigger", "manual") : null,
+      doc.cohort ? fact("cohort", cohortLink(doc.cohort)) : null);
     const trace = doc.trace || {};
+    const why = trace.urgent || [];
     const traced = trace.jobs || {};
     view.replaceChildren(el("section", {
       class: "session", id: "session", "data-session": doc.id, "data-status": doc.status,
@@ -466,9 +505,14 @@
     el("p", {}, el("a", { href: "#/", text: "← sessions" })),
     el("div", { class: "session-head" },
       el("h1", {}, "Session ", el("code", { title: doc.id, text: short(doc.id) }), " ",
-        el("span", { id: "session-status" }, badge(doc.status))),
+        el("span", { id: "session-status" }, badge(doc.status)),
+        doc.urgent ? [" ", urgentBadge(why.join("\n"))] : null),
       el("div", { class: "actions" }, retrySession, cancel)),
     facts,
+    doc.urgent ? el("div", { class: "banner urgent", id: "urgent-why" },
+      el("strong", { text: "Urgent: " }), "its jobs are sent ahead of normal work and ignore "
+        + "off-peak windows.",
+      why.length ? el("ul", {}, why.map((reason) => el("li", { text: reason }))) : null) : null,
     doc.error ? el("p", { class: "banner error", text: doc.error }) : null,
     el("h2", { text: `Jobs (${doc.jobs.length})` }),
     doc.jobs.length ? dag(doc.jobs) : el("p", { class: "muted", text: "no job was scheduled" }),
@@ -596,10 +640,11 @@
       const attempts = job.max_attempts > 1 || job.attempts > 1
         ? ` · try ${job.attempts}/${job.max_attempts}` : "";
       return svg("g", {
-        class: `node status-${job.status}`,
+        class: `node status-${job.status}${job.waiting ? " waiting" : ""}`,
         "data-job": job.job_name,
         "data-job-id": job.id,
         "data-status": job.status,
+        "data-waiting": job.waiting || null,
         transform: `translate(${x},${y})`,
         tabindex: 0,
         role: "button",
@@ -607,13 +652,18 @@
         onkeydown: (e) => { if (e.key === "Enter") focusCard(job.job_name); },
       },
       svg("title", {
-        text: `${job.job_name}: ${job.status}${took ? ` (${took})` : ""}\n`
+        text: `${job.job_name}: ${job.status}${took ? ` (${took})` : ""}`
+          + `${job.waiting ? `, waiting: ${job.waiting}` : ""}\n`
           + `${job.service} ${job.service_version || ""} ${job.service_hash || ""}`.trim(),
       }),
       svg("rect", { width: NODE_W, height: NODE_H, rx: 8, ry: 8 }),
       svg("circle", { class: "dot", cx: 14, cy: 18, r: 5 }),
       svg("text", { class: "name", x: 26, y: 22, text: clip(job.job_name, 23) }),
-      svg("text", { class: "meta", x: 12, y: 40, text: `${job.status}${took ? ` · ${took}` : ""}${attempts}` }),
+      svg("text", {
+        class: "meta", x: 12, y: 40,
+        text: job.waiting ? clip(`waiting: ${job.waiting}`, 32)
+          : `${job.status}${took ? ` · ${took}` : ""}${attempts}`,
+      }),
       svg("text", { class: "provenance", x: 12, y: 57, text: clip(provenance(job), 30) }));
     });
     const marker = (id) => svg("marker", {
@@ -657,13 +707,17 @@
     const [message, ...rest] = (job.error || "").split("\n");
     const earlier = (job.attempt_log || []).filter((a) => a.status !== "succeeded");
     return el("article", {
-      class: `job status-${job.status}`, "data-job-card": job.job_name, "data-status": job.status,
+      class: `job status-${job.status}${job.waiting ? " waiting" : ""}`,
+      "data-job-card": job.job_name, "data-status": job.status,
     },
     el("header", {},
       badge(job.status), " ", el("strong", { text: job.job_name }), " ",
       el("span", { class: "muted", text: `${job.service} · ${job.phase} · channel ${job.channel}` }),
       retry),
+    job.waiting ? el("p", { class: "waiting-note", "data-waiting": job.waiting },
+      el("strong", { text: "waiting: " }), job.waiting) : null,
     el("dl", { class: "facts small" },
+      job.window ? fact("window", el("span", { class: "mono", text: job.window })) : null,
       fact("code", el("span", {
         class: "provenance", title: job.service_hash || "",
       }, `${job.service} ${job.service_version || "(no version)"}`,
@@ -764,6 +818,240 @@
         text: period === "all" ? "no job has run yet" : `no job ended in the last ${period}`,
       }))));
     document.getElementById("services-stats").replaceChildren(table);
+  }
+
+  // ----------------------------------------------------------- channels
+
+  async function showChannels(id) {
+    let channels;
+    let workers;
+    try {
+      [channels, workers] = await Promise.all([api("/api/channels"), api("/api/workers")]);
+    } catch (error) {
+      failure(error, id, () => showChannels(id));
+      return;
+    }
+    if (id !== routeId) return;
+    const text = JSON.stringify([channels, workers.map((w) => [w.hostname, w.channels, w.live])]);
+    if (!view.querySelector("#channels-view")) {
+      view.replaceChildren(el("section", { class: "channels", id: "channels-view" },
+        el("h1", { text: "Channels" }),
+        el("p", { class: "muted" },
+          "While a channel is paused its jobs stay queued and are not sent; running jobs "
+          + "finish and no session fails for it. Resume sends them in priority order "
+          + "(README, \"Pausing a channel\")."),
+        el("div", { id: "channels-list" }),
+        el("p", { id: "channels-updated", class: "muted live" })));
+    }
+    if (text !== lastDocument) {
+      lastDocument = text;
+      renderChannels(channels, workers, () => showChannels(id));
+    }
+    document.getElementById("channels-updated").textContent =
+      `live · updated ${new Date().toLocaleTimeString()}`;
+    const busy = channels.some((c) => c.queued || c.running);
+    poll(() => showChannels(id), busy ? FAST_POLL_MS * 2 : LIST_POLL_MS, id);
+  }
+
+  function renderChannels(channels, workers, refresh) {
+    const body = channels.map((row) => {
+      const consuming = workers.filter((w) => (w.channels || []).includes(row.channel));
+      const live = consuming.filter((w) => w.live);
+      const action = row.paused
+        ? el("button", {
+          type: "button", "data-resume": row.channel, text: "Resume",
+          onclick: async (event) => {
+            event.target.disabled = true;
+            if (await write(`/api/channels/${encodeURIComponent(row.channel)}/resume`,
+              (r) => `channel ${row.channel} resumed${r.sent !== undefined ? `, ${r.sent} job(s) sent` : ""}`)) {
+              refresh();
+            } else event.target.disabled = false;
+          },
+        })
+        : el("button", {
+          type: "button", class: "danger", "data-pause": row.channel, text: "Pause",
+          onclick: async (event) => {
+            const reason = window.prompt(
+              `Pause channel ${row.channel}? Queued jobs wait until it is resumed.\n`
+              + "Reason (shown to others, may be empty):", "");
+            if (reason === null) return;
+            event.target.disabled = true;
+            if (await write(`/api/channels/${encodeURIComponent(row.channel)}/pause`,
+              () => `channel ${row.channel} paused`,
+              { reason: reason.trim() || null })) refresh();
+            else event.target.disabled = false;
+          },
+        });
+      return el("tr", {
+        "data-channel": row.channel, "data-paused": row.paused ? "true" : "false",
+        class: row.paused ? "paused" : null,
+      },
+      el("td", {}, el("strong", { class: "mono", text: row.channel })),
+      el("td", { "data-field": "state" }, row.paused
+        ? [el("span", { class: "badge paused", text: "paused" }), " ",
+          row.reason ? el("span", { class: "reason", text: row.reason }) : null,
+          row.paused_at ? [" ", el("span", { class: "muted" }, "since ", when(row.paused_at))] : null]
+        : el("span", { class: "badge status-running", text: "not paused" })),
+      el("td", { class: "num", "data-field": "queued", text: row.queued }),
+      el("td", { class: "num", "data-field": "running", text: row.running }),
+      el("td", { class: "num", "data-field": "workers", title: consuming.map((w) => w.hostname).join("\n") },
+        `${live.length}`, consuming.length > live.length
+          ? el("span", { class: "muted", text: ` (+${consuming.length - live.length} gone)` }) : null),
+      el("td", {}, el("div", { class: "actions" }, action)));
+    });
+    const table = el("table", { id: "channels", class: "grid" },
+      el("thead", {}, el("tr", {},
+        ["channel", "state", "queued", "running", "live workers", ""].map((h) => el("th", { text: h })))),
+      el("tbody", {}, body.length ? body : el("tr", {}, el("td", {
+        colspan: 6, class: "muted", text: "no channel yet: no worker, job or pause names one",
+      }))));
+    document.getElementById("channels-list").replaceChildren(table);
+  }
+
+  // ------------------------------------------------------------ cohorts
+
+  const COHORT_ACTIVE = new Set(["opening", "opened"]);
+
+  async function showCohorts(id) {
+    let rows;
+    try {
+      rows = await api("/api/cohorts");
+    } catch (error) {
+      failure(error, id, () => showCohorts(id));
+      return;
+    }
+    if (id !== routeId) return;
+    if (!view.querySelector("#cohorts-view")) renderCohortsPage(() => showCohorts(id));
+    const text = JSON.stringify(rows);
+    if (text !== lastDocument) {
+      lastDocument = text;
+      renderCohorts(rows, () => showCohorts(id));
+    }
+    const busy = rows.some((row) => COHORT_ACTIVE.has(row.status));
+    poll(() => showCohorts(id), busy ? FAST_POLL_MS * 2 : LIST_POLL_MS, id);
+  }
+
+  function cohortRequest(form, dryRun) {
+    // The fields of `trigger EVENT --where …` (README, "Cohort runs").
+    const value = (name) => form.elements[name].value.trim();
+    const body = {
+      event: value("event"),
+      level: value("level"),
+      where: value("where").split("\n").map((line) => line.trim()).filter(Boolean),
+      dry_run: dryRun,
+    };
+    for (const key of ["since", "until", "rate", "name"]) if (value(key)) body[key] = value(key);
+    if (value("limit")) body.limit = Number(value("limit"));
+    return body;
+  }
+
+  function renderCohortsPage(refresh) {
+    const field = (label, input) => el("label", {}, label, input);
+    const result = el("p", { id: "cohort-preview", class: "muted" });
+    const form = el("form", { id: "cohort-form", class: "cohort-form" },
+      field("event", el("input", {
+        name: "event", required: true, placeholder: "reprocess", size: 16, pattern: "[A-Za-z0-9_.:\\-]+",
+      })),
+      field("level", el("select", { name: "level" },
+        ["study", "series", "patient"].map((l) => el("option", { value: l, text: l })))),
+      field("where (FIELD=VALUE, one a line)", el("textarea", {
+        name: "where", rows: 3, cols: 34, placeholder: "Modality=CT\nStudyDescription=*THORAX*",
+      })),
+      field("since", el("input", { name: "since", type: "date" })),
+      field("until", el("input", { name: "until", type: "date" })),
+      field("limit", el("input", { name: "limit", type: "number", min: 1, size: 7 })),
+      field("rate", el("input", { name: "rate", placeholder: "30/min", size: 8 })),
+      field("name", el("input", { name: "name", placeholder: "(default: event and time)", size: 18 })),
+      el("div", { class: "actions" },
+        el("button", { type: "submit", id: "cohort-dry-run", "data-dry-run": "true", text: "Count matches" }),
+        el("button", { type: "submit", id: "cohort-start", class: "danger", text: "Start cohort" })),
+      result);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const dryRun = event.submitter && event.submitter.getAttribute("data-dry-run") === "true";
+      const body = cohortRequest(form, Boolean(dryRun));
+      if (!dryRun && !window.confirm(`Start a cohort run of ${body.event} over every match?`)) return;
+      let answer = null;
+      await write("/api/cohorts", (data) => {
+        answer = data;
+        return dryRun ? `${data.count} ${data.level}(s) match` : `cohort ${data.name} started`;
+      }, body);
+      if (!answer) return;
+      if (dryRun) {
+        result.replaceChildren(el("strong", { id: "cohort-count", "data-count": answer.count,
+          text: `${answer.count} ${answer.level}(s) match` }),
+        answer.first && answer.first.length
+          ? el("span", { class: "muted mono", text: ` — ${answer.first.join(", ")}${answer.count > answer.first.length ? ", …" : ""}` })
+          : null);
+      } else {
+        result.textContent = `cohort ${answer.name}: ${answer.total} session(s) to open`;
+        refresh();
+      }
+    });
+    view.replaceChildren(el("section", { class: "cohorts", id: "cohorts-view" },
+      el("h1", { text: "Cohorts" }),
+      el("p", { class: "muted" },
+        "A cohort run opens one session per matching study, series or patient, behind live "
+        + "work and at its rate (README, \"Cohort runs\"). A cohort's name lists its sessions."),
+      el("div", { id: "cohorts-list" }),
+      remembered(el("details", { "data-key": "cohort-form", class: "start-cohort" },
+        el("summary", { text: "Start a cohort run" }), form))));
+  }
+
+  function progress(row) {
+    // One bar: each session status its share of the cohort's total.
+    const total = Math.max(row.total, row.opened, 1);
+    const parts = Object.entries(row.sessions || {}).filter(([, n]) => n)
+      .map(([status, n]) => el("span", {
+        class: `part status-${status}`, "data-status": status,
+        title: `${status}: ${n}`, "data-width": (100 * n) / total,
+      }));
+    const bar = el("div", { class: "progress", role: "img", "aria-label": `${row.opened} of ${row.total} opened` }, parts);
+    // Widths via the CSSOM: the page's CSP forbids inline style attributes.
+    for (const part of parts) part.style.width = `${part.getAttribute("data-width")}%`;
+    return bar;
+  }
+
+  function renderCohorts(rows, refresh) {
+    const act = (row, what, label, success, enabled, cls) => el("button", {
+      type: "button", class: cls, "data-cohort-action": what, disabled: !enabled, text: label,
+      onclick: async (event) => {
+        if (what === "cancel" && !window.confirm(
+          `Cancel cohort ${row.name}? Its open sessions are cancelled and no more are opened.`)) return;
+        event.target.disabled = true;
+        if (await write(`/api/cohorts/${encodeURIComponent(row.name)}/${what}`, success)) refresh();
+        else event.target.disabled = false;
+      },
+    });
+    const body = rows.map((row) => {
+      const counts = Object.entries(row.sessions || {}).filter(([, n]) => n);
+      const failed = (row.sessions.failed || 0) + (row.sessions.partial || 0);
+      return el("tr", { "data-cohort": row.name, "data-status": row.status },
+        el("td", {}, cohortLink(row.name)),
+        el("td", { text: `${row.event} · ${row.level}` }),
+        el("td", {}, el("span", { class: `badge cohort-${row.status}`, text: row.status })),
+        el("td", { class: "num", "data-field": "opened", text: `${row.opened}/${row.total}` }),
+        el("td", { class: "num", "data-field": "ended", text: row.ended }),
+        el("td", { class: "bar" }, progress(row),
+          el("div", { class: "counts small", "data-field": "sessions" },
+            counts.length ? counts.map(([s, n]) => el("span", { "data-count": s, text: `${s} ${n}` }))
+              : el("span", { class: "muted", text: "no session yet" }))),
+        el("td", { text: row.rate_per_min ? `${row.rate_per_min}/min` : "—" }),
+        el("td", {}, when(row.created_at)),
+        el("td", {}, el("div", { class: "actions" },
+          act(row, "cancel", "Cancel", (r) => `cohort ${r.cohort} cancelled: ${r.sessions.length} session(s), `
+            + `${r.not_opened} not opened`, COHORT_ACTIVE.has(row.status), "danger"),
+          act(row, "retry", "Retry failed", (r) => `cohort ${r.cohort}: ${r.jobs} job(s) of `
+            + `${r.sessions.length} session(s) re-queued`, failed > 0, "quiet"))));
+    });
+    const table = el("table", { id: "cohorts", class: "grid" },
+      el("thead", {}, el("tr", {},
+        ["cohort", "event", "status", "opened", "ended", "sessions", "rate", "started", ""]
+          .map((h) => el("th", { text: h })))),
+      el("tbody", {}, body.length ? body : el("tr", {}, el("td", {
+        colspan: 9, class: "muted", text: "no cohort run yet",
+      }))));
+    document.getElementById("cohorts-list").replaceChildren(table);
   }
 
   window.addEventListener("hashchange", route);
