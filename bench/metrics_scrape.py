@@ -3,9 +3,11 @@
 A store of ``--sessions`` finished sessions (10,000 by default) with five
 jobs each (50,000 jobs, over 10 job names and 2 channels), each job with one
 or two attempt-log entries, each session with a trace of its callbacks'
-timings, plus ``--instances`` instances (100,000), 200 queued jobs and 20
-workers, is bulk-loaded, then the collector of ``scheduler.metrics`` runs
-as a scrape runs it (``generate_latest`` over its registry). The figure is
+timings, plus ``--instances`` instances (100,000), 200 queued jobs (half
+of them for a closed off-peak window) and 20 workers, is bulk-loaded;
+one session in 20 is urgent, one in 4 belongs to one of 3 cohort runs, and
+the ``gpu`` channel is paused. Then the collector of ``scheduler.metrics``
+runs as a scrape runs it (``generate_latest`` over its registry). The figure is
 the median of ``--runs`` scrapes after one warm-up, per backend, with the
 size of the exposition.
 
@@ -40,6 +42,7 @@ def generate(url: str, sessions: int, instances: int) -> None:
         Instance,
         Job,
         Patient,
+        PausedChannel,
         SchedulingSession,
         Series,
         Study,
@@ -91,6 +94,8 @@ def generate(url: str, sessions: int, instances: int) -> None:
                         "planning_s": 0.05,
                     },
                     "status": "partial" if s % 10 == 0 else "succeeded",
+                    "urgent": s % 20 == 1,
+                    "cohort": f"cohort-{s % 3}" if s % 4 == 3 else None,
                     "created_at": created,
                     "planned_at": created + timedelta(seconds=1),
                     "finished_at": created + timedelta(seconds=50),
@@ -132,7 +137,11 @@ def generate(url: str, sessions: int, instances: int) -> None:
                     "attempts": 0,
                     "attempt_log": [],
                     "created_at": now,
-                    "dispatched_at": now,
+                    # Half held back by an off-peak window, never sent.
+                    "window": f"{(now.hour + 2) % 24:02d}:00-{(now.hour + 3) % 24:02d}:00"
+                    if q % 2
+                    else None,
+                    "dispatched_at": None if q % 2 else now,
                     "started_at": None,
                     "finished_at": None,
                 }
@@ -146,6 +155,7 @@ def generate(url: str, sessions: int, instances: int) -> None:
                 for n in range(WORKERS)
             ],
         )
+        db.execute(insert(PausedChannel), [{"channel": "gpu", "paused_at": now}])
         db.execute(text("ANALYZE"))
 
 
@@ -156,6 +166,7 @@ def measure(backend: str, sessions: int, instances: int, runs: int, folder: Path
     name = f"dcm_bench_metrics_{sessions}"
     url = create_database(name) if backend == "postgresql" else f"sqlite:///{folder / f'{name}.db'}"
     values = testing.environment_values(folder / f"home-{backend}", url, "memory://")
+    values["DCM_TIMEZONE"] = "UTC"  # the windows of the queued jobs are on UTC
     try:
         with testing.using_environment(values):
             init_db(url)
