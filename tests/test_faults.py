@@ -193,7 +193,7 @@ def test_a_killed_pool_process_or_fork_server_takes_down_an_attempt_that_ignores
     daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
     params = {"daemon": str(daemon), "pidfile": str(pidfile)}
     define([{"jobName": "stubborn", "workerEntry": "dcm_testjobs:stubborn", "params": params}])
-    cluster.worker("w1")
+    worker = cluster.worker("w1")
     start("60.8")
     wait_until(pidfile.exists, timeout=60, what="the attempt to start")
     attempt = psutil.Process(int(pidfile.read_text()))
@@ -201,6 +201,9 @@ def test_a_killed_pool_process_or_fork_server_takes_down_an_attempt_that_ignores
     (fork_server.parent() if victim_process == "pool process" else fork_server).kill()
     for pid in (attempt.pid, int(daemon.read_text()), fork_server.pid):
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to die")
+    # The lost attempt is re-queued and runs again, ignoring SIGTERM: a warm
+    # shutdown would wait a minute for it. Killing the worker takes it down.
+    worker.kill()
 
 
 def test_a_killed_worker_s_job_is_requeued_by_the_re_sender_and_finishes_once(
