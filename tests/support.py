@@ -19,9 +19,24 @@ from scheduler import testing
 from scheduler.config import Settings
 
 PG_ADMIN_URL = os.environ.get("DCM_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-# One Redis database per test process, so two test runs on one machine
-# (a developer's and CI's) never flush each other's queues.
-REDIS_URL = os.environ.get("DCM_TEST_REDIS", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
+
+
+def _redis_url() -> str:
+    """One Redis database per test process, so two test runs on one machine
+    (a developer's and CI's) and the parallel workers of one run (pytest-xdist
+    names them gw0, gw1, …) never flush each other's queues."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:])
+    given = os.environ.get("DCM_TEST_REDIS")
+    if given is None:
+        run = os.getppid() if worker >= 0 else os.getpid()
+        return f"redis://127.0.0.1:6379/{1 + (run + max(worker, 0)) % 15}"
+    if worker < 0:
+        return given
+    base, _, database = given.rpartition("/")
+    return f"{base}/{(int(database or 0) + worker) % 16}"
+
+
+REDIS_URL = _redis_url()
 # RabbitMQ on this machine, managed with `rabbitmqctl` (as root); each test
 # process gets a virtual host of its own, for the same reason.
 RABBITMQ_SERVER = os.environ.get("DCM_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
