@@ -92,7 +92,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         beat_schedule["dcm-webhooks"] = {
             "task": "scheduler.deliver_webhooks",
             "schedule": timedelta(seconds=max(settings.detect_interval, 5.0)),
-            "options": {"queue": PLANNING_QUEUE, "expires": max(settings.detect_interval * 10, 60)},
+            "options": {
+                "queue": PLANNING_QUEUE,
+                "expires": max(settings.detect_interval * 10, 60),
+                # The lowest, behind every plan (Redis runs the lowest number first).
+                "priority": 0 if uses_amqp(settings) else 9,
+            },
         }
     if settings.retention is not None:
         # Hourly: each run has an hour of endings to prune, a few short batches.

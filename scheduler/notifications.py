@@ -88,10 +88,13 @@ def announce(settings: Settings | None = None) -> bool:
     settings = settings or get_settings()
     if not settings.webhook_urls:
         return False
-    from scheduler.messages import RETRY_POLICY, app
+    from scheduler.messages import RETRY_POLICY, app, broker_priority
 
     try:
-        app().signature(DELIVER).apply_async(retry=True, retry_policy=RETRY_POLICY)
+        # Behind every plan on the planning queue, like a cohort run's messages.
+        app().signature(DELIVER).apply_async(
+            retry=True, retry_policy=RETRY_POLICY, priority=broker_priority(cohort=True)
+        )
     except Exception as exc:  # noqa: BLE001 - the outbox rows say what is owed
         log.warning("broker unavailable, webhook delivery left for beat's sweep: %s", exc)
         return False

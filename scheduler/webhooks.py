@@ -11,6 +11,12 @@ same bytes, signed with ``DCM_WEBHOOK_SECRET`` (``X-DCM-Signature:
 sha256=<hex>``). A deliverer that dies between the POST and the mark sends
 the row again once its claim lapses: receivers deduplicate on the
 ``X-DCM-Delivery`` header, the row's id.
+
+Deliveries share the planning workers with clinical work, so a slow or
+hanging receiver must not hold them: one deliverer runs at a time (the
+``webhooks`` lease; others return at once), a run stops starting posts after
+:data:`BUDGET` seconds, a receiver that failed is not tried again in the same
+run, and the messages go at the lowest priority, behind every plan.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +39,7 @@ from sqlalchemy.orm import Session
 from scheduler import queries
 from scheduler.clock import iso, utcnow
 from scheduler.config import Settings, get_settings
+from scheduler.leases import acquire, new_holder, release
 from scheduler.store.db import rowcount, transaction
 from scheduler.store.models import Patient, Series, Study, WebhookDelivery
 from scheduler.vocabulary import JobStatus, Level
@@ -40,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # Seconds a receiver has to answer.
 TIMEOUT = 10.0
+# Seconds one delivery run may start posts for; what is left waits for the next.
+BUDGET = 15.0
+LEASE = "webhooks"
 # A claimed row is not taken by another deliverer for this long: longer than
 # a POST may take, so only a deliverer that died loses its claim.
 CLAIM_FOR = timedelta(seconds=TIMEOUT * 6)
@@ -205,10 +216,21 @@ def _settle(claimed: Claimed, error: str | None, now: datetime) -> str:
 
 
 def deliver_due(settings: Settings | None = None, now: datetime | None = None) -> DeliveryReport:
-    """Attempt every notification due at ``now`` (default: the current time)."""
+    """Attempt the notifications due at ``now`` (default: the current time),
+    unless another deliverer is at it, for at most :data:`BUDGET` seconds."""
     settings = settings or get_settings()
-    now = now or utcnow()
+    holder = new_holder()
+    if not acquire(LEASE, BUDGET + 2 * TIMEOUT, holder):
+        return DeliveryReport()
+    try:
+        return _deliver(settings, now or utcnow())
+    finally:
+        release(LEASE, holder)
+
+
+def _deliver(settings: Settings, now: datetime) -> DeliveryReport:
     report = DeliveryReport()
+    stop_at = time.monotonic() + BUDGET
     with transaction() as db:
         due = list(
             db.execute(
@@ -225,6 +247,8 @@ def deliver_due(settings: Settings | None = None, now: datetime | None = None) -
     # next: a host that swallows connections costs one timeout, not one per row.
     failing: set[str] = set()
     for delivery_id, url in due:
+        if time.monotonic() > stop_at:
+            break
         if url in failing:
             continue
         claimed = _claim(delivery_id, now, settings)

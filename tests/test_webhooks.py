@@ -20,6 +20,7 @@ from scheduler import control, doctor, jobstate, sessions, tasks, webhooks
 from scheduler.config import Settings, load_settings, reset_settings
 from scheduler.emission import create_session
 from scheduler.jobstate import Ending
+from scheduler.leases import acquire, new_holder, release
 from scheduler.store.db import get_engine, statements, transaction
 from scheduler.store.models import Job, SchedulingSession, WebhookDelivery, utcnow
 from scheduler.testing import (
@@ -321,6 +322,24 @@ def test_a_failing_receiver_is_tried_once_per_run_not_once_per_notification(
     assert webhooks.deliver_due() == webhooks.DeliveryReport(failed=1)
     assert sorted(row.attempts for row in outbox()) == [0, 1]
     assert webhooks.deliver_due().delivered == 1  # the untried one, due all along
+
+
+def test_one_deliverer_at_a_time_within_its_budget_so_a_slow_receiver_holds_one_slot(
+    hooked: Settings, define: Define, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_ready(planned(define, "48.3", [{"jobName": "a", "workerEntry": WORK}]), fail=True)
+    other = new_holder()
+    assert acquire(webhooks.LEASE, 60, other)
+    # Another deliverer is at it: this run returns at once, the row stays due.
+    assert webhooks.deliver_due() == webhooks.DeliveryReport()
+    release(webhooks.LEASE, other)
+    monkeypatch.setattr(webhooks, "BUDGET", -1.0)
+    # A run past its budget starts no post; the next run delivers.
+    assert webhooks.deliver_due() == webhooks.DeliveryReport()
+    assert [row.attempts for row in outbox()] == [0]
+    monkeypatch.setattr(webhooks, "BUDGET", 15.0)
+    assert webhooks.deliver_due().delivered == 1
+    assert len(receiver.accepted()) == 1
 
 
 def test_without_a_webhook_url_the_outbox_is_never_touched(
