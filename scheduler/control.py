@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from scheduler import jobstate, messages, notifications
 from scheduler.queries import NotFoundError, resolve_session_id
+from scheduler.registry import Registry, current_registry
 from scheduler.store.db import transaction
 from scheduler.store.models import Job
 from scheduler.vocabulary import JobStatus
@@ -44,6 +46,8 @@ class RetryReport:
 
 def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> RetryReport:
     """Re-run one failed job (``job_id``) or every failed job of a session."""
+    # Loaded before the session is locked: loading may import services.
+    registry = current_registry()
     with transaction() as db:
         if job_id is not None:
             job = db.get(Job, job_id)
@@ -81,11 +85,26 @@ def retry_jobs(*, job_id: str | None = None, session_id: str | None = None) -> R
         report = RetryReport(session_id)
         reset = jobstate.downstream(db, seeds)
         ready = jobstate.requeue(db, session_id, reset)
+        _take_current_code(db, reset, registry)
         report.requeued = list(
             db.scalars(select(Job.job_name).where(Job.id.in_(reset)).order_by(Job.created_seq))
         )
     report.dispatched = messages.send_job_ids(ready)
     return report
+
+
+def _take_current_code(db: Session, job_ids: set[str], registry: Registry) -> None:
+    """A retried job runs the service's code on disk now, which an operator
+    may have fixed since the job was planned: its row takes the version and
+    content hash of its service as loaded now (README, "Provenance")."""
+    for job in db.scalars(select(Job).where(Job.id.in_(job_ids))):
+        try:
+            definition = registry.job(job.job_name)
+        except KeyError:
+            continue  # the service is gone or broken: its attempt will say so
+        if definition.service == job.service:
+            job.service_version = definition.service_version
+            job.service_hash = definition.service_hash
 
 
 @dataclass

@@ -102,3 +102,26 @@ def test_a_version_without_its_service_is_wrong_usage(env: Settings) -> None:
     out = run("jobs", "--version", "1.0", code=2).output
     assert "--version needs --service" in out
     assert entry._parsed(["jobs", "--version", "1.0", "--json"]) is None
+
+
+def test_a_retry_after_a_fix_records_the_code_that_ran_it(
+    live: Settings, define: Define, services_root: Path, tmp_path: Path
+) -> None:
+    fixed = tmp_path / "fixed"
+    jobs = [{"jobName": "segment", "workerEntry": ENTRY, "params": {"fail_until": str(fixed)}}]
+    write_service(services_root, jobs, SERVICE, "1.0")
+    record_study("60.3", now=utcnow() - timedelta(seconds=1))
+    [session_id] = detect_and_send()
+    failed = jobs_by_name(wait_session(session_id))["segment"]
+    assert (failed["status"], failed["service_version"]) == ("failed", "1.0")
+
+    # The operator fixes the service (a new version) and retries the session.
+    fixed.touch()
+    write_service(services_root, jobs, SERVICE, "1.1")
+    run("retry", "--session", session_id)
+    retried = jobs_by_name(wait_session(session_id))["segment"]
+    assert (retried["status"], retried["service_version"]) == ("succeeded", "1.1")
+    assert retried["service_hash"] != failed["service_hash"]
+    assert [job["id"] for job in run_json("jobs", "--service", SERVICE, "--version", "1.1")] == [
+        retried["id"]
+    ]
