@@ -39,7 +39,7 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
             raise ConfigError(f"{what}: must not be negative")
         return float(value)
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value, re.ASCII)
         if match:
             number, unit = match.groups()
             return float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
@@ -48,18 +48,25 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     )
 
 
+# An age longer than this is a typo (and past what dates can hold).
+LONGEST_AGE = 100 * 365 * 86400.0
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
 def parse_age(value: str, *, what: str = "AGE") -> float:
-    """Seconds from an age such as ``"90d"``, ``"12h"``, ``"30m"``, ``"2w"`` or
-    plain seconds: how old an ended session must be to be pruned."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*w\s*", value)
-    if match:
-        return float(match.group(1)) * 7 * 86400
-    try:
-        return parse_duration(value, what=what)
-    except ConfigError:
+    """Seconds from an age such as ``"90d"``, ``"12h"``, ``"30m"`` or ``"2w"``:
+    how old an ended session must be to be pruned. The unit is required:
+    what is deleted must not hang on whether ``90`` meant seconds or days."""
+    match = re.fullmatch(r"\s*(\d{1,9}(?:\.\d{1,6})?)\s*([smhdw])\s*", value, re.ASCII)
+    if not match:
         raise ConfigError(
-            f"{what}: expected an age like '90d', '12h', '30m', '2w' or seconds, got {value!r}"
-        ) from None
+            f"{what}: expected an age with its unit like '90d', '12h', '30m' or '2w', "
+            f"got {value!r}"
+        )
+    age = float(match.group(1)) * AGE_UNITS[match.group(2)]
+    if age > LONGEST_AGE:
+        raise ConfigError(f"{what}: {value!r} is longer than 100 years")
+    return age
 
 
 @dataclass(frozen=True)
@@ -161,9 +168,12 @@ def _retention(value: str | None) -> float | None:
     if value is None:
         return None
     age = parse_age(value, what="DCM_RETENTION")
-    if age <= 0:
-        # Zero would delete each session and its outputs as soon as it ends.
-        raise ConfigError(f"DCM_RETENTION: {value!r} is too short; use an age like '90d'")
+    if age < 3600:
+        # Beat prunes rows and outputs on its own: shorter is a typo, and zero
+        # would delete each session and its outputs as soon as it ends.
+        raise ConfigError(
+            f"DCM_RETENTION: {value!r} is shorter than an hour; use an age like '90d'"
+        )
     return age
 
 

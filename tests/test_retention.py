@@ -264,7 +264,9 @@ def test_one_prune_at_a_time(store: Settings) -> None:
     assert prune_cli("--older-than", "30d", "--json")["sessions"] == 1
 
 
-@pytest.mark.parametrize("age", ["soon", "-3d", "90y", "", "2w3"])
+@pytest.mark.parametrize(
+    "age", ["soon", "-3d", "90y", "", "2w3", "90", "99999999d", "9" * 22 + "d", "\uff12d"]
+)
 def test_a_bad_age_is_refused_with_one_line(age: str) -> None:
     result = CliRunner().invoke(cli, ["prune", "--older-than", age])
     assert result.exit_code == 2
@@ -273,7 +275,7 @@ def test_a_bad_age_is_refused_with_one_line(age: str) -> None:
 
 
 def test_ages_in_every_unit() -> None:
-    assert [parse_age(a) for a in ("90d", "12h", "30m", "2w", "45", "1.5h")] == [
+    assert [parse_age(a) for a in ("90d", "12h", "30m", "2w", "45s", "1.5h")] == [
         90 * 86400,
         12 * 3600,
         1800,
@@ -286,7 +288,8 @@ def test_ages_in_every_unit() -> None:
 def test_retention_setting_is_checked() -> None:
     assert load_settings({"DCM_RETENTION": "2w"}).retention == 14 * 86400
     assert load_settings({}).retention is None
-    for bad in ("forever", "0"):
+    # Without a unit, or under an hour: beat would delete outputs on a typo.
+    for bad in ("forever", "0", "90", "0.001h", "59m", "99999999d"):
         with pytest.raises(ConfigError, match="DCM_RETENTION"):
             load_settings({"DCM_RETENTION": bad})
 
