@@ -523,6 +523,15 @@ async def _store_unreachable(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=503)
 
 
+async def _refuse_nul(request: Request, call_next: Callable[[Request], Any]) -> Any:
+    """A NUL character cannot be in any id, name or search text (PostgreSQL
+    refuses it in text): the request is wrong, not the server."""
+    raw = request.scope.get("query_string", b"").lower()
+    if b"%00" in raw or b"\x00" in raw or "\x00" in request.scope.get("path", ""):
+        return JSONResponse({"detail": "NUL characters are not allowed"}, status_code=422)
+    return await call_next(request)
+
+
 def create_app(*, host: str = "127.0.0.1", web: Path = WEB) -> FastAPI:
     """The API and dashboard; reads need the token unless ``host`` is loopback."""
     app = FastAPI(
@@ -531,6 +540,7 @@ def create_app(*, host: str = "127.0.0.1", web: Path = WEB) -> FastAPI:
         version="1",
     )
     app.state.reads_need_token = not is_loopback(host)
+    app.middleware("http")(_refuse_nul)
     app.include_router(reads)
     app.include_router(writes)
     app.include_router(legacy)

@@ -180,6 +180,24 @@ def test_session_document_is_the_show_json(client: TestClient, sessions: list[st
     assert client.get(f"/api/sessions/{sessions[0][:8]}").json()["id"] == sessions[0]
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/sessions?q=%00",
+        "/api/sessions?event=a%00b",
+        "/api/jobs?service=%00&version=1",
+        "/api/sessions/%00",
+        "/metrics?x=%00",
+    ],
+)
+def test_a_nul_character_anywhere_is_422_not_a_server_error(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert (response.status_code, response.json()) == (
+        422,
+        {"detail": "NUL characters are not allowed"},
+    )
+
+
 def test_unknown_ids_are_404_with_a_message(client: TestClient) -> None:
     unknown = "00000000-0000-0000-0000-000000000000"
     for path in (
