@@ -1012,6 +1012,8 @@ def jobs_command(
         print_json(rows)
         return
     if service is not None:
+        if not rows:
+            raise fail(no_jobs_of(service, version, status))
         print_provenance(rows)
         return
     grid = table(
@@ -1051,6 +1053,21 @@ def provenance_lines(jobs: list[dict[str, Any]]) -> list[str]:
         line += f", python {interpreter}" if interpreter else ""
         lines.append(f"{line} — {', '.join(names)}")
     return lines
+
+
+def no_jobs_of(service: str, version: str | None, status: str | None) -> str:
+    """Why a recall found nothing: a mistyped version must not read as "that
+    version ran nothing"."""
+    from scheduler import queries
+    from scheduler.store.db import transaction
+
+    with transaction() as db:
+        versions = queries.service_versions(db, service)
+    what = f"no {status + ' ' if status else ''}jobs of service {service!r}"
+    what += f" at version {version!r}" if version is not None else ""
+    if not versions:
+        return f"{what}: no job of that service was ever planned (service names: `services list`)"
+    return f"{what}; versions with jobs: {', '.join(versions)}"
 
 
 def print_provenance(rows: list[dict[str, Any]]) -> None:

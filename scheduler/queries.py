@@ -250,6 +250,16 @@ def list_jobs(
     return [job_json(row, deps.get(row["id"], ())) for row in rows]
 
 
+def service_versions(source: Any, service: str) -> list[str]:
+    """The versions of ``service`` that have jobs, in the order first planned."""
+    rows = reader_of(source).rows(
+        "SELECT service_version, MIN(created_at) AS first FROM jobs WHERE service = :service "
+        "GROUP BY service_version ORDER BY first",
+        service=service,
+    )
+    return [row["service_version"] for row in rows]
+
+
 def get_job(source: Any, job_id: str) -> dict[str, Any]:
     """One job's document (``GET /api/jobs/ID``)."""
     reader = reader_of(source)

@@ -125,3 +125,14 @@ def test_a_retry_after_a_fix_records_the_code_that_ran_it(
     assert [job["id"] for job in run_json("jobs", "--service", SERVICE, "--version", "1.1")] == [
         retried["id"]
     ]
+
+
+def test_a_mistyped_version_names_the_versions_that_ran(two_versions: tuple[dict, dict]) -> None:
+    out = run("jobs", "--service", SERVICE, "--version", "2.0.0", code=1).output
+    assert f"no jobs of service {SERVICE!r} at version '2.0.0'; versions with jobs: 1.0, 2.0" in (
+        " ".join(out.split())
+    )
+    unknown = run("jobs", "--service", "segmentaton", code=1).output
+    assert "no job of that service was ever planned" in " ".join(unknown.split())
+    # A script reading JSON gets the empty list.
+    assert run_json("jobs", "--service", SERVICE, "--version", "2.0.0") == []
