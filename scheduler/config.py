@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from datetime import tzinfo
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from scheduler.redact import mask
 from scheduler.vocabulary import Level
 
 
@@ -60,8 +62,7 @@ def parse_age(value: str, *, what: str = "AGE") -> float:
     match = re.fullmatch(r"\s*(\d{1,9}(?:\.\d{1,6})?)\s*([smhdw])\s*", value, re.ASCII)
     if not match:
         raise ConfigError(
-            f"{what}: expected an age with its unit like '90d', '12h', '30m' or '2w', "
-            f"got {value!r}"
+            f"{what}: expected an age with its unit like '90d', '12h', '30m' or '2w', got {value!r}"
         )
     age = float(match.group(1)) * AGE_UNITS[match.group(2)]
     if age > LONGEST_AGE:
@@ -148,13 +149,26 @@ DASHBOARD_URL = "http://127.0.0.1:8765"
 
 
 def _http_url(name: str, url: str) -> str:
+    shown = mask(url)  # a receiver's URL may carry a password
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{name}: {url!r} is not an http:// or https:// URL")
+        raise ConfigError(f"{name}: {shown!r} is not an http:// or https:// URL")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {shown!r} is not a valid URL ({exc})") from None
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise ConfigError(f"{name}: {shown!r} has no host name, or has spaces")
     return url
 
 
 def _webhook_events(value: str | None) -> frozenset[str]:
     events = frozenset(_split(value or DEFAULT_WEBHOOK_EVENTS))
+    if not events:
+        raise ConfigError(
+            "DCM_WEBHOOK_EVENTS: no event given; use a comma list of "
+            + ", ".join((*WEBHOOK_EVENTS, ANY_FINISH))
+        )
     unknown = sorted(events - {*WEBHOOK_EVENTS, ANY_FINISH})
     if unknown:
         raise ConfigError(

@@ -289,7 +289,23 @@ def check_webhooks(settings: Settings) -> Check | None:
             "check that the receiver runs and answers 2xx, and that beat and a "
             "dcm.planning worker run: they are retried with a growing back-off",
         )
+    unknown = sorted(settings.webhook_services - _service_names(settings))
+    if settings.webhook_urls and unknown:
+        return Check(
+            "webhooks",
+            WARNING,
+            f"DCM_WEBHOOK_SERVICES names {', '.join(map(repr, unknown))}, not a loaded "
+            "service: no session of it is ever notified",
+            "use the names `dcm-scheduler services list` shows",
+        )
     return Check("webhooks", OK, f"{urls}, {state.waiting} waiting")
+
+
+def _service_names(settings: Settings) -> set[str]:
+    from scheduler.registry import current_registry
+
+    registry = current_registry(settings)
+    return {service.name for service in registry.services} | set(registry.broken)
 
 
 def run_checks(settings: Settings | None = None) -> list[Check]:

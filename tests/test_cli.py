@@ -405,6 +405,13 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         ({"DCM_HEARTBEAT_INTERVAL": "0s"}, "DCM_HEARTBEAT_INTERVAL: '0s' is too short"),
         ({"DCM_WEBHOOK_URLS": "hooks.example.org"}, "DCM_WEBHOOK_URLS: 'hooks.example.org'"),
         ({"DCM_WEBHOOK_EVENTS": "session.done"}, "DCM_WEBHOOK_EVENTS: unknown event"),
+        ({"DCM_WEBHOOK_EVENTS": ","}, "DCM_WEBHOOK_EVENTS: no event given"),
+        ({"DCM_WEBHOOK_URLS": "http://"}, "DCM_WEBHOOK_URLS: 'http://' has no host name"),
+        ({"DCM_WEBHOOK_URLS": "https://exa mple.org/"}, "has no host name, or has spaces"),
+        (
+            {"DCM_WEBHOOK_URLS": "https://u:pw@h:port/"},
+            "DCM_WEBHOOK_URLS: 'https://u:***@h:port/' is not a valid URL",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_wrong_usage_with_a_message(

@@ -396,6 +396,19 @@ def test_doctor_reports_notifications_that_were_given_up(
     assert "t0k3n" not in check.detail  # the receiver's token stays out of reports
 
 
+def test_doctor_warns_of_a_service_filter_that_names_no_loaded_service(
+    hooked: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    define([{"jobName": "a", "workerEntry": WORK}])
+    settings = configure(monkeypatch, DCM_WEBHOOK_SERVICES="testjobs")
+    check = doctor.check_webhooks(settings)
+    assert check is not None and check.status == doctor.OK
+    settings = configure(monkeypatch, DCM_WEBHOOK_SERVICES="testjobs,segmentaton")
+    check = doctor.check_webhooks(settings)
+    assert check is not None and check.status == doctor.WARNING
+    assert "'segmentaton', not a loaded service" in check.detail
+
+
 def test_a_real_worker_notifies_when_the_last_job_fails(
     live: Settings, define: Define, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
