@@ -593,10 +593,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765) -> None:
     """Run the API and dashboard with uvicorn until interrupted."""
     import uvicorn
 
-    from scheduler.store.db import init_db
-
     settings = get_settings()
-    init_db()
     if settings.api_token is None:
         log.warning("DCM_API_TOKEN is not set: every write (and /stable-patient) is refused")
     if not is_loopback(host):

@@ -1227,6 +1227,9 @@ def serve(
     """HTTP API, dashboard and dcm-processor's POST /stable-patient push."""
     from scheduler.api import serve as serve_api
 
+    # Like the reading commands: a mistyped DCM_HOME must not serve (and
+    # report to Prometheus) an empty new store, nor upgrade a shared one.
+    open_store()
     serve_api(host, port)
 
 

@@ -229,6 +229,7 @@ def nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ["plan", "--study", "1.2.3", "--dry-run"],
         ["doctor"],
         ["ingest", "/no/such/file.dcm"],
+        ["serve", "--port", "1"],
     ],
 )
 def test_reading_commands_without_a_store_write_nothing_and_say_init_db(
@@ -247,9 +248,10 @@ def test_reading_commands_never_upgrade_the_schema(env: Settings) -> None:
     from scheduler.store.schema import SCHEMA_HEAD
 
     command.downgrade(alembic_config(), "0001")
-    result = run("sessions", code=1)
-    assert f"is at schema 0001, this version needs {SCHEMA_HEAD}" in result.output
-    assert store_revision(env.database_url) == "0001"
+    for reading in (["sessions"], ["serve", "--port", "1"]):
+        result = run(*reading, code=1)
+        assert f"is at schema 0001, this version needs {SCHEMA_HEAD}" in result.output
+        assert store_revision(env.database_url) == "0001"
     run("init-db")
     assert store_revision(env.database_url) == SCHEMA_HEAD
 
