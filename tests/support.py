@@ -26,7 +26,7 @@ def _redis_url() -> str:
     (a developer's and CI's) and the parallel workers of one run (pytest-xdist
     names them gw0, gw1, …) never flush each other's queues."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:])
-    given = os.environ.get("DCM_TEST_REDIS")
+    given = os.environ.get("DCM_TEST_REDIS") or None
     if given is None:
         run = os.getppid() if worker >= 0 else os.getpid()
         return f"redis://127.0.0.1:6379/{1 + (run + max(worker, 0)) % 15}"
