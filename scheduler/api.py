@@ -41,7 +41,7 @@ from scheduler.redact import hide_secrets, mask
 from scheduler.registry import current_registry, folder_problems
 from scheduler.sessions import trigger
 from scheduler.store.db import transaction
-from scheduler.vocabulary import JobStatus, Level, SessionStatus
+from scheduler.vocabulary import EVENT_NAME, JobStatus, Level, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class TriggerRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    event: str = Field(min_length=1, max_length=128, pattern=f"^{EVENT_NAME}$")
     level: Level
     uid: str = Field(min_length=1, max_length=128)
 
@@ -152,7 +152,7 @@ class CohortRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    event: str = Field(min_length=1, max_length=128, pattern=f"^{EVENT_NAME}$")
     level: Level = Level.STUDY
     where: list[str] = Field(default_factory=list, description="FIELD=VALUE items.")
     since: str | None = Field(default=None, description="Study date on or after (YYYY-MM-DD).")

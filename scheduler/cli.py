@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from rich.text import Text
 
 from scheduler.config import ConfigError, get_settings
 from scheduler.redact import hide_secrets, mask
-from scheduler.vocabulary import JobStatus, Level, SessionStatus
+from scheduler.vocabulary import EVENT_NAME, JobStatus, Level, SessionStatus
 
 app = typer.Typer(
     help="dcm-processor job scheduler: detect stable DICOM data, plan and run service jobs.",
@@ -502,6 +503,8 @@ def trigger(
         raise fail(
             "--dry-run, --rate and --name are for cohorts: add --where, --since or --limit", 2
         )
+    if not re.fullmatch(EVENT_NAME, event):
+        raise fail(f"event {event!r}: use letters, digits and _ . : - (128 at most)", 2)
     level, uid = candidate(study, series, patient)
     init_db()
     try:

@@ -38,7 +38,7 @@ from scheduler.queries import NotFoundError
 from scheduler.sessions import current_fingerprint
 from scheduler.store.db import rowcount, transaction
 from scheduler.store.models import Cohort, Patient, SchedulingSession, Series, Study
-from scheduler.vocabulary import Level, SessionStatus
+from scheduler.vocabulary import EVENT_NAME, Level, SessionStatus
 
 # Sessions opened per cohort and tick at most, and the most of its sessions
 # that may wait for a planner before it opens more: a cohort never fills the
@@ -52,7 +52,7 @@ LEASE_TTL = 120.0
 OPENING, OPENED, DONE, CANCELLED = "opening", "opened", "done", "cancelled"
 # The tags a --where may name: those ingest keeps on patient, study and series rows.
 FIELDS = frozenset(PATIENT_TAGS + STUDY_TAGS + SERIES_TAGS)
-NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+NAME = re.compile(f"^{EVENT_NAME}$")
 RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|min|m|h|hour)\s*$")
 PER_MINUTE = {"s": 60.0, "sec": 60.0, "min": 1.0, "m": 1.0, "h": 1 / 60, "hour": 1 / 60}
 

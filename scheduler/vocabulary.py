@@ -82,3 +82,8 @@ class ResourceState(StrEnum):
 
 JOB_FINAL_STATUSES = frozenset(status for status in JobStatus if status.final)
 SESSION_FINAL_STATUSES = frozenset(status for status in SessionStatus if status.final)
+
+
+# What a triggered event, a cohort name may be: they end up in tables,
+# metrics labels and file names.
+EVENT_NAME = r"[A-Za-z0-9_.:-]{1,128}"

@@ -127,6 +127,9 @@ def test_wrong_usage_exits_2(env: Settings) -> None:
     run("plan", code=2)
     run("plan", "--study", "1", "--series", "2", code=2)
     run("sessions", "--bogus", code=2)
+    # An event ends up in tables, metrics labels and folder names.
+    for event in ("new\nline", 'ev"il', "*", "x" * 129, ""):
+        assert "use letters, digits" in run("trigger", event, "--study", "1.2", code=2).output
 
 
 def test_plan_dry_run_prints_the_trace_and_writes_nothing(
