@@ -29,6 +29,7 @@ from scheduler.registry import (
     load_registry,
     sync_services,
 )
+from scheduler.registry.fields import service_version
 from scheduler.store.db import dispose_engines, init_db, transaction
 from scheduler.store.models import Service
 
@@ -135,6 +136,21 @@ def test_object_format_gives_name_version_and_jobs(tmp_path: Path) -> None:
     assert [j.job_name for j in loaded.jobs] == ["convert"]
     assert loaded.jobs[0].entry_roots == (folder.absolute(),)
     assert loaded.jobs[0].source == folder.absolute() / "dcm-processor.json"
+
+
+@pytest.mark.parametrize("version", ['1.0 "beta"', "1.0\n2", "v" * 65, " 1.0", 2.0])
+def test_a_version_that_cannot_be_printed_or_recalled_is_refused(
+    tmp_path: Path, version: Any
+) -> None:
+    definition = {"name": "seg", "version": version, "jobs": [job("segment", "seg_code")]}
+    service(tmp_path, "seg", definition, {"seg_code/__init__.py": CODE})
+    problem = only_problem(load(tmp_path))
+    assert "field 'version'" in problem and "expected a" in problem
+
+
+def test_a_version_may_be_semantic_with_a_build_or_a_date() -> None:
+    for version in ("2.3.0", "2024.1-rc1+build5", "v1_2", ""):
+        assert service_version(version) == version
 
 
 def test_bare_list_takes_the_folder_name_and_an_empty_version(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ ON_NEW_DATA = ("rerun", "ignore")
 
 JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 JOB_NAME_MAX = 128  # jobs.job_name column width
 
 # Job fields in the order of README's field table, and the legacy names they replace.

@@ -27,6 +27,7 @@ from scheduler.registry.definitions import (
     JOB_NAME_MAX,
     LEGACY_FIELDS,
     ON_NEW_DATA,
+    VERSION,
     Draft,
     JobDefinition,
     show,
@@ -89,6 +90,19 @@ def job_name(value: Any) -> str:
     if len(name) > JOB_NAME_MAX:
         raise Invalid(f"expected at most {JOB_NAME_MAX} characters")
     return name
+
+
+def service_version(value: Any) -> str:
+    """A version is printed in tables and searched for in a recall
+    (``jobs --service --version``): one short line, like ``2.3.0`` or
+    ``2024.1-rc1+build5``; empty for none."""
+    version = text(value)
+    if version and not VERSION.fullmatch(version):
+        raise Invalid(
+            "expected a version of letters, digits, '.', '_', '+' or '-' "
+            f"(64 characters at most), got {show(value)}"
+        )
+    return version
 
 
 def _channel(value: Any) -> str:

@@ -33,8 +33,8 @@ from scheduler.registry.fields import (
     job_name,
     read_jobs,
     read_json,
+    service_version,
     suggestion,
-    text,
 )
 from scheduler.vocabulary import Phase
 
@@ -63,7 +63,7 @@ def _read_service_object(draft: Draft, data: dict[str, Any]) -> Any:
     except Invalid as exc:
         draft.report(None, "name", str(exc))
     try:
-        draft.service.version = text(data.get("version", ""))
+        draft.service.version = service_version(data.get("version", ""))
     except Invalid as exc:
         draft.report(None, "version", str(exc))
     if "jobs" not in data:
