@@ -16,10 +16,11 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import re2
 
 from scheduler.dicom import ALL_TAGS
 
@@ -78,7 +79,7 @@ class Condition:
 
 
 def show(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    text = json.dumps(value, default=str, ensure_ascii=False)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -102,6 +103,10 @@ def _number(value: Any) -> float | None:
 def _equal(actual: Any, expected: Any) -> bool:
     if isinstance(expected, int | float) and not isinstance(expected, bool):
         return _number(actual) == float(expected)
+    if isinstance(actual, int | float) and not isinstance(actual, bool):
+        # A number the store keeps as one (SliceThickness 5.0) equals "5";
+        # text such as a PatientID "007" stays text.
+        return actual == _number(expected)
     return str(actual).strip().casefold() == str(expected).casefold()
 
 
@@ -132,7 +137,8 @@ class _Equals(Condition):
 @dataclass(frozen=True)
 class _Matches(Condition):
     field: str
-    pattern: re.Pattern[str]
+    source: str
+    pattern: Any  # a compiled RE2 pattern
 
     def test(self, record: Record) -> Verdict:
         values = record.get(self.field)
@@ -140,14 +146,21 @@ class _Matches(Condition):
             return Verdict(False, f"{self.field} is absent")
         for value in values:
             if self.pattern.search(str(value)):
-                return Verdict(
-                    True, f"{self.field} {show(value)} matches {show(self.pattern.pattern)}"
-                )
+                return Verdict(True, f"{self.field} {show(value)} matches {show(self.source)}")
         return Verdict(
             False,
-            f"{self.field} is {_shown_values(values)}, which does not match "
-            f"{show(self.pattern.pattern)}",
+            f"{self.field} is {_shown_values(values)}, which does not match {show(self.source)}",
         )
+
+
+def _regex(source: str) -> Any:
+    """``source`` compiled by RE2, case-insensitive: its matching time grows
+    with the text, never exponentially, so a rule cannot hang planning (at
+    the price of backreferences and lookaround, which RE2 does not have)."""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    return re2.compile(source, options)
 
 
 @dataclass(frozen=True)
@@ -273,9 +286,14 @@ def _operator(name: str, operator: str, argument: Any, path: KeyPath) -> Conditi
         if not isinstance(argument, str):
             raise RuleError(path, f"expected a regular expression (a string), got {show(argument)}")
         try:
-            return _Matches(name, re.compile(argument, re.IGNORECASE))
-        except re.error as exc:
-            raise RuleError(path, f"invalid regular expression {show(argument)}: {exc}") from exc
+            return _Matches(name, argument, _regex(argument))
+        except re2.error as exc:
+            reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise RuleError(
+                path,
+                f"invalid regular expression {show(argument)}: {reason} (rules use RE2 "
+                "syntax: no backreferences or lookaround)",
+            ) from None
     if operator == "present":
         if not isinstance(argument, bool):
             raise RuleError(path, f"expected true or false, got {show(argument)}")

@@ -97,6 +97,25 @@ def test_matches_searches_a_regular_expression_ignoring_case() -> None:
     assert matched({"SeriesNumber": {"matches": "^[23]$"}}) == ["1.1", "1.2"]
 
 
+def test_a_pattern_that_backtracks_for_ever_in_other_engines_ends_at_once() -> None:
+    # (a+)+$ on 64 a's and a '!' takes about 2^64 steps in a backtracking
+    # engine: planning would hang. RE2 answers in time linear in the text.
+    document = headers(CT, US, description="a" * 64 + "!")
+    assert matched({"StudyDescription": {"matches": "(a+)+$"}}, document) == []
+
+
+def test_a_number_the_store_keeps_equals_its_text_but_text_stays_text() -> None:
+    thick = headers(CT | {"SliceThickness": 5.0}, US)
+    assert matched({"SliceThickness": "5"}, thick) == ["1.1"]
+    assert matched({"SliceThickness": {"in": ["5", "7"]}}, thick) == ["1.1"]
+    assert matched({"SeriesNumber": "02"}) == []  # "2" as text is not "02"
+
+
+def test_reasons_show_text_as_it_is_written() -> None:
+    document = headers(CT, US, description="Schlaganfall ÄÖÜ 脑卒中")
+    assert '"Schlaganfall ÄÖÜ 脑卒中"' in why({"StudyDescription": {"matches": "stroke"}}, document)
+
+
 def test_numeric_comparisons_read_text_values_and_never_match_what_is_not_a_number() -> None:
     assert matched({"SliceThickness": {"le": 1.5}}) == ["1.1"]
     assert matched({"SliceThickness": {"lt": 0.625}}) == []
@@ -171,6 +190,8 @@ def test_the_reason_names_the_condition_that_failed_for_each_series() -> None:
         ({"SliceThickness": {"le": "1.5"}}, "when.SliceThickness.le", "expected a number"),
         ({"Modality": {"matches": 3}}, "when.Modality.matches", "expected a regular expression"),
         ({"Modality": {"matches": "CT("}}, "when.Modality.matches", "invalid regular expression"),
+        ({"Modality": {"matches": "(C)\\1"}}, "when.Modality.matches", "no backreferences"),
+        ({"Modality": {"matches": "(?=C)T"}}, "when.Modality.matches", "rules use RE2 syntax"),
         ({"any": {"Modality": "CT"}}, "when.any", "expected a non-empty list of conditions"),
         ({"all": [{"Modality": "CT"}, 4]}, "when.all[1]", "expected an object of conditions"),
         ({"Modalty": "CT"}, "when.Modalty", "unknown field 'Modalty' (did you mean 'Modality'?)"),
