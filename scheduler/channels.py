@@ -21,8 +21,8 @@ from scheduler import messages
 from scheduler.clock import iso, utcnow
 from scheduler.registry.definitions import CHANNEL
 from scheduler.store.db import rowcount, transaction
-from scheduler.store.models import Job, PausedChannel
-from scheduler.vocabulary import JobStatus
+from scheduler.store.models import Job, PausedChannel, Worker
+from scheduler.vocabulary import PLANNING_QUEUE, JobStatus
 
 
 class ChannelNameError(ValueError):
@@ -48,13 +48,46 @@ class ChannelReport:
         return asdict(self)
 
 
+# A pause reason is shown in tables, the dashboard and doctor: one line.
+REASON_MAX = 500
+
+
 def check_channel(channel: str) -> str:
     if not CHANNEL.fullmatch(channel):
         raise ChannelNameError(
             f"{channel!r} is not a channel name: a letter or digit, then letters, digits, "
             "'_', '.', ':' or '-' (at most 128 characters)"
         )
+    if channel == PLANNING_QUEUE:
+        raise ChannelNameError(
+            f"{PLANNING_QUEUE} is where sessions are planned, not a job channel: to stop "
+            "planning, stop beat or the planning worker"
+        )
     return channel
+
+
+def check_reason(reason: str | None) -> str | None:
+    """The reason as one printable line (control characters would reach
+    terminals raw), or an error when it is too long to show."""
+    if reason is None:
+        return None
+    line = " ".join("".join(c if c.isprintable() else " " for c in reason).split())
+    if len(line) > REASON_MAX:
+        raise ChannelNameError(f"a pause reason has at most {REASON_MAX} characters")
+    return line or None
+
+
+def is_used(channel: str) -> bool:
+    """Whether a loaded service's job, a job in the store or a worker uses
+    ``channel``: pausing one nothing uses is likely a typo."""
+    from scheduler.registry import current_registry
+
+    if any(job.channel == channel for job in current_registry().jobs()):
+        return True
+    with transaction() as db:
+        if db.scalar(select(Job.id).where(Job.channel == channel).limit(1)) is not None:
+            return True
+        return any(channel in (row or {}) for row in db.scalars(select(Worker.channels)))
 
 
 def _ready_jobs(channel: str) -> Any:
@@ -69,6 +102,7 @@ def pause(channel: str, reason: str | None = None, now: datetime | None = None) 
     """Pause ``channel``; pausing a paused channel keeps its first pause time
     and takes the new reason, if one is given."""
     check_channel(channel)
+    reason = check_reason(reason)
     now = now or utcnow()
     with transaction() as db:
         row = db.get(PausedChannel, channel)

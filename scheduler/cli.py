@@ -905,6 +905,7 @@ def pause(
 
     try:
         channels.check_channel(channel)
+        channels.check_reason(reason)
     except channels.ChannelNameError as exc:
         raise fail(str(exc), 2) from exc
     init_db()
@@ -912,6 +913,12 @@ def pause(
     if as_json:
         print_json(report.as_dict())
         return
+    if not channels.is_used(channel):
+        errors.print(
+            f"[yellow]warning:[/yellow] no service job, stored job or worker uses channel "
+            f"{channel!r}: a typo? (`dcm-scheduler workers` lists the channels)",
+            highlight=False,
+        )
     console.print(
         f"channel {channel} paused: {report.queued} queued job(s) wait; running ones finish "
         f"(`dcm-scheduler resume {channel}` sends them)"

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta, tzinfo
 
-_FORM = re.compile(r"(\d\d):(\d\d)-(\d\d):(\d\d)")
+_FORM = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 
 
 class WindowError(ValueError):

@@ -34,7 +34,7 @@ from scheduler.presence import record_presence
 from scheduler.registry import load_registry
 from scheduler.sessions import trigger
 from scheduler.store.db import transaction
-from scheduler.store.models import Job
+from scheduler.store.models import Job, PausedChannel
 from scheduler.testing import (
     environment_values,
     record_study,
@@ -187,6 +187,7 @@ def test_a_window_across_midnight_is_open_from_its_start_to_its_end() -> None:
         ("24:00-06:00", "00:00 to 23:59"),
         ("20:00-06:60", "00:00 to 23:59"),
         ("06:00-06:00", "starts and ends at the same time"),
+        ("\u0660\u0668:00-09:00", "HH:MM-HH:MM"),  # Arabic-Indic digits
     ],
 )
 def test_a_window_that_is_not_two_different_times_of_day_is_refused(text: str, why: str) -> None:
@@ -366,6 +367,25 @@ def test_pause_resume_and_the_listings_through_the_cli_the_api_and_a_new_process
     assert resumed.exit_code == 0 and "channel gpu resumed" in resumed.output
     missing = CliRunner().invoke(cli, ["resume", "gpu"])
     assert missing.exit_code == 1 and "not paused" in missing.output
+
+
+def test_a_pause_that_cannot_mean_what_was_meant_is_refused_or_warned(
+    gate: Settings, define: Define
+) -> None:
+    from typer.testing import CliRunner
+
+    define([job("recon", channel="gpu")])
+    planning = CliRunner().invoke(cli, ["pause", "dcm.planning"])
+    assert planning.exit_code == 2 and "not a job channel" in planning.output
+    long = CliRunner().invoke(cli, ["pause", "gpu", "--reason", "x" * 501])
+    assert long.exit_code == 2 and "at most 500 characters" in long.output
+    typo = CliRunner().invoke(cli, ["pause", "gpuu"])
+    assert typo.exit_code == 0 and "no service job, stored job or worker uses" in typo.output
+    known = CliRunner().invoke(cli, ["pause", "gpu", "--reason", "line1\nline2 \x1b[31mRED"])
+    assert known.exit_code == 0 and "warning" not in known.output
+    with transaction() as db:
+        reason = db.get(PausedChannel, "gpu").reason  # type: ignore[union-attr]
+    assert reason == "line1 line2 [31mRED"  # one printable line
 
 
 def test_a_real_worker_leaves_a_paused_channel_s_message_queued_until_resume(
