@@ -195,13 +195,18 @@ def test_a_window_that_is_not_two_different_times_of_day_is_refused(text: str, w
         parse_window(text)
 
 
-def test_services_validate_names_the_file_job_and_field_of_a_bad_window(tmp_path: Path) -> None:
+def test_services_validate_names_the_file_line_job_and_field_of_a_bad_window(
+    tmp_path: Path,
+) -> None:
     definition = write_json(
         tmp_path / "night" / "dcm-processor.json",
         {"name": "night", "jobs": [job("recon", window="25:00-06:00")]},
     )
     [problem] = load_registry([tmp_path], entry_points=False).problems
-    assert str(problem).startswith(f"{definition}: job 'recon': field 'window': ")
+    line = next(
+        n for n, text in enumerate(definition.read_text().splitlines(), 1) if "window" in text
+    )
+    assert str(problem).startswith(f"{definition}: job 'recon': field 'window': line {line}: ")
     assert "25:00" in str(problem)
 
 

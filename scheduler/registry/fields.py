@@ -160,7 +160,8 @@ def _window(value: Any) -> str:
     try:
         return str(parse_window(text(value)))
     except WindowError as exc:
-        raise Invalid(str(exc)) from exc
+        # Reported like a rule: with the line it is written on.
+        raise InvalidRule(RuleError(("window",), str(exc))) from exc
 
 
 def _choice(options: Sequence[str]) -> Callable[[Any], str]:
