@@ -1,8 +1,10 @@
 """``dcm-scheduler run``: the whole scheduler as one supervised process tree.
 
-It starts ``celery -A scheduler worker`` consuming the planning queue and
-every channel of the loaded services, and ``celery -A scheduler beat``, and
-watches them (README, "Failure modes"):
+It starts a ``celery -A scheduler worker`` consuming every channel of the
+loaded services, a second one, the planner, consuming the planning queue
+alone (so a backlog of jobs never holds up planning: an urgent study is
+planned while the jobs before it run), and ``celery -A scheduler beat``,
+and watches them (README, "Failure modes"):
 
 - ``run`` holds ``$DCM_HOME/run.pid`` locked while it lives: a second ``run``
   on the same home refuses to start and names the process that holds it;
@@ -47,7 +49,7 @@ from scheduler.lifeline import die_with_parent, exit_description
 from scheduler.redact import mask
 from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Lease, SchedulingSession, Worker, utcnow
-from scheduler.vocabulary import JobStatus, SessionStatus
+from scheduler.vocabulary import PLANNING_QUEUE, JobStatus, SessionStatus
 
 SHUTDOWN_GRACE = 30.0
 RESTARTS = 5
@@ -89,6 +91,11 @@ def holding_home(home: Path) -> Iterator[Path]:
     finally:
         os.ftruncate(handle, 0)
         os.close(handle)
+
+
+# Planning runs callbacks in a host process of its own; two slots keep one
+# free for plans while the other delivers webhooks or opens a cohort's sessions.
+PLANNER_CONCURRENCY = 2
 
 
 def channels_to_consume() -> list[str]:
@@ -374,8 +381,14 @@ def _run(console: Console, *, concurrency: int | None, verbose: bool, restarts: 
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        channels = tuple(queue for queue in queues if queue != PLANNING_QUEUE)
+        supervisor.add(Child("worker", worker_command(channels, log_file, concurrency), channels))
         supervisor.add(
-            Child("worker", worker_command(queues, log_file, concurrency), tuple(queues))
+            Child(
+                "planner",
+                worker_command([PLANNING_QUEUE], log_file, PLANNER_CONCURRENCY),
+                (PLANNING_QUEUE,),
+            )
         )
         supervisor.add(Child("beat", beat_command(log_file)))
         interactive = console.is_terminal

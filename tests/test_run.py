@@ -22,6 +22,7 @@ from sqlalchemy import select
 from scheduler.store.db import init_db, transaction
 from scheduler.store.models import Job, Worker
 from scheduler.testing import record_study, using_environment, wait_until
+from scheduler.vocabulary import PLANNING_QUEUE, JobStatus
 
 from .conftest import Define
 from .engine import sessions_of
@@ -55,13 +56,15 @@ class Run:
         return psutil.Process(self.pid).children(recursive=True)
 
     def child(self, role: str) -> psutil.Process | None:
-        """The `celery … worker` or `celery … beat` process of this run."""
+        """The `celery … worker` (of the job channels, not the planner) or
+        `celery … beat` process of this run."""
         for child in psutil.Process(self.pid).children():
             try:
-                if role in child.cmdline():
-                    return child
+                command = child.cmdline()
             except psutil.Error:  # one that just died, not reaped yet
                 continue
+            if role in command and PLANNING_QUEUE not in command:
+                return child
         return None
 
     def worker_main(self) -> psutil.Process | None:
@@ -247,6 +250,40 @@ def test_run_works_on_the_defaults_and_a_sigterm_stops_its_whole_tree(
     assert alive == []
 
 
+def test_a_study_is_planned_while_the_only_job_slot_is_busy(
+    embedded: dict[str, str], define: Define, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    define([{"jobName": "slow", "workerEntry": WORK, "params": {"wait_for": str(gate)}}])
+    record_study("81.1")
+    run = Run(embedded, tmp_path / "run.out", "--concurrency", "1")
+    try:
+
+        def running() -> bool:
+            with transaction() as db:
+                return JobStatus.RUNNING in db.scalars(select(Job.status)).all()
+
+        wait_until(running, timeout=90, what="the first study's job to hold the only slot")
+        record_study("81.2")
+
+        def planned() -> bool:
+            found = sessions_of("81.2")
+            return bool(found) and found[0].planned_at is not None
+
+        # Planning has a process of its own: it does not wait for the slot
+        # (an urgent study's jobs go first once they are planned).
+        wait_until(planned, timeout=60, what="the second study to be planned")
+        assert not gate.exists() and running()
+        gate.touch()
+        wait_until(
+            lambda: all(s.status == "succeeded" for u in ("81.1", "81.2") for s in sessions_of(u)),
+            timeout=60,
+            what="both sessions to finish",
+        )
+    finally:
+        run.stop()
+
+
 def test_a_run_killed_mid_job_finishes_every_session_after_a_restart(
     embedded: dict[str, str], define: Define, tmp_path: Path
 ) -> None:
@@ -323,7 +360,7 @@ def test_a_service_with_a_new_channel_gets_a_worker_without_a_restart(
 
         wait_until(finished, timeout=120, what="the gpu job to run")
         assert "new channel(s) gpu: started a worker for them" in run.text()
-        assert len(live_worker_pids()) == 2
+        assert len(live_worker_pids()) == 3  # the planner, the first worker, gpu's
     finally:
         run.stop()
 
