@@ -95,6 +95,27 @@ def test_the_dockerfile_copies_what_exists() -> None:
                 assert (ROOT / source).exists(), source
 
 
+def test_the_image_user_owns_every_named_volume_the_scheduler_mounts(
+    compose: dict[str, Any],
+) -> None:
+    # A named volume mounted where the image has no folder is created root-owned:
+    # beat could not write its schedule, nor a job its outputs.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    owned = dockerfile.split("chown dcm:dcm", 1)[1].splitlines()[0].split()
+    scheduler = compose["x-scheduler"]
+    for volume in scheduler["volumes"]:
+        source, target = volume.split(":")[:2]
+        if not source.startswith((".", "/")):  # a named volume
+            assert target in owned, target
+
+
+def test_orthanc_s_unauthenticated_rest_api_is_not_published_beyond_the_host(
+    compose: dict[str, Any],
+) -> None:
+    ports = compose["services"]["orthanc"]["ports"]
+    assert "127.0.0.1:8042:8042" in ports and "8042:8042" not in ports
+
+
 def test_a_plain_worker_consumes_planning_and_default() -> None:
     done = subprocess.run(
         [
