@@ -1240,7 +1240,30 @@ def serve(
     # Like the reading commands: a mistyped DCM_HOME must not serve (and
     # report to Prometheus) an empty new store, nor upgrade a shared one.
     open_store()
+    problem = address_problem(host, port)
+    if problem:
+        raise fail(problem)
     serve_api(host, port)
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why ``serve`` could not listen on ``host:port`` (in use, no such
+    address, not allowed), found before the server starts and says it in
+    five log lines."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 @app.command()

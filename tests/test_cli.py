@@ -243,6 +243,19 @@ def test_reading_commands_without_a_store_write_nothing_and_say_init_db(
     assert list(nowhere.iterdir()) == []  # no ./.dcm-scheduler, no store file
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line(env: Settings) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--port", str(port), code=1)
+    assert (
+        result.output.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
 def test_reading_commands_never_upgrade_the_schema(env: Settings) -> None:
     from alembic import command
 
