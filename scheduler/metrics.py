@@ -14,7 +14,8 @@ are counted by the database (``SUM(CASE WHEN value <= bound …)``), so a
 scrape reads one row per label set, never one per job. Counters follow the
 rows: when ``prune`` deletes old sessions and jobs, or a retried session
 leaves its final status, a counter goes down, which Prometheus treats as a
-counter reset (``rate()`` and ``increase()`` carry on from the new value).
+counter reset: a range holding that scrape counts the whole new value as
+growth (README, "Metrics", says how to read it).
 Sessions and the waits of their jobs carry ``urgent`` and ``origin`` (live
 or cohort) labels, so urgent and routine work, and live and cohort work,
 are charted apart (README, "Urgent studies first", "Cohort runs"); whether
