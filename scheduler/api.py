@@ -373,8 +373,13 @@ class PauseRequest(BaseModel):
 def post_channel_pause(
     channel: str, body: Annotated[PauseRequest | None, Body()] = None
 ) -> dict[str, Any]:
-    """Stop sending the channel's jobs; running ones finish, queued ones wait."""
-    return channels.pause(channel, body.reason if body else None).as_dict()
+    """Stop sending the channel's jobs; running ones finish, queued ones wait.
+    ``warning`` says when no service job, stored job or worker uses the
+    channel (a typo leaves the real one running)."""
+    report = channels.pause(channel, body.reason if body else None).as_dict()
+    if not channels.is_used(channel):
+        report["warning"] = f"no service job, stored job or worker uses channel {channel!r}"
+    return report
 
 
 @writes.post("/channels/{channel}/resume")

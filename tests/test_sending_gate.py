@@ -386,6 +386,10 @@ def test_a_pause_that_cannot_mean_what_was_meant_is_refused_or_warned(
     assert long.exit_code == 2 and "at most 500 characters" in long.output
     typo = CliRunner().invoke(cli, ["pause", "gpuu"])
     assert typo.exit_code == 0 and "no service job, stored job or worker uses" in typo.output
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = TestClient(create_app())
+    assert "warning" in client.post("/api/channels/gpuu2/pause", headers=auth).json()
+    assert "warning" not in client.post("/api/channels/gpu/pause", headers=auth).json()
     known = CliRunner().invoke(cli, ["pause", "gpu", "--reason", "line1\nline2 \x1b[31mRED"])
     assert known.exit_code == 0 and "warning" not in known.output
     with transaction() as db:
