@@ -816,7 +816,7 @@ def print_prune(counts: dict[str, Any]) -> None:
     )
     for name in (
         *("sessions", "jobs", "dependencies", "leases"),
-        *("patients", "studies", "series", "instances"),
+        *("patients", "studies", "series", "instances", "workers"),
     ):
         grid.add_row(name, str(counts[name]))
     for name, count in counts["other_rows"].items():

@@ -51,7 +51,7 @@ from scheduler.config import Settings, get_settings
 from scheduler.ingest import fingerprint
 from scheduler.leases import acquire, new_holder, release, renewing
 from scheduler.sessions import lease_name
-from scheduler.store.db import dialect_name, transaction
+from scheduler.store.db import dialect_name, rowcount, transaction
 from scheduler.store.models import (
     Base,
     Instance,
@@ -62,6 +62,7 @@ from scheduler.store.models import (
     SchedulingSession,
     Series,
     Study,
+    Worker,
     utcnow,
 )
 from scheduler.vocabulary import SESSION_FINAL_STATUSES, JobStatus, Level, ResourceState
@@ -103,6 +104,8 @@ class PruneReport:
     studies: int = 0
     series: int = 0
     instances: int = 0
+    # Workers silent since before the cutoff (killed, or their host gone).
+    workers: int = 0
     output_folders: int = 0
     # Of those, folders whose session was already gone.
     orphan_folders: int = 0
@@ -126,6 +129,7 @@ class PruneReport:
             "studies": self.studies,
             "series": self.series,
             "instances": self.instances,
+            "workers": self.workers,
             "output_folders": self.output_folders,
             "orphan_folders": self.orphan_folders,
             "bytes_freed": self.bytes_freed,
@@ -226,8 +230,20 @@ class _Pruner:
             references = self.sessions_batch(page)
             self.resources(references)
         self.patients_left()
+        self.silent_workers()
         if self.report.outputs:
             self.orphans()
+
+    def silent_workers(self) -> None:
+        """A worker that stopped cleanly leaves the list itself; one that was
+        killed stays, silent, until its last heartbeat is older than the
+        cutoff."""
+        silent = Worker.last_heartbeat < self.cutoff
+        with transaction() as db:
+            if self.dry_run:
+                self.report.workers = db.scalar(select(func.count()).where(silent)) or 0
+            else:
+                self.report.workers = rowcount(db.execute(delete(Worker).where(silent)))
 
     def sessions_batch(self, page: list[str]) -> set[tuple[str, str]]:
         """Delete (or count) one page of sessions; returns the (level, uid)

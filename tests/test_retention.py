@@ -19,6 +19,7 @@ from scheduler import detection, retention, sessions
 from scheduler.cli import app as cli
 from scheduler.config import ConfigError, Settings, load_settings, parse_age
 from scheduler.leases import acquire, new_holder, release, take
+from scheduler.presence import record_presence
 from scheduler.sessions import lease_name
 from scheduler.store.db import transaction
 from scheduler.store.models import (
@@ -31,6 +32,7 @@ from scheduler.store.models import (
     Series,
     Study,
     WebhookDelivery,
+    Worker,
     utcnow,
 )
 from scheduler.testing import NOOP, noop_service, record_study, using_environment
@@ -94,6 +96,16 @@ def prune_cli(*args: str, code: int = 0) -> Any:
     result = CliRunner().invoke(cli, ["prune", *args])
     assert result.exit_code == code, result.output
     return json.loads(result.stdout) if "--json" in args and code == 0 else result
+
+
+def test_workers_silent_since_before_the_age_leave_the_list(store: Settings) -> None:
+    with transaction() as db:
+        record_presence(db, "killed@old-host", ["default"], now=LONG_AGO)
+        record_presence(db, "alive@host", ["default"])
+    assert prune_cli("--older-than", "90d", "--dry-run", "--json")["workers"] == 1
+    assert prune_cli("--older-than", "90d", "--json")["workers"] == 1
+    with transaction() as db:
+        assert list(db.scalars(select(Worker.hostname))) == ["alive@host"]
 
 
 def test_only_sessions_that_ended_before_the_age_go_with_their_jobs_and_data(
