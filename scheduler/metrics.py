@@ -11,11 +11,19 @@ derives each figure from it with a few aggregate ``SELECT``\\ s when
 Prometheus scrapes: the values are right whichever process did the work,
 and one ``serve`` anywhere reports the whole scheduler. Histogram buckets
 are counted by the database (``SUM(CASE WHEN value <= bound …)``), so a
-scrape reads one row per label set, never one per job. Counters follow the
-rows: when ``prune`` deletes old sessions and jobs, or a retried session
-leaves its final status, a counter goes down, which Prometheus treats as a
-counter reset: a range holding that scrape counts the whole new value as
-growth (README, "Metrics", says how to read it).
+scrape reads one row per label set, never one per job.
+
+Counters and histograms never go down for a ``prune``: in the transaction
+that deletes a page of sessions, :func:`carried_samples` computes what those
+sessions add to every counter and histogram sample, by the very queries a
+scrape runs, and ``prune`` adds it to the ``metric_carry`` table (and the
+instances it deletes to ``dcm_instances_ingested_total``); each scrape adds
+that table to what the rows still give (:func:`with_carry`), in one
+snapshot of the store. A ``retry`` that re-opens a finished session still
+lowers the finished counts, and the queue-wait and duration histograms of
+the jobs it re-runs, which Prometheus reads as a counter reset (README,
+"Metrics", says how to read it).
+
 Sessions and the waits of their jobs carry ``urgent`` and ``origin`` (live
 or cohort) labels, so urgent and routine work, and live and cohort work,
 are charted apart (README, "Urgent studies first", "Cohort runs"); whether
@@ -25,12 +33,14 @@ an off-peak window is open is decided in Python, at the collector's
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
+from itertools import chain
 from typing import Any
 
 from prometheus_client.core import (
@@ -40,6 +50,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from scheduler.clock import live_after, utcnow
 from scheduler.store.reader import Reader, reader_of
@@ -60,6 +71,11 @@ OPEN_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 # it came from: the labels that split sessions and job waits.
 URGENT = "CASE WHEN s.urgent THEN 'true' ELSE 'false' END"
 ORIGIN = "CASE WHEN s.cohort IS NULL THEN 'live' ELSE 'cohort' END"
+
+# The families that only grow: their samples are carried across a prune.
+MONOTONIC = ("counter", "histogram")
+# A sample and its labels, as a key of ``metric_carry``.
+SampleKey = tuple[str, str]
 
 
 # --------------------------------------------------------------------------
@@ -145,7 +161,8 @@ class Scan:
     histograms: Sequence[Histogram] = ()
     sums: Mapping[str, str] = field(default_factory=dict)
 
-    def sql(self, dialect: str) -> str:
+    def sql(self, dialect: str, where: str = "") -> str:
+        """The grouped query; ``where`` (SQL) keeps only some rows."""
         inner = [f"{column} AS l{n}" for n, column in enumerate(self.columns)]
         inner += [f"{value} AS s_{name}" for name, value in self.sums.items()]
         inner += [f"{h.value} AS v{n}" for n, h in enumerate(self.histograms)]
@@ -158,13 +175,15 @@ class Scan:
                 f"SUM(CASE WHEN v{n} <= {bound!r} THEN 1 ELSE 0 END) AS h{n}_b{b}"
                 for b, bound in enumerate(histogram.buckets)
             ]
-        rows = fenced(f"SELECT {', '.join(inner)} {self.source}", dialect)
+        condition = f" WHERE {where}" if where else ""
+        rows = fenced(f"SELECT {', '.join(inner)} {self.source}{condition}", dialect)
         group = f" GROUP BY {', '.join(grouped)}" if grouped else ""
         return f"SELECT {', '.join(outer)} FROM ({rows}) AS scanned{group}"
 
-    def read(self, reader: Reader) -> list[dict[str, Any]]:
-        """The groups, with their labels by name."""
-        rows = reader.rows(self.sql(reader.dialect))
+    def read(self, reader: Reader, where: str = "", **params: Any) -> list[dict[str, Any]]:
+        """The groups, with their labels by name; ``where`` and ``params``
+        keep only some rows."""
+        rows = reader.rows(self.sql(reader.dialect, where), **params)
         for row in rows:
             row.update({label: _label(row[f"l{n}"]) for n, label in enumerate(self.labels)})
         return rows
@@ -199,6 +218,12 @@ def _bound(bound: float) -> str:
 
 def _label(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _of_sessions(column: str, sessions: Sequence[str] | None) -> str:
+    """SQL keeping the rows of ``sessions`` (``column`` holds the session
+    id), with a ``:sessions`` parameter; empty for every row (None)."""
+    return "" if sessions is None else f"{column} IN (:sessions)"
 
 
 # --------------------------------------------------------------------------
@@ -265,9 +290,11 @@ def callbacks_scan(dialect: str) -> Scan:
     )
 
 
-def _sessions(reader: Reader) -> Iterator[Metric]:
+def _sessions(reader: Reader, sessions: Sequence[str] | None = None) -> Iterator[Metric]:
+    """The figures of every session, or of ``sessions`` only."""
+    where = _of_sessions("s.id", sessions)
     scan = sessions_scan(reader.dialect)
-    rows = scan.read(reader)
+    rows = scan.read(reader, where, sessions=sessions)
     kinds = ["urgent", "origin"]
     created = CounterMetricFamily(
         "dcm_sessions", "Scheduling sessions created.", labels=["event", *kinds]
@@ -307,7 +334,7 @@ def _sessions(reader: Reader) -> Iterator[Metric]:
     for n in range(len(scan.histograms)):
         yield scan.family(n, rows)
     callbacks = callbacks_scan(reader.dialect)
-    yield callbacks.family(0, callbacks.read(reader))
+    yield callbacks.family(0, callbacks.read(reader, where, sessions=sessions))
 
 
 # --------------------------------------------------------------------------
@@ -342,9 +369,10 @@ def jobs_scan(dialect: str) -> Scan:
     )
 
 
-def _jobs(reader: Reader) -> Iterator[Metric]:
+def _jobs(reader: Reader, sessions: Sequence[str] | None = None) -> Iterator[Metric]:
+    """The figures of every job, or of the jobs of ``sessions`` only."""
     scan = jobs_scan(reader.dialect)
-    rows = scan.read(reader)
+    rows = scan.read(reader, _of_sessions("s.id", sessions), sessions=sessions)
     finished = CounterMetricFamily(
         "dcm_jobs_finished",
         "Jobs that ended, by final status.",
@@ -373,8 +401,10 @@ def _jobs(reader: Reader) -> Iterator[Metric]:
         yield scan.family(n, rows)
 
 
-def _attempts(reader: Reader) -> Iterator[Metric]:
+def _attempts(reader: Reader, sessions: Sequence[str] | None = None) -> Iterator[Metric]:
+    """The ended attempts of every job, or of the jobs of ``sessions`` only."""
     join, status = attempt_entries(reader.dialect)
+    where = _of_sessions("j.session_id", sessions)
     attempts = CounterMetricFamily(
         "dcm_job_attempts",
         "Ended attempts of jobs, by how they ended: succeeded, failed, "
@@ -383,8 +413,9 @@ def _attempts(reader: Reader) -> Iterator[Metric]:
     )
     for row in reader.rows(
         f"SELECT j.service, j.job_name, j.channel, {status} AS status, COUNT(*) AS n "
-        f"FROM jobs j {join} WHERE j.attempts > 0 "
-        f"GROUP BY j.service, j.job_name, j.channel, {status}"
+        f"FROM jobs j {join} WHERE j.attempts > 0{' AND ' + where if where else ''} "
+        f"GROUP BY j.service, j.job_name, j.channel, {status}",
+        sessions=sessions,
     ):
         attempts.add_metric(
             [row["service"], row["job_name"], row["channel"], _label(row["status"])], row["n"]
@@ -474,6 +505,100 @@ def _instances(reader: Reader) -> Iterator[Metric]:
 
 
 # --------------------------------------------------------------------------
+# What prune carries
+
+
+INSTANCES_SAMPLE = "dcm_instances_ingested_total"
+
+
+def labels_key(labels: Mapping[str, str]) -> str:
+    """A sample's labels as the JSON ``metric_carry`` keeps, keys sorted."""
+    return json.dumps(dict(labels), sort_keys=True, separators=(",", ":"))
+
+
+def _session_figures(reader: Reader, sessions: Sequence[str] | None = None) -> Iterator[Metric]:
+    """The figures that follow the rows of sessions and their jobs."""
+    yield from _sessions(reader, sessions)
+    yield from _jobs(reader, sessions)
+    yield from _attempts(reader, sessions)
+
+
+def carried_samples(reader: Reader, sessions: Sequence[str]) -> dict[SampleKey, float]:
+    """What ``sessions`` (and their jobs) add to every counter and histogram
+    sample of a scrape, by sample name and labels (:func:`labels_key`): what
+    ``prune`` carries before it deletes them."""
+    found: dict[SampleKey, float] = defaultdict(float)
+    if not sessions:
+        return found
+    for family in _session_figures(reader, sessions):
+        if family.type in MONOTONIC:
+            for sample in family.samples:
+                found[sample.name, labels_key(sample.labels)] += sample.value
+    return dict(found)
+
+
+def read_carry(reader: Reader) -> dict[SampleKey, float]:
+    """The samples ``prune`` carried so far."""
+    rows = reader.rows("SELECT sample, labels, value FROM metric_carry")
+    return {(row["sample"], row["labels"]): float(row["value"]) for row in rows}
+
+
+def _bucket_order(bound: str) -> float:
+    return float("inf") if bound == "+Inf" else float(bound)
+
+
+def with_carry(family: Metric, carry: Mapping[SampleKey, float]) -> Metric:
+    """``family`` with the carried samples added: to the sample of the same
+    name and labels, or as a new one for labels no row has any more. A
+    histogram's buckets stay cumulative (counts add up bound by bound) and
+    its ``_count`` is its ``+Inf`` bucket."""
+    if family.type not in MONOTONIC or not carry:
+        return family
+    names = (
+        [f"{family.name}_total"]
+        if family.type == "counter"
+        else [f"{family.name}_{suffix}" for suffix in ("bucket", "count", "sum")]
+    )
+    merged: dict[SampleKey, float] = {
+        (sample.name, labels_key(sample.labels)): sample.value for sample in family.samples
+    }
+    for (name, labels), value in sorted(carry.items()):
+        if name in names:
+            merged[name, labels] = merged.get((name, labels), 0.0) + value
+    if family.type == "counter":
+        family.samples = _counter_samples(merged)
+    else:
+        family.samples = _histogram_samples(family.name, merged)
+    return family
+
+
+def _counter_samples(merged: Mapping[SampleKey, float]) -> list[Sample]:
+    return [Sample(name, json.loads(labels), value) for (name, labels), value in merged.items()]
+
+
+def _histogram_samples(name: str, merged: Mapping[SampleKey, float]) -> list[Sample]:
+    """Each label set's buckets by bound, then its count and sum."""
+    groups: dict[str, dict[str, Any]] = {}
+    for (sample, labels), value in merged.items():
+        decoded = json.loads(labels)
+        bound = decoded.pop("le", None)
+        group = groups.setdefault(labels_key(decoded), {"buckets": {}, "sum": 0.0})
+        if sample == f"{name}_bucket" and bound is not None:
+            group["buckets"][bound] = value
+        elif sample == f"{name}_sum":
+            group["sum"] = value
+    samples: list[Sample] = []
+    for labels, group in groups.items():
+        base = json.loads(labels)
+        buckets: dict[str, float] = group["buckets"]
+        for bound in sorted(buckets, key=_bucket_order):
+            samples.append(Sample(f"{name}_bucket", {**base, "le": bound}, buckets[bound]))
+        samples.append(Sample(f"{name}_count", base, buckets.get("+Inf", 0.0)))
+        samples.append(Sample(f"{name}_sum", base, group["sum"]))
+    return samples
+
+
+# --------------------------------------------------------------------------
 # The collector
 
 
@@ -487,10 +612,9 @@ def collect_from(
     current time by default), with off-peak windows on ``zone``'s clock
     (None: the machine's local zone, as ``DCM_TIMEZONE`` unset)."""
     started = time.perf_counter()
-    yield from _instances(reader)
-    yield from _sessions(reader)
-    yield from _jobs(reader)
-    yield from _attempts(reader)
+    carry = read_carry(reader)
+    for family in chain(_instances(reader), _session_figures(reader)):
+        yield with_carry(family, carry)
     yield from _backlog(reader, heartbeat_interval, now or utcnow(), zone)
     yield GaugeMetricFamily(
         "dcm_metrics_collect_seconds",
@@ -501,10 +625,14 @@ def collect_from(
 
 @contextmanager
 def store_reader() -> Iterator[Reader]:
-    """A reader of the configured store, in one read transaction."""
-    from scheduler.store.db import transaction
+    """A reader of the configured store, in one read transaction: one
+    snapshot, so a prune committing mid-scrape is seen whole or not at all
+    (never its sessions both in the rows and in what it carried)."""
+    from scheduler.store.db import dialect_name, transaction
 
     with transaction() as db:
+        if dialect_name(db) == "postgresql":
+            db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         yield reader_of(db)
 
 

@@ -29,6 +29,11 @@ year of data, so live detection, planning and jobs wait for at most one
 batch. A ``--dry-run`` reads the same batches and counts what would go.
 The ``prune`` lease keeps two prunes (two beats, or beat and an operator)
 from running at once.
+
+Counters and histograms of ``/metrics`` never go down for a prune: each
+batch adds what it deletes to the ``metric_carry`` table in the transaction
+that deletes it (:func:`scheduler.metrics.carried_samples`; README,
+"Metrics").
 """
 
 from __future__ import annotations
@@ -50,14 +55,16 @@ from sqlalchemy.orm import Session
 from scheduler.config import Settings, get_settings
 from scheduler.ingest import fingerprint
 from scheduler.leases import acquire, new_holder, release, renewing
+from scheduler.metrics import INSTANCES_SAMPLE, SampleKey, carried_samples, labels_key
 from scheduler.sessions import lease_name
-from scheduler.store.db import dialect_name, rowcount, transaction
+from scheduler.store.db import dialect_name, insert_for, rowcount, transaction
 from scheduler.store.models import (
     Base,
     Instance,
     Job,
     JobDependency,
     Lease,
+    MetricCarry,
     Patient,
     SchedulingSession,
     Series,
@@ -65,6 +72,7 @@ from scheduler.store.models import (
     Worker,
     utcnow,
 )
+from scheduler.store.reader import reader_of
 from scheduler.vocabulary import SESSION_FINAL_STATUSES, JobStatus, Level, ResourceState
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,8 @@ SESSION_BATCH = 200
 STUDY_BATCH = 20
 # Largest IN (...) list sent in one statement.
 IN_CHUNK = 500
+# Carried metric samples per statement (three parameters each).
+CARRY_CHUNK = 300
 # An output folder is named after its session id; anything else is left alone.
 SESSION_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # What a session id looks like (a UUID): the only names an orphan folder may have.
@@ -277,6 +287,8 @@ class _Pruner:
                 ("leases", Lease.__table__, leases),
                 ("sessions", SchedulingSession.__table__, SchedulingSession.id.in_(ids)),
             ]
+            if not self.dry_run:
+                carry(db, carried_samples(reader_of(db), ids))
             for name, table, where in counted:
                 count = db.scalar(select(func.count()).select_from(table).where(where)) or 0
                 if name in COUNTED:
@@ -458,12 +470,12 @@ class _Pruner:
         gone_series = [row[0] for row in series_rows if row[2] in gone]
         report = self.report
         instances = Instance.series_pk.in_(gone_series)
-        report.instances += (
-            db.scalar(select(func.count()).select_from(Instance).where(instances)) or 0
-        )
+        deleted = db.scalar(select(func.count()).select_from(Instance).where(instances)) or 0
+        report.instances += deleted
         report.series += len(gone_series)
         report.studies += len(gone)
         if not self.dry_run:
+            carry(db, {(INSTANCES_SAMPLE, labels_key({})): float(deleted)})
             db.execute(delete(Instance).where(instances))
             db.execute(delete(Series).where(Series.id.in_(gone_series)))
             db.execute(delete(Study).where(Study.id.in_(gone)))
@@ -511,6 +523,25 @@ class _Pruner:
             db.execute(delete(Patient).where(Patient.id.in_(gone)))
         for pk in sorted(with_studies):
             _recount_patient(db, pk)
+
+
+def carry(db: Session, samples: dict[SampleKey, float]) -> None:
+    """Add ``samples`` to what ``metric_carry`` holds, in ``db``'s
+    transaction (the one deleting the rows they came from)."""
+    insert = insert_for(db)
+    rows = [
+        {"sample": sample, "labels": labels, "value": value}
+        for (sample, labels), value in sorted(samples.items())
+    ]
+    # Zeros too: a histogram's empty buckets must stay once its rows are gone.
+    for chunk in _chunks(rows, CARRY_CHUNK):
+        statement = insert(MetricCarry).values(chunk)
+        db.execute(
+            statement.on_conflict_do_update(
+                index_elements=["sample", "labels"],
+                set_={"value": MetricCarry.value + statement.excluded.value},
+            )
+        )
 
 
 def _recount_patient(db: Session, pk: int) -> None:

@@ -15,18 +15,20 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
+from scheduler import retention
 from scheduler.api import create_app
 from scheduler.cli import app as cli
 from scheduler.config import Settings
-from scheduler.metrics import StoreCollector
+from scheduler.metrics import StoreCollector, carried_samples, labels_key
 from scheduler.presence import record_presence
 from scheduler.queries import list_workers
 from scheduler.sessions import trigger
 from scheduler.store.db import transaction
-from scheduler.store.models import Job, SchedulingSession, utcnow
+from scheduler.store.models import Instance, Job, SchedulingSession, utcnow
+from scheduler.store.reader import reader_of
 from scheduler.testing import detect_and_send, record_study, use_environment, using_environment
 from tests.test_api import AUTH, TOKEN, eager
 from tests.test_sending_gate import window_around
@@ -323,6 +325,92 @@ def test_urgent_cohort_paused_and_window_series_follow_the_store(
     assert values(later["dcm_jobs_waiting_window"]) == {("default",): 0, ("gpu",): 0}
     assert values(after_resume["dcm_channel_paused"]) == {("default",): 0, ("gpu",): 0}
     assert values(after_resume["dcm_jobs_waiting_window"])[("default",)] == 1
+
+
+def grown(metrics: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """Every counter and histogram sample of a scrape, by name and labels."""
+    return {
+        (sample.name, labels_key(sample.labels)): sample.value
+        for family in metrics.values()
+        if family.type in ("counter", "histogram")
+        for sample in family.samples
+    }
+
+
+def stored() -> tuple[int, int, int]:
+    with transaction() as db:
+        return (
+            db.scalar(select(func.count()).select_from(SchedulingSession)) or 0,
+            db.scalar(select(func.count()).select_from(Job)) or 0,
+            db.scalar(select(func.count()).select_from(Instance)) or 0,
+        )
+
+
+def test_counters_and_histograms_never_go_down_when_prune_deletes_their_rows(
+    client: TestClient, define: Define, tmp_path: Path
+) -> None:
+    define(jobs(tmp_path / "calls"))
+    record_study("9.1", now=utcnow() - timedelta(minutes=5))
+    with eager():
+        detect_and_send()
+    before = grown(scrape(client))
+    assert (
+        before[
+            (
+                "dcm_sessions_total",
+                labels_key({"event": "study.stable", "origin": "live", "urgent": "false"}),
+            )
+        ]
+        == 1
+    )
+    assert before[("dcm_instances_ingested_total", "{}")] == 2
+    # Empty buckets are samples too: they must stay.
+    assert 0 in before.values()
+
+    report = retention.prune(0.0, now=utcnow() + timedelta(hours=1))
+    assert (report.sessions, report.instances) == (1, 2)
+    assert stored() == (0, 0, 0)
+    after = grown(scrape(client))
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key] == pytest.approx(value), key
+
+    # A dry run carries nothing; a prune with nothing to delete neither.
+    retention.prune(0.0, now=utcnow() + timedelta(hours=1), dry_run=True)
+    retention.prune(0.0, now=utcnow() + timedelta(hours=1))
+    assert grown(scrape(client)) == pytest.approx(after)
+
+    # New work adds exactly its own figures to what was carried.
+    (tmp_path / "calls").unlink(missing_ok=True)
+    record_study("9.3", now=utcnow() - timedelta(minutes=5))
+    with eager():
+        [session] = detect_and_send()
+    later = grown(scrape(client))
+    with transaction() as db:
+        own = carried_samples(reader_of(db), [session])
+        statuses = Counter(
+            j.status for j in db.scalars(select(Job).where(Job.session_id == session))
+        )
+    own[("dcm_instances_ingested_total", "{}")] = 2
+    assert later.keys() == after.keys() | own.keys()
+    for key, value in later.items():
+        assert value == pytest.approx(after.get(key, 0) + own.get(key, 0)), key
+    finished = {
+        status: sum(
+            v
+            for (name, labels), v in later.items()
+            if name == "dcm_jobs_finished_total" and json.loads(labels)["status"] == status
+        )
+        for status in statuses
+    }
+    assert finished == {status: 2 * n for status, n in statuses.items()}
+    assert sum(v for (name, _labels), v in later.items() if name == "dcm_sessions_total") == 2
+    assert later[("dcm_instances_ingested_total", "{}")] == 4
+    for name in ("dcm_job_duration_seconds", "dcm_job_queue_wait_seconds"):
+        for (sample, labels), value in later.items():
+            if sample == f"{name}_count":
+                inf = {**json.loads(labels), "le": "+Inf"}
+                assert later[(f"{name}_bucket", labels_key(inf))] == value == 2, labels
 
 
 # The dashboard and the access rule do not depend on the backend: SQLite only.

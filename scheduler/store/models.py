@@ -349,3 +349,16 @@ class PausedChannel(Base):
     channel: Mapped[str] = mapped_column(String(128), primary_key=True)
     paused_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class MetricCarry(Base):
+    """What ``prune`` deleted, as the counter and histogram samples of
+    ``/metrics`` it made, so those never go down (README, "Metrics")."""
+
+    __tablename__ = "metric_carry"
+
+    # The exposed sample, e.g. ``dcm_jobs_finished_total``.
+    sample: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # Its labels as JSON, keys sorted.
+    labels: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[float] = mapped_column(Float, default=0.0)

@@ -4,4 +4,4 @@ A test keeps it equal to Alembic's head, so reading commands can check the
 store's schema without loading Alembic.
 """
 
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
