@@ -577,9 +577,7 @@ def cancel_cohort(name: str, now: datetime | None = None) -> CohortReport:
         # An opener that read the cohort before this commits opens nothing
         # after it: its update is conditional on the status (_open_next).
         db.execute(
-            update(Cohort)
-            .where(Cohort.name == name)
-            .values(status=CANCELLED, finished_at=now, total=row.opened)
+            update(Cohort).where(Cohort.name == name).values(status=CANCELLED, finished_at=now)
         )
     with transaction() as db:
         open_ids = _open_session_ids(db, name, (SessionStatus.PLANNING, SessionStatus.RUNNING))
