@@ -552,8 +552,24 @@ def with_carry(family: Metric, carry: Mapping[SampleKey, float]) -> Metric:
     name and labels, or as a new one for labels no row has any more. A
     histogram's buckets stay cumulative (counts add up bound by bound) and
     its ``_count`` is its ``+Inf`` bucket."""
-    if family.type not in MONOTONIC or not carry:
+    if family.type not in MONOTONIC:
         return family
+    if carry:
+        _add_carry(family, carry)
+    if family.type == "histogram":
+        # Sums of microsecond timings: the carried part plus what rows remain
+        # is not bit for bit the sum of all rows, and a last-digit dip would
+        # read as a counter reset.
+        family.samples = [
+            sample._replace(value=round(sample.value, 6))
+            if sample.name.endswith("_sum")
+            else sample
+            for sample in family.samples
+        ]
+    return family
+
+
+def _add_carry(family: Metric, carry: Mapping[SampleKey, float]) -> None:
     names = (
         [f"{family.name}_total"]
         if family.type == "counter"
@@ -569,7 +585,6 @@ def with_carry(family: Metric, carry: Mapping[SampleKey, float]) -> Metric:
         family.samples = _counter_samples(merged)
     else:
         family.samples = _histogram_samples(family.name, merged)
-    return family
 
 
 def _counter_samples(merged: Mapping[SampleKey, float]) -> list[Sample]:
