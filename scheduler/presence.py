@@ -27,14 +27,21 @@ def live_after(now: datetime | None = None) -> datetime:
 
 
 def record_presence(
-    db: Executor, hostname: str, channels: list[str] | None, now: datetime | None = None
+    db: Executor,
+    hostname: str,
+    channels: list[str] | None,
+    now: datetime | None = None,
+    *,
+    if_new: list[str] | None = None,
 ) -> None:
-    """Upsert the worker's row; ``channels`` replaces its list when given."""
+    """Upsert the worker's row; ``channels`` replaces its list when given;
+    ``if_new`` are the channels of a row written afresh (a heartbeat after a
+    prune removed the row of a worker silent too long)."""
     now = now or utcnow()
     insert = insert_for(db)
     values: dict[str, Any] = {
         "hostname": hostname,
-        "channels": {c: True for c in channels or []},
+        "channels": {c: True for c in channels or if_new or []},
         "pid": os.getpid(),
         "started_at": now,
         "last_heartbeat": now,

@@ -56,6 +56,7 @@ from scheduler.config import Settings, get_settings
 from scheduler.ingest import fingerprint
 from scheduler.leases import acquire, new_holder, release, renewing
 from scheduler.metrics import INSTANCES_SAMPLE, SampleKey, carried_samples, labels_key
+from scheduler.presence import live_after
 from scheduler.sessions import lease_name
 from scheduler.store.db import dialect_name, insert_for, rowcount, transaction
 from scheduler.store.models import (
@@ -248,7 +249,8 @@ class _Pruner:
         """A worker that stopped cleanly leaves the list itself; one that was
         killed stays, silent, until its last heartbeat is older than the
         cutoff."""
-        silent = Worker.last_heartbeat < self.cutoff
+        # Never one that is live, whatever the cutoff.
+        silent = Worker.last_heartbeat < min(self.cutoff, live_after())
         with transaction() as db:
             if self.dry_run:
                 self.report.workers = db.scalar(select(func.count()).where(silent)) or 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from typer.testing import CliRunner
 
 import celeryconfig
@@ -106,6 +106,14 @@ def test_workers_silent_since_before_the_age_leave_the_list(store: Settings) -> 
     assert prune_cli("--older-than", "90d", "--json")["workers"] == 1
     with transaction() as db:
         assert list(db.scalars(select(Worker.hostname))) == ["alive@host"]
+    # A live worker stays, however short the age.
+    assert prune_cli("--older-than", "1s", "--json")["workers"] == 0
+    # One whose row went anyway (silent past the cutoff, then back) beats
+    # it back with its channels.
+    with transaction() as db:
+        db.execute(delete(Worker))
+        record_presence(db, "alive@host", None, if_new=["default", "gpu"])
+        assert db.scalar(select(Worker.channels)) == {"default": True, "gpu": True}
 
 
 def test_only_sessions_that_ended_before_the_age_go_with_their_jobs_and_data(

@@ -43,25 +43,26 @@ class Heartbeat(bootsteps.StartStopStep):
         self._hostname = hostname
         if not hostname:
             return
+        channels = consumed_queues(parent)
         try:
             with transaction() as db:
-                record_presence(db, hostname, consumed_queues(parent))
+                record_presence(db, hostname, channels)
         except Exception as exc:  # noqa: BLE001 - presence must never stop a worker
             log.warning("could not record worker %s: %s", hostname, exc)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._beat,
-            args=(hostname, get_settings().heartbeat_interval),
+            args=(hostname, get_settings().heartbeat_interval, channels),
             name="dcm-worker-heartbeat",
             daemon=True,
         )
         self._thread.start()
 
-    def _beat(self, hostname: str, interval: float) -> None:
+    def _beat(self, hostname: str, interval: float, channels: list[str]) -> None:
         while not self._stop.wait(interval):
             try:
                 with transaction() as db:
-                    record_presence(db, hostname, None)
+                    record_presence(db, hostname, None, if_new=channels)
             except Exception as exc:  # noqa: BLE001 - the store may be briefly away
                 log.warning("worker heartbeat failed: %s", exc)
 
