@@ -256,6 +256,18 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(env: Settings) -> None:
     )
 
 
+def test_a_store_upgraded_by_a_newer_release_asks_for_the_upgrade_here(env: Settings) -> None:
+    from sqlalchemy import text
+
+    from scheduler.store.db import get_engine
+
+    with get_engine().begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    result = run("sessions", code=1)
+    assert "is at schema 9999, newer than this version's" in result.output
+    assert "upgrade dcm-scheduler here too" in " ".join(result.output.split())
+
+
 def test_reading_commands_never_upgrade_the_schema(env: Settings) -> None:
     from alembic import command
 

@@ -242,6 +242,12 @@ def check_schema(reader: Reader, shown: str) -> None:
     if revision is None:
         raise StoreNotReadyError(f"the store at {shown} has no schema: run `dcm-scheduler init-db`")
     if revision != SCHEMA_HEAD:
+        if revision.isdigit() and SCHEMA_HEAD.isdigit() and int(revision) > int(SCHEMA_HEAD):
+            # A newer release upgraded the store: init-db of this one cannot help.
+            raise StoreNotReadyError(
+                f"the store at {shown} is at schema {revision}, newer than this version's "
+                f"{SCHEMA_HEAD}: upgrade dcm-scheduler here too"
+            )
         raise StoreNotReadyError(
             f"the store at {shown} is at schema {revision}, this version needs "
             f"{SCHEMA_HEAD}: run `dcm-scheduler init-db`"
