@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -684,7 +685,7 @@ def retry(
     as_json: JsonOption = False,
 ) -> None:
     """Re-run failed jobs and what depends on them, in the same session."""
-    from scheduler import control, queries
+    from scheduler import control
     from scheduler.store.db import init_db
 
     if [job_id, session, cohort].count(None) != 2:
@@ -693,28 +694,37 @@ def retry(
     if cohort is not None:
         from scheduler import cohorts
 
-        try:
-            done = cohorts.retry_cohort(cohort)
-        except (queries.NotFoundError, control.NothingToDoError) as exc:
-            raise fail(str(exc)) from exc
-        if as_json:
-            print_json(done.as_dict())
-            return
-        console.print(
-            f"cohort {cohort}: re-queued {done.jobs} job(s) in {len(done.sessions)} session(s)"
+        report_action(
+            lambda: cohorts.retry_cohort(cohort),
+            as_json,
+            lambda done: (
+                f"cohort {cohort}: re-queued {done.jobs} job(s) in {len(done.sessions)} session(s)"
+            ),
         )
         return
+    report_action(
+        lambda: control.retry_jobs(job_id=job_id, session_id=session),
+        as_json,
+        lambda report: (
+            f"session {report.session_id}: re-queued {', '.join(report.requeued)} "
+            f"({report.dispatched} sent now, the rest when their dependencies succeed)"
+        ),
+    )
+
+
+def report_action(action: Callable[[], Any], as_json: bool, said: Callable[[Any], str]) -> None:
+    """Run an operator's action and print its report: JSON, or one line. No
+    such session, job or cohort, or nothing to do: one line, exit 1."""
+    from scheduler import control, queries
+
     try:
-        report = control.retry_jobs(job_id=job_id, session_id=session)
+        report = action()
     except (queries.NotFoundError, control.NothingToDoError) as exc:
         raise fail(str(exc)) from exc
     if as_json:
         print_json(report.as_dict())
-        return
-    console.print(
-        f"session {report.session_id}: re-queued {', '.join(report.requeued)} "
-        f"({report.dispatched} sent now, the rest when their dependencies succeed)"
-    )
+    else:
+        console.print(said(report), highlight=False)
 
 
 @app.command()
@@ -729,7 +739,7 @@ def cancel(
     as_json: JsonOption = False,
 ) -> None:
     """Cancel what has not started and stop what runs."""
-    from scheduler import control, queries
+    from scheduler import control
     from scheduler.store.db import init_db
 
     if (session_id is None) == (cohort is None):
@@ -738,29 +748,24 @@ def cancel(
     if cohort is not None:
         from scheduler import cohorts
 
-        try:
-            stopped = cohorts.cancel_cohort(cohort)
-        except (queries.NotFoundError, control.NothingToDoError) as exc:
-            raise fail(str(exc)) from exc
-        if as_json:
-            print_json(stopped.as_dict())
-            return
-        console.print(
-            f"cohort {cohort} cancelled: {len(stopped.sessions)} open session(s) cancelled, "
-            f"{stopped.not_opened} never opened"
+        report_action(
+            lambda: cohorts.cancel_cohort(cohort),
+            as_json,
+            lambda stopped: (
+                f"cohort {cohort} cancelled: {len(stopped.sessions)} open "
+                f"session(s) cancelled, {stopped.not_opened} never opened"
+            ),
         )
         return
     assert session_id is not None
-    try:
-        report = control.cancel_session(session_id)
-    except (queries.NotFoundError, control.NothingToDoError) as exc:
-        raise fail(str(exc)) from exc
-    if as_json:
-        print_json(report.as_dict())
-        return
-    console.print(
-        f"session {report.session_id} cancelled: {len(report.cancelled)} job(s) not started"
-        + (f", stopping {', '.join(report.stopped)}" if report.stopped else "")
+    report_action(
+        lambda: control.cancel_session(session_id),
+        as_json,
+        lambda report: (
+            f"session {report.session_id} cancelled: "
+            f"{len(report.cancelled)} job(s) not started"
+            + (f", stopping {', '.join(report.stopped)}" if report.stopped else "")
+        ),
     )
 
 

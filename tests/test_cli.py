@@ -260,10 +260,17 @@ def test_a_store_upgraded_by_a_newer_release_asks_for_the_upgrade_here(env: Sett
     from sqlalchemy import text
 
     from scheduler.store.db import get_engine
+    from scheduler.store.schema import SCHEMA_HEAD
 
-    with get_engine().begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-    result = run("sessions", code=1)
+    def stamp(revision: str) -> None:
+        with get_engine().begin() as connection:
+            connection.execute(text(f"UPDATE alembic_version SET version_num = '{revision}'"))
+
+    stamp("9999")
+    try:
+        result = run("sessions", code=1)
+    finally:
+        stamp(SCHEMA_HEAD)  # the PostgreSQL store is shared by the tests after this one
     assert "is at schema 9999, newer than this version's" in result.output
     assert "upgrade dcm-scheduler here too" in " ".join(result.output.split())
 
