@@ -63,6 +63,27 @@ def run_order(calls_file: Path) -> list[str]:
     return [line.split()[0] for line in calls_file.read_text().splitlines()]
 
 
+def occupy_the_gpu_worker(
+    cluster: Cluster, define: Define, tmp_path: Path, uid: str, jobs: list[dict[str, Any]]
+) -> str:
+    """Define ``jobs`` beside a ``blocker`` on the ``gpu`` channel and start
+    the blocker on the only worker process there: what is sent next waits in
+    the broker until ``tmp_path / "gate"`` is written. The blocker's session id."""
+    gate, calls_file = tmp_path / "gate", tmp_path / "calls"
+    blocker = job(
+        "blocker",
+        events=["block"],
+        channel="gpu",
+        params={"calls": str(calls_file), "wait_for": str(gate)},
+    )
+    define([blocker, *jobs])
+    cluster.worker("w1", queues="gpu", concurrency=1)
+    record_study(uid)
+    session_id = trigger("block", "study", uid).session_id
+    wait_until(lambda: calls(calls_file, "blocker") == 1, what="the blocker to occupy the worker")
+    return session_id
+
+
 @pytest.mark.parametrize(
     ("url", "arguments"),
     [
@@ -92,14 +113,12 @@ def test_among_ready_jobs_of_a_channel_the_higher_priority_runs_first(
     recorded = {"calls": str(calls_file)}
     # One event per job, so each is sent on its own, in the order the test
     # chooses; all on the `gpu` channel, a queue Celery creates on demand.
-    define(
+    blocked = occupy_the_gpu_worker(
+        cluster,
+        define,
+        tmp_path,
+        "90.1",
         [
-            job(
-                "blocker",
-                events=["block"],
-                channel="gpu",
-                params={**recorded, "wait_for": str(gate)},
-            ),
             job("routine", events=["routine"], channel="gpu", priority=1, params=recorded),
             job("normal", events=["normal"], channel="gpu", params=recorded),
             job("urgent", events=["urgent"], channel="gpu", priority=9, params=recorded),
@@ -111,12 +130,8 @@ def test_among_ready_jobs_of_a_channel_the_higher_priority_runs_first(
                 dependsOn="urgent",
                 params=recorded,
             ),
-        ]
+        ],
     )
-    cluster.worker("w1", queues="gpu", concurrency=1)
-    record_study("90.1")
-    blocked = trigger("block", "study", "90.1").session_id
-    wait_until(lambda: calls(calls_file, "blocker") == 1, what="the blocker to occupy the worker")
     # Sent lowest priority first while the only worker process is busy: the
     # broker, not the order of sending, decides what runs next.
     waiting = [
@@ -140,26 +155,20 @@ def test_an_urgent_session_s_first_job_starts_right_after_the_running_one(
     process, only the job already running starts before the urgent one."""
     gate, calls_file = tmp_path / "gate", tmp_path / "calls"
     recorded = {"calls": str(calls_file)}
-    define(
+    blocked = occupy_the_gpu_worker(
+        cluster,
+        define,
+        tmp_path,
+        "90.5",
         [
-            job(
-                "blocker",
-                events=["block"],
-                channel="gpu",
-                params={**recorded, "wait_for": str(gate)},
-            ),
             job("routine", events=["routine"], channel="gpu", params=recorded),
             job("important", events=["routine"], channel="gpu", priority=9, params=recorded),
             job(
                 "stroke", events=["stroke"], channel="gpu", priority=0, urgent=True, params=recorded
             ),
-        ]
+        ],
     )
-    cluster.worker("w1", queues="gpu", concurrency=1)
-    record_study("90.5")
-    sessions = [trigger("block", "study", "90.5").session_id]
-    wait_until(lambda: calls(calls_file, "blocker") == 1, what="the blocker to occupy the worker")
-    sessions += [trigger("routine", "study", "90.5").session_id for _ in range(3)]
+    sessions = [blocked, *(trigger("routine", "study", "90.5").session_id for _ in range(3))]
     urgent = trigger("stroke", "study", "90.5").session_id
     gate.write_text("go")
     docs = [wait_session(session_id) for session_id in [*sessions, urgent]]
