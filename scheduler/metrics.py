@@ -54,7 +54,12 @@ from prometheus_client.samples import Sample
 
 from scheduler.clock import live_after, utcnow
 from scheduler.store.reader import Reader, reader_of
-from scheduler.vocabulary import JOB_FINAL_STATUSES, JobStatus, SessionStatus
+from scheduler.vocabulary import (
+    JOB_FINAL_STATUSES,
+    OPEN_JOB_STATUSES,
+    OPEN_SESSION_STATUSES,
+    JobStatus,
+)
 from scheduler.windows import window_open
 
 # Bucket upper bounds, in seconds, for each histogram.
@@ -63,9 +68,6 @@ PLANNING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 CALLBACK_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 JOB_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 21600)
-
-OPEN_SESSION_STATUSES = (SessionStatus.PLANNING, SessionStatus.RUNNING)
-OPEN_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 # "true"/"false" for a session's urgent flag, and "live"/"cohort" for where
 # it came from: the labels that split sessions and job waits.

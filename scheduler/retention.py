@@ -74,7 +74,12 @@ from scheduler.store.models import (
     utcnow,
 )
 from scheduler.store.reader import reader_of
-from scheduler.vocabulary import SESSION_FINAL_STATUSES, JobStatus, Level, ResourceState
+from scheduler.vocabulary import (
+    OPEN_JOB_STATUSES,
+    SESSION_FINAL_STATUSES,
+    Level,
+    ResourceState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +218,7 @@ class _Pruner:
     def prunable(self) -> ColumnElement[bool]:
         open_job = exists().where(
             Job.session_id == SchedulingSession.id,
-            Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            Job.status.in_(OPEN_JOB_STATUSES),
         )
         return and_(
             SchedulingSession.status.in_(SESSION_FINAL_STATUSES),

@@ -82,6 +82,9 @@ class ResourceState(StrEnum):
 
 JOB_FINAL_STATUSES = frozenset(status for status in JobStatus if status.final)
 SESSION_FINAL_STATUSES = frozenset(status for status in SessionStatus if status.final)
+# Jobs that may still run, sessions that may still change.
+OPEN_JOB_STATUSES = frozenset(status for status in JobStatus if not status.final)
+OPEN_SESSION_STATUSES = frozenset(status for status in SessionStatus if not status.final)
 
 
 # What a triggered event, a cohort name may be: they end up in tables,
