@@ -381,18 +381,18 @@ def record_ending(
     ) | (ending.ran_in or {})
     changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
 
-    if ending.ok and _on_psycopg(db):
-        from scheduler.store import jobs_pg
-
-        rows = jobs_pg.succeed_and_release(db, job_id, ending.result, changes["attempt_log"], now)
-        ready = _ready((ReadyRow(*row) for row in rows), flags)
-        if ready:
-            return Released(ready)
-        return Released(ready, finished=finish_session_if_done(db, session_id, now) is not None)
     if ending.ok:
-        changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
-        _update_job(db, job_id, changes | {"finished_at": now})
-        ready = release_dependents(db, job_id, succeeded=True, now=now, session=flags)
+        if _on_psycopg(db):
+            from scheduler.store import jobs_pg
+
+            rows = jobs_pg.succeed_and_release(
+                db, job_id, ending.result, changes["attempt_log"], now
+            )
+            ready = _ready((ReadyRow(*row) for row in rows), flags)
+        else:
+            changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
+            _update_job(db, job_id, changes | {"finished_at": now})
+            ready = release_dependents(db, job_id, succeeded=True, now=now, session=flags)
         if ready:  # a job it made ready has not ended: nor has the session
             return Released(ready)
         return Released(ready, finished=finish_session_if_done(db, session_id, now) is not None)
