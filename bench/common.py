@@ -181,18 +181,9 @@ def celery_beat(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A real ``celery -A scheduler beat``, its schedule file and log in ``home``."""
     with open(home / "beat.log", "ab") as beat_log:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "scheduler",
-                "beat",
-                "--loglevel",
-                "WARNING",
-                "-s",
-                str(home / "beat-schedule"),
-            ],
+            testing.celery_command(
+                "beat", "--loglevel", "WARNING", "-s", str(home / "beat-schedule")
+            ),
             cwd=REPO,
             env={**os.environ, **env},
             stdout=beat_log,
