@@ -25,27 +25,19 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    REDIS_URL,
-    celery_beat,
-    celery_worker,
-    create_database,
-    drop_database,
+    PRODUCTION_PARAMS,
+    bench_store,
     emit,
-    flush_redis,
     log,
     machine,
     median,
     percentile,
+    production_shape,
     record_study,
-    stop,
-    worker_ready,
 )
 from bench.detection import generate
 from scheduler import testing
@@ -115,85 +107,55 @@ def cohort_progress(name: str) -> dict[str, int]:
 
 def main() -> None:
     from scheduler import cohorts
-    from scheduler.store.db import init_db
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=int, default=10_000)
     parser.add_argument("--studies", type=int, default=40)
     args = parser.parse_args()
-    name = "dcm_bench_cohort"
-    url = create_database(name)
     rng = random.Random(8)
-    with tempfile.TemporaryDirectory(prefix="dcm-bench-cohort-") as tmp:
-        home = Path(tmp)
-        values = testing.environment_values(home, url, REDIS_URL) | {
-            "DCM_STABLE_AGE": str(STABLE_AGE),
-            "DCM_DETECT_INTERVAL": str(INTERVAL),
+    overrides = {"DCM_STABLE_AGE": str(STABLE_AGE), "DCM_DETECT_INTERVAL": str(INTERVAL)}
+    with bench_store("dcm_bench_cohort", overrides) as (home, values, settings):
+        job = {
+            "jobName": "one",
+            "workerEntry": testing.NOOP,
+            "events": ["study.stable", "rerun"],
         }
-        processes: list[subprocess.Popen[bytes]] = []
-        with testing.using_environment(values) as settings:
-            init_db(url)
-            flush_redis()
-            job = {
-                "jobName": "one",
-                "workerEntry": testing.NOOP,
-                "events": ["study.stable", "rerun"],
-            }
-            testing.noop_service(settings.services_path[0], [job])
+        testing.noop_service(settings.services_path[0], [job])
+        started = time.perf_counter()
+        record_archive(values["DCM_DATABASE_URL"], args.archive)
+        log(f"archive of {args.archive} studies in {time.perf_counter() - started:.1f}s")
+        with production_shape(home, values):
+            live_phase(["1.8.0.1", "1.8.0.2"], rng)  # warm-up: imports, fork servers
+            alone = live_phase([f"1.8.1.{n}" for n in range(args.studies)], rng)
+            log(f"without the cohort: p95 {percentile(alone, 95):.3f}s")
             started = time.perf_counter()
-            record_archive(url, args.archive)
-            log(f"archive of {args.archive} studies in {time.perf_counter() - started:.1f}s")
-            try:
-                for queue, host in (("dcm.planning", "planner"), ("default", "jobs")):
-                    processes.append(
-                        celery_worker(
-                            queue,
-                            hostname=f"bench-{host}@localhost",
-                            env=values,
-                            logfile=home / f"{host}.log",
-                        )
-                    )
-                    worker_ready(f"bench-{host}@localhost")
-                processes.append(celery_beat(home, values))
-                live_phase(["1.8.0.1", "1.8.0.2"], rng)  # warm-up: imports, fork servers
-                alone = live_phase([f"1.8.1.{n}" for n in range(args.studies)], rng)
-                log(f"without the cohort: p95 {percentile(alone, 95):.3f}s")
-                started = time.perf_counter()
-                cohort = cohorts.start(
-                    "rerun", "study", cohorts.Criteria({"StudyDescription": ["bench"]})
-                )
-                log(
-                    f"cohort {cohort['name']}: {cohort['total']} studies, started in "
-                    f"{time.perf_counter() - started:.2f}s"
-                )
-                # Live studies arrive once the cohort keeps both workers busy.
-                testing.wait_until(
-                    lambda: cohort_progress(cohort["name"])["ended"] >= WARM_COHORT,
-                    300,
-                    "the cohort's first sessions to end",
-                    interval=0.2,
-                )
-                before = cohort_progress(cohort["name"])
-                started = time.perf_counter()
-                beside = live_phase([f"1.8.2.{n}" for n in range(args.studies)], rng)
-                during = cohort_progress(cohort["name"])
-                seconds = time.perf_counter() - started
-                log(f"with the cohort: p95 {percentile(beside, 95):.3f}s; cohort {during}")
-                cohorts.cancel_cohort(cohort["name"])
-            finally:
-                for process in reversed(processes):
-                    stop(process)
-            flush_redis()
-    drop_database(name)
+            cohort = cohorts.start(
+                "rerun", "study", cohorts.Criteria({"StudyDescription": ["bench"]})
+            )
+            log(
+                f"cohort {cohort['name']}: {cohort['total']} studies, started in "
+                f"{time.perf_counter() - started:.2f}s"
+            )
+            # Live studies arrive once the cohort keeps both workers busy.
+            testing.wait_until(
+                lambda: cohort_progress(cohort["name"])["ended"] >= WARM_COHORT,
+                300,
+                "the cohort's first sessions to end",
+                interval=0.2,
+            )
+            before = cohort_progress(cohort["name"])
+            started = time.perf_counter()
+            beside = live_phase([f"1.8.2.{n}" for n in range(args.studies)], rng)
+            during = cohort_progress(cohort["name"])
+            seconds = time.perf_counter() - started
+            log(f"with the cohort: p95 {percentile(beside, 95):.3f}s; cohort {during}")
+            cohorts.cancel_cohort(cohort["name"])
     params = {
         "archive_studies": args.archive,
         "live_studies": args.studies,
         "stable_age_s": STABLE_AGE,
         "detect_interval_s": INTERVAL,
-        "beat": "celery -A scheduler beat (subprocess)",
-        "workers": "planner -Q dcm.planning and jobs -Q default, prefork -c 1 each",
-        "store": "postgresql",
-        "broker": "redis",
+        **PRODUCTION_PARAMS,
         **machine(),
     }
     progress = {

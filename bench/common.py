@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: the JSON-line output every
-script prints, the benchmarks' servers and worker processes.
+script prints, the benchmarks' servers, store and worker processes.
 
 Pointing this process at a store and a broker, throwaway databases, the
 no-op service, recording studies and waiting come from
@@ -14,14 +14,17 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from scheduler import testing
+from scheduler.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("DCM_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -93,6 +96,32 @@ def drop_database(name: str) -> None:
 def flush_redis() -> None:
     """Empty the benchmarks' Redis database (and only that one)."""
     redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@contextmanager
+def bench_store(
+    name: str, overrides: dict[str, str] | None = None, *, broker: str = REDIS_URL
+) -> Iterator[tuple[Path, dict[str, str], Settings]]:
+    """One run of a benchmark: a new PostgreSQL database ``name`` and a
+    throwaway folder, this process pointed at them and at ``broker`` (the
+    settings ``overrides`` on top), the store created; the benchmarks' Redis
+    database, when it is the broker, emptied before and after, and the
+    database dropped after. Yields the folder, the settings' environment
+    values and the settings."""
+    from scheduler.store.db import init_db
+
+    url = create_database(name)
+    with tempfile.TemporaryDirectory(prefix=f"{name.replace('_', '-')}-") as tmp:
+        home = Path(tmp)
+        values = testing.environment_values(home, url, broker) | (overrides or {})
+        with testing.using_environment(values) as settings:
+            init_db(url)
+            if broker == REDIS_URL:
+                flush_redis()
+            yield home, values, settings
+    if broker == REDIS_URL:
+        flush_redis()
+    drop_database(name)
 
 
 # --- services and sessions ------------------------------------------------------
@@ -189,6 +218,42 @@ def celery_beat(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
             stdout=beat_log,
             stderr=subprocess.STDOUT,
         )
+
+
+# How :func:`production_shape` runs the scheduler, in each figure's params.
+PRODUCTION_PARAMS = {
+    "beat": "celery -A scheduler beat (subprocess)",
+    "workers": "planner -Q dcm.planning and jobs -Q default, prefork -c 1 each",
+    "store": "postgresql",
+    "broker": "redis",
+}
+
+
+@contextmanager
+def production_shape(home: Path, values: dict[str, str]) -> Iterator[None]:
+    """The production shape of docker-compose, subprocesses of this one: a
+    planner worker (``-Q dcm.planning``) and a job worker (``-Q default``),
+    prefork ``-c 1`` each, both ready, then ``celery -A scheduler beat``;
+    logs in ``home``. All are stopped, last started first, when the block ends."""
+    processes: list[subprocess.Popen[bytes]] = []
+    hosts = {"dcm.planning": "planner", "default": "jobs"}
+    try:
+        for queue, host in hosts.items():
+            processes.append(
+                celery_worker(
+                    queue,
+                    hostname=f"bench-{host}@localhost",
+                    env=values,
+                    logfile=home / f"{host}.log",
+                )
+            )
+        for host in hosts.values():
+            worker_ready(f"bench-{host}@localhost")
+        processes.append(celery_beat(home, values))
+        yield
+    finally:
+        for process in reversed(processes):
+            stop(process)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -25,27 +25,19 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 from bench.common import (
-    REDIS_URL,
-    celery_beat,
-    celery_worker,
-    create_database,
+    PRODUCTION_PARAMS,
+    bench_store,
     diamond_jobs,
-    drop_database,
     emit,
-    flush_redis,
     log,
     machine,
     median,
     percentile,
+    production_shape,
     record_study,
-    stop,
-    worker_ready,
 )
 from scheduler import testing
 
@@ -57,81 +49,43 @@ TARGET_BEYOND = 1.3
 def main() -> None:
     from sqlalchemy import func, select
 
-    from scheduler.store.db import init_db, transaction
+    from scheduler.store.db import transaction
     from scheduler.store.models import Job, SchedulingSession, Study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=50)
     args = parser.parse_args()
-    name = "dcm_bench_latency"
-    url = create_database(name)
     rng = random.Random(6)
-    with tempfile.TemporaryDirectory(prefix="dcm-bench-latency-") as tmp:
-        home = Path(tmp)
-        values = testing.environment_values(home, url, REDIS_URL) | {
-            "DCM_STABLE_AGE": str(STABLE_AGE),
-            "DCM_DETECT_INTERVAL": str(INTERVAL),
-        }
-        processes: list[subprocess.Popen[bytes]] = []
-        with testing.using_environment(values) as settings:
-            init_db(url)
-            flush_redis()
-            testing.noop_service(settings.services_path[0], diamond_jobs()[1:2])  # one no-op job
-            try:
-                processes.append(
-                    celery_worker(
-                        "dcm.planning",
-                        hostname="bench-planner@localhost",
-                        env=values,
-                        logfile=home / "planner.log",
-                    )
-                )
-                processes.append(
-                    celery_worker(
-                        "default",
-                        hostname="bench-jobs@localhost",
-                        env=values,
-                        logfile=home / "jobs.log",
-                    )
-                )
-                worker_ready("bench-planner@localhost")
-                worker_ready("bench-jobs@localhost")
-                processes.append(celery_beat(home, values))
-                uids = [f"1.2.826.0.1.3680043.40.{n}" for n in range(args.studies)]
-                for uid in uids:
-                    record_study(uid)
-                    time.sleep(rng.uniform(0.2, 0.6))
+    overrides = {"DCM_STABLE_AGE": str(STABLE_AGE), "DCM_DETECT_INTERVAL": str(INTERVAL)}
+    with bench_store("dcm_bench_latency", overrides) as (home, values, settings):
+        testing.noop_service(settings.services_path[0], diamond_jobs()[1:2])  # one no-op job
+        with production_shape(home, values):
+            uids = [f"1.2.826.0.1.3680043.40.{n}" for n in range(args.studies)]
+            for uid in uids:
+                record_study(uid)
+                time.sleep(rng.uniform(0.2, 0.6))
 
-                def all_started() -> bool:
-                    with transaction() as db:
-                        count = db.scalar(
-                            select(func.count()).select_from(Job).where(Job.started_at.is_not(None))
-                        )
-                    return count >= len(uids)
-
-                testing.wait_until(
-                    all_started, 120, "every study's first job to start", interval=0.2
-                )
+            def all_started() -> bool:
                 with transaction() as db:
-                    rows = db.execute(
-                        select(
-                            Study.last_received_at,
-                            SchedulingSession.created_at,
-                            SchedulingSession.planned_at,
-                            func.min(Job.started_at),
-                        )
-                        .join(SchedulingSession, SchedulingSession.uid == Study.study_uid)
-                        .join(Job, Job.session_id == SchedulingSession.id)
-                        .where(Study.study_uid.in_(uids))
-                        .group_by(
-                            Study.id, SchedulingSession.created_at, SchedulingSession.planned_at
-                        )
-                    ).all()
-            finally:
-                for process in reversed(processes):
-                    stop(process)
-            flush_redis()
-    drop_database(name)
+                    count = db.scalar(
+                        select(func.count()).select_from(Job).where(Job.started_at.is_not(None))
+                    )
+                return count >= len(uids)
+
+            testing.wait_until(all_started, 120, "every study's first job to start", interval=0.2)
+            with transaction() as db:
+                rows = db.execute(
+                    select(
+                        Study.last_received_at,
+                        SchedulingSession.created_at,
+                        SchedulingSession.planned_at,
+                        func.min(Job.started_at),
+                    )
+                    .join(SchedulingSession, SchedulingSession.uid == Study.study_uid)
+                    .join(Job, Job.session_id == SchedulingSession.id)
+                    .where(Study.study_uid.in_(uids))
+                    .group_by(Study.id, SchedulingSession.created_at, SchedulingSession.planned_at)
+                ).all()
     assert len(rows) == args.studies, len(rows)
     latency = [(started - last).total_seconds() for last, _, _, started in rows]
     detection = [(made - last).total_seconds() - STABLE_AGE for last, made, _, _ in rows]
@@ -141,10 +95,7 @@ def main() -> None:
         "studies": args.studies,
         "stable_age_s": STABLE_AGE,
         "detect_interval_s": INTERVAL,
-        "beat": "celery -A scheduler beat (subprocess)",
-        "workers": "planner -Q dcm.planning and jobs -Q default, prefork -c 1 each",
-        "store": "postgresql",
-        "broker": "redis",
+        **PRODUCTION_PARAMS,
         **machine(),
     }
     p50, p95 = median(latency), percentile(latency, 95)

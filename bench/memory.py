@@ -22,19 +22,14 @@ growth from ``warm`` is reported with it (the part that would keep growing).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 
 from bench.common import (
-    REDIS_URL,
+    bench_store,
     celery_worker,
-    create_database,
-    drop_database,
     emit,
-    flush_redis,
     log,
     machine,
     manual_sessions,
@@ -89,45 +84,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10000)
     args = parser.parse_args()
-    name = "dcm_bench_memory"
-    url = create_database(name)
-    with tempfile.TemporaryDirectory(prefix="dcm-bench-memory-") as tmp:
-        home = Path(tmp)
-        values = testing.environment_values(home, url, REDIS_URL)
-        with testing.using_environment(values) as settings:
-            from scheduler.presence import record_presence
-            from scheduler.store.db import init_db, transaction
+    with bench_store("dcm_bench_memory") as (home, values, settings):
+        from scheduler.presence import record_presence
+        from scheduler.store.db import transaction
 
-            init_db(url)
-            flush_redis()
-            testing.noop_service(
-                settings.services_path[0],
-                [{"jobName": f"job{n}", "workerEntry": testing.NOOP} for n in range(5)],
-            )
-            record_study(STUDY)
-            with transaction() as db:  # planning warns about no worker otherwise
-                record_presence(db, "bench-memory-planner@localhost", ["default"])
-            worker = celery_worker(
-                "default", hostname=HOSTNAME, env=values, logfile=home / "worker.log"
-            )
-            try:
-                worker_ready(HOSTNAME)
-                time.sleep(1.0)
-                main_process = psutil.Process(worker.pid)
-                (pool,) = main_process.children()
-                before = {"pool": rss(pool), "main": rss(main_process)}
-                run_sessions(WARM_JOBS // 5)
-                warm = {"pool": rss(pool), "main": rss(main_process)}
-                begin = time.perf_counter()
-                run_sessions((args.jobs - WARM_JOBS) // 5)
-                elapsed = time.perf_counter() - begin
-                after = {"pool": rss(pool), "main": rss(main_process)}
-                assert pool.is_running() and pool in main_process.children(), "pool replaced"
-            finally:
-                stop(worker)
-            log(f"{args.jobs} jobs in {elapsed:.0f}s; rss {before} -> {warm} -> {after}")
-        flush_redis()
-    drop_database(name)
+        testing.noop_service(
+            settings.services_path[0],
+            [{"jobName": f"job{n}", "workerEntry": testing.NOOP} for n in range(5)],
+        )
+        record_study(STUDY)
+        with transaction() as db:  # planning warns about no worker otherwise
+            record_presence(db, "bench-memory-planner@localhost", ["default"])
+        worker = celery_worker(
+            "default", hostname=HOSTNAME, env=values, logfile=home / "worker.log"
+        )
+        try:
+            worker_ready(HOSTNAME)
+            time.sleep(1.0)
+            main_process = psutil.Process(worker.pid)
+            (pool,) = main_process.children()
+            before = {"pool": rss(pool), "main": rss(main_process)}
+            run_sessions(WARM_JOBS // 5)
+            warm = {"pool": rss(pool), "main": rss(main_process)}
+            begin = time.perf_counter()
+            run_sessions((args.jobs - WARM_JOBS) // 5)
+            elapsed = time.perf_counter() - begin
+            after = {"pool": rss(pool), "main": rss(main_process)}
+            assert pool.is_running() and pool in main_process.children(), "pool replaced"
+        finally:
+            stop(worker)
+        log(f"{args.jobs} jobs in {elapsed:.0f}s; rss {before} -> {warm} -> {after}")
     growth = after["pool"] - before["pool"]
     emit(
         "memory.worker_rss_growth",

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     REDIS_URL,
+    bench_store,
     celery_worker,
-    create_database,
-    drop_database,
     emit,
-    flush_redis,
     log,
     machine,
     stop,
@@ -128,62 +125,49 @@ def running(session_id: str) -> bool:
 
 
 def main() -> None:
-    from scheduler.store.db import init_db
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backlog", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--broker", default=REDIS_URL)
     args = parser.parse_args()
-    name = "dcm_bench_urgent"
-    url = create_database(name)
-    with tempfile.TemporaryDirectory(prefix="dcm-bench-urgent-") as tmp:
-        home = Path(tmp)
-        values = testing.environment_values(home, url, args.broker)
+    with bench_store("dcm_bench_urgent", broker=args.broker) as (home, _values, settings):
+        gate = home / "gate"
+        service(settings.services_path[0], gate)
+        testing.record_study("1.2.3")
         worker: subprocess.Popen[bytes] | None = None
-        with testing.using_environment(values) as settings:
-            init_db(url)
-            if args.broker == REDIS_URL:
-                flush_redis()
-            gate = home / "gate"
-            service(settings.services_path[0], gate)
-            testing.record_study("1.2.3")
-            try:
-                worker = celery_worker("default", hostname="urgent@bench", logfile=home / "w.log")
-                worker_ready("urgent@bench")
-                params = machine() | {
-                    "broker": args.broker.split(":", 1)[0],
-                    "backlog": args.backlog,
-                    "rounds": args.rounds,
-                    "pool": "prefork",
-                    "concurrency": 1,
-                }
-                figures: dict[str, list[int]] = {"stroke": [], "knee": []}
-                for round_ in range(args.rounds):
-                    for event in ("knee", "stroke"):
-                        figures[event].append(one_round(args.backlog, event, gate))
-                        log(f"round {round_ + 1} {event}: {figures[event][-1]} ahead")
-                emit(
-                    "urgent.jobs_ahead",
-                    max(figures["stroke"]),
-                    "jobs",
-                    params | {"statistic": "max"},
-                    baseline={
-                        "name": "normal.jobs_ahead",
-                        "value": min(figures["knee"]),
-                        "unit": "jobs",
-                    },
-                    target="<= 1",
-                    met=max(figures["stroke"]) <= 1,
-                    samples=figures["stroke"],
-                    baseline_samples=figures["knee"],
-                )
-            finally:
-                if worker is not None:
-                    stop(worker)
-    if args.broker == REDIS_URL:
-        flush_redis()
-    drop_database(name)
+        try:
+            worker = celery_worker("default", hostname="urgent@bench", logfile=home / "w.log")
+            worker_ready("urgent@bench")
+            params = machine() | {
+                "broker": args.broker.split(":", 1)[0],
+                "backlog": args.backlog,
+                "rounds": args.rounds,
+                "pool": "prefork",
+                "concurrency": 1,
+            }
+            figures: dict[str, list[int]] = {"stroke": [], "knee": []}
+            for round_ in range(args.rounds):
+                for event in ("knee", "stroke"):
+                    figures[event].append(one_round(args.backlog, event, gate))
+                    log(f"round {round_ + 1} {event}: {figures[event][-1]} ahead")
+            emit(
+                "urgent.jobs_ahead",
+                max(figures["stroke"]),
+                "jobs",
+                params | {"statistic": "max"},
+                baseline={
+                    "name": "normal.jobs_ahead",
+                    "value": min(figures["knee"]),
+                    "unit": "jobs",
+                },
+                target="<= 1",
+                met=max(figures["stroke"]) <= 1,
+                samples=figures["stroke"],
+                baseline_samples=figures["knee"],
+            )
+        finally:
+            if worker is not None:
+                stop(worker)
 
 
 if __name__ == "__main__":
