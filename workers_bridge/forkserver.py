@@ -119,6 +119,24 @@ def _detach(server: int, replies: int) -> None:
     child.scheduler_module("lifeline").guard(server, watchdog=False)
 
 
+def _fork(replies: int, then: Any, *args: Any) -> int:
+    """Fork a child detached from the server (:func:`_detach`) that runs
+    ``then(*args)`` and exits (status 70 if anything in it raised); its pid."""
+    server = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            _detach(server, replies)
+            then(*args)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
 def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
     """In the forked child: run the attempt, write its response; never returns."""
     code = 0
@@ -154,26 +172,20 @@ class Standby:
     def __init__(self, preloaded: Preloaded, replies: int) -> None:
         self.version = preloaded.version
         self.workers = dict(preloaded.workers)
-        server = os.getpid()
         readable, self.writable = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 70
-            try:
-                os.close(self.writable)
-                _detach(server, replies)
-                with os.fdopen(readable, "rb") as pipe:
-                    line = pipe.read()
-                if line:
-                    message = json.loads(line)
-                    request = message["request"]
-                    attempt(request, self.workers.get(request["entry"]), message["folder"])
-                code = 0  # no request: the server let it go
-            finally:
-                os._exit(code)
+        self.pid = _fork(replies, self._wait, readable)
         os.close(readable)
+
+    def _wait(self, readable: int) -> None:
+        """In the child: run the request the server writes, if it writes one."""
+        os.close(self.writable)
+        with os.fdopen(readable, "rb") as pipe:
+            line = pipe.read()
+        if line:
+            message = json.loads(line)
+            request = message["request"]
+            attempt(request, self.workers.get(request["entry"]), message["folder"])
+        # No request: the server let it go.
 
     def take(self, message: dict[str, Any]) -> int:
         with os.fdopen(self.writable, "wb") as pipe:
@@ -232,13 +244,7 @@ def serve(parent: int) -> int:
             pid = standby.take(message)
             standby = None
         else:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            server = os.getpid()
-            pid = os.fork()
-            if pid == 0:
-                _detach(server, replies.fileno())
-                attempt(request, worker, folder)
+            pid = _fork(replies.fileno(), attempt, request, worker, folder)
         replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
         _pid, status, usage = os.wait4(pid, 0)
         # ru_maxrss is in KiB on Linux.
