@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
@@ -40,26 +41,6 @@ RETURNING jobs.session_id, jobs.job_name, jobs.phase, jobs.channel, jobs.attempt
      FROM job_dependencies edge JOIN jobs done ON done.id = edge.depends_on_id
      WHERE edge.job_id = jobs.id) AS results
 """
-
-CLAIM_COLUMNS = [
-    "session_id",
-    "job_name",
-    "phase",
-    "channel",
-    "attempts",
-    "worker_entry",
-    "entry_root",
-    "params",
-    "timeout_s",
-    "python",
-    "event",
-    "level",
-    "uid",
-    "revision",
-    "headers",
-    "added_params",
-    "results",
-]
 
 # The session row first, as every transition of a session's jobs does
 # (scheduler.jobstate); then the job, read after the lock is held.
@@ -104,22 +85,23 @@ RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
 """
 
 
-def _cursor(db: Connection) -> Any:
-    return db.connection.driver_connection.cursor()  # type: ignore[union-attr]
+def _cursor(db: Connection, **options: Any) -> Any:
+    return db.connection.driver_connection.cursor(**options)  # type: ignore[union-attr]
 
 
 def claim(
     db: Connection, job_id: str, hostname: str, pid: int, now: datetime, due: datetime
 ) -> dict[str, Any] | None:
-    """The claim's update (see :func:`scheduler.jobstate.claim`); its row, or None."""
-    with _cursor(db) as cursor:
+    """The claim's update (see :func:`scheduler.jobstate.claim`); its row
+    (column name → value), or None."""
+    with _cursor(db, row_factory=dict_row) as cursor:
         cursor.execute(
             _CLAIM,
             {"job_id": job_id, "hostname": hostname, "pid": pid, "now": now, "due": due},
             prepare=True,
         )
-        row = cursor.fetchone()
-    return None if row is None else dict(zip(CLAIM_COLUMNS, row, strict=True))
+        row: dict[str, Any] | None = cursor.fetchone()
+    return row
 
 
 def lock_and_read(db: Connection, job_id: str) -> tuple[tuple[str, bool, bool], EndingRead] | None:
