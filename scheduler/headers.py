@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from scheduler.store.db import Executor
 from scheduler.store.models import Instance, Patient, Series, Study
 from scheduler.vocabulary import Level
 
@@ -51,8 +51,13 @@ def _common_folder(locations: Iterable[str]) -> str:
 
 def candidate_query(level: str, uid: str) -> Any:
     """Rows (patient, study, series, instance) of one candidate."""
+    return _located(select(Patient, Study, Series, Instance), level, uid)
+
+
+def _located(query: Any, level: str, uid: str) -> Any:
+    """``query`` over the instances of one candidate, joined up to its patient."""
     query = (
-        select(Patient, Study, Series, Instance)
+        query.select_from(Instance)
         .join(Series, Instance.series_pk == Series.id)
         .join(Study, Series.study_pk == Study.id)
         .join(Patient, Study.patient_pk == Patient.id)
@@ -68,7 +73,7 @@ def candidate_query(level: str, uid: str) -> Any:
 
 
 def build_headers(
-    db: Session,
+    db: Executor,
     level: str,
     uid: str,
     fields: Iterable[str] | None = None,
@@ -81,51 +86,78 @@ def build_headers(
     session's fingerprint covers (later ones belong to the next revision).
     """
     allowed = None if fields is None else frozenset(fields)
-    query = candidate_query(level, uid)
+    # The columns the document is made of, not the rows as objects: planning
+    # reads this for every session, and loading objects cost more than the query.
+    query = _located(
+        select(
+            Patient.patient_id,
+            Patient.tags,
+            Study.id,
+            Study.study_uid,
+            Study.tags,
+            Series.id,
+            Series.series_uid,
+            Series.tags,
+            Instance.sop_uid,
+            Instance.tags,
+            Instance.location,
+        ),
+        level,
+        uid,
+    )
     if up_to is not None:
         query = query.where(Instance.id <= up_to)
     rows = db.execute(query).all()
     if not rows:
         raise UnknownCandidateError(f"no {level} {uid!r} in the store")
-    patient = rows[0][0]
+    patient_id, patient_stored = rows[0][0], rows[0][1]
     studies: dict[int, dict[str, Any]] = {}
     series: dict[int, dict[str, Any]] = {}
     sort_keys: dict[int, tuple[str, int, str]] = {}
     instance_keys: dict[str, tuple[int, str]] = {}
-    for _patient, study, serie, instance in rows:
-        if study.id not in studies:
-            studies[study.id] = {
-                **_filter(study.tags, allowed),
-                "StudyInstanceUID": study.study_uid,
+    for (
+        _patient_id,
+        _patient_tags,
+        study_pk,
+        study_uid,
+        study_tags,
+        series_pk,
+        series_uid,
+        series_tags,
+        sop_uid,
+        instance_tags,
+        location,
+    ) in rows:
+        if study_pk not in studies:
+            studies[study_pk] = {
+                **_filter(study_tags, allowed),
+                "StudyInstanceUID": study_uid,
                 "instance_count": 0,
                 "series": [],
             }
-        if serie.id not in series:
+        if series_pk not in series:
             # Sorted on the stored tags: the order must not depend on the filter.
-            sort_keys[serie.id] = (
-                study.study_uid,
-                _number(serie.tags.get("SeriesNumber")),
-                serie.series_uid,
+            sort_keys[series_pk] = (
+                study_uid,
+                _number(series_tags.get("SeriesNumber")),
+                series_uid,
             )
-            series[serie.id] = {
-                **_filter(serie.tags, allowed),
-                "SeriesInstanceUID": serie.series_uid,
-                "StudyInstanceUID": study.study_uid,
+            series[series_pk] = {
+                **_filter(series_tags, allowed),
+                "SeriesInstanceUID": series_uid,
+                "StudyInstanceUID": study_uid,
                 "instance_count": 0,
                 "instances": [],
             }
-            studies[study.id]["series"].append(serie.series_uid)
-        studies[study.id]["instance_count"] += 1
-        series[serie.id]["instance_count"] += 1
-        instance_keys[instance.sop_uid] = (
-            _number(instance.tags.get("InstanceNumber")),
-            instance.location,
-        )
-        series[serie.id]["instances"].append(
+            studies[study_pk]["series"].append(series_uid)
+        studies[study_pk]["instance_count"] += 1
+        series[series_pk]["instance_count"] += 1
+        instance_keys[sop_uid] = (_number(instance_tags.get("InstanceNumber")), location)
+        series[series_pk]["instances"].append(
             {
-                **_filter(instance.tags, allowed),
-                "SOPInstanceUID": instance.sop_uid,
-                "location": instance.location,
+                **_filter(instance_tags, allowed),
+                "SOPInstanceUID": sop_uid,
+                "location": location,
             }
         )
     series_list = [series[pk] for pk in sorted(series, key=sort_keys.__getitem__)]
@@ -134,9 +166,9 @@ def build_headers(
     order = {item["SeriesInstanceUID"]: index for index, item in enumerate(series_list)}
     for study_doc in studies.values():
         study_doc["series"].sort(key=order.__getitem__)
-    patient_tags = _filter(patient.tags, allowed)
+    patient_tags = _filter(patient_stored, allowed)
     if level == Level.PATIENT:
-        patient_tags["PatientID"] = patient.patient_id
+        patient_tags["PatientID"] = patient_id
     headers: dict[str, Any] = {
         "level": level,
         "uid": uid,
