@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from scheduler import notifications
 from scheduler.planning import Plan
-from scheduler.store.db import insert_for, rowcount
+from scheduler.store.db import Executor, insert_for, rowcount
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import JobStatus, SessionStatus
 
@@ -96,7 +96,7 @@ def session_dir(output_dir: Path, session_id: str) -> Path:
 
 
 def store_plan(
-    db: Session,
+    db: Executor,
     session_id: str,
     plan: Plan,
     headers: dict[str, Any],

@@ -18,9 +18,8 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, or_, update
-from sqlalchemy.orm import Session
 
-from scheduler.store.db import insert_for, rowcount, transaction
+from scheduler.store.db import Executor, insert_for, rowcount, transaction
 from scheduler.store.models import Lease, utcnow
 
 
@@ -28,7 +27,7 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def take(db: Session, name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
+def take(db: Executor, name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:
     """Take the lease in the caller's transaction (held once it commits): one
     statement that inserts it, or takes it over when it lapsed or is ours."""
     now = now or utcnow()
@@ -44,7 +43,7 @@ def take(db: Session, name: str, ttl: float, holder: str, now: datetime | None =
     return db.execute(statement.returning(Lease.name)).first() is not None
 
 
-def drop(db: Session, name: str, holder: str) -> None:
+def drop(db: Executor, name: str, holder: str) -> None:
     """Delete a one-off lease (``plan:<session>``) in the caller's transaction:
     leases named after something that ends leave no row behind."""
     db.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))

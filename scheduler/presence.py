@@ -56,7 +56,7 @@ def record_presence(
     )
 
 
-def live_channels(db: Session, now: datetime | None = None) -> set[str]:
+def live_channels(db: Executor, now: datetime | None = None) -> set[str]:
     """Channels consumed by at least one worker with a recent heartbeat."""
     rows = db.scalars(select(Worker.channels).where(Worker.last_heartbeat >= live_after(now)))
     return {channel for channels in rows for channel in channels}

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from scheduler import notifications
 from scheduler.config import Settings, get_settings
@@ -35,7 +34,7 @@ from scheduler.messages import ReadyJob, SessionFlags, send_jobs
 from scheduler.planning import Plan, decide, make_callback_runner
 from scheduler.presence import live_channels
 from scheduler.registry import Registry, current_registry, record_load
-from scheduler.store.db import transaction
+from scheduler.store.db import Executor, statements, transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import Level, SessionStatus
 
@@ -82,14 +81,16 @@ def decide_for(
     revision: int = 1,
     session_id: str = "dry-run",
     inputs: tuple[dict[str, Any], set[str]] | None = None,
+    registry: Registry | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """Headers and decisions for a candidate, writing nothing (``plan --dry-run``).
 
     ``inputs`` are the headers and live channels when the caller already
-    read them (:func:`read_inputs`) in its own transaction.
+    read them (:func:`read_inputs`) in its own transaction, with the
+    ``registry`` it read them for.
     """
     settings = get_settings()
-    registry = current_registry(settings)
+    registry = registry or current_registry(settings)
     if inputs is None:
         with transaction() as db:
             inputs = read_inputs(db, level, uid, settings, registry)
@@ -152,7 +153,7 @@ def trace_left_out_services(result: Plan, registry: Registry) -> None:
 
 
 def read_inputs(
-    db: Session,
+    db: Executor,
     level: str,
     uid: str,
     settings: Settings,
@@ -212,6 +213,11 @@ def plan_session(session_id: str) -> PlannedSession | None:
     within seconds if the planner dies and the re-sender plans it again.
     The lease costs no transaction of its own: it is taken in the one that
     reads the session and dropped in the one that writes the plan.
+
+    Both run on a plain connection (:func:`~scheduler.store.db.statements`):
+    a planner plans session after session, and an ORM session's bookkeeping
+    cost more than the statements. A connection lost meanwhile fails the
+    plan with a transient error, which the plan task retries.
     """
     settings = get_settings()
     registry = current_registry(settings)
@@ -220,7 +226,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
     inputs: tuple[dict[str, Any], set[str]] | None = None
     error = ""
     taken_at = time.monotonic()
-    with transaction() as db:
+    with statements() as db:
         # Lease first, then the status: read after the lease, the status is
         # never one that a planner which just finished has already changed.
         if not take(db, name, PLAN_LEASE_TTL, holder):
@@ -232,6 +238,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
                 SchedulingSession.event,
                 SchedulingSession.revision,
                 SchedulingSession.last_instance_id,
+                SchedulingSession.cohort,
             ).where(
                 SchedulingSession.id == session_id,
                 SchedulingSession.status == SessionStatus.PLANNING,
@@ -240,7 +247,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
         if row is None:
             drop(db, name, holder)
             return None
-        level, uid, event, revision, last_instance = row
+        level, uid, event, revision, last_instance, cohort = row
         try:
             inputs = read_inputs(db, level, uid, settings, registry, up_to=last_instance)
         except UnknownCandidateError as exc:
@@ -253,37 +260,34 @@ def plan_session(session_id: str) -> PlannedSession | None:
         # The callbacks run outside any transaction: they may take seconds.
         with renewing(name, holder, PLAN_LEASE_TTL, taken_at):
             result, headers = decide_for(
-                level, uid, event, revision=revision, session_id=session_id, inputs=inputs
+                level,
+                uid,
+                event,
+                revision=revision,
+                session_id=session_id,
+                inputs=inputs,
+                registry=registry,
             )
             ids = {job.definition.job_name: new_id() for job in result.jobs}
-            with transaction() as db:
+            with statements() as db:
                 ready = store_plan(db, session_id, result, headers, job_ids=ids)
-                flags = session_flags(db, session_id)
                 drop(db, name, holder)
             planned = True
     finally:
         if not planned:
-            with transaction() as db:
+            with statements() as db:
                 drop(db, name, holder)
     if ready is None:
         return None
     # The planner knows what it just wrote: send it without reading it back.
+    # The plan decided the session's urgency; its cohort never changes.
+    flags = SessionFlags(result.urgent, cohort is not None)
     definitions = {ids[job.definition.job_name]: job.definition for job in result.jobs}
     send_jobs([ReadyJob.of(job_id, definitions[job_id], flags) for job_id in ready])
     status = SessionStatus.RUNNING if result.jobs else SessionStatus.EMPTY
     if status == SessionStatus.EMPTY:
         notifications.announce()
     return PlannedSession(session_id, result, headers, ready, status)
-
-
-def session_flags(db: Session, session_id: str) -> SessionFlags:
-    """Whether the session is urgent and of a cohort, as its plan left it."""
-    row = db.execute(
-        select(SchedulingSession.urgent, SchedulingSession.cohort).where(
-            SchedulingSession.id == session_id
-        )
-    ).one()
-    return SessionFlags(bool(row.urgent), row.cohort is not None)
 
 
 def _fail_planning(session_id: str, message: str) -> None:
