@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.signals import before_task_publish
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -85,18 +86,17 @@ def gate(tmp_path: Path, store_url: str, services_root: Path) -> Iterator[Settin
 
 
 @pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+def sent() -> Iterator[list[tuple[str, int]]]:
     """(jobName, broker priority) of every job message, in the order sent."""
     record: list[tuple[str, int]] = []
-    original = messages.job_signature
 
-    def spy(ready: messages.ReadyJob, countdown: float | None = None) -> Any:
-        signature = original(ready, countdown)
-        record.append((ready.job_name, signature.options["priority"]))
-        return signature
+    def spy(sender: str, headers: dict[str, Any], properties: dict[str, Any], **_: Any) -> None:
+        if sender == messages.RUN_JOB:
+            record.append((headers["shadow"].removeprefix("dcm:"), properties["priority"]))
 
-    monkeypatch.setattr(messages, "job_signature", spy)
-    return record
+    before_task_publish.connect(spy, weak=False)
+    yield record
+    before_task_publish.disconnect(spy)
 
 
 def job_row(name: str) -> Job:
