@@ -13,9 +13,12 @@ Standard library only, run as a script under any interpreter:
 ``python forkserver.py PARENT_PID``. Protocol, one JSON line each way on
 stdin and stdout: the parent sends ``{"request": …, "folder": …}``; the
 server answers ``{"pid": …}`` when the attempt's process exists, then
-``{"code": …, "peak_kib": …}`` when it has ended (``code`` as
-:func:`os.waitstatus_to_exitcode`). Killing the attempt (timeout,
-cancellation) is the parent's: it has the pid.
+``{"done": true}`` as soon as the attempt wrote a successful response (its
+process may still be exiting), and ``{"code": …, "peak_kib": …}`` when it has
+ended (``code`` as :func:`os.waitstatus_to_exitcode`). A success is final
+once written, so the parent goes on at ``done`` and reads the ``code`` line
+before its next request. Killing the attempt (timeout, cancellation) is the
+parent's: it has the pid.
 
 Before each fork the server checks the files of the service's modules it
 imported; when one changed, it forgets them and imports the new code, so an
@@ -28,6 +31,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -137,8 +141,9 @@ def _fork(replies: int, then: Any, *args: Any) -> int:
     return pid
 
 
-def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
-    """In the forked child: run the attempt, write its response; never returns."""
+def attempt(request: dict[str, Any], worker: Any | None, folder: str, done: int) -> None:
+    """In the forked child: run the attempt, write its response, and when it
+    succeeded say so on ``done``; never returns."""
     code = 0
     try:
         output = os.open(
@@ -157,6 +162,8 @@ def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         child.write_response(os.path.join(folder, "response.json"), response)
+        if response.get("ok"):
+            os.write(done, b"1")
     except BaseException:  # noqa: BLE001 - the parent reports a missing response
         code = 70
     finally:
@@ -172,9 +179,11 @@ class Standby:
     def __init__(self, preloaded: Preloaded, replies: int) -> None:
         self.version = preloaded.version
         self.workers = dict(preloaded.workers)
+        self.done = Done()
         readable, self.writable = os.pipe()
         self.pid = _fork(replies, self._wait, readable)
         os.close(readable)
+        self.done.forked()
 
     def _wait(self, readable: int) -> None:
         """In the child: run the request the server writes, if it writes one."""
@@ -184,7 +193,7 @@ class Standby:
         if line:
             message = json.loads(line)
             request = message["request"]
-            attempt(request, self.workers.get(request["entry"]), message["folder"])
+            attempt(request, self.workers.get(request["entry"]), message["folder"], self.done.write)
         # No request: the server let it go.
 
     def take(self, message: dict[str, Any]) -> int:
@@ -194,8 +203,40 @@ class Standby:
 
     def discard(self) -> None:
         os.close(self.writable)  # it reads no request and exits
+        self.done.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+class Done:
+    """The pipe on which an attempt's process says it succeeded, before it exits."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+
+    def forked(self) -> None:
+        """In the server, once the child has its copy of the writing end."""
+        os.close(self.write)
+
+    def wait(self, pid: int) -> bool:
+        """True once the attempt ``pid`` says it succeeded; False when it
+        ended without saying so, or when this interpreter cannot watch a
+        process (``os.pidfd_open``: Python 3.9+, Linux 5.3+) and only its
+        exit tells."""
+        try:
+            exited = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            return False
+        try:
+            # A process the attempt started may hold the pipe open: its
+            # exit, not the pipe's end, says it is over.
+            ready, _, _ = select.select([self.read, exited], [], [])
+            return self.read in ready and os.read(self.read, 1) == b"1"
+        finally:
+            os.close(exited)
+
+    def close(self) -> None:
+        os.close(self.read)
 
 
 def _reap_orphans() -> None:
@@ -241,11 +282,16 @@ def serve(parent: int) -> int:
             standby.discard()
             standby = None
         if standby is not None:
-            pid = standby.take(message)
+            pid, done = standby.take(message), standby.done
             standby = None
         else:
-            pid = _fork(replies.fileno(), attempt, request, worker, folder)
+            done = Done()
+            pid = _fork(replies.fileno(), attempt, request, worker, folder, done.write)
+            done.forked()
         replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
+        if done.wait(pid):
+            replies.write('{"done": true}\n')
+        done.close()
         _pid, status, usage = os.wait4(pid, 0)
         # ru_maxrss is in KiB on Linux.
         replies.write(

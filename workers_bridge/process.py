@@ -66,7 +66,9 @@ class Ended:
     """How the attempt's process ended."""
 
     code: int  # exit status, or minus the signal that killed it
-    how: str  # "exited", "timeout", or "stopped" (cancelled, taken over)
+    # "exited"; "succeeded" (its response written, the process still exiting);
+    # "timeout"; "stopped" (cancelled, taken over)
+    how: str
     peak_kib: int = 0  # peak resident memory of the process, in KiB
 
 
@@ -98,6 +100,8 @@ class ForkServer:
         self.replies = self.process.stdout.fileno()
         self.buffer = b""
         self.broken = False  # killed or ended: closed once the outcome is read
+        # The last attempt said it succeeded; its exit is still to be read.
+        self.exiting = False
         self.forked_at: float | None = None  # the current attempt's
         self.interpreter: str | None = None  # "<version> <executable>", once it forked
 
@@ -108,6 +112,15 @@ class ForkServer:
     @property
     def response_path(self) -> Path:
         return self.folder / "response.json"
+
+    def settle(self) -> None:
+        """Read the exit of the previous attempt, which answered before it
+        ended (its process is gone by now, or nearly)."""
+        while self.exiting:
+            reply = self.read(REAP_PATIENCE)
+            if reply is None:
+                raise ServerGone(self._exit_code())
+            self.exiting = "code" not in reply
 
     def send(self, request: dict[str, Any]) -> None:
         self.forked_at = None
@@ -243,6 +256,11 @@ def execute(
     attempt runs; when it returns False the attempt is killed.
     """
     server = fork_server(python or sys.executable, list(request.get("roots", [])))
+    try:
+        server.settle()
+    except ServerGone:  # the previous attempt's process never ended: start afresh
+        _discard(server)
+        server = fork_server(python or sys.executable, list(request.get("roots", [])))
     ooms = oom_kills()
     try:
         server.send(request)
@@ -320,6 +338,9 @@ def _wait(
                 server.forked_at = time.perf_counter()
                 server.interpreter = reply.get("python")
                 continue
+            if "done" in reply:
+                server.exiting = True
+                return Ended(0, "succeeded")
             return Ended(int(reply["code"]), "exited", int(reply.get("peak_kib") or 0))
         if heartbeat and time.monotonic() >= next_beat:
             if not heartbeat():  # the job was cancelled or taken over: stop
@@ -334,6 +355,8 @@ def _stop(server: ForkServer, pid: int | None, how: str) -> Ended:
         kill_tree(pid)
         try:
             reply = server.read(REAP_PATIENCE)
+            if reply is not None and "done" in reply:  # it succeeded just then
+                reply = server.read(REAP_PATIENCE)
         except ServerGone:
             reply = None
         if reply is not None and "code" in reply:
@@ -382,7 +405,7 @@ def _killed(ended: Ended, ooms_before: int | None, output_path: Path) -> Attempt
 def _outcome(
     ended: Ended, timeout: float, response_path: Path, output_path: Path
 ) -> AttemptOutcome:
-    response = _response(response_path) if ended.how == "exited" else None
+    response = _response(response_path) if ended.how in ("exited", "succeeded") else None
     if response is not None and response.get("ok"):
         return AttemptOutcome(True, result=response.get("result"))
     suffix = _output_suffix(output_path)  # read only when something went wrong
