@@ -10,8 +10,10 @@ was: its own process group, its stdout and stderr in an output file, the
 worker call of :mod:`workers_bridge.child`, a JSON response file.
 
 Standard library only, run as a script under any interpreter:
-``python forkserver.py PARENT_PID``. Protocol, one JSON line each way on
-stdin and stdout: the parent sends ``{"request": …, "folder": …}``; the
+``python forkserver.py PARENT_PID``. Protocol, JSON lines on stdin and
+stdout: the parent sends ``{"entry": …, "roots": …, "folder": …}`` and the
+request on the next line (passed to a waiting child unread: only the child
+needs its headers and arguments); the
 server answers ``{"pid": …}`` when the attempt's process exists, then
 ``{"done": true}`` as soon as the attempt wrote a successful response (its
 process may still be exiting), and ``{"code": …, "peak_kib": …}`` when it has
@@ -196,9 +198,10 @@ class Standby:
             attempt(request, self.workers.get(request["entry"]), message["folder"], self.done.write)
         # No request: the server let it go.
 
-    def take(self, message: dict[str, Any]) -> int:
+    def take(self, request: bytes, folder: str) -> int:
+        """Hand the child its request (a JSON document, as the parent sent it)."""
         with os.fdopen(self.writable, "wb") as pipe:
-            pipe.write(json.dumps(message).encode("utf-8"))
+            pipe.write(b'{"folder": %s, "request": %s}' % (json.dumps(folder).encode(), request))
         return self.pid
 
     def discard(self) -> None:
@@ -272,21 +275,21 @@ def serve(parent: int) -> int:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(leftover, signal.SIGKILL)
             return 0
-        message = json.loads(line)
-        request, folder = message["request"], message["folder"]
+        head, body = json.loads(line), requests.readline()
+        entry, roots, folder = head["entry"], head["roots"], head["folder"]
         _reap_orphans()
-        worker = preloaded.worker(request["entry"], request.get("roots", []))
+        worker = preloaded.worker(entry, roots)
         if standby is not None and (
-            standby.version != preloaded.version or request["entry"] not in standby.workers
+            standby.version != preloaded.version or entry not in standby.workers
         ):
             standby.discard()
             standby = None
         if standby is not None:
-            pid, done = standby.take(message), standby.done
+            pid, done = standby.take(body, folder), standby.done
             standby = None
         else:
             done = Done()
-            pid = _fork(replies.fileno(), attempt, request, worker, folder, done.write)
+            pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder, done.write)
             done.forked()
         replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
         if done.wait(pid):

@@ -127,9 +127,11 @@ class ForkServer:
         for stale in (self.output_path, self.response_path):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        line = json.dumps({"request": request, "folder": str(self.folder)}) + "\n"
+        roots = request.get("roots", [])
+        head = {"entry": request["entry"], "roots": roots, "folder": str(self.folder)}
+        lines = f"{json.dumps(head)}\n{json.dumps(request)}\n"
         try:
-            self.requests.write(line.encode("utf-8"))
+            self.requests.write(lines.encode("utf-8"))
             self.requests.flush()
         except (BrokenPipeError, ValueError):
             raise ServerGone(self._exit_code()) from None
