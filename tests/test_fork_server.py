@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,90 @@ def test_attempt_folders_of_worker_processes_that_died_are_removed(
     finally:
         shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(mine, ignore_errors=True)
+
+
+MIXED = """
+import os, sys
+
+def work(job_name, headers, params, added_params, **kwargs):
+    how = params["how"]
+    if how == "raise":
+        raise ValueError("asked to fail")
+    if how == "exit":
+        sys.exit(4)
+    if how == "crash":
+        os._exit(9)
+    return {"how": how, "pid": os.getpid()}
+"""
+
+
+def test_successes_answered_before_their_exit_keep_every_later_outcome_its_own(
+    tmp_path: Path,
+) -> None:
+    """A success is reported before its process has exited; the exit is read
+    at the next request, so no later attempt takes it for its own."""
+    request = service(tmp_path, MIXED)
+    outcomes = []
+    for how in ("ok", "ok", "raise", "ok", "exit", "ok", "crash", "ok", "ok"):
+        outcomes.append(execute({**request, "params": {"how": how}}, timeout=30))
+    assert [(o.ok, (o.result or {}).get("how")) for o in outcomes] == [
+        (True, "ok"),
+        (True, "ok"),
+        (False, None),
+        (True, "ok"),
+        (False, None),
+        (True, "ok"),
+        (False, None),
+        (True, "ok"),
+        (True, "ok"),
+    ]
+    assert "ValueError: asked to fail" in outcomes[2].error
+    assert "sys.exit(4)" in outcomes[4].error
+    assert "exited with status 9" in outcomes[6].error
+    assert len({o.result["pid"] for o in outcomes if o.ok}) == 6  # a process each
+
+
+def test_an_attempt_that_ends_without_success_is_seen_by_its_exit_even_if_the_pipe_stays_open() -> (
+    None
+):
+    """What an attempt started may keep the success pipe open: the server
+    still learns of the attempt's end from the process itself."""
+    import subprocess
+
+    from workers_bridge.forkserver import Done
+
+    done = Done()
+    keeper = subprocess.Popen(["sleep", "300"], pass_fds=(done.write,))
+    try:
+        ended = subprocess.Popen(["true"])
+        done.forked()
+        assert done.wait(ended.pid) is False
+        ended.wait()
+    finally:
+        done.close()
+        keeper.kill()
+        keeper.wait()
+
+
+def test_a_success_is_read_from_the_pipe_and_without_pidfd_only_the_exit_tells(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    from workers_bridge.forkserver import Done
+
+    done = Done()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; os.write({done.write}, b'1'); time.sleep(300)"],
+        pass_fds=(done.write,),
+    )
+    try:
+        done.forked()
+        assert done.wait(writer.pid) is True  # while the process still runs
+        assert writer.poll() is None
+        monkeypatch.delattr(os, "pidfd_open")  # Python < 3.9
+        assert done.wait(writer.pid) is False
+    finally:
+        done.close()
+        writer.kill()
+        writer.wait()
