@@ -3,8 +3,8 @@
 Two kinds leave for the broker, both addressed by task name, so nothing here
 imports the modules that define the tasks: the jobs that became ready
 (``workers_bridge.run_job``: task id = job id, queue = channel, the job's
-priority, Flower name ``dcm:<jobName>``), sent as one Celery group and
-marked dispatched; and the plans of new sessions (``scheduler.plan``).
+priority, Flower name ``dcm:<jobName>``), sent in order on one producer
+and marked dispatched; and the plans of new sessions (``scheduler.plan``).
 Every message's priority comes from :func:`broker_priority`: urgent
 sessions first, cohort runs last (README, "Urgent studies first"). Jobs of
 a paused channel and jobs whose off-peak window is closed are held back,
