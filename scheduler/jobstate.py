@@ -568,6 +568,14 @@ def finish_session_if_done(db: Executor, session_id: str, now: datetime) -> str 
     """Give the session its final status once none of its jobs can still run,
     with its webhook notifications queued in the same transaction; returns
     that status, or None if the session has not ended now."""
+    if _on_psycopg(db):
+        from scheduler.store import jobs_pg
+
+        final = jobs_pg.finish_session(db, session_id, now)
+        if final is None:
+            return None
+        notifications.queue_session_event(db, session_id, final, now)
+        return final
     counts: dict[str, int] = dict(
         db.execute(
             select(Job.status, func.count())

@@ -7,8 +7,9 @@ the server; here they are plain SQL on the transaction's own psycopg
 connection, prepared by the server after a few runs, and folded: the claim
 returns the session's fields and the results of the job's dependencies
 with its ``UPDATE``; an ending locks the session and reads the job as
-:mod:`scheduler.jobstate` does, and for a success the update of the job and
-the release of its dependents are one statement. :mod:`scheduler.jobstate` decides when they
+:mod:`scheduler.jobstate` does, for a success the update of the job and
+the release of its dependents are one statement, and a session whose jobs
+have all ended gets its final status in one more. :mod:`scheduler.jobstate` decides when they
 apply (what they do is what its SQLAlchemy statements do on SQLite) and
 keeps every other transition.
 """
@@ -22,7 +23,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
-from scheduler.vocabulary import JobStatus
+from scheduler.vocabulary import OPEN_JOB_STATUSES, JobStatus, SessionStatus
 
 _CLAIM = f"""
 UPDATE jobs SET status = '{JobStatus.RUNNING}', attempts = jobs.attempts + 1,
@@ -85,6 +86,21 @@ RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
 """
 
 
+_OPEN = ", ".join(f"'{status}'" for status in sorted(OPEN_JOB_STATUSES))
+_FINISH_SESSION = f"""
+UPDATE sessions SET finished_at = %(now)s, status = CASE
+        WHEN NOT EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s
+                         AND status <> '{JobStatus.SUCCEEDED}') THEN '{SessionStatus.SUCCEEDED}'
+        WHEN NOT EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s
+                         AND status = '{JobStatus.SUCCEEDED}') THEN '{SessionStatus.FAILED}'
+        ELSE '{SessionStatus.PARTIAL}' END
+WHERE id = %(session_id)s AND status = '{SessionStatus.RUNNING}'
+    AND EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s)
+    AND NOT EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s AND status IN ({_OPEN}))
+RETURNING status
+"""
+
+
 def _cursor(db: Connection, **options: Any) -> Any:
     return db.connection.driver_connection.cursor(**options)  # type: ignore[union-attr]
 
@@ -135,3 +151,12 @@ def succeed_and_release(
             prepare=True,
         )
         return list(cursor.fetchall())
+
+
+def finish_session(db: Connection, session_id: str, now: datetime) -> str | None:
+    """The session's final status, set if none of its jobs can still run (see
+    :func:`scheduler.jobstate.finish_session_if_done`); None otherwise."""
+    with _cursor(db) as cursor:
+        cursor.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
+        row = cursor.fetchone()
+    return None if row is None else str(row[0])
