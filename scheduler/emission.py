@@ -19,8 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import bindparam, update
 from sqlalchemy import insert as insert_statement
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from scheduler import notifications
@@ -95,6 +95,30 @@ def session_dir(output_dir: Path, session_id: str) -> Path:
     return output_dir / session_id
 
 
+def _bound(name: str, column: Any) -> Any:
+    return bindparam(name, type_=column.type)
+
+
+# The session's side of store_plan, built once with its values bound at
+# execution: a planner writes it for every session (see scheduler.leases).
+_CLAIM = (
+    update(SchedulingSession)
+    .where(
+        SchedulingSession.id == _bound("session_id", SchedulingSession.id),
+        SchedulingSession.status == SessionStatus.PLANNING,
+    )
+    .values(
+        status=_bound("planned_status", SchedulingSession.status),
+        headers=_bound("planned_headers", SchedulingSession.headers),
+        added_params=_bound("planned_added_params", SchedulingSession.added_params),
+        trace=_bound("planned_trace", SchedulingSession.trace),
+        urgent=_bound("planned_urgent", SchedulingSession.urgent),
+        planned_at=_bound("planned_at", SchedulingSession.planned_at),
+        finished_at=_bound("planned_finished_at", SchedulingSession.finished_at),
+    )
+)
+
+
 def store_plan(
     db: Executor,
     session_id: str,
@@ -110,19 +134,17 @@ def store_plan(
     now = now or utcnow()
     status = SessionStatus.RUNNING if plan.jobs else SessionStatus.EMPTY
     claimed = db.execute(
-        update(SchedulingSession)
-        .where(
-            SchedulingSession.id == session_id, SchedulingSession.status == SessionStatus.PLANNING
-        )
-        .values(
-            status=status,
-            headers=headers,
-            added_params=plan.added_params,
-            trace=plan.trace,
-            urgent=plan.urgent,
-            planned_at=now,
-            finished_at=None if plan.jobs else now,
-        )
+        _CLAIM,
+        {
+            "session_id": session_id,
+            "planned_status": status,
+            "planned_headers": headers,
+            "planned_added_params": plan.added_params,
+            "planned_trace": plan.trace,
+            "planned_urgent": plan.urgent,
+            "planned_at": now,
+            "planned_finished_at": None if plan.jobs else now,
+        },
     )
     if rowcount(claimed) != 1:
         return None

@@ -9,11 +9,12 @@ tags, and are always present. The legacy dcm-processor keys ``id``,
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Integer, String, bindparam, select
 
 from scheduler.store.db import Executor
 from scheduler.store.models import Instance, Patient, Series, Study
@@ -54,7 +55,7 @@ def candidate_query(level: str, uid: str) -> Any:
     return _located(select(Patient, Study, Series, Instance), level, uid)
 
 
-def _located(query: Any, level: str, uid: str) -> Any:
+def _located(query: Any, level: str, uid: Any) -> Any:
     """``query`` over the instances of one candidate, joined up to its patient."""
     query = (
         query.select_from(Instance)
@@ -72,22 +73,14 @@ def _located(query: Any, level: str, uid: str) -> Any:
     return query.where(column[level] == uid)
 
 
-def build_headers(
-    db: Executor,
-    level: str,
-    uid: str,
-    fields: Iterable[str] | None = None,
-    *,
-    up_to: int | None = None,
-) -> dict[str, Any]:
-    """The headers document of the candidate ``level``/``uid``.
+@functools.cache
+def _headers_query(level: str, *, bounded: bool) -> Any:
+    """The rows of a candidate's headers (``uid`` and, when ``bounded``,
+    ``up_to`` bound at execution), built once per level: planning reads
+    them for every session.
 
-    ``up_to``: only instances with an id up to this one, the instances a
-    session's fingerprint covers (later ones belong to the next revision).
-    """
-    allowed = None if fields is None else frozenset(fields)
-    # The columns the document is made of, not the rows as objects: planning
-    # reads this for every session, and loading objects cost more than the query.
+    The columns the document is made of, not the rows as objects: loading
+    objects cost more than the query."""
     query = _located(
         select(
             Patient.patient_id,
@@ -103,11 +96,29 @@ def build_headers(
             Instance.location,
         ),
         level,
-        uid,
+        bindparam("uid", type_=String()),
     )
-    if up_to is not None:
-        query = query.where(Instance.id <= up_to)
-    rows = db.execute(query).all()
+    if bounded:
+        query = query.where(Instance.id <= bindparam("up_to", type_=Integer()))
+    return query
+
+
+def build_headers(
+    db: Executor,
+    level: str,
+    uid: str,
+    fields: Iterable[str] | None = None,
+    *,
+    up_to: int | None = None,
+) -> dict[str, Any]:
+    """The headers document of the candidate ``level``/``uid``.
+
+    ``up_to``: only instances with an id up to this one, the instances a
+    session's fingerprint covers (later ones belong to the next revision).
+    """
+    allowed = None if fields is None else frozenset(fields)
+    query = _headers_query(level, bounded=up_to is not None)
+    rows = db.execute(query, {"uid": uid, "up_to": up_to}).all()
     if not rows:
         raise UnknownCandidateError(f"no {level} {uid!r} in the store")
     patient_id, patient_stored = rows[0][0], rows[0][1]

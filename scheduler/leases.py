@@ -8,6 +8,7 @@ it is one conditional statement, so two processes never both hold it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -16,8 +17,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import bindparam, delete, or_, update
 
 from scheduler.store.db import Executor, insert_for, rowcount, transaction
 from scheduler.store.models import Lease, utcnow
@@ -31,22 +33,46 @@ def take(db: Executor, name: str, ttl: float, holder: str, now: datetime | None 
     """Take the lease in the caller's transaction (held once it commits): one
     statement that inserts it, or takes it over when it lapsed or is ours."""
     now = now or utcnow()
-    insert = insert_for(db)
+    values = {
+        "lease_name": name,
+        "lease_holder": holder,
+        "lease_expires": now + timedelta(seconds=ttl),
+        "lease_now": now,
+    }
+    return db.execute(_take_statement(insert_for(db)), values).first() is not None
+
+
+@functools.cache
+def _take_statement(insert: Any) -> Any:
+    """:func:`take`'s statement for one dialect's ``insert``, built once with
+    its values bound at execution: a planner takes a lease for every session,
+    and building the statement cost more than running it."""
     statement = insert(Lease).values(
-        name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)
+        name=bindparam("lease_name", type_=Lease.name.type),
+        holder=bindparam("lease_holder", type_=Lease.holder.type),
+        expires_at=bindparam("lease_expires", type_=Lease.expires_at.type),
     )
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[Lease.name],
-        set_={"holder": holder, "expires_at": statement.excluded.expires_at},
-        where=or_(Lease.expires_at < now, Lease.holder == holder),
-    )
-    return db.execute(statement.returning(Lease.name)).first() is not None
+        set_={"holder": statement.excluded.holder, "expires_at": statement.excluded.expires_at},
+        where=or_(
+            Lease.expires_at < bindparam("lease_now", type_=Lease.expires_at.type),
+            Lease.holder == bindparam("lease_holder", type_=Lease.holder.type),
+        ),
+    ).returning(Lease.name)
+
+
+# :func:`drop`'s statement, built once (see :func:`_take_statement`).
+_DROP = delete(Lease).where(
+    Lease.name == bindparam("lease_name", type_=Lease.name.type),
+    Lease.holder == bindparam("lease_holder", type_=Lease.holder.type),
+)
 
 
 def drop(db: Executor, name: str, holder: str) -> None:
     """Delete a one-off lease (``plan:<session>``) in the caller's transaction:
     leases named after something that ends leave no row behind."""
-    db.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+    db.execute(_DROP, {"lease_name": name, "lease_holder": holder})
 
 
 def acquire(name: str, ttl: float, holder: str, now: datetime | None = None) -> bool:

@@ -12,7 +12,7 @@ import os
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from scheduler import clock
@@ -56,9 +56,15 @@ def record_presence(
     )
 
 
+# Built once: planning reads the live channels for every session.
+_LIVE = select(Worker.channels).where(
+    Worker.last_heartbeat >= bindparam("live_after", type_=Worker.last_heartbeat.type)
+)
+
+
 def live_channels(db: Executor, now: datetime | None = None) -> set[str]:
     """Channels consumed by at least one worker with a recent heartbeat."""
-    rows = db.scalars(select(Worker.channels).where(Worker.last_heartbeat >= live_after(now)))
+    rows = db.scalars(_LIVE, {"live_after": live_after(now)})
     return {channel for channels in rows for channel in channels}
 
 

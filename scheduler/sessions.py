@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from scheduler import notifications
 from scheduler.config import Settings, get_settings
@@ -202,6 +202,20 @@ def lease_name(session_id: str) -> str:
 
 PLAN_LEASE_TTL = 15.0
 
+# What planning reads of a session still to plan; built once, as the other
+# statements every plan runs (see scheduler.leases).
+_TO_PLAN = select(
+    SchedulingSession.level,
+    SchedulingSession.uid,
+    SchedulingSession.event,
+    SchedulingSession.revision,
+    SchedulingSession.last_instance_id,
+    SchedulingSession.cohort,
+).where(
+    SchedulingSession.id == bindparam("session_id", type_=SchedulingSession.id.type),
+    SchedulingSession.status == SessionStatus.PLANNING,
+)
+
 
 def plan_session(session_id: str) -> PlannedSession | None:
     """Plan a ``planning`` session and send its ready jobs; None if already
@@ -231,19 +245,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
         # never one that a planner which just finished has already changed.
         if not take(db, name, PLAN_LEASE_TTL, holder):
             return None
-        row = db.execute(
-            select(
-                SchedulingSession.level,
-                SchedulingSession.uid,
-                SchedulingSession.event,
-                SchedulingSession.revision,
-                SchedulingSession.last_instance_id,
-                SchedulingSession.cohort,
-            ).where(
-                SchedulingSession.id == session_id,
-                SchedulingSession.status == SessionStatus.PLANNING,
-            )
-        ).first()
+        row = db.execute(_TO_PLAN, {"session_id": session_id}).first()
         if row is None:
             drop(db, name, holder)
             return None
