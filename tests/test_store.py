@@ -137,3 +137,36 @@ def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:
     # waiting ttl / 3 = 200 s before the first renewal would let it lapse.
     with renewing("plan:slow", "a", ttl=600, taken_at=time.monotonic() - 1000):
         wait_until(renewed, 30, "the first renewal")
+
+
+def test_a_claim_never_walks_the_index_of_ready_jobs(pg_url: str) -> None:
+    """A claim names its job by id. Given a condition on ``status`` it could
+    use, PostgreSQL picks the index of ready jobs when its statistics say
+    few are queued (the usual state, or a table not yet analysed) and then
+    reads every queued job of a backlog to find one: with thousands waiting,
+    each claim reads them all. Without the primary key to choose, the plan
+    shows what the statement allows."""
+    from sqlalchemy import text
+
+    from scheduler.jobstate import claim
+    from scheduler.store import jobs_pg
+    from scheduler.store.db import statements
+
+    with transaction(pg_url) as db:
+        session = SchedulingSession(event="study.stable", level="study", uid="1.2", headers={})
+        db.add(session)
+        db.flush()
+        job = Job(session_id=session.id, job_name="wanted", service="svc", worker_entry="m:f")
+        db.add(job)
+    now = datetime.now(UTC)
+    values = {"job_id": job.id, "hostname": "w@h", "pid": 1, "now": now, "due": now}
+    with statements(pg_url) as db:
+        db.execute(text("ALTER TABLE jobs DROP CONSTRAINT jobs_pkey CASCADE"))
+        with db.connection.driver_connection.cursor() as cursor:
+            cursor.execute("EXPLAIN " + jobs_pg._CLAIM, values)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        db.rollback()  # the key and its references are back
+    assert "ix_jobs_ready" not in plan, plan
+    with statements(pg_url) as db:
+        taken = claim(db, job.id, "w@h", now)
+    assert taken is not None and taken.job_name == "wanted"

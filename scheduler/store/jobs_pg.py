@@ -25,12 +25,17 @@ from sqlalchemy import Connection
 
 from scheduler.vocabulary import OPEN_JOB_STATUSES, JobStatus, SessionStatus
 
+# The job is found by its id alone: a condition on ``status`` the planner
+# could match to the index of ready jobs (status, pending_deps) lets it walk
+# every queued job of a backlog when its statistics say few are queued; as
+# ``(…) IS TRUE`` it is only checked on the row found.
 _CLAIM = f"""
 UPDATE jobs SET status = '{JobStatus.RUNNING}', attempts = jobs.attempts + 1,
     started_at = %(now)s, heartbeat_at = %(now)s, finished_at = NULL,
     worker = %(hostname)s, worker_pid = %(pid)s
 FROM sessions
-WHERE jobs.id = %(job_id)s AND jobs.status = '{JobStatus.QUEUED}' AND jobs.pending_deps = 0
+WHERE jobs.id = %(job_id)s
+    AND (jobs.status = '{JobStatus.QUEUED}') IS TRUE AND jobs.pending_deps = 0
     AND (jobs.run_after IS NULL OR jobs.run_after <= %(due)s)
     AND NOT EXISTS (SELECT 1 FROM paused_channels paused WHERE paused.channel = jobs.channel)
     AND sessions.id = jobs.session_id
