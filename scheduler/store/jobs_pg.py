@@ -92,17 +92,23 @@ RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
 
 
 _OPEN = ", ".join(f"'{status}'" for status in sorted(OPEN_JOB_STATUSES))
+# One pass over the session's jobs (its index alone: no condition on their
+# status, which the planner could match to the index of ready jobs).
 _FINISH_SESSION = f"""
+WITH counted AS (
+    SELECT count(*) AS jobs,
+        count(*) FILTER (WHERE status IN ({_OPEN})) AS open,
+        count(*) FILTER (WHERE status = '{JobStatus.SUCCEEDED}') AS succeeded
+    FROM jobs WHERE session_id = %(session_id)s
+)
 UPDATE sessions SET finished_at = %(now)s, status = CASE
-        WHEN NOT EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s
-                         AND status <> '{JobStatus.SUCCEEDED}') THEN '{SessionStatus.SUCCEEDED}'
-        WHEN NOT EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s
-                         AND status = '{JobStatus.SUCCEEDED}') THEN '{SessionStatus.FAILED}'
+        WHEN counted.succeeded = counted.jobs THEN '{SessionStatus.SUCCEEDED}'
+        WHEN counted.succeeded = 0 THEN '{SessionStatus.FAILED}'
         ELSE '{SessionStatus.PARTIAL}' END
-WHERE id = %(session_id)s AND status = '{SessionStatus.RUNNING}'
-    AND EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s)
-    AND NOT EXISTS (SELECT 1 FROM jobs WHERE session_id = %(session_id)s AND status IN ({_OPEN}))
-RETURNING status
+FROM counted
+WHERE sessions.id = %(session_id)s AND sessions.status = '{SessionStatus.RUNNING}'
+    AND counted.jobs > 0 AND counted.open = 0
+RETURNING sessions.status
 """
 
 
