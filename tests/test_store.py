@@ -139,13 +139,13 @@ def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:
         wait_until(renewed, 30, "the first renewal")
 
 
-def test_a_claim_never_walks_the_index_of_ready_jobs(pg_url: str) -> None:
-    """A claim names its job by id. Given a condition on ``status`` it could
+def test_a_claim_or_a_session_s_end_never_walks_the_index_of_ready_jobs(pg_url: str) -> None:
+    """A claim names its job by id, a session's end its session. Given a condition on ``status`` it could
     use, PostgreSQL picks the index of ready jobs when its statistics say
     few are queued (the usual state, or a table not yet analysed) and then
     reads every queued job of a backlog to find one: with thousands waiting,
-    each claim reads them all. Without the primary key to choose, the plan
-    shows what the statement allows."""
+    each claim reads them all. Without the index meant for it to choose, a
+    plan shows what the statement allows."""
     from sqlalchemy import text
 
     from scheduler.jobstate import claim
@@ -160,13 +160,19 @@ def test_a_claim_never_walks_the_index_of_ready_jobs(pg_url: str) -> None:
         db.add(job)
     now = datetime.now(UTC)
     values = {"job_id": job.id, "hostname": "w@h", "pid": 1, "now": now, "due": now}
-    with statements(pg_url) as db:
-        db.execute(text("ALTER TABLE jobs DROP CONSTRAINT jobs_pkey CASCADE"))
-        with db.connection.driver_connection.cursor() as cursor:
-            cursor.execute("EXPLAIN " + jobs_pg._CLAIM, values)
-            plan = "\n".join(row[0] for row in cursor.fetchall())
-        db.rollback()  # the key and its references are back
-    assert "ix_jobs_ready" not in plan, plan
+    # The ending of the last job of a session reads its jobs by session.
+    ending = {"session_id": session.id, "now": now}
+    for statement, bound, index in (
+        (jobs_pg._CLAIM, values, "ALTER TABLE jobs DROP CONSTRAINT jobs_pkey CASCADE"),
+        (jobs_pg._FINISH_SESSION, ending, "DROP INDEX ix_jobs_session_id"),
+    ):
+        with statements(pg_url) as db:
+            db.execute(text(index))
+            with db.connection.driver_connection.cursor() as cursor:
+                cursor.execute("EXPLAIN " + statement, bound)
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+            db.rollback()  # the index is back
+        assert "ix_jobs_ready" not in plan, plan
     with statements(pg_url) as db:
         taken = claim(db, job.id, "w@h", now)
     assert taken is not None and taken.job_name == "wanted"
