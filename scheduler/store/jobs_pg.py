@@ -92,8 +92,9 @@ RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
 
 
 _OPEN = ", ".join(f"'{status}'" for status in sorted(OPEN_JOB_STATUSES))
-# One pass over the session's jobs (its index alone: no condition on their
-# status, which the planner could match to the index of ready jobs).
+# One pass over the session's jobs (their session index alone: no condition
+# on their status, which the planner could match to the index of ready jobs),
+# and the session found by its key, not among the running ones (ix_sessions_status).
 _FINISH_SESSION = f"""
 WITH counted AS (
     SELECT count(*) AS jobs,
@@ -106,7 +107,7 @@ UPDATE sessions SET finished_at = %(now)s, status = CASE
         WHEN counted.succeeded = 0 THEN '{SessionStatus.FAILED}'
         ELSE '{SessionStatus.PARTIAL}' END
 FROM counted
-WHERE sessions.id = %(session_id)s AND sessions.status = '{SessionStatus.RUNNING}'
+WHERE sessions.id = %(session_id)s AND (sessions.status = '{SessionStatus.RUNNING}') IS TRUE
     AND counted.jobs > 0 AND counted.open = 0
 RETURNING sessions.status
 """
