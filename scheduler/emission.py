@@ -127,10 +127,13 @@ def store_plan(
     *,
     now: datetime | None = None,
     job_ids: dict[str, str] | None = None,
+    mark_ready: bool = False,
 ) -> list[str] | None:
     """Store the plan of a ``planning`` session; returns the ids of the jobs
     ready to run, or ``None`` if the session was planned already.
-    ``job_ids`` (jobName → id) lets the caller choose the ids."""
+    ``job_ids`` (jobName → id) lets the caller choose the ids. ``mark_ready``
+    records the ready jobs as dispatched now, for a caller that sends them
+    right after the commit with ``send_jobs(..., marked=True)``."""
     now = now or utcnow()
     status = SessionStatus.RUNNING if plan.jobs else SessionStatus.EMPTY
     claimed = db.execute(
@@ -185,6 +188,7 @@ def store_plan(
                 "attempt_log": [],
                 "pending_deps": pending[d.job_name],
                 "created_at": now,
+                "dispatched_at": now if mark_ready and pending[d.job_name] == 0 else None,
             }
         )
     if rows:

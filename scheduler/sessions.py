@@ -272,7 +272,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
             )
             ids = {job.definition.job_name: new_id() for job in result.jobs}
             with statements() as db:
-                ready = store_plan(db, session_id, result, headers, job_ids=ids)
+                ready = store_plan(db, session_id, result, headers, job_ids=ids, mark_ready=True)
                 drop(db, name, holder)
             planned = True
     finally:
@@ -285,7 +285,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
     # The plan decided the session's urgency; its cohort never changes.
     flags = SessionFlags(result.urgent, cohort is not None)
     definitions = {ids[job.definition.job_name]: job.definition for job in result.jobs}
-    send_jobs([ReadyJob.of(job_id, definitions[job_id], flags) for job_id in ready])
+    send_jobs([ReadyJob.of(job_id, definitions[job_id], flags) for job_id in ready], marked=True)
     status = SessionStatus.RUNNING if result.jobs else SessionStatus.EMPTY
     if status == SessionStatus.EMPTY:
         notifications.announce()
