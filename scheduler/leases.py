@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -118,20 +120,87 @@ def renewing(name: str, holder: str, ttl: float, taken_at: float | None = None) 
     ``taken_at`` (``time.monotonic()`` when it was taken or last renewed)
     counts the time already spent, so a lease taken at the start of a long
     transaction is renewed at once rather than ``ttl / 3`` later."""
-    stop = threading.Event()
-    first = ttl / 3 - (time.monotonic() - taken_at if taken_at is not None else 0.0)
-
-    def keep() -> None:
-        wait = max(first, 0.0)
-        while not stop.wait(wait):
-            with contextlib.suppress(Exception):  # the store may be briefly away
-                renew(name, holder, ttl)
-            wait = ttl / 3
-
-    thread = threading.Thread(target=keep, name=f"lease:{name}", daemon=True)
-    thread.start()
+    held = _Held(name, holder, ttl, (time.monotonic() if taken_at is None else taken_at) + ttl / 3)
+    renewer = _renewer()
+    renewer.add(held)
     try:
         yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
+        renewer.remove(held)
+
+
+@dataclass(eq=False)  # identity: the same lease may be held in two blocks
+class _Held:
+    name: str
+    holder: str
+    ttl: float
+    due: float  # time.monotonic() of its next renewal
+
+
+class _Renewer:
+    """The one thread of a process that renews the leases held in
+    :func:`renewing` blocks. A planner holds a lease for each session for a
+    few milliseconds: a thread started and joined for each cost more than
+    some of the plan's statements, while renewals are seconds apart."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.held: set[_Held] = set()
+        self.renewing: _Held | None = None
+        # When the thread's wait ends: an earlier lease must wake it;
+        # -inf while it is awake, and will look at every lease anyway.
+        self.wakes_at = -math.inf
+        threading.Thread(target=self._run, name="lease-renewer", daemon=True).start()
+
+    def add(self, held: _Held) -> None:
+        with self.changed:
+            self.held.add(held)
+            if held.due < self.wakes_at:
+                self.changed.notify_all()
+
+    def remove(self, held: _Held) -> None:
+        """Renew ``held`` no more, once a renewal of it under way has ended
+        (5 s at most, as the store may be away)."""
+        with self.changed:
+            self.held.discard(held)
+            self.changed.wait_for(lambda: self.renewing is not held, timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                now = time.monotonic()
+                held = min(self.held, key=lambda h: h.due, default=None)
+                if held is None or held.due > now:
+                    self.wakes_at = math.inf if held is None else held.due
+                    self.changed.wait(None if held is None else held.due - now)
+                    self.wakes_at = -math.inf
+                    continue
+                self.renewing = held
+            with contextlib.suppress(Exception):  # the store may be briefly away
+                renew(held.name, held.holder, held.ttl)
+            with self.changed:
+                held.due = time.monotonic() + held.ttl / 3
+                self.renewing = None
+                self.changed.notify_all()
+
+
+_renewer_of_process: _Renewer | None = None
+_renewer_lock = threading.Lock()
+
+
+def _renewer() -> _Renewer:
+    global _renewer_of_process
+    with _renewer_lock:
+        if _renewer_of_process is None:
+            _renewer_of_process = _Renewer()
+        return _renewer_of_process
+
+
+def _forget_renewer() -> None:
+    """In a forked child: the parent's renewing thread did not come along."""
+    global _renewer_of_process, _renewer_lock
+    _renewer_of_process = None
+    _renewer_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_renewer)
