@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +150,7 @@ def work(job_name, headers, params, added_params, **kwargs):
 """
 
 
-def test_successes_answered_before_their_exit_keep_every_later_outcome_its_own(
-    tmp_path: Path,
-) -> None:
-    """A success is reported before its process has exited; the exit is read
-    at the next request, so no later attempt takes it for its own."""
+def test_alternating_successes_and_failures_keep_every_outcome_its_own(tmp_path: Path) -> None:
     request = service(tmp_path, MIXED)
     outcomes = []
     for how in ("ok", "ok", "raise", "ok", "exit", "ok", "crash", "ok", "ok"):
@@ -177,47 +172,51 @@ def test_successes_answered_before_their_exit_keep_every_later_outcome_its_own(
     assert len({o.result["pid"] for o in outcomes if o.ok}) == 6  # a process each
 
 
-def test_an_attempt_that_ends_without_success_is_seen_by_its_exit_even_if_the_pipe_stays_open() -> (
-    None
-):
-    """What an attempt started may keep the success pipe open: the server
-    still learns of the attempt's end from the process itself."""
-    import subprocess
-
-    from workers_bridge.forkserver import Done
-
-    done = Done()
-    keeper = subprocess.Popen(["sleep", "300"], pass_fds=(done.write,))
+def _state(pid: int) -> str:
+    """The process's state letter (Z: ended, not yet reaped), or "" once gone."""
     try:
-        ended = subprocess.Popen(["true"])
-        done.forked()
-        assert done.wait(ended.pid) is False
-        ended.wait()
-    finally:
-        done.close()
-        keeper.kill()
-        keeper.wait()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
-def test_a_success_is_read_from_the_pipe_and_without_pidfd_only_the_exit_tells(
-    monkeypatch: pytest.MonkeyPatch,
+def _server() -> Any:
+    from workers_bridge import process
+
+    (server,) = process._servers.values()
+    return server
+
+
+def test_a_waiting_child_killed_before_its_request_leaves_the_next_attempt_unharmed(
+    tmp_path: Path,
 ) -> None:
-    import subprocess
+    import signal
 
-    from workers_bridge.forkserver import Done
+    from scheduler.lifeline import descendants
 
-    done = Done()
-    writer = subprocess.Popen(
-        [sys.executable, "-c", f"import os, time; os.write({done.write}, b'1'); time.sleep(300)"],
-        pass_fds=(done.write,),
-    )
-    try:
-        done.forked()
-        assert done.wait(writer.pid) is True  # while the process still runs
-        assert writer.poll() is None
-        monkeypatch.delattr(os, "pidfd_open")  # Python < 3.9
-        assert done.wait(writer.pid) is False
-    finally:
-        done.close()
-        writer.kill()
-        writer.wait()
+    request = service(tmp_path, COUNTING)
+    assert execute(request, timeout=30).ok
+    server = _server()
+    (standby,) = descendants(server.process.pid)  # forked for the next attempt
+    os.kill(standby, signal.SIGKILL)
+    wait_until(lambda: _state(standby) in ("Z", ""), timeout=10, what="the child to die")
+    outcome = execute(request, timeout=30)
+    assert outcome.ok, outcome
+    assert outcome.result["server"] == server.process.pid  # the same server, a fresh child
+
+
+def test_a_fork_server_that_died_between_attempts_is_replaced_without_failing_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    request = service(tmp_path, COUNTING)
+    assert execute(request, timeout=30).ok
+    server = _server()
+    os.kill(server.process.pid, signal.SIGKILL)
+    wait_until(lambda: _state(server.process.pid) in ("Z", ""), timeout=10, what="its end")
+    # As when it dies just after the check that it is alive: its pipe is found broken.
+    monkeypatch.setattr(server.process, "poll", lambda: None)
+    outcome = execute(request, timeout=30)
+    assert outcome.ok, outcome
+    assert outcome.result["server"] != server.process.pid

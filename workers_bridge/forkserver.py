@@ -13,14 +13,10 @@ Standard library only, run as a script under any interpreter:
 ``python forkserver.py PARENT_PID``. Protocol, JSON lines on stdin and
 stdout: the parent sends ``{"entry": …, "roots": …, "folder": …}`` and the
 request on the next line (passed to a waiting child unread: only the child
-needs its headers and arguments); the
-server answers ``{"pid": …}`` when the attempt's process exists, then
-``{"done": true}`` as soon as the attempt wrote a successful response (its
-process may still be exiting), and ``{"code": …, "peak_kib": …}`` when it has
-ended (``code`` as :func:`os.waitstatus_to_exitcode`). A success is final
-once written, so the parent goes on at ``done`` and reads the ``code`` line
-before its next request. Killing the attempt (timeout, cancellation) is the
-parent's: it has the pid.
+needs its headers and arguments); the server answers ``{"pid": …}`` when
+the attempt's process exists, then ``{"code": …, "peak_kib": …}`` when it
+has ended (``code`` as :func:`os.waitstatus_to_exitcode`). Killing the
+attempt (timeout, cancellation) is the parent's: it has the pid.
 
 Before each fork the server checks the files of the service's modules it
 imported; when one changed, it forgets them and imports the new code, so an
@@ -33,7 +29,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import select
 import signal
 import sys
 from pathlib import Path
@@ -143,9 +138,8 @@ def _fork(replies: int, then: Any, *args: Any) -> int:
     return pid
 
 
-def attempt(request: dict[str, Any], worker: Any | None, folder: str, done: int) -> None:
-    """In the forked child: run the attempt, write its response, and when it
-    succeeded say so on ``done``; never returns."""
+def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
+    """In the forked child: run the attempt, write its response; never returns."""
     code = 0
     try:
         output = os.open(
@@ -164,8 +158,6 @@ def attempt(request: dict[str, Any], worker: Any | None, folder: str, done: int)
         sys.stdout.flush()
         sys.stderr.flush()
         child.write_response(os.path.join(folder, "response.json"), response)
-        if response.get("ok"):
-            os.write(done, b"1")
     except BaseException:  # noqa: BLE001 - the parent reports a missing response
         code = 70
     finally:
@@ -181,11 +173,9 @@ class Standby:
     def __init__(self, preloaded: Preloaded, replies: int) -> None:
         self.version = preloaded.version
         self.workers = dict(preloaded.workers)
-        self.done = Done()
         readable, self.writable = os.pipe()
         self.pid = _fork(replies, self._wait, readable)
         os.close(readable)
-        self.done.forked()
 
     def _wait(self, readable: int) -> None:
         """In the child: run the request the server writes, if it writes one."""
@@ -195,51 +185,27 @@ class Standby:
         if line:
             message = json.loads(line)
             request = message["request"]
-            attempt(request, self.workers.get(request["entry"]), message["folder"], self.done.write)
+            attempt(request, self.workers.get(request["entry"]), message["folder"])
         # No request: the server let it go.
 
-    def take(self, request: bytes, folder: str) -> int:
-        """Hand the child its request (a JSON document, as the parent sent it)."""
-        with os.fdopen(self.writable, "wb") as pipe:
-            pipe.write(b'{"folder": %s, "request": %s}' % (json.dumps(folder).encode(), request))
+    def take(self, request: bytes, folder: str) -> int | None:
+        """Hand the child its request (a JSON document, as the parent sent it);
+        its pid, or None if it died waiting (the out-of-memory killer, an
+        operator): then the attempt gets a fresh child."""
+        message = b'{"folder": %s, "request": %s}' % (json.dumps(folder).encode(), request)
+        try:
+            with os.fdopen(self.writable, "wb") as pipe:
+                pipe.write(message)
+        except BrokenPipeError:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            return None
         return self.pid
 
     def discard(self) -> None:
         os.close(self.writable)  # it reads no request and exits
-        self.done.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-
-
-class Done:
-    """The pipe on which an attempt's process says it succeeded, before it exits."""
-
-    def __init__(self) -> None:
-        self.read, self.write = os.pipe()
-
-    def forked(self) -> None:
-        """In the server, once the child has its copy of the writing end."""
-        os.close(self.write)
-
-    def wait(self, pid: int) -> bool:
-        """True once the attempt ``pid`` says it succeeded; False when it
-        ended without saying so, or when this interpreter cannot watch a
-        process (``os.pidfd_open``: Python 3.9+, Linux 5.3+) and only its
-        exit tells."""
-        try:
-            exited = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            return False
-        try:
-            # A process the attempt started may hold the pipe open: its
-            # exit, not the pipe's end, says it is over.
-            ready, _, _ = select.select([self.read, exited], [], [])
-            return self.read in ready and os.read(self.read, 1) == b"1"
-        finally:
-            os.close(exited)
-
-    def close(self) -> None:
-        os.close(self.read)
 
 
 def _reap_orphans() -> None:
@@ -284,17 +250,13 @@ def serve(parent: int) -> int:
         ):
             standby.discard()
             standby = None
+        pid = None
         if standby is not None:
-            pid, done = standby.take(body, folder), standby.done
+            pid = standby.take(body, folder)
             standby = None
-        else:
-            done = Done()
-            pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder, done.write)
-            done.forked()
+        if pid is None:
+            pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder)
         replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
-        if done.wait(pid):
-            replies.write('{"done": true}\n')
-        done.close()
         _pid, status, usage = os.wait4(pid, 0)
         # ru_maxrss is in KiB on Linux.
         replies.write(

@@ -66,9 +66,7 @@ class Ended:
     """How the attempt's process ended."""
 
     code: int  # exit status, or minus the signal that killed it
-    # "exited"; "succeeded" (its response written, the process still exiting);
-    # "timeout"; "stopped" (cancelled, taken over)
-    how: str
+    how: str  # "exited", "timeout", or "stopped" (cancelled, taken over)
     peak_kib: int = 0  # peak resident memory of the process, in KiB
 
 
@@ -100,9 +98,8 @@ class ForkServer:
         self.replies = self.process.stdout.fileno()
         self.buffer = b""
         self.broken = False  # killed or ended: closed once the outcome is read
-        # The last attempt said it succeeded; its exit is still to be read.
-        self.exiting = False
         self.forked_at: float | None = None  # the current attempt's
+        self.forks = 0  # attempts it forked
         self.interpreter: str | None = None  # "<version> <executable>", once it forked
 
     @property
@@ -112,15 +109,6 @@ class ForkServer:
     @property
     def response_path(self) -> Path:
         return self.folder / "response.json"
-
-    def settle(self) -> None:
-        """Read the exit of the previous attempt, which answered before it
-        ended (its process is gone by now, or nearly)."""
-        while self.exiting:
-            reply = self.read(REAP_PATIENCE)
-            if reply is None:
-                raise ServerGone(self._exit_code())
-            self.exiting = "code" not in reply
 
     def send(self, request: dict[str, Any]) -> None:
         self.forked_at = None
@@ -257,19 +245,21 @@ def execute(
     ``heartbeat`` is called every ``heartbeat_interval`` seconds while the
     attempt runs; when it returns False the attempt is killed.
     """
-    server = fork_server(python or sys.executable, list(request.get("roots", [])))
-    try:
-        server.settle()
-    except ServerGone:  # the previous attempt's process never ended: start afresh
-        _discard(server)
+    for last_try in (False, True):
         server = fork_server(python or sys.executable, list(request.get("roots", [])))
-    ooms = oom_kills()
-    try:
-        server.send(request)
-        ended = _wait(server, timeout, heartbeat, heartbeat_interval)
-    except ServerGone as gone:
-        server.broken = True
-        ended = Ended(gone.code, "exited")
+        ooms = oom_kills()
+        try:
+            server.send(request)
+            ended = _wait(server, timeout, heartbeat, heartbeat_interval)
+        except ServerGone as gone:
+            server.broken = True
+            ended = Ended(gone.code, "exited")
+        if not (server.broken and server.forked_at is None and server.forks and not last_try):
+            break
+        # A server that had run attempts ended before forking this one (killed
+        # while idle, by an operator or the out-of-memory killer): not this
+        # attempt's doing, and nothing of it ran. A fresh server takes it.
+        _discard(server)
     try:
         if ended.how == "exited" and ended.code == -signal.SIGKILL:
             outcome = _killed(ended, ooms, server.output_path)
@@ -338,11 +328,9 @@ def _wait(
             if "pid" in reply:
                 pid = int(reply["pid"])
                 server.forked_at = time.perf_counter()
+                server.forks += 1
                 server.interpreter = reply.get("python")
                 continue
-            if "done" in reply:
-                server.exiting = True
-                return Ended(0, "succeeded")
             return Ended(int(reply["code"]), "exited", int(reply.get("peak_kib") or 0))
         if heartbeat and time.monotonic() >= next_beat:
             if not heartbeat():  # the job was cancelled or taken over: stop
@@ -357,8 +345,6 @@ def _stop(server: ForkServer, pid: int | None, how: str) -> Ended:
         kill_tree(pid)
         try:
             reply = server.read(REAP_PATIENCE)
-            if reply is not None and "done" in reply:  # it succeeded just then
-                reply = server.read(REAP_PATIENCE)
         except ServerGone:
             reply = None
         if reply is not None and "code" in reply:
@@ -407,7 +393,7 @@ def _killed(ended: Ended, ooms_before: int | None, output_path: Path) -> Attempt
 def _outcome(
     ended: Ended, timeout: float, response_path: Path, output_path: Path
 ) -> AttemptOutcome:
-    response = _response(response_path) if ended.how in ("exited", "succeeded") else None
+    response = _response(response_path) if ended.how == "exited" else None
     if response is not None and response.get("ok"):
         return AttemptOutcome(True, result=response.get("result"))
     suffix = _output_suffix(output_path)  # read only when something went wrong
