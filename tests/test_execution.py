@@ -119,6 +119,27 @@ def test_a_failing_job_marks_only_its_descendants_upstream_failed(
     assert doc["status"] == "partial"
 
 
+def test_a_result_or_error_postgresql_cannot_store_fails_once_with_the_reason(
+    live: Settings, define: Define, tmp_path: Path
+) -> None:
+    calls = tmp_path / "calls"
+    define(
+        [
+            job("nul", params={"unstorable": True, "calls": str(calls)}),
+            job("raises", params={"raise_unstorable": True, "calls": str(calls)}),
+        ]
+    )
+    doc = wait_session(start("10.31"))
+    jobs = jobs_by_name(doc)
+    assert (jobs["nul"]["status"], jobs["nul"]["attempts"]) == ("failed", 1)
+    assert jobs["nul"]["error"].startswith(
+        "worker returned a value the store cannot keep: a string holds a NUL character"
+    )
+    assert (jobs["raises"]["status"], jobs["raises"]["attempts"]) == ("failed", 1)
+    assert jobs["raises"]["error"].startswith("ValueError: bad\\x00byte \\ud800")
+    assert (calls_of(calls, "nul"), calls_of(calls, "raises")) == (1, 1)
+
+
 def test_a_job_failing_twice_then_succeeding_with_two_retries_succeeds_in_three_attempts(
     live: Settings, define: Define, tmp_path: Path
 ) -> None:

@@ -110,7 +110,36 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             f"({type(value).__name__}): {exc}",
             "traceback": "",
         }
+    flaw = unstorable(value)
+    if flaw:
+        return {
+            "ok": False,
+            "error": f"worker returned a value the store cannot keep: {flaw}",
+            "traceback": "",
+        }
     return {"ok": True, "result": value}
+
+
+def unstorable(value: Any) -> str | None:
+    """What in a JSON value the store cannot keep, or None: a NUL character
+    or half of a surrogate pair (not Unicode) in a string. PostgreSQL refuses
+    both; the value is refused on every store, so a service behaves alike."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return f"a string holds a NUL character (\\x00): {item[:40]!r}"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"a string is not valid Unicode (a lone surrogate): {item[:40]!r}"
+    return None
 
 
 def write_response(path: str, response: dict[str, Any]) -> None:

@@ -175,6 +175,15 @@ def ran_in(taken: Attempt, outcome: AttemptOutcome) -> dict[str, str]:
     return where
 
 
+def storable(error: str | None) -> str | None:
+    """An error as text the store keeps: what service code raised or printed
+    may hold NUL characters or lone surrogates, which PostgreSQL refuses (the
+    ending would fail, and the attempt be taken for lost)."""
+    if error is None:
+        return None
+    return error.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class Split:
     """Where one job's time went, in seconds (``bench/overhead.py`` reports it)."""
@@ -215,7 +224,7 @@ def run_job(job_id: str, hostname: str | None = None, split: Split | None = None
     ending = Ending(
         ok=outcome.ok,
         result=outcome.result,
-        error=outcome.error,
+        error=storable(outcome.error),
         timed_out=outcome.timed_out,
         lost=outcome.killed,
         ran_in=ran_in(taken, outcome),
