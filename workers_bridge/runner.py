@@ -79,7 +79,8 @@ def worker_call(claimed: Claimed) -> Attempt:
 def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | None:
     """Take the job if it is ``queued``; build the worker call."""
     now = now or utcnow()
-    with statements() as db:
+    # The claim is one statement; what follows it reads, or records presence.
+    with statements(each_alone=True) as db:
         claimed = jobstate.claim(db, job_id, hostname, now)
         if claimed is None:
             return None

@@ -145,16 +145,25 @@ def session_factory(url: str | None = None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def statements(url: str | None = None) -> Iterator[Connection]:
+def statements(url: str | None = None, *, each_alone: bool = False) -> Iterator[Connection]:
     """A transaction on a plain connection, for the statements every job runs
     (its claim, its ending): there an ORM session's bookkeeping costs more
-    than the statements themselves. Committed when the block ends."""
+    than the statements themselves. Committed when the block ends.
+
+    ``each_alone``: on PostgreSQL, each statement is a transaction of its
+    own (autocommit), for a block whose statements need no atomicity
+    together — a claim is one ``UPDATE``. That saves the round trips of
+    ``BEGIN`` and ``COMMIT``. SQLite keeps one transaction."""
     engine = get_engine(url)
     _per_job.active = True
     try:
         connection = engine.connect()
     finally:
         _per_job.active = False
+    if each_alone and engine.dialect.name == "postgresql":
+        with connection:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        return
     with connection, connection.begin():
         yield connection
 

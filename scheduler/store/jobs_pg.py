@@ -16,9 +16,11 @@ keeps every other transition.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from psycopg import Pipeline
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
@@ -117,6 +119,12 @@ def _cursor(db: Connection, **options: Any) -> Any:
     return db.connection.driver_connection.cursor(**options)  # type: ignore[union-attr]
 
 
+def _pipeline(driver: Any) -> Any:
+    """psycopg's pipeline mode (statements sent together, their results read
+    at the block's end) where libpq has it (14+), else nothing."""
+    return driver.pipeline() if Pipeline.is_supported() else contextlib.nullcontext()
+
+
 def claim(
     db: Connection, job_id: str, hostname: str, pid: int, now: datetime, due: datetime
 ) -> dict[str, Any] | None:
@@ -136,14 +144,17 @@ def lock_and_read(db: Connection, job_id: str) -> tuple[tuple[str, bool, bool], 
     """Lock the job's session row and read the job; the session's id and
     whether it is urgent and of a cohort, and the job; None if there is no
     such job."""
-    with _cursor(db) as cursor:
-        cursor.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
-        locked = cursor.fetchone()
-        if locked is None:
-            return None
-        cursor.execute(_ENDING_READS, {"job_id": job_id}, prepare=True)
-        session = (str(locked[0]), bool(locked[1]), bool(locked[2]))
-        return session, EndingRead(*cursor.fetchone())
+    driver = db.connection.driver_connection
+    # One round trip for the transaction's BEGIN, the lock and the read: the
+    # server still runs the read after the lock is held, on a snapshot of its own.
+    with _cursor(db) as lock, _cursor(db) as read:
+        with _pipeline(driver):
+            lock.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
+            read.execute(_ENDING_READS, {"job_id": job_id}, prepare=True)
+        locked, job = lock.fetchone(), read.fetchone()
+    if locked is None or job is None:
+        return None
+    return (str(locked[0]), bool(locked[1]), bool(locked[2])), EndingRead(*job)
 
 
 def succeed_and_release(
