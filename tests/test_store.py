@@ -180,3 +180,28 @@ def test_a_claim_or_a_session_s_end_never_walks_the_index_of_ready_jobs(pg_url: 
     with statements(pg_url) as db:
         taken = claim(db, job.id, "w@h", now)
     assert taken is not None and taken.job_name == "wanted"
+
+
+def test_errors_of_the_driver_itself_are_retried_when_transient_and_raised_otherwise() -> None:
+    """The per-job statements run on psycopg's own cursors: a lost connection
+    there is psycopg's error, not SQLAlchemy's, and must be retried too."""
+    import psycopg
+    import pytest
+
+    from scheduler.store.db import retrying
+
+    failures = [psycopg.OperationalError("server closed the connection unexpectedly")]
+
+    def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "recorded"
+
+    assert retrying(flaky, what="recording", first_wait=0.01) == "recorded"
+    assert failures == []
+
+    def broken() -> str:
+        raise psycopg.errors.UniqueViolation("duplicate key")
+
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        retrying(broken, what="recording", first_wait=0.01)

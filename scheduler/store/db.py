@@ -8,6 +8,7 @@ special. Code opens explicit scopes: ``with transaction() as s: ...``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -237,6 +238,15 @@ def rowcount(result: Any) -> int:
 
 
 TRANSIENT = (OperationalError, InterfaceError)
+# What psycopg itself raises for a lost connection, a server shutting down, a
+# deadlock: the per-job statements (scheduler/store/jobs_pg.py) run on the
+# driver's cursors, where SQLAlchemy does not wrap its errors.
+DRIVER_TRANSIENT: tuple[type[Exception], ...] = ()
+with contextlib.suppress(ImportError):
+    import psycopg
+
+    DRIVER_TRANSIENT = (psycopg.OperationalError,)
+RETRIED: tuple[type[Exception], ...] = (DBAPIError, *DRIVER_TRANSIENT)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -244,7 +254,7 @@ def is_transient(error: BaseException) -> bool:
     SQLite busy. Integrity and programming errors are not."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
-    return isinstance(error, TRANSIENT)
+    return isinstance(error, TRANSIENT + DRIVER_TRANSIENT)
 
 
 def retrying(
@@ -261,13 +271,14 @@ def retrying(
     while True:
         try:
             return operation()
-        except DBAPIError as exc:
+        except RETRIED as exc:
             if not is_transient(exc) or time.monotonic() + wait > deadline:
                 raise
+            cause = getattr(exc, "orig", None) or exc
             log.warning(
                 "store unavailable while %s (%s); retrying in %.1fs",
                 what,
-                type(exc.orig).__name__ if exc.orig else exc,
+                type(cause).__name__,
                 wait,
             )
             time.sleep(wait)
