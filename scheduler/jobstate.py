@@ -385,10 +385,13 @@ def record_ending(
         if _on_psycopg(db):
             from scheduler.store import jobs_pg
 
-            rows = jobs_pg.succeed_and_release(
-                db, job_id, ending.result, changes["attempt_log"], now
+            rows, final = jobs_pg.succeed_and_release(
+                db, job_id, session_id, ending.result, changes["attempt_log"], now
             )
             ready = _ready((ReadyRow(*row) for row in rows), flags)
+            if final is not None:
+                notifications.queue_session_event(db, session_id, final, now)
+            return Released(ready, finished=final is not None)
         else:
             changes |= {"status": JobStatus.SUCCEEDED, "result": ending.result, "error": None}
             _update_job(db, job_id, changes | {"finished_at": now})

@@ -158,22 +158,20 @@ def lock_and_read(db: Connection, job_id: str) -> tuple[tuple[str, bool, bool], 
 
 
 def succeed_and_release(
-    db: Connection, job_id: str, result: Any, attempt_log: list[Any], now: datetime
-) -> list[tuple[Any, ...]]:
+    db: Connection, job_id: str, session_id: str, result: Any, attempt_log: list[Any], now: datetime
+) -> tuple[list[tuple[Any, ...]], str | None]:
     """Mark the job succeeded and decrement its dependents; their rows
-    (pending_deps, status, id, job_name, channel, priority, sort_position, window)."""
-    with _cursor(db) as cursor:
-        cursor.execute(
-            _SUCCEED_AND_RELEASE,
-            {
-                "job_id": job_id,
-                "result": Jsonb(result),
-                "attempt_log": Jsonb(attempt_log),
-                "now": now,
-            },
-            prepare=True,
-        )
-        return list(cursor.fetchall())
+    (pending_deps, status, id, job_name, channel, priority, sort_position,
+    window), and the session's final status if that ended it
+    (:func:`finish_session`, asked in the same round trip: while a job it
+    released is queued, the session has not ended)."""
+    values = {"job_id": job_id, "result": Jsonb(result), "attempt_log": Jsonb(attempt_log)}
+    with _cursor(db) as released, _cursor(db) as finished:
+        with _pipeline(db.connection.driver_connection):
+            released.execute(_SUCCEED_AND_RELEASE, values | {"now": now}, prepare=True)
+            finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
+        rows, final = list(released.fetchall()), finished.fetchone()
+    return rows, None if final is None else str(final[0])
 
 
 def finish_session(db: Connection, session_id: str, now: datetime) -> str | None:
