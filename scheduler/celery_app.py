@@ -88,8 +88,9 @@ def configure(settings: Settings) -> Celery:
     pools.reset()
     app._pool = None
     app.amqp._producer_pool = None
-    # Celery builds the queue declarations once per process; another broker
-    # may need others (priority queues on RabbitMQ).
-    for cached in ("queues", "default_queue", "router"):
+    # Celery builds the queue declarations once per process, and its message
+    # sender keeps the ones it found; another broker may need others
+    # (priority queues on RabbitMQ).
+    for cached in ("queues", "default_queue", "router", "send_task_message"):
         app.amqp.__dict__.pop(cached, None)
     return app

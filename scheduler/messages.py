@@ -183,7 +183,7 @@ def _publish(jobs: Sequence[ReadyJob], countdown: float | None) -> None:
                 producer,
                 RUN_JOB,
                 message,
-                queue=job.channel,
+                queue=amqp.queues[job.channel],  # declared as the app declares it
                 priority=broker_priority(job.priority, urgent=job.urgent, cohort=job.cohort),
                 retry=True,
                 retry_policy=RETRY_POLICY,
