@@ -205,3 +205,24 @@ def test_errors_of_the_driver_itself_are_retried_when_transient_and_raised_other
 
     with pytest.raises(psycopg.errors.UniqueViolation):
         retrying(broken, what="recording", first_wait=0.01)
+
+
+def test_the_check_of_an_idle_pooled_connection_keeps_its_prepared_statements(
+    pg_url: str,
+) -> None:
+    """The check runs outside a transaction: a ROLLBACK would make psycopg
+    drop every statement it prepared on the connection."""
+    from sqlalchemy import text
+
+    engine = get_engine(pg_url)
+    engine.dispose()
+    with engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        driver.execute("SELECT 42", prepare=True)  # type: ignore[union-attr]
+        driver.commit()  # type: ignore[union-attr]
+    pooled = engine.pool._pool.queue[0]  # type: ignore[attr-defined]
+    pooled.info["idle_since"] = 0.0  # idle for long: checked at the next checkout
+    with engine.connect() as connection:
+        assert connection.connection.dbapi_connection is pooled.dbapi_connection
+        kept = connection.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar()
+    assert kept == 1

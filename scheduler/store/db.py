@@ -105,10 +105,14 @@ def _ping_when_idle(engine: Engine) -> None:
         if getattr(_per_job, "active", False) and time.monotonic() - since < PING_AFTER_IDLE:
             return
         try:
+            # Outside a transaction: a ROLLBACK would also make psycopg drop
+            # the statements it prepared on this connection (DEALLOCATE ALL).
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
             cursor = dbapi_connection.cursor()
             cursor.execute("SELECT 1")
             cursor.close()
-            dbapi_connection.rollback()
+            dbapi_connection.autocommit = autocommit
         except Exception as exc:
             raise DisconnectionError(f"pooled connection lost: {exc}") from exc
 
