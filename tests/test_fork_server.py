@@ -197,7 +197,10 @@ def test_a_waiting_child_killed_before_its_request_leaves_the_next_attempt_unhar
     request = service(tmp_path, COUNTING)
     assert execute(request, timeout=30).ok
     server = _server()
-    (standby,) = descendants(server.process.pid)  # forked for the next attempt
+    # Forked for the next attempt once the last one was reported.
+    (standby,) = wait_until(
+        lambda: descendants(server.process.pid), timeout=10, what="the waiting child"
+    )
     os.kill(standby, signal.SIGKILL)
     wait_until(lambda: _state(standby) in ("Z", ""), timeout=10, what="the child to die")
     outcome = execute(request, timeout=30)
