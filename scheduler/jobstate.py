@@ -38,7 +38,6 @@ from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
     AttemptStatus,
     JobStatus,
-    Phase,
     SessionStatus,
 )
 
@@ -242,15 +241,17 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
         added_params=found["added_params"],
         results=found["results"],
     )
-    if job.phase == Phase.POST:
-        job.outcomes = dict(
-            db.execute(
-                select(Job.job_name, Job.status).where(
-                    Job.session_id == job.session_id, Job.id != job_id
-                )
-            ).all()
-        )
     return job
+
+
+def outcomes(db: Executor, session_id: str, job_id: str) -> dict[str, str]:
+    """Every other job of the session and its status: what a post job is
+    called with, read once its claim is committed."""
+    return dict(
+        db.execute(
+            select(Job.job_name, Job.status).where(Job.session_id == session_id, Job.id != job_id)
+        ).all()
+    )
 
 
 def beat(db: Executor, job_id: str, attempt: int) -> bool:

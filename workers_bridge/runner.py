@@ -30,6 +30,7 @@ from scheduler.jobstate import Claimed, Ending
 from scheduler.presence import record_presence
 from scheduler.store.db import Executor, retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
+from scheduler.vocabulary import Phase
 from workers_bridge.process import AttemptOutcome, alive, execute
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,45 @@ def worker_call(claimed: Claimed) -> Attempt:
 
 
 def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | None:
-    """Take the job if it is ``queued``; build the worker call."""
+    """Take the job if it is ``queued``; build the worker call.
+
+    Only the claim itself is retried while the store is away: once it is
+    committed, running it again would find the job taken — by this very
+    attempt — and leave it running with nothing running it. What follows
+    (a post job's outcomes, this worker's presence) is read or recorded
+    after it, each on its own."""
     now = now or utcnow()
-    # The claim is one statement; what follows it reads, or records presence.
-    with statements(each_alone=True) as db:
-        claimed = jobstate.claim(db, job_id, hostname, now)
-        if claimed is None:
-            return None
-        _touch_worker(db, hostname, claimed.channel, now)
+
+    def take() -> Claimed | None:
+        # One statement on PostgreSQL, a transaction of its own.
+        with statements(each_alone=True) as db:
+            return jobstate.claim(db, job_id, hostname, now)
+
+    claimed = retrying(take, what=f"claiming job {job_id}", patience=60)
+    if claimed is None:
+        return None
+    _mine.add(job_id)
+    if claimed.phase == Phase.POST:
+        try:
+            claimed.outcomes = retrying(
+                lambda: _outcomes(claimed.session_id, job_id),
+                what=f"reading the outcomes for job {job_id}",
+                patience=600,
+            )
+        except BaseException:
+            _mine.discard(job_id)
+            raise
+    try:
+        with statements() as db:
+            _touch_worker(db, hostname, claimed.channel, now)
+    except Exception as exc:  # noqa: BLE001 - presence is bookkeeping; the heartbeat records it too
+        log.warning("could not record worker %s on channel %s: %s", hostname, claimed.channel, exc)
     return worker_call(claimed)
+
+
+def _outcomes(session_id: str, job_id: str) -> dict[str, str]:
+    with statements() as db:
+        return jobstate.outcomes(db, session_id, job_id)
 
 
 class Heartbeat:
@@ -111,6 +142,8 @@ class Heartbeat:
 
 
 _touched: dict[tuple[str, str], float] = {}
+# The jobs this process has claimed and not yet ended (several with a thread pool).
+_mine: set[str] = set()
 
 
 def _touch_worker(db: Executor, hostname: str, channel: str, now: datetime) -> None:
@@ -139,7 +172,16 @@ def dead_local_attempt(job_id: str, hostname: str) -> tuple[int, str] | None:
         running = jobstate.running_attempt(db, job_id)
     if running is None or running.worker != hostname or not running.worker_pid:
         return None
-    if running.worker_pid == os.getpid() or alive(running.worker_pid):
+    if running.worker_pid == os.getpid():
+        if job_id in _mine:  # another thread of this process runs it
+            return None
+        # Claimed by this process, which runs no attempt of it: the claim
+        # was committed but its answer lost with the connection.
+        return (
+            running.attempt,
+            f"worker lost: the store's connection dropped as {hostname} claimed the job",
+        )
+    if alive(running.worker_pid):
         return None
     return (
         running.attempt,
@@ -201,7 +243,7 @@ def run_job(job_id: str, hostname: str | None = None, split: Split | None = None
     hostname = hostname or socket.gethostname()
     split = split or Split()
     began = time.perf_counter()
-    taken = retrying(lambda: claim(job_id, hostname), what=f"claiming job {job_id}", patience=60)
+    taken = claim(job_id, hostname)
     claimed = time.perf_counter()
     split.claim = claimed - began
     if taken is None:
@@ -213,6 +255,15 @@ def run_job(job_id: str, hostname: str | None = None, split: Split | None = None
         else:
             log.info("job %s is not queued any more; duplicate delivery ignored", job_id)
         return None
+    try:
+        return _run(taken, split, claimed)
+    finally:
+        _mine.discard(job_id)
+
+
+def _run(taken: Attempt, split: Split, claimed: float) -> str:
+    """The claimed attempt, from its process to its recorded ending."""
+    job_id = taken.job_id
     try:
         Path(taken.request["kwargs"]["output_dir"]).mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -1,0 +1,120 @@
+"""A claim committed is never taken again for a stranger's: what follows it
+fails on its own, and a claim whose answer was lost is re-queued at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from scheduler import jobstate, sessions
+from scheduler.config import Settings, reset_settings
+from scheduler.store.db import transaction
+from scheduler.store.models import Job
+from scheduler.testing import (
+    environment_values,
+    record_study,
+    use_environment,
+    using_environment,
+)
+from workers_bridge import runner
+
+from .conftest import Define
+
+WORK = "dcm_testjobs:work"
+
+
+@pytest.fixture
+def store(
+    env: Settings, services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """A fresh store (each backend) with the test services."""
+    monkeypatch.setenv("DCM_SERVICES_PATH", str(services_root))
+    yield use_environment({})
+    monkeypatch.undo()
+    reset_settings()
+
+
+@pytest.fixture
+def pg_store(
+    tmp_path: Path, pg_url: str, services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """PostgreSQL, where a claim is one statement committed on its own."""
+    values = environment_values(tmp_path, pg_url) | {"DCM_SERVICES_PATH": str(services_root)}
+    with using_environment(values) as settings:
+        yield settings
+
+
+def queued_job(define: Define, uid: str, calls: Path) -> str:
+    define([{"jobName": "only", "workerEntry": WORK, "params": {"calls": str(calls)}}])
+    record_study(uid)
+    session_id = sessions.open_session("study", uid, "study.stable", manual=True)
+    assert session_id is not None
+    sessions.plan_session(session_id)
+    with transaction() as db:
+        return db.scalars(select(Job.id).where(Job.session_id == session_id)).one()
+
+
+def job_row(job_id: str) -> tuple[Any, ...]:
+    with transaction() as db:
+        job = db.get(Job, job_id)
+        assert job is not None
+        return job.status, job.attempts, [e["status"] for e in job.attempt_log]
+
+
+def calls_of(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def dropped() -> OperationalError:
+    return OperationalError("SELECT …", {}, Exception("server closed the connection"))
+
+
+def test_a_store_error_after_the_claim_does_not_take_the_job_for_another_s(
+    store: Settings, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = tmp_path / "calls"
+    job_id = queued_job(define, "70.1", calls)
+    touch = runner._touch_worker
+    failures = [dropped()]
+
+    def flaky_touch(*args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        touch(*args)
+
+    monkeypatch.setattr(runner, "_touch_worker", flaky_touch)
+    assert runner.run_job(job_id, "w@host") == "succeeded"
+    assert job_row(job_id) == ("succeeded", 1, ["succeeded"])
+    assert calls_of(calls) == 1
+
+
+def test_a_claim_committed_whose_answer_was_lost_is_requeued_at_once(
+    pg_store: Settings, define: Define, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = tmp_path / "calls"
+    job_id = queued_job(define, "70.2", calls)
+    claim = jobstate.claim
+    lost = [True]
+
+    def answer_lost(*args: Any) -> Any:
+        taken = claim(*args)
+        if lost:
+            lost.pop()
+            raise dropped()  # committed on the server; the answer never came
+        return taken
+
+    monkeypatch.setattr(jobstate, "claim", answer_lost)
+    assert runner.run_job(job_id, "w@host") is None  # not run by a claim it cannot see
+    status, attempts, log = job_row(job_id)
+    assert (status, attempts, log) == ("queued", 1, ["lost"])
+    with transaction() as db:
+        job = db.get(Job, job_id)
+        assert job is not None and "connection dropped" in (job.error or "")
+    assert runner.run_job(job_id, "w@host") == "succeeded"  # the message the re-queue sent
+    assert job_row(job_id) == ("succeeded", 2, ["lost", "succeeded"])
+    assert calls_of(calls) == 1
