@@ -28,7 +28,7 @@ from scheduler.config import get_settings
 from scheduler.emission import session_dir
 from scheduler.jobstate import Claimed, Ending
 from scheduler.presence import record_presence
-from scheduler.store.db import Executor, retrying, statements, transaction
+from scheduler.store.db import retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
 from scheduler.vocabulary import Phase
 from workers_bridge.process import AttemptOutcome, alive, execute
@@ -106,11 +106,7 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | 
         except BaseException:
             _mine.discard(job_id)
             raise
-    try:
-        with statements() as db:
-            _touch_worker(db, hostname, claimed.channel, now)
-    except Exception as exc:  # noqa: BLE001 - presence is bookkeeping; the heartbeat records it too
-        log.warning("could not record worker %s on channel %s: %s", hostname, claimed.channel, exc)
+    _touch_worker(hostname, claimed.channel, now)
     return worker_call(claimed)
 
 
@@ -146,20 +142,26 @@ _touched: dict[tuple[str, str], float] = {}
 _mine: set[str] = set()
 
 
-def _touch_worker(db: Executor, hostname: str, channel: str, now: datetime) -> None:
+def _touch_worker(hostname: str, channel: str, now: datetime) -> None:
     """Record that ``hostname`` consumes ``channel`` and is alive (at most every
-    few seconds per worker and channel: the heartbeat bootstep beats too)."""
+    few seconds per worker and channel: the heartbeat bootstep beats too).
+    Bookkeeping: a store error here is logged, never the attempt's."""
     key = (hostname, channel)
     if time.monotonic() - _touched.get(key, -1e9) < TOUCH_EVERY:
         return
-    record_presence(db, hostname, None, now)
-    channels = db.scalar(select(Worker.channels).where(Worker.hostname == hostname))
-    if channels is not None and channel not in channels:
-        db.execute(
-            update(Worker)
-            .where(Worker.hostname == hostname)
-            .values(channels={**channels, channel: True})
-        )
+    try:
+        with statements() as db:
+            record_presence(db, hostname, None, now)
+            channels = db.scalar(select(Worker.channels).where(Worker.hostname == hostname))
+            if channels is not None and channel not in channels:
+                db.execute(
+                    update(Worker)
+                    .where(Worker.hostname == hostname)
+                    .values(channels={**channels, channel: True})
+                )
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not record worker %s on channel %s: %s", hostname, channel, exc)
+        return
     _touched[key] = time.monotonic()
 
 
