@@ -3,7 +3,7 @@ fails on its own, and a claim whose answer was lost is re-queued at once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,26 @@ def calls_of(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def dropped() -> OperationalError:
-    return OperationalError("SELECT …", {}, Exception("server closed the connection"))
+class DropsOnce:
+    """``function`` whose first call loses the connection: before it runs, or
+    after (done on the server, the answer never came)."""
+
+    def __init__(self, function: Callable[..., Any], *, after: bool) -> None:
+        self.function, self.after, self.dropped = function, after, False
+
+    def __call__(self, *args: Any) -> Any:
+        drop = not self.dropped
+        self.dropped = True
+        if drop and not self.after:
+            raise self.error()
+        value = self.function(*args)
+        if drop:
+            raise self.error()
+        return value
+
+    @staticmethod
+    def error() -> OperationalError:
+        return OperationalError("SELECT …", {}, Exception("server closed the connection"))
 
 
 def test_a_store_error_after_the_claim_does_not_take_the_job_for_another_s(
@@ -79,18 +97,11 @@ def test_a_store_error_after_the_claim_does_not_take_the_job_for_another_s(
 ) -> None:
     calls = tmp_path / "calls"
     job_id = queued_job(define, "70.1", calls)
-    record = runner.record_presence
-    failures = [dropped()]
-
-    def flaky_presence(*args: Any) -> None:  # the connection drops after the claim
-        if failures:
-            raise failures.pop()
-        record(*args)
-
-    monkeypatch.setattr(runner, "record_presence", flaky_presence)
+    presence = DropsOnce(runner.record_presence, after=False)  # right after the claim
+    monkeypatch.setattr(runner, "record_presence", presence)
     runner._touched.clear()
     assert runner.run_job(job_id, "w@host") == "succeeded"
-    assert failures == []  # it did fail once
+    assert presence.dropped
     assert job_row(job_id) == ("succeeded", 1, ["succeeded"])
     assert calls_of(calls) == 1
 
@@ -100,17 +111,7 @@ def test_a_claim_committed_whose_answer_was_lost_is_requeued_at_once(
 ) -> None:
     calls = tmp_path / "calls"
     job_id = queued_job(define, "70.2", calls)
-    claim = jobstate.claim
-    lost = [True]
-
-    def answer_lost(*args: Any) -> Any:
-        taken = claim(*args)
-        if lost:
-            lost.pop()
-            raise dropped()  # committed on the server; the answer never came
-        return taken
-
-    monkeypatch.setattr(jobstate, "claim", answer_lost)
+    monkeypatch.setattr(jobstate, "claim", DropsOnce(jobstate.claim, after=True))
     assert runner.run_job(job_id, "w@host") is None  # not run by a claim it cannot see
     status, attempts, log = job_row(job_id)
     assert (status, attempts, log) == ("queued", 1, ["lost"])
