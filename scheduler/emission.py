@@ -19,13 +19,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, update
 from sqlalchemy import insert as insert_statement
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from scheduler import notifications
 from scheduler.planning import Plan
-from scheduler.store.db import Executor, insert_for, rowcount
+from scheduler.store.db import Executor, bound, insert_for, rowcount
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import JobStatus, SessionStatus
 
@@ -95,26 +95,22 @@ def session_dir(output_dir: Path, session_id: str) -> Path:
     return output_dir / session_id
 
 
-def _bound(name: str, column: Any) -> Any:
-    return bindparam(name, type_=column.type)
-
-
 # The session's side of store_plan, built once with its values bound at
 # execution: a planner writes it for every session (see scheduler.leases).
 _CLAIM = (
     update(SchedulingSession)
     .where(
-        SchedulingSession.id == _bound("session_id", SchedulingSession.id),
+        SchedulingSession.id == bound("session_id", SchedulingSession.id),
         SchedulingSession.status == SessionStatus.PLANNING,
     )
     .values(
-        status=_bound("planned_status", SchedulingSession.status),
-        headers=_bound("planned_headers", SchedulingSession.headers),
-        added_params=_bound("planned_added_params", SchedulingSession.added_params),
-        trace=_bound("planned_trace", SchedulingSession.trace),
-        urgent=_bound("planned_urgent", SchedulingSession.urgent),
-        planned_at=_bound("planned_at", SchedulingSession.planned_at),
-        finished_at=_bound("planned_finished_at", SchedulingSession.finished_at),
+        status=bound("planned_status", SchedulingSession.status),
+        headers=bound("planned_headers", SchedulingSession.headers),
+        added_params=bound("planned_added_params", SchedulingSession.added_params),
+        trace=bound("planned_trace", SchedulingSession.trace),
+        urgent=bound("planned_urgent", SchedulingSession.urgent),
+        planned_at=bound("planned_at", SchedulingSession.planned_at),
+        finished_at=bound("planned_finished_at", SchedulingSession.finished_at),
     )
 )
 

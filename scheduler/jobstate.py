@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from scheduler import messages, notifications
 from scheduler.clock import iso, utcnow
 from scheduler.messages import NORMAL, ReadyJob, SessionFlags
-from scheduler.store.db import Executor, rowcount, statements
+from scheduler.store.db import Executor, bound, rowcount, statements
 from scheduler.store.models import Job, JobDependency, PausedChannel, SchedulingSession
 from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
@@ -147,15 +147,15 @@ _TAKING = (
         Job.status == JobStatus.QUEUED,
         # A duplicate message must not skip dependencies or back-off.
         Job.pending_deps == 0,
-        or_(Job.run_after.is_(None), Job.run_after <= bindparam("due", type_=Job.run_after.type)),
+        or_(Job.run_after.is_(None), Job.run_after <= bound("due", Job.run_after)),
         # A message sent before its channel was paused runs after the resume.
         ~select(PausedChannel.channel).where(PausedChannel.channel == Job.channel).exists(),
     )
     .values(
         status=JobStatus.RUNNING,
         attempts=Job.attempts + 1,
-        started_at=bindparam("now", type_=Job.started_at.type),
-        heartbeat_at=bindparam("now", type_=Job.heartbeat_at.type),
+        started_at=bound("now", Job.started_at),
+        heartbeat_at=bound("now", Job.heartbeat_at),
         finished_at=None,
         worker=bindparam("hostname"),
         worker_pid=bindparam("pid"),
@@ -523,7 +523,7 @@ def _decrement(which: Any) -> Any:
         .values(
             pending_deps=Job.pending_deps - 1,
             dispatched_at=case(
-                (becomes_ready, bindparam("now", type_=Job.dispatched_at.type)),
+                (becomes_ready, bound("now", Job.dispatched_at)),
                 else_=Job.dispatched_at,
             ),
         )

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, or_, update
+from sqlalchemy import delete, or_, update
 
-from scheduler.store.db import Executor, insert_for, rowcount, transaction
+from scheduler.store.db import Executor, bound, insert_for, rowcount, transaction
 from scheduler.store.models import Lease, utcnow
 
 
@@ -50,24 +50,24 @@ def _take_statement(insert: Any) -> Any:
     its values bound at execution: a planner takes a lease for every session,
     and building the statement cost more than running it."""
     statement = insert(Lease).values(
-        name=bindparam("lease_name", type_=Lease.name.type),
-        holder=bindparam("lease_holder", type_=Lease.holder.type),
-        expires_at=bindparam("lease_expires", type_=Lease.expires_at.type),
+        name=bound("lease_name", Lease.name),
+        holder=bound("lease_holder", Lease.holder),
+        expires_at=bound("lease_expires", Lease.expires_at),
     )
     return statement.on_conflict_do_update(
         index_elements=[Lease.name],
         set_={"holder": statement.excluded.holder, "expires_at": statement.excluded.expires_at},
         where=or_(
-            Lease.expires_at < bindparam("lease_now", type_=Lease.expires_at.type),
-            Lease.holder == bindparam("lease_holder", type_=Lease.holder.type),
+            Lease.expires_at < bound("lease_now", Lease.expires_at),
+            Lease.holder == bound("lease_holder", Lease.holder),
         ),
     ).returning(Lease.name)
 
 
 # :func:`drop`'s statement, built once (see :func:`_take_statement`).
 _DROP = delete(Lease).where(
-    Lease.name == bindparam("lease_name", type_=Lease.name.type),
-    Lease.holder == bindparam("lease_holder", type_=Lease.holder.type),
+    Lease.name == bound("lease_name", Lease.name),
+    Lease.holder == bound("lease_holder", Lease.holder),
 )
 
 

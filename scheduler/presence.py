@@ -12,12 +12,12 @@ import os
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from scheduler import clock
 from scheduler.config import get_settings
-from scheduler.store.db import Executor, insert_for
+from scheduler.store.db import Executor, bound, insert_for
 from scheduler.store.models import Worker, utcnow
 
 
@@ -58,7 +58,7 @@ def record_presence(
 
 # Built once: planning reads the live channels for every session.
 _LIVE = select(Worker.channels).where(
-    Worker.last_heartbeat >= bindparam("live_after", type_=Worker.last_heartbeat.type)
+    Worker.last_heartbeat >= bound("live_after", Worker.last_heartbeat)
 )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 
 from scheduler import notifications
 from scheduler.config import Settings, get_settings
@@ -34,7 +34,7 @@ from scheduler.messages import ReadyJob, SessionFlags, send_jobs
 from scheduler.planning import Plan, decide, make_callback_runner
 from scheduler.presence import live_channels
 from scheduler.registry import Registry, current_registry, record_load
-from scheduler.store.db import Executor, statements, transaction
+from scheduler.store.db import Executor, bound, statements, transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import Level, SessionStatus
 
@@ -212,7 +212,7 @@ _TO_PLAN = select(
     SchedulingSession.last_instance_id,
     SchedulingSession.cohort,
 ).where(
-    SchedulingSession.id == bindparam("session_id", type_=SchedulingSession.id.type),
+    SchedulingSession.id == bound("session_id", SchedulingSession.id),
     SchedulingSession.status == SessionStatus.PLANNING,
 )
 

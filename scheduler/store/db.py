@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, CursorResult, Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, bindparam, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -173,6 +173,12 @@ def statements(url: str | None = None, *, each_alone: bool = False) -> Iterator[
         yield connection
 
 
+def bound(name: str, column: Any) -> Any:
+    """A parameter ``name`` typed as ``column``, bound at execution: for the
+    statements built once and run for every job or session."""
+    return bindparam(name, type_=column.type)
+
+
 def dialect_name(db: Executor) -> str:
     """``postgresql`` or ``sqlite``."""
     bind = db if isinstance(db, Connection) else db.get_bind()
@@ -251,6 +257,7 @@ with contextlib.suppress(ImportError):
 
     DRIVER_TRANSIENT = (psycopg.OperationalError,)
 RETRIED: tuple[type[Exception], ...] = (DBAPIError, *DRIVER_TRANSIENT)
+_ANY_TRANSIENT = TRANSIENT + DRIVER_TRANSIENT
 
 
 def is_transient(error: BaseException) -> bool:
@@ -258,7 +265,7 @@ def is_transient(error: BaseException) -> bool:
     SQLite busy. Integrity and programming errors are not."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
-    return isinstance(error, TRANSIENT + DRIVER_TRANSIENT)
+    return isinstance(error, _ANY_TRANSIENT)
 
 
 def retrying(
