@@ -170,8 +170,7 @@ def succeed_and_release(
         with _pipeline(db.connection.driver_connection):
             released.execute(_SUCCEED_AND_RELEASE, values | {"now": now}, prepare=True)
             finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
-        rows, final = list(released.fetchall()), finished.fetchone()
-    return rows, None if final is None else str(final[0])
+        return list(released.fetchall()), _final(finished.fetchone())
 
 
 def finish_session(db: Connection, session_id: str, now: datetime) -> str | None:
@@ -179,5 +178,9 @@ def finish_session(db: Connection, session_id: str, now: datetime) -> str | None
     :func:`scheduler.jobstate.finish_session_if_done`); None otherwise."""
     with _cursor(db) as cursor:
         cursor.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
-        row = cursor.fetchone()
+        return _final(cursor.fetchone())
+
+
+def _final(row: tuple[Any, ...] | None) -> str | None:
+    """The status :data:`_FINISH_SESSION` set, if it ended the session."""
     return None if row is None else str(row[0])
