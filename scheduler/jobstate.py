@@ -90,6 +90,14 @@ def retry_delay(retry_delay_s: float, attempt: int, max_attempts: int, retries: 
 # Claim and heartbeat
 
 
+class ClaimedBy(NamedTuple):
+    """What a claim wrote: the job's session, the worker and the start."""
+
+    session_id: str
+    worker: str
+    started_at: datetime
+
+
 @dataclass
 class Claimed:
     """A job just claimed, with what its worker call needs from the store."""
@@ -111,9 +119,15 @@ class Claimed:
     revision: int
     headers: dict[str, Any]
     added_params: dict[str, Any]
+    worker: str  # the claim's hostname and time
+    started_at: datetime
     # jobName -> result of each dependency; for post jobs, jobName -> status
     results: dict[str, Any] = field(default_factory=dict)
     outcomes: dict[str, str] | None = None
+
+    @property
+    def by(self) -> ClaimedBy:
+        return ClaimedBy(self.session_id, self.worker, self.started_at)
 
 
 _CLAIM_RETURNS = (
@@ -239,6 +253,8 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
         revision=found["revision"],
         headers=found["headers"] or {},
         added_params=found["added_params"],
+        worker=hostname,
+        started_at=now,
         results=found["results"],
     )
     return job
@@ -298,6 +314,9 @@ class Ending:
     # For a lost attempt: the heartbeat the re-sender saw. A newer one means
     # the attempt is alive after all, and the ending is ignored.
     last_heartbeat: datetime | None = None
+    # For an attempt ended by the worker that claimed it: what its claim
+    # wrote, so that a success is recorded without reading the job first.
+    claimed_by: ClaimedBy | None = None
     # Where the attempt ran, kept in its attempt-log entry: the interpreter
     # ("python": "<version> <executable>") and its output folder ("output_dir").
     ran_in: dict[str, str] | None = None
@@ -344,13 +363,22 @@ _ENDING_READS = select(
 
 
 def record_ending(
-    db: Executor, job_id: str, attempt: int, ending: Ending, now: datetime | None = None
+    db: Executor,
+    job_id: str,
+    attempt: int,
+    ending: Ending,
+    now: datetime | None = None,
+    *,
+    alone: bool = False,
 ) -> Released:
     """Store the ending of ``attempt`` of ``job_id``: success and release of
     its dependents, a retry after its back-off, or a final failure. An
     ending for an attempt that is no longer the running one (the job was
-    re-queued as lost, or cancelled meanwhile) is ignored."""
+    re-queued as lost, or cancelled meanwhile) is ignored. ``alone``: the
+    transaction holds nothing else, and may be committed here."""
     now = now or utcnow()
+    if ending.ok and ending.claimed_by is not None and _on_psycopg(db):
+        return _succeed(db, job_id, attempt, ending, now, alone)
     # Lock the job's session row first (one statement): see the module docstring.
     job: Any
     if _on_psycopg(db):
@@ -425,6 +453,33 @@ def record_ending(
     return Released(ready, finished=finish_session_if_done(db, session_id, now) is not None)
 
 
+def _succeed(
+    db: Connection, job_id: str, attempt: int, ending: Ending, now: datetime, alone: bool
+) -> Released:
+    """A success reported by the worker that claimed the job, on PostgreSQL:
+    one round trip (:func:`scheduler.store.jobs_pg.succeed`)."""
+    from scheduler.store import jobs_pg
+
+    claimed = ending.claimed_by
+    assert claimed is not None
+    entry = attempt_entry(attempt, ending.status, claimed.worker, claimed.started_at, now, None) | (
+        ending.ran_in or {}
+    )
+    # Webhooks a session's end owes are queued before the commit.
+    commit = alone and not notifications.configured()
+    done = jobs_pg.succeed(
+        db, job_id, claimed.session_id, attempt, ending.result, entry, now, commit=commit
+    )
+    if done is None:
+        return Released([], recorded=False)
+    if done.final is not None and not commit:
+        notifications.queue_session_event(db, claimed.session_id, done.final, now)
+    ready = _ready(
+        (ReadyRow(*row) for row in done.released), SessionFlags(done.urgent, done.cohort)
+    )
+    return Released(ready, recorded=done.recorded, finished=done.final is not None)
+
+
 def end_attempt(job_id: str, attempt: int, ending: Ending) -> Released:
     """Record an ending in its own transaction, then send what it made ready
     (or the retry, with its back-off as countdown)."""
@@ -436,7 +491,7 @@ def end_attempt(job_id: str, attempt: int, ending: Ending) -> Released:
 def record(job_id: str, attempt: int, ending: Ending) -> Released:
     """:func:`record_ending` in a transaction of its own."""
     with statements() as db:
-        return record_ending(db, job_id, attempt, ending)
+        return record_ending(db, job_id, attempt, ending, alone=True)
 
 
 def send(released: Released) -> None:

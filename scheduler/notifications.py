@@ -33,6 +33,11 @@ def event_of(status: str) -> str:
     return f"session.{status}"
 
 
+def configured(settings: Settings | None = None) -> bool:
+    """Whether a session's ending may owe webhooks (``DCM_WEBHOOK_URLS`` set)."""
+    return bool((settings or get_settings()).webhook_urls)
+
+
 def queue_session_event(
     db: Executor,
     session_id: str,
@@ -44,7 +49,7 @@ def queue_session_event(
     the caller's transaction (the session row locked or just claimed);
     returns how many rows were written."""
     settings = settings or get_settings()
-    if not settings.webhook_urls:
+    if not configured(settings):
         return 0
     event = event_of(status)
     if event not in settings.webhook_events:

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from scheduler import jobstate, sessions
+from scheduler.clock import iso
 from scheduler.config import Settings, reset_settings
 from scheduler.store.db import transaction
 from scheduler.store.models import Job
@@ -121,3 +122,61 @@ def test_a_claim_committed_whose_answer_was_lost_is_requeued_at_once(
     assert runner.run_job(job_id, "w@host") == "succeeded"  # the message the re-queue sent
     assert job_row(job_id) == ("succeeded", 2, ["lost", "succeeded"])
     assert calls_of(calls) == 1
+
+
+def planned_pair(define: Define, uid: str, calls: Path) -> tuple[str, str]:
+    """A session of ``first`` → ``second``; their ids."""
+    params = {"calls": str(calls)}
+    define(
+        [
+            {"jobName": "first", "workerEntry": WORK, "params": params},
+            {"jobName": "second", "workerEntry": WORK, "params": params, "dependsOn": ["first"]},
+        ]
+    )
+    record_study(uid)
+    session_id = sessions.open_session("study", uid, "study.stable", manual=True)
+    assert session_id is not None
+    sessions.plan_session(session_id)
+    with transaction() as db:
+        found = db.execute(select(Job.job_name, Job.id).where(Job.session_id == session_id))
+        jobs = {name: job_id for name, job_id in found}
+    return jobs["first"], jobs["second"]
+
+
+def test_a_success_is_logged_with_the_worker_and_start_its_claim_wrote(
+    store: Settings, define: Define, tmp_path: Path
+) -> None:
+    first, second = planned_pair(define, "70.3", tmp_path / "calls")
+    assert runner.run_job(first, "w@host") == "succeeded"
+    with transaction() as db:
+        job, dependent = db.get(Job, first), db.get(Job, second)
+        assert job is not None and dependent is not None
+        [entry] = job.attempt_log
+        assert entry["status"] == "succeeded" and entry["attempt"] == 1
+        assert (entry["worker"], entry["error"]) == ("w@host", None)
+        assert entry["started_at"] == iso(job.started_at)
+        assert entry["finished_at"] == iso(job.finished_at)
+        assert entry["output_dir"].endswith("first") and "python" in entry
+        assert job.result["job"] == "first" and job.error is None
+        # Released, and marked sent with the ending.
+        assert (dependent.pending_deps, dependent.status) == (0, "queued")
+        assert dependent.dispatched_at == job.finished_at
+
+
+def test_a_success_of_an_attempt_no_longer_the_job_s_is_ignored(
+    store: Settings, define: Define, tmp_path: Path
+) -> None:
+    first, second = planned_pair(define, "70.4", tmp_path / "calls")
+    taken = runner.claim(first, "w@host")
+    assert taken is not None
+    # Meanwhile the re-sender took the attempt for lost and re-queued the job.
+    lost = jobstate.Ending(ok=False, lost=True, error="worker lost")
+    assert jobstate.record(first, taken.number, lost).retry is not None
+    success = jobstate.Ending(ok=True, result={"late": True}, claimed_by=taken.claimed_by)
+    released = jobstate.record(first, taken.number, success)
+    assert (released.recorded, released.ready, released.finished) == (False, [], False)
+    assert job_row(first) == ("queued", 1, ["lost"])
+    with transaction() as db:
+        dependent = db.get(Job, second)
+        assert dependent is not None and dependent.pending_deps == 1
+        assert dependent.dispatched_at is None

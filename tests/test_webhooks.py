@@ -140,7 +140,11 @@ def run_ready(session_id: str, *, fail: bool) -> None:
         for job_id in ready:
             taken = runner.claim(job_id, "test-host")
             assert taken is not None
-            ending = Ending(ok=False, error="boom: disk full") if fail else Ending(ok=True)
+            ending = (
+                Ending(ok=False, error="boom: disk full")
+                if fail
+                else Ending(ok=True, claimed_by=taken.claimed_by)
+            )
             jobstate.end_attempt(job_id, taken.number, ending)
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from scheduler import jobstate
 from scheduler.config import get_settings
 from scheduler.emission import session_dir
-from scheduler.jobstate import Claimed, Ending
+from scheduler.jobstate import Claimed, ClaimedBy, Ending
 from scheduler.presence import record_presence
 from scheduler.store.db import retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
@@ -47,6 +47,7 @@ class Attempt:
     timeout: float
     python: str | None
     request: dict[str, Any]
+    claimed_by: ClaimedBy
 
 
 def worker_call(claimed: Claimed) -> Attempt:
@@ -74,7 +75,14 @@ def worker_call(claimed: Claimed) -> Attempt:
         "added_params": claimed.added_params,
         "kwargs": kwargs,
     }
-    return Attempt(claimed.job_id, claimed.attempt, claimed.timeout_s, claimed.python, request)
+    return Attempt(
+        claimed.job_id,
+        claimed.attempt,
+        claimed.timeout_s,
+        claimed.python,
+        request,
+        claimed.by,
+    )
 
 
 def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | None:
@@ -282,6 +290,7 @@ def _run(taken: Attempt, split: Split, claimed: float) -> str:
         timed_out=outcome.timed_out,
         lost=outcome.killed,
         ran_in=ran_in(taken, outcome),
+        claimed_by=taken.claimed_by,
     )
     # The attempt ran: its outcome must not be lost to a brief store outage.
     released = retrying(

@@ -9,9 +9,12 @@ returns the session's fields and the results of the job's dependencies
 with its ``UPDATE``; an ending locks the session and reads the job as
 :mod:`scheduler.jobstate` does, for a success the update of the job and
 the release of its dependents are one statement, and a session whose jobs
-have all ended gets its final status in one more. :mod:`scheduler.jobstate` decides when they
-apply (what they do is what its SQLAlchemy statements do on SQLite) and
-keeps every other transition.
+have all ended gets its final status in one more. The success a worker
+reports for the attempt it claimed reads nothing first: the lock, the
+success (applied only if that attempt still runs), the release, the
+session's end and the commit go to the server together (:func:`succeed`).
+:mod:`scheduler.jobstate` decides when they apply (what they do is what
+its SQLAlchemy statements do on SQLite) and keeps every other transition.
 """
 
 from __future__ import annotations
@@ -93,6 +96,31 @@ RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
 """
 
 
+# A success of the attempt the claim started (its number still the job's and
+# the job still running), with the release of its dependents: the
+# ``attempt_log`` entry is appended on the server, so nothing of the job is
+# read first. The first column says whether the ending applied; a row with
+# no dependent columns when it released none.
+_SUCCEEDED = f"""
+WITH ended AS (
+    UPDATE jobs SET status = '{JobStatus.SUCCEEDED}', result = %(result)s, error = NULL,
+        attempt_log = jobs.attempt_log || %(entry)s, finished_at = %(now)s
+    WHERE id = %(job_id)s AND (status = '{JobStatus.RUNNING}') IS TRUE
+        AND attempts = %(attempt)s
+    RETURNING id
+), released AS (
+    UPDATE jobs SET pending_deps = jobs.pending_deps - 1,
+        dispatched_at = CASE WHEN jobs.pending_deps = 1 AND jobs.status = '{JobStatus.QUEUED}'
+            THEN %(now)s ELSE jobs.dispatched_at END
+    WHERE jobs.id IN (
+        SELECT job_id FROM job_dependencies WHERE depends_on_id IN (SELECT id FROM ended))
+    RETURNING jobs.pending_deps, jobs.status, jobs.id, jobs.job_name, jobs.channel,
+        jobs.priority, jobs.sort_position, jobs."window"
+)
+SELECT (SELECT count(*) FROM ended) AS ended, released.*
+FROM (VALUES (1)) AS one LEFT JOIN released ON TRUE
+"""
+
 _OPEN = ", ".join(f"'{status}'" for status in sorted(OPEN_JOB_STATUSES))
 # One pass over the session's jobs (their session index alone: no condition
 # on their status, which the planner could match to the index of ready jobs),
@@ -171,6 +199,55 @@ def succeed_and_release(
             released.execute(_SUCCEED_AND_RELEASE, values | {"now": now}, prepare=True)
             finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
         return list(released.fetchall()), _final(finished.fetchone())
+
+
+class Succeeded(NamedTuple):
+    """What :func:`succeed` did."""
+
+    recorded: bool  # False: the attempt was no longer the job's running one
+    urgent: bool
+    cohort: bool
+    released: list[tuple[Any, ...]]  # as succeed_and_release returns them
+    final: str | None  # the session's final status, if this ended it
+
+
+def succeed(
+    db: Connection,
+    job_id: str,
+    session_id: str,
+    attempt: int,
+    result: Any,
+    entry: dict[str, Any],
+    now: datetime,
+    *,
+    commit: bool,
+) -> Succeeded | None:
+    """A successful attempt's ending in one round trip: ``BEGIN``, the
+    session's lock, the job's success and its dependents' release, the
+    question whether it ended the session and, with ``commit``, ``COMMIT``
+    (for a caller with nothing more to write: a session that ended may owe
+    webhooks, queued in the same transaction, so their caller commits
+    itself). None if there is no such session."""
+    values = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "result": Jsonb(result),
+        "entry": Jsonb(entry),
+        "now": now,
+    }
+    driver = db.connection.driver_connection
+    with _cursor(db) as lock, _cursor(db) as ended, _cursor(db) as finished, _cursor(db) as end:
+        with _pipeline(driver):
+            lock.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
+            ended.execute(_SUCCEEDED, values, prepare=True)
+            finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
+            if commit:
+                end.execute("COMMIT")
+        locked, rows, final = lock.fetchone(), ended.fetchall(), _final(finished.fetchone())
+    if locked is None:
+        return None
+    released = [row[1:] for row in rows if row[3] is not None]
+    return Succeeded(bool(rows[0][0]), bool(locked[1]), bool(locked[2]), released, final)
 
 
 def finish_session(db: Connection, session_id: str, now: datetime) -> str | None:
