@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import inspect, select
 
@@ -115,6 +116,31 @@ def test_postgresql_plans_each_statement_for_the_table_as_it_is_now(pg_url: str)
 
     with get_engine(pg_url).connect() as connection:
         assert connection.execute(text("SHOW plan_cache_mode")).scalar() == "force_custom_plan"
+
+
+def test_the_per_job_statements_leave_their_connection_planning_each_statement(
+    pg_url: str,
+) -> None:
+    """The claim and the ending plan once per connection (their rows are
+    found by key); what the connection runs next is planned as usual."""
+    from sqlalchemy import text
+
+    from scheduler.store import jobs_pg
+    from scheduler.store.db import statements
+
+    def mode(db: Any) -> str:
+        return str(db.execute(text("SHOW plan_cache_mode")).scalar())
+
+    now = datetime.now(UTC)
+    values = ("no-such-job", "w@h", 1, now, now)
+    with statements(pg_url, each_alone=True) as db:  # the claim: a statement alone
+        assert jobs_pg.claim(db, *values) is None
+        assert mode(db) == "force_custom_plan"
+    with get_engine(pg_url).connect() as db:  # an ending: its transaction
+        with db.begin():
+            assert jobs_pg.lock_and_read(db, "no-such-job") is None
+            assert mode(db) == "auto"
+        assert mode(db) == "force_custom_plan"
 
 
 def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:

@@ -66,7 +66,9 @@ def _configure_postgresql(engine: Engine) -> None:
     of rows: ingest ran 2.5 times slower. Custom plans, made at each execution
     for the table as it is, keep the parsing saved by preparing (turning
     preparing off instead cost planning 12 %). Set per connection with SET,
-    so ``PGOPTIONS`` and poolers that refuse startup options are unaffected."""
+    so ``PGOPTIONS`` and poolers that refuse startup options are unaffected.
+    The per-job statements, which find every row by a key, switch back to
+    PostgreSQL's default for their own round trips (:mod:`scheduler.store.jobs_pg`)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

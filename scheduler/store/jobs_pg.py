@@ -20,6 +20,7 @@ its SQLAlchemy statements do on SQLite) and keeps every other transition.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -147,10 +148,38 @@ def _cursor(db: Connection, **options: Any) -> Any:
     return db.connection.driver_connection.cursor(**options)  # type: ignore[union-attr]
 
 
-def _pipeline(driver: Any) -> Any:
-    """psycopg's pipeline mode (statements sent together, their results read
-    at the block's end) where libpq has it (14+), else nothing."""
-    return driver.pipeline() if Pipeline.is_supported() else contextlib.nullcontext()
+@contextlib.contextmanager
+def _together(db: Connection) -> Iterator[None]:
+    """The block's statements sent in one round trip, their results read at
+    its end (psycopg's pipeline mode, where libpq has it: 14+), and planned
+    once per connection.
+
+    Each statement here finds its rows by a key (a job's id, its session,
+    its dependents), so a plan made once serves every job: planning the
+    claim cost the server more than running it. The store's connections
+    otherwise plan each execution for the tables as they are
+    (:mod:`scheduler.store.db`); these switch to PostgreSQL's default
+    choice for the block. A plan made while a table was tiny (a sequential
+    scan) is made anew once autovacuum has analysed the grown table."""
+    driver: Any = db.connection.driver_connection
+    if not Pipeline.is_supported():
+        yield
+        return
+    generic = driver.info.server_version >= 120000  # plan_cache_mode is 12+
+    with driver.pipeline(), driver.cursor() as mode:
+        if not generic:
+            yield
+        elif not driver.autocommit:
+            mode.execute("SET LOCAL plan_cache_mode = auto")  # until the transaction ends
+            yield
+        else:
+            # One implicit transaction till the block's end: on an error, both
+            # are undone with it.
+            mode.execute("SET plan_cache_mode = auto")
+            try:
+                yield
+            finally:
+                mode.execute("SET plan_cache_mode = force_custom_plan")
 
 
 def claim(
@@ -159,11 +188,12 @@ def claim(
     """The claim's update (see :func:`scheduler.jobstate.claim`); its row
     (column name → value), or None."""
     with _cursor(db, row_factory=dict_row) as cursor:
-        cursor.execute(
-            _CLAIM,
-            {"job_id": job_id, "hostname": hostname, "pid": pid, "now": now, "due": due},
-            prepare=True,
-        )
+        with _together(db):
+            cursor.execute(
+                _CLAIM,
+                {"job_id": job_id, "hostname": hostname, "pid": pid, "now": now, "due": due},
+                prepare=True,
+            )
         row: dict[str, Any] | None = cursor.fetchone()
     return row
 
@@ -172,11 +202,10 @@ def lock_and_read(db: Connection, job_id: str) -> tuple[tuple[str, bool, bool], 
     """Lock the job's session row and read the job; the session's id and
     whether it is urgent and of a cohort, and the job; None if there is no
     such job."""
-    driver = db.connection.driver_connection
     # One round trip for the transaction's BEGIN, the lock and the read: the
     # server still runs the read after the lock is held, on a snapshot of its own.
     with _cursor(db) as lock, _cursor(db) as read:
-        with _pipeline(driver):
+        with _together(db):
             lock.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
             read.execute(_ENDING_READS, {"job_id": job_id}, prepare=True)
         locked, job = lock.fetchone(), read.fetchone()
@@ -195,7 +224,7 @@ def succeed_and_release(
     released is queued, the session has not ended)."""
     values = {"job_id": job_id, "result": Jsonb(result), "attempt_log": Jsonb(attempt_log)}
     with _cursor(db) as released, _cursor(db) as finished:
-        with _pipeline(db.connection.driver_connection):
+        with _together(db):
             released.execute(_SUCCEED_AND_RELEASE, values | {"now": now}, prepare=True)
             finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
         return list(released.fetchall()), _final(finished.fetchone())
@@ -235,9 +264,8 @@ def succeed(
         "entry": Jsonb(entry),
         "now": now,
     }
-    driver = db.connection.driver_connection
     with _cursor(db) as lock, _cursor(db) as ended, _cursor(db) as finished, _cursor(db) as end:
-        with _pipeline(driver):
+        with _together(db):
             lock.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
             ended.execute(_SUCCEEDED, values, prepare=True)
             finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
@@ -254,7 +282,8 @@ def finish_session(db: Connection, session_id: str, now: datetime) -> str | None
     """The session's final status, set if none of its jobs can still run (see
     :func:`scheduler.jobstate.finish_session_if_done`); None otherwise."""
     with _cursor(db) as cursor:
-        cursor.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
+        with _together(db):
+            cursor.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
         return _final(cursor.fetchone())
 
 
