@@ -223,3 +223,53 @@ def test_a_fork_server_that_died_between_attempts_is_replaced_without_failing_th
     outcome = execute(request, timeout=30)
     assert outcome.ok, outcome
     assert outcome.result["server"] != server.process.pid
+
+
+SIZED = """
+import os, sys
+
+def work(job_name, headers, params, added_params, **kwargs):
+    if params["how"] == "crash":
+        os._exit(9)
+    return {"text": "x" * params["size"], "pid": os.getpid()}
+"""
+
+
+def test_results_small_and_large_arrive_whole_and_a_crash_never_gets_another_s(
+    tmp_path: Path,
+) -> None:
+    # A small response comes with the fork server's reply, a large one in a file.
+    request = service(tmp_path, SIZED)
+    sizes = [10, 200_000, None, 20_000, None, 3, 70_000, 10]
+    outcomes = [
+        execute(
+            {**request, "params": {"how": "crash" if size is None else "ok", "size": size}},
+            timeout=30,
+        )
+        for size in sizes
+    ]
+    for size, outcome in zip(sizes, outcomes, strict=True):
+        if size is None:
+            assert not outcome.ok and "exited with status 9" in (outcome.error or "")
+        else:
+            assert outcome.ok and outcome.result["text"] == "x" * size, (size, outcome.error)
+
+
+HOLDING = """
+import os, time
+
+def work(*args, **kwargs):
+    if os.fork() == 0:  # a copy of the attempt's process, with its open pipes
+        time.sleep(300)
+        os._exit(0)
+    return {"pid": os.getpid()}
+"""
+
+
+def test_a_process_the_attempt_forked_and_left_running_does_not_hold_its_answer(
+    tmp_path: Path,
+) -> None:
+    request = service(tmp_path, HOLDING)
+    first, second = execute(request, timeout=30), execute(request, timeout=30)
+    assert first.ok and second.ok, (first.error, second.error)
+    assert first.result["pid"] != second.result["pid"]

@@ -14,9 +14,13 @@ Standard library only, run as a script under any interpreter:
 stdout: the parent sends ``{"entry": …, "roots": …, "folder": …}`` and the
 request on the next line (passed to a waiting child unread: only the child
 needs its headers and arguments); the server answers ``{"pid": …}`` when
-the attempt's process exists, then ``{"code": …, "peak_kib": …}`` when it
-has ended (``code`` as :func:`os.waitstatus_to_exitcode`). Killing the
-attempt (timeout, cancellation) is the parent's: it has the pid.
+the attempt's process exists, then ``{"code": …, "peak_kib": …,
+"response": …}`` when it has ended (``code`` as
+:func:`os.waitstatus_to_exitcode`). The child writes a response that fits
+in a pipe's buffer to a pipe the server reads once it has exited (no
+reader needed meanwhile: the write never blocks), a larger one to
+``response.json`` in the folder, and then the reply has no ``response``.
+Killing the attempt (timeout, cancellation) is the parent's: it has the pid.
 
 Before each fork the server checks the files of the service's modules it
 imported; when one changed, it forgets them and imports the new code, so an
@@ -51,6 +55,9 @@ def _sibling(name: str) -> Any:
 
 
 child = _sibling("child")
+# A response up to this size goes through the attempt's pipe: less than a
+# pipe's buffer (64 KiB on Linux, 16 KiB at least elsewhere), so written at once.
+PIPED_RESPONSE = 16384
 # Which interpreter runs the attempts: their job's provenance records it.
 INTERPRETER = f"{sys.version.split()[0]} {sys.executable}"
 
@@ -138,8 +145,9 @@ def _fork(replies: int, then: Any, *args: Any) -> int:
     return pid
 
 
-def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
-    """In the forked child: run the attempt, write its response; never returns."""
+def attempt(request: dict[str, Any], worker: Any | None, folder: str, responses: int) -> None:
+    """In the forked child: run the attempt, write its response (to the pipe
+    ``responses``, or a file when large); never returns."""
     code = 0
     try:
         output = os.open(
@@ -157,11 +165,38 @@ def attempt(request: dict[str, Any], worker: Any | None, folder: str) -> None:
         response = child.run(request, worker=worker)
         sys.stdout.flush()
         sys.stderr.flush()
-        child.write_response(os.path.join(folder, "response.json"), response)
+        _respond(responses, folder, response)
     except BaseException:  # noqa: BLE001 - the parent reports a missing response
         code = 70
     finally:
         os._exit(code)
+
+
+def _respond(responses: int, folder: str, response: dict[str, Any]) -> None:
+    data = json.dumps(response, allow_nan=False).encode("utf-8")
+    if len(data) <= PIPED_RESPONSE:
+        os.write(responses, data)  # into an empty pipe's buffer: never blocks
+    else:
+        child.write_response(os.path.join(folder, "response.json"), response)
+
+
+def _piped_response(responses: int) -> bytes | None:
+    """What the ended attempt wrote to its pipe: a JSON document, or None
+    (nothing, or cut short by a kill). Read without waiting: a process the
+    attempt left behind may hold the pipe open."""
+    os.set_blocking(responses, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(responses, 65536):
+            data += chunk
+    os.close(responses)
+    if not data:
+        return None
+    try:
+        json.loads(data)
+    except ValueError:
+        return None
+    return data
 
 
 class Standby:
@@ -174,18 +209,21 @@ class Standby:
         self.version = preloaded.version
         self.workers = dict(preloaded.workers)
         readable, self.writable = os.pipe()
-        self.pid = _fork(replies, self._wait, readable)
+        self.responses, responses = os.pipe()
+        self.pid = _fork(replies, self._wait, readable, responses)
         os.close(readable)
+        os.close(responses)
 
-    def _wait(self, readable: int) -> None:
+    def _wait(self, readable: int, responses: int) -> None:
         """In the child: run the request the server writes, if it writes one."""
         os.close(self.writable)
+        os.close(self.responses)
         with os.fdopen(readable, "rb") as pipe:
             line = pipe.read()
         if line:
             message = json.loads(line)
             request = message["request"]
-            attempt(request, self.workers.get(request["entry"]), message["folder"])
+            attempt(request, self.workers.get(request["entry"]), message["folder"], responses)
         # No request: the server let it go.
 
     def take(self, request: bytes, folder: str) -> int | None:
@@ -197,6 +235,7 @@ class Standby:
             with os.fdopen(self.writable, "wb") as pipe:
                 pipe.write(message)
         except BrokenPipeError:
+            os.close(self.responses)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
             return None
@@ -204,6 +243,7 @@ class Standby:
 
     def discard(self) -> None:
         os.close(self.writable)  # it reads no request and exits
+        os.close(self.responses)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
@@ -253,18 +293,22 @@ def serve(parent: int) -> int:
         pid = None
         if standby is not None:
             pid = standby.take(body, folder)
+            responses = standby.responses
             standby = None
         if pid is None:
-            pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder)
+            responses, written = os.pipe()
+            pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder, written)
+            os.close(written)
         replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
         _pid, status, usage = os.wait4(pid, 0)
         # ru_maxrss is in KiB on Linux.
-        replies.write(
-            json.dumps(
-                {"code": os.waitstatus_to_exitcode(status), "peak_kib": int(usage.ru_maxrss)}
-            )
-            + "\n"
+        ended = json.dumps(
+            {"code": os.waitstatus_to_exitcode(status), "peak_kib": int(usage.ru_maxrss)}
         )
+        response = _piped_response(responses)
+        if response is not None:
+            ended = f'{ended[:-1]}, "response": {response.decode("utf-8")}}}'
+        replies.write(ended + "\n")
         if worker is not None:
             standby = Standby(preloaded, replies.fileno())
 

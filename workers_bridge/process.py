@@ -68,6 +68,9 @@ class Ended:
     code: int  # exit status, or minus the signal that killed it
     how: str  # "exited", "timeout", or "stopped" (cancelled, taken over)
     peak_kib: int = 0  # peak resident memory of the process, in KiB
+    # What the attempt answered, when it came with the fork server's reply
+    # (else it is in the folder's response file, if the attempt wrote one).
+    response: dict[str, Any] | None = None
 
 
 class ServerGone(Exception):
@@ -331,7 +334,13 @@ def _wait(
                 server.forks += 1
                 server.interpreter = reply.get("python")
                 continue
-            return Ended(int(reply["code"]), "exited", int(reply.get("peak_kib") or 0))
+            response = reply.get("response")
+            return Ended(
+                int(reply["code"]),
+                "exited",
+                int(reply.get("peak_kib") or 0),
+                response if isinstance(response, dict) else None,
+            )
         if heartbeat and time.monotonic() >= next_beat:
             if not heartbeat():  # the job was cancelled or taken over: stop
                 return _stop(server, pid, "stopped")
@@ -393,7 +402,9 @@ def _killed(ended: Ended, ooms_before: int | None, output_path: Path) -> Attempt
 def _outcome(
     ended: Ended, timeout: float, response_path: Path, output_path: Path
 ) -> AttemptOutcome:
-    response = _response(response_path) if ended.how == "exited" else None
+    response = None
+    if ended.how == "exited":
+        response = ended.response or _response(response_path)
     if response is not None and response.get("ok"):
         return AttemptOutcome(True, result=response.get("result"))
     suffix = _output_suffix(output_path)  # read only when something went wrong
