@@ -10,11 +10,13 @@ already in the broker when its channel was paused does not run.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -431,3 +433,156 @@ def test_a_real_worker_leaves_a_paused_channel_s_message_queued_until_resume(
     messages.forget_paused()
     assert doc["status"] == "succeeded"
     assert jobs_by_name(doc)["recon"]["attempts"] == 1
+
+
+# --------------------------------------------------------------------------
+# One round trip on Redis
+
+
+@pytest.fixture
+def on_redis(
+    tmp_path: Path, store_url: str, redis_url: str, services_root: Path
+) -> Iterator[Settings]:
+    """A fresh store (each backend), Redis as the broker (no worker), the
+    testjobs service."""
+    values = environment_values(tmp_path, store_url, redis_url) | {
+        "DCM_SERVICES_PATH": str(services_root),
+        "DCM_RESEND_AFTER": "1d",
+    }
+    with using_environment(values) as settings:
+        messages.forget_paused()
+        yield settings
+    messages.forget_paused()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The commands of each Redis round trip that carries a message (an
+    LPUSH of a task or a PUBLISH of an event), pipelined or alone. Declaring
+    a queue, once per connection, carries none."""
+    import redis
+
+    carrying = ("LPUSH", "PUBLISH")
+    trips: list[list[str]] = []
+    real_execute = redis.client.Pipeline.execute
+    real_command = redis.Redis.execute_command
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        commands = [str(command[0]).upper() for command, _options in self.command_stack]
+        if any(name in carrying for name in commands):
+            trips.append(commands)
+        return real_execute(self, *args, **kwargs)
+
+    def command(self: Any, *args: Any, **options: Any) -> Any:
+        if str(args[0]).upper() in carrying:
+            trips.append([str(args[0]).upper()])
+        return real_command(self, *args, **options)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    monkeypatch.setattr(redis.Redis, "execute_command", command)
+    return trips
+
+
+def queued_on_redis(url: str) -> dict[str, tuple[str, int, dict[str, Any]]]:
+    """Every job message waiting in Redis: job id → (queue, priority, headers)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    found = {}
+    for key in client.scan_iter("*"):
+        name = key.decode()
+        if client.type(key) != b"list" or name.startswith("_kombu"):
+            continue
+        queue, _, step = name.partition(":")
+        for raw in client.lrange(key, 0, -1):
+            message = json.loads(raw)
+            headers = message["headers"]
+            assert message["properties"]["priority"] == int(step or 0)
+            found[headers["id"]] = (queue, int(step or 0), headers)
+    return found
+
+
+def test_a_session_s_ready_jobs_leave_in_one_round_trip_each_to_its_queue_at_its_priority(
+    on_redis: Settings, define: Define, round_trips: list[list[str]]
+) -> None:
+    define(
+        [
+            job("low", priority=0),
+            job("high", priority=9, channel="gpu"),
+            job("usual"),
+            job("after", dependsOn="usual"),
+        ]
+    )
+    session_id = started("34.1")
+    assert round_trips == [["LPUSH", "LPUSH", "LPUSH"]]
+    queued = queued_on_redis(on_redis.broker_url)
+    rows = {name: job_row(name) for name in ("low", "high", "usual", "after")}
+    assert set(queued) == {rows[name].id for name in ("low", "high", "usual")}
+    for name, channel, priority in (
+        ("low", "default", 0),
+        ("high", "gpu", 9),
+        ("usual", "default", 5),
+    ):
+        queue, step, headers = queued[rows[name].id]
+        assert (queue, headers["task"], headers["shadow"]) == (
+            channel,
+            messages.RUN_JOB,
+            f"dcm:{name}",
+        )
+        assert step == messages.broker_priority(priority)
+        assert rows[name].dispatched_at is not None
+    assert rows["after"].dispatched_at is None  # waits for "usual"
+    assert shown(session_id)["status"] == "running"
+
+
+def test_with_task_events_on_each_job_s_task_sent_event_leaves_in_the_same_round_trip(
+    on_redis: Settings, define: Define, round_trips: list[list[str]]
+) -> None:
+    import redis
+
+    define([job("a"), job("b")])
+    app = messages.app()
+    subscriber = redis.Redis.from_url(on_redis.broker_url).pubsub(ignore_subscribe_messages=True)
+    subscriber.psubscribe("*celeryev*")
+    app.conf.task_send_sent_event = True  # what Flower's "enable events" turns on
+    try:
+        started("34.2")
+    finally:
+        app.conf.task_send_sent_event = False
+    assert len(round_trips) == 1 and sorted(round_trips[0]) == ["LPUSH"] * 2 + ["PUBLISH"] * 2
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while len(events) < 2 and time.monotonic() < deadline:
+        message = subscriber.get_message(timeout=1)  # None for the subscription's own reply
+        if message is not None:
+            envelope = json.loads(message["data"])
+            assert envelope["properties"]["body_encoding"] == "base64"
+            events.append(json.loads(base64.b64decode(envelope["body"])))
+    subscriber.close()
+    assert [e["type"] for e in events] == ["task-sent"] * 2
+    assert {e["uuid"] for e in events} == {job_row(name).id for name in ("a", "b")}
+    assert {(e["name"], e["queue"]) for e in events} == {(messages.RUN_JOB, "default")}
+
+
+def test_a_broker_error_during_the_round_trip_leaves_the_session_s_jobs_to_the_resender(
+    on_redis: Settings,
+    define: Define,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import redis
+
+    define([job("a"), job("b", channel="gpu")])
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(redis.client.Pipeline, "execute", refused)
+        started("34.3")
+    assert "2 job(s) left for the re-sender" in caplog.text
+    assert [(job_row(n).status, job_row(n).dispatched_at) for n in "ab"] == [("queued", None)] * 2
+    assert queued_on_redis(on_redis.broker_url) == {}
+    report = resender.resend(on_redis, now=datetime.now(UTC) + timedelta(seconds=30))
+    assert report.jobs == 2
+    assert set(queued_on_redis(on_redis.broker_url)) == {job_row(n).id for n in "ab"}
