@@ -24,8 +24,9 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from scheduler import notifications
+from scheduler.leases import drop
 from scheduler.planning import Plan
-from scheduler.store.db import Executor, bound, insert_for, rowcount
+from scheduler.store.db import Executor, bound, get_engine, insert_for, rowcount, statements
 from scheduler.store.models import Job, JobDependency, SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import JobStatus, SessionStatus
 
@@ -95,6 +96,18 @@ def session_dir(output_dir: Path, session_id: str) -> Path:
     return output_dir / session_id
 
 
+# The session's columns a plan sets.
+_PLANNED_COLUMNS = (
+    "status",
+    "headers",
+    "added_params",
+    "trace",
+    "urgent",
+    "planned_at",
+    "finished_at",
+)
+
+
 # The session's side of store_plan, built once with its values bound at
 # execution: a planner writes it for every session (see scheduler.leases).
 _CLAIM = (
@@ -104,13 +117,10 @@ _CLAIM = (
         SchedulingSession.status == SessionStatus.PLANNING,
     )
     .values(
-        status=bound("planned_status", SchedulingSession.status),
-        headers=bound("planned_headers", SchedulingSession.headers),
-        added_params=bound("planned_added_params", SchedulingSession.added_params),
-        trace=bound("planned_trace", SchedulingSession.trace),
-        urgent=bound("planned_urgent", SchedulingSession.urgent),
-        planned_at=bound("planned_at", SchedulingSession.planned_at),
-        finished_at=bound("planned_finished_at", SchedulingSession.finished_at),
+        {
+            column: bound(f"new_{column}", getattr(SchedulingSession, column))
+            for column in _PLANNED_COLUMNS
+        }
     )
 )
 
@@ -131,25 +141,74 @@ def store_plan(
     records the ready jobs as dispatched now, for a caller that sends them
     right after the commit with ``send_jobs(..., marked=True)``."""
     now = now or utcnow()
-    status = SessionStatus.RUNNING if plan.jobs else SessionStatus.EMPTY
+    planned = _planned(plan, headers, now)
+    # Bound as new_<column>: SQLAlchemy keeps the columns' names for itself.
     claimed = db.execute(
-        _CLAIM,
-        {
-            "session_id": session_id,
-            "planned_status": status,
-            "planned_headers": headers,
-            "planned_added_params": plan.added_params,
-            "planned_trace": plan.trace,
-            "planned_urgent": plan.urgent,
-            "planned_at": now,
-            "planned_finished_at": None if plan.jobs else now,
-        },
+        _CLAIM, {"session_id": session_id} | {f"new_{k}": v for k, v in planned.items()}
     )
     if rowcount(claimed) != 1:
         return None
     if not plan.jobs:
         notifications.queue_session_event(db, session_id, SessionStatus.EMPTY, now)
     ids = job_ids or {job.definition.job_name: new_id() for job in plan.jobs}
+    rows, edges, ready = _rows(session_id, plan, ids, now, mark_ready)
+    if rows:
+        db.execute(insert_statement(Job), rows)
+    if edges:
+        db.execute(insert_statement(JobDependency), edges)
+    return ready
+
+
+def write_plan(
+    session_id: str,
+    plan: Plan,
+    headers: dict[str, Any],
+    job_ids: dict[str, str],
+    lease: tuple[str, str],
+) -> list[str] | None:
+    """:func:`store_plan` in a transaction of its own, committed on return,
+    the ready jobs marked dispatched; the planner's ``lease`` (name, holder)
+    is dropped either way. On PostgreSQL a plan with jobs takes two round
+    trips (:mod:`scheduler.store.plans_pg`); a plan without any may owe a
+    webhook, queued through the statements every store runs."""
+    name, holder = lease
+    if plan.jobs and get_engine().dialect.driver == "psycopg":
+        from scheduler.store import plans_pg
+
+        now = utcnow()
+        rows, edges, ready = _rows(session_id, plan, job_ids, now, mark_ready=True)
+        planned = {"session_id": session_id} | _planned(plan, headers, now)
+        held = {"name": name, "holder": holder}
+        with statements(each_alone=True) as db:
+            if plans_pg.write_plan(db, planned, rows, edges, held):
+                return ready
+            plans_pg.drop(db, held)  # the plan's transaction, rolled back, did not
+        return None
+    with statements() as db:
+        stored = store_plan(db, session_id, plan, headers, job_ids=job_ids, mark_ready=True)
+        drop(db, name, holder)
+    return stored
+
+
+def _planned(plan: Plan, headers: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The session's columns (:data:`_PLANNED_COLUMNS`) once planned."""
+    return {
+        "status": SessionStatus.RUNNING if plan.jobs else SessionStatus.EMPTY,
+        "headers": headers,
+        "added_params": plan.added_params,
+        "trace": plan.trace,
+        "urgent": plan.urgent,
+        "planned_at": now,
+        "finished_at": None if plan.jobs else now,
+    }
+
+
+def _rows(
+    session_id: str, plan: Plan, ids: dict[str, str], now: datetime, mark_ready: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """The plan's job rows, edge rows and ready job ids: each job's
+    ``pending_deps`` counts the edges it waits for; those waiting for none
+    are ready."""
     pending = {name: 0 for name in ids}
     for edge in plan.edges:
         pending[edge.job] += 1
@@ -187,8 +246,6 @@ def store_plan(
                 "dispatched_at": now if mark_ready and pending[d.job_name] == 0 else None,
             }
         )
-    if rows:
-        db.execute(insert_statement(Job), rows)
     edges = [
         {
             "job_id": ids[e.job],
@@ -197,9 +254,7 @@ def store_plan(
         }
         for e in plan.edges
     ]
-    if edges:
-        db.execute(insert_statement(JobDependency), edges)
-    return [ids[name] for name, count in pending.items() if count == 0]
+    return rows, edges, [ids[name] for name, count in pending.items() if count == 0]
 
 
 def _roots(roots: Sequence[Path]) -> str:

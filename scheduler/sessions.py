@@ -19,20 +19,21 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from scheduler import notifications
 from scheduler.config import Settings, get_settings
 from scheduler.detection import LEVELS as RESOURCE_LEVELS
-from scheduler.emission import create_session, session_dir, store_plan
+from scheduler.emission import create_session, session_dir, write_plan
 from scheduler.headers import UnknownCandidateError, build_headers, candidate_query
 from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.messages import ReadyJob, SessionFlags, send_jobs
 from scheduler.planning import Plan, decide, make_callback_runner
-from scheduler.presence import live_channels
+from scheduler.presence import live_after, live_channels
 from scheduler.registry import Registry, current_registry, record_load
 from scheduler.store.db import Executor, bound, statements, transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
@@ -159,13 +160,14 @@ def read_inputs(
     settings: Settings,
     registry: Registry,
     up_to: int | None = None,
+    live: set[str] | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
     """What planning reads from the store: the headers (of the instances up
     to ``up_to``, see :func:`scheduler.headers.build_headers`) and the live
-    channels."""
+    channels (``live`` when the caller read them already)."""
     fields = header_fields(settings, registry)
     headers = build_headers(db, level, uid, fields, up_to=up_to)
-    return headers, live_channels(db)
+    return headers, live_channels(db) if live is None else live
 
 
 def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
@@ -225,13 +227,15 @@ def plan_session(session_id: str) -> PlannedSession | None:
     every callback again while this planner works: the planner holds the
     lease ``plan:<session>``, renewed while the callbacks run, so it lapses
     within seconds if the planner dies and the re-sender plans it again.
-    The lease costs no transaction of its own: it is taken in the one that
-    reads the session and dropped in the one that writes the plan.
+    The lease costs no transaction of its own: it is taken with the reads
+    of the session and dropped in the transaction that writes the plan.
 
     Both run on a plain connection (:func:`~scheduler.store.db.statements`):
     a planner plans session after session, and an ORM session's bookkeeping
-    cost more than the statements. A connection lost meanwhile fails the
-    plan with a transient error, which the plan task retries.
+    cost more than the statements. On PostgreSQL they go through psycopg
+    itself, a few round trips in all (:mod:`scheduler.store.plans_pg`). A
+    connection lost meanwhile fails the plan with a transient error, which
+    the plan task retries.
     """
     settings = get_settings()
     registry = current_registry(settings)
@@ -240,18 +244,19 @@ def plan_session(session_id: str) -> PlannedSession | None:
     inputs: tuple[dict[str, Any], set[str]] | None = None
     error = ""
     taken_at = time.monotonic()
-    with statements() as db:
-        # Lease first, then the status: read after the lease, the status is
-        # never one that a planner which just finished has already changed.
-        if not take(db, name, PLAN_LEASE_TTL, holder):
+    # Statements alone (autocommit on PostgreSQL): the lease is one statement,
+    # atomic alone, and what follows only reads.
+    with statements(each_alone=True) as db:
+        opened = _take_and_read(db, session_id, name, holder)
+        if opened is None:
             return None
-        row = db.execute(_TO_PLAN, {"session_id": session_id}).first()
+        row, live = opened
         if row is None:
             drop(db, name, holder)
             return None
         level, uid, event, revision, last_instance, cohort = row
         try:
-            inputs = read_inputs(db, level, uid, settings, registry, up_to=last_instance)
+            inputs = read_inputs(db, level, uid, settings, registry, last_instance, live)
         except UnknownCandidateError as exc:
             error = str(exc)
     planned = False
@@ -271,9 +276,7 @@ def plan_session(session_id: str) -> PlannedSession | None:
                 registry=registry,
             )
             ids = {job.definition.job_name: new_id() for job in result.jobs}
-            with statements() as db:
-                ready = store_plan(db, session_id, result, headers, job_ids=ids, mark_ready=True)
-                drop(db, name, holder)
+            ready = write_plan(session_id, result, headers, ids, (name, holder))
             planned = True
     finally:
         if not planned:
@@ -290,6 +293,32 @@ def plan_session(session_id: str) -> PlannedSession | None:
     if status == SessionStatus.EMPTY:
         notifications.announce()
     return PlannedSession(session_id, result, headers, ready, status)
+
+
+def _take_and_read(
+    db: Connection, session_id: str, name: str, holder: str
+) -> tuple[Any, set[str] | None] | None:
+    """Take the planning lease, then read the session if it is still to
+    plan: read after the lease, its status is never one that a planner which
+    just finished has already changed. None when another planner holds the
+    lease; else the session's row (None when planned already) and, on
+    PostgreSQL, the live channels, read in the same round trip
+    (:func:`scheduler.store.plans_pg.take_and_read`)."""
+    if db.dialect.driver == "psycopg":
+        from scheduler.store import plans_pg
+
+        now = utcnow()
+        lease = {
+            "name": name,
+            "holder": holder,
+            "expires": now + timedelta(seconds=PLAN_LEASE_TTL),
+            "now": now,
+        }
+        taken, row, live = plans_pg.take_and_read(db, session_id, lease, live_after(now))
+        return (row, live) if taken else None
+    if not take(db, name, PLAN_LEASE_TTL, holder):
+        return None
+    return db.execute(_TO_PLAN, {"session_id": session_id}).first(), None
 
 
 def _fail_planning(session_id: str, message: str) -> None:

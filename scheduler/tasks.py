@@ -24,7 +24,7 @@ from scheduler import (
 )
 from scheduler.celery_app import app
 from scheduler.config import get_settings
-from scheduler.store.db import TRANSIENT
+from scheduler.store.db import DRIVER_TRANSIENT, TRANSIENT
 
 
 @app.task(name="scheduler.detect", ignore_result=True)
@@ -38,8 +38,9 @@ def detect() -> dict[str, Any]:
     name="scheduler.plan",
     ignore_result=True,
     acks_late=True,
-    # Planning is idempotent: while the store is briefly away, try again.
-    autoretry_for=TRANSIENT,
+    # Planning is idempotent: while the store is briefly away, try again
+    # (on PostgreSQL its statements run on psycopg itself: its errors too).
+    autoretry_for=TRANSIENT + DRIVER_TRANSIENT,
     retry_backoff=True,
     retry_backoff_max=60,
     max_retries=20,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -143,20 +144,20 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
     # The status is read after the lease is taken: a planner that has just
     # written the plan (and dropped its lease) is never planned again.
     session_id = one_job_session(define, "20.6")
-    real_take = sessions.take
+    real_take_and_read = sessions._take_and_read
 
-    def take_as_the_other_planner_commits(*args: object, **kwargs: object) -> bool:
+    def take_as_the_other_planner_commits(*args: Any) -> Any:
         with transaction() as other:  # the other planner's write transaction
             other.execute(
                 update(SchedulingSession)
                 .where(SchedulingSession.id == session_id)
                 .values(status="running")
             )
-        return real_take(*args, **kwargs)  # type: ignore[arg-type]
+        return real_take_and_read(*args)
 
     computed: list[str] = []
     real_compute = sessions.decide_for
-    monkeypatch.setattr(sessions, "take", take_as_the_other_planner_commits)
+    monkeypatch.setattr(sessions, "_take_and_read", take_as_the_other_planner_commits)
     monkeypatch.setattr(
         sessions,
         "decide_for",
@@ -166,3 +167,54 @@ def test_a_plan_message_arriving_as_another_planner_finishes_runs_no_callback(
     assert computed == []  # no callback ran
     with transaction() as db:
         assert db.get(Lease, sessions.lease_name(session_id)) is None
+
+
+def test_a_plan_whose_session_was_planned_elsewhere_meanwhile_writes_nothing(
+    tmp_path: Path,
+    store_url: str,
+    services_root: Path,
+    define: Define,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = environment_values(tmp_path, store_url) | {"DCM_SERVICES_PATH": str(services_root)}
+    with using_environment(values):
+        session_id = one_job_session(define, "20.7")
+        real_decide = sessions.decide_for
+
+        def decide_while_another_planner_writes(*args: Any, **kwargs: Any) -> Any:
+            decided = real_decide(*args, **kwargs)
+            # The lease lapsed (a planner stalled) and another planner wrote the plan.
+            with transaction() as other:
+                other.execute(
+                    update(SchedulingSession)
+                    .where(SchedulingSession.id == session_id)
+                    .values(status="running")
+                )
+            return decided
+
+        monkeypatch.setattr(sessions, "decide_for", decide_while_another_planner_writes)
+        assert sessions.plan_session(session_id) is None
+        with transaction() as db:
+            assert db.scalars(select(Job).where(Job.session_id == session_id)).all() == []
+            assert db.get(SchedulingSession, session_id).headers is None  # type: ignore[union-attr]
+            assert db.get(Lease, sessions.lease_name(session_id)) is None
+
+
+def test_a_plan_that_loses_its_postgresql_connection_is_tried_again(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    from scheduler import tasks
+
+    calls: list[str] = []
+
+    def plan_session(session_id: str) -> None:
+        calls.append(session_id)
+        if len(calls) == 1:  # what psycopg itself raises under plans_pg's statements
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(sessions, "plan_session", plan_session)
+    result = tasks.plan.apply(args=("s-1",))
+    assert result.successful()
+    assert calls == ["s-1", "s-1"]
