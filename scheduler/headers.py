@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, select
+from sqlalchemy import Integer, String, bindparam, func, select, union_all
 
 from scheduler.store.db import Executor
-from scheduler.store.models import Instance, Patient, Series, Study
+from scheduler.store.models import Instance, Patient, SchedulingSession, Series, Study
 from scheduler.vocabulary import Level
 
 STRUCTURAL = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -73,34 +73,61 @@ def _located(query: Any, level: str, uid: Any) -> Any:
     return query.where(column[level] == uid)
 
 
+def _document_columns() -> Any:
+    """The columns the document is made of, not the rows as objects: loading
+    objects cost more than the query."""
+    return select(
+        Patient.patient_id,
+        Patient.tags,
+        Study.id,
+        Study.study_uid,
+        Study.tags,
+        Series.id,
+        Series.series_uid,
+        Series.tags,
+        Instance.sop_uid,
+        Instance.tags,
+        Instance.location,
+    )
+
+
 @functools.cache
 def _headers_query(level: str, *, bounded: bool) -> Any:
     """The rows of a candidate's headers (``uid`` and, when ``bounded``,
     ``up_to`` bound at execution), built once per level: planning reads
-    them for every session.
-
-    The columns the document is made of, not the rows as objects: loading
-    objects cost more than the query."""
-    query = _located(
-        select(
-            Patient.patient_id,
-            Patient.tags,
-            Study.id,
-            Study.study_uid,
-            Study.tags,
-            Series.id,
-            Series.series_uid,
-            Series.tags,
-            Instance.sop_uid,
-            Instance.tags,
-            Instance.location,
-        ),
-        level,
-        bindparam("uid", type_=String()),
-    )
+    them for every session."""
+    query = _located(_document_columns(), level, bindparam("uid", type_=String()))
     if bounded:
         query = query.where(Instance.id <= bindparam("up_to", type_=Integer()))
     return query
+
+
+@functools.cache
+def session_rows_query() -> Any:
+    """The rows of the headers of the session bound as ``session_id``: the
+    instances, up to its ``last_instance_id`` (all when it has none), of the
+    candidate its ``level`` and ``uid`` name. Sent with the statements that
+    read the session, before its level is known (one branch per level;
+    those of the other levels find nothing)."""
+    session_id = bindparam("session_id", type_=String())
+    up_to = (
+        select(SchedulingSession.last_instance_id)
+        .where(SchedulingSession.id == session_id)
+        .scalar_subquery()
+    )
+    branches = []
+    for level in (Level.STUDY, Level.SERIES, Level.PATIENT):
+        uid = (
+            select(SchedulingSession.uid)
+            .where(SchedulingSession.id == session_id, SchedulingSession.level == level)
+            .scalar_subquery()
+        )
+        branches.append(
+            _located(_document_columns(), level, uid).where(
+                Instance.id <= func.coalesce(up_to, Instance.id)
+            )
+        )
+    return union_all(*branches)
 
 
 def build_headers(
@@ -110,15 +137,19 @@ def build_headers(
     fields: Iterable[str] | None = None,
     *,
     up_to: int | None = None,
+    rows: Sequence[Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
     """The headers document of the candidate ``level``/``uid``.
 
     ``up_to``: only instances with an id up to this one, the instances a
     session's fingerprint covers (later ones belong to the next revision).
+    ``rows``: the candidate's rows when the caller read them already
+    (:func:`session_rows_query`).
     """
     allowed = None if fields is None else frozenset(fields)
-    query = _headers_query(level, bounded=up_to is not None)
-    rows = db.execute(query, {"uid": uid, "up_to": up_to}).all()
+    if rows is None:
+        query = _headers_query(level, bounded=up_to is not None)
+        rows = db.execute(query, {"uid": uid, "up_to": up_to}).all()
     if not rows:
         raise UnknownCandidateError(f"no {level} {uid!r} in the store")
     patient_id, patient_stored = rows[0][0], rows[0][1]

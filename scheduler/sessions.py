@@ -14,6 +14,7 @@ services left out and the jobs sent to channels nobody consumes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -28,7 +29,12 @@ from scheduler import notifications
 from scheduler.config import Settings, get_settings
 from scheduler.detection import LEVELS as RESOURCE_LEVELS
 from scheduler.emission import create_session, session_dir, write_plan
-from scheduler.headers import UnknownCandidateError, build_headers, candidate_query
+from scheduler.headers import (
+    UnknownCandidateError,
+    build_headers,
+    candidate_query,
+    session_rows_query,
+)
 from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.messages import ReadyJob, SessionFlags, send_jobs
@@ -160,14 +166,18 @@ def read_inputs(
     settings: Settings,
     registry: Registry,
     up_to: int | None = None,
-    live: set[str] | None = None,
+    read: tuple[list[Any], set[str]] | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
     """What planning reads from the store: the headers (of the instances up
     to ``up_to``, see :func:`scheduler.headers.build_headers`) and the live
-    channels (``live`` when the caller read them already)."""
+    channels; ``read``: the headers' rows and the live channels, when the
+    caller read them already."""
     fields = header_fields(settings, registry)
+    if read is not None:
+        rows, live = read
+        return build_headers(db, level, uid, fields, rows=rows), live
     headers = build_headers(db, level, uid, fields, up_to=up_to)
-    return headers, live_channels(db) if live is None else live
+    return headers, live_channels(db)
 
 
 def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
@@ -250,13 +260,13 @@ def plan_session(session_id: str) -> PlannedSession | None:
         opened = _take_and_read(db, session_id, name, holder)
         if opened is None:
             return None
-        row, live = opened
+        row, read = opened
         if row is None:
             drop(db, name, holder)
             return None
         level, uid, event, revision, last_instance, cohort = row
         try:
-            inputs = read_inputs(db, level, uid, settings, registry, last_instance, live)
+            inputs = read_inputs(db, level, uid, settings, registry, last_instance, read)
         except UnknownCandidateError as exc:
             error = str(exc)
     planned = False
@@ -297,13 +307,13 @@ def plan_session(session_id: str) -> PlannedSession | None:
 
 def _take_and_read(
     db: Connection, session_id: str, name: str, holder: str
-) -> tuple[Any, set[str] | None] | None:
+) -> tuple[Any, tuple[list[Any], set[str]] | None] | None:
     """Take the planning lease, then read the session if it is still to
     plan: read after the lease, its status is never one that a planner which
     just finished has already changed. None when another planner holds the
     lease; else the session's row (None when planned already) and, on
-    PostgreSQL, the live channels, read in the same round trip
-    (:func:`scheduler.store.plans_pg.take_and_read`)."""
+    PostgreSQL, the rows of its headers and the live channels, read in the
+    same round trip (:func:`scheduler.store.plans_pg.take_and_read`)."""
     if db.dialect.driver == "psycopg":
         from scheduler.store import plans_pg
 
@@ -314,11 +324,21 @@ def _take_and_read(
             "expires": now + timedelta(seconds=PLAN_LEASE_TTL),
             "now": now,
         }
-        taken, row, live = plans_pg.take_and_read(db, session_id, lease, live_after(now))
-        return (row, live) if taken else None
+        taken, row, live, rows = plans_pg.take_and_read(
+            db, session_id, lease, live_after(now), _session_rows_statement(db.dialect)
+        )
+        return (row, (rows, live)) if taken else None
     if not take(db, name, PLAN_LEASE_TTL, holder):
         return None
     return db.execute(_TO_PLAN, {"session_id": session_id}).first(), None
+
+
+@functools.cache
+def _session_rows_statement(dialect: Any) -> tuple[str, dict[str, Any]]:
+    """:func:`scheduler.headers.session_rows_query` as SQL for ``dialect``,
+    with its constant parameters."""
+    compiled = session_rows_query().compile(dialect=dialect)
+    return compiled.string, {k: v for k, v in compiled.params.items() if k != "session_id"}
 
 
 def _fail_planning(session_id: str, message: str) -> None:

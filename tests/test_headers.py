@@ -94,3 +94,52 @@ def test_series_and_patient_candidates(env: Settings) -> None:
             build_headers(db, "study", "9")
     assert series["seriesIds"] == ["1.5.2"] and series["instance_count"] == 3
     assert patient["instance_count"] == 4 and patient["patient"]["PatientID"] == "PAT-1"
+
+
+def test_a_planned_session_s_headers_are_its_candidate_s_up_to_its_last_instance(
+    env: Settings,
+) -> None:
+    from sqlalchemy import update
+
+    from scheduler.sessions import open_session, plan_session
+    from scheduler.store.models import SchedulingSession
+
+    record()
+    opened = {
+        (level, uid): open_session(level, uid, "study.stable", manual=True)
+        for level, uid in (("study", "1.5"), ("series", "1.5.2"), ("patient", "PAT-1"))
+    }
+    # Data recorded after the sessions opened belongs to the next revision.
+    with transaction() as db:
+        record_instances(
+            db,
+            [
+                {
+                    "PatientID": "PAT-1",
+                    "StudyInstanceUID": "1.5",
+                    "SeriesInstanceUID": "1.5.2",
+                    "SOPInstanceUID": "1.5.2.4",
+                    "location": "/data/1.5/2/4.dcm",
+                }
+            ],
+        )
+    unbounded = open_session("study", "1.5", "study.stable", manual=True)
+    with transaction() as db:  # opened by an older version: no last instance
+        db.execute(
+            update(SchedulingSession)
+            .where(SchedulingSession.id == unbounded)
+            .values(last_instance_id=None)
+        )
+    for (level, uid), session_id in opened.items():
+        assert session_id is not None
+        planned = plan_session(session_id)
+        assert planned is not None
+        with transaction() as db:
+            session = db.get(SchedulingSession, session_id)
+            assert session is not None and session.last_instance_id is not None
+            expected = build_headers(db, level, uid, up_to=session.last_instance_id)
+        assert planned.headers == expected == session.headers
+        assert "1.5.2.4" not in str(expected)
+    assert unbounded is not None
+    planned = plan_session(unbounded)
+    assert planned is not None and planned.headers["instance_count"] == 5

@@ -92,39 +92,36 @@ def _driver(db: Connection) -> Any:
     return db.connection.driver_connection
 
 
-@contextlib.contextmanager
-def _together(db: Connection, *, begin: bool) -> Iterator[None]:
-    """The block's statements sent in one round trip, their results read at
-    its end (psycopg's pipeline mode, where libpq has it: 14+), and planned
-    once per connection: each finds its rows by a key, and so do the
-    foreign-key checks of the rows it inserts, so a plan made once serves
-    every session (the store's connections otherwise plan each execution,
-    :mod:`scheduler.store.db`; :mod:`scheduler.store.jobs_pg` does the same).
-
-    ``begin``: the block starts a transaction, ``BEGIN`` sent with its
-    statements (psycopg's own would be a round trip of its own), and
-    ``SET LOCAL`` lasts until it ends. Else the block is one implicit
-    transaction, and the setting is put back at its end (undone with it on
-    an error)."""
+def _pipeline(db: Connection) -> Any:
+    """psycopg's pipeline mode (statements sent together, their results read
+    at the block's end) where libpq has it (14+); elsewhere each statement
+    is a round trip of its own."""
     driver = _driver(db)
-    generic = driver.info.server_version >= 120000  # plan_cache_mode is 12+
-    with contextlib.ExitStack() as stack:
-        if Pipeline.is_supported():
-            stack.enter_context(driver.pipeline())
-        mode = stack.enter_context(driver.cursor())
-        if begin:
-            mode.execute("BEGIN")
-        if not generic:
+    return driver.pipeline() if Pipeline.is_supported() else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _planned_once(db: Connection, mode: Any, *, in_transaction: bool) -> Iterator[None]:
+    """The block's statements planned once per connection: each finds its
+    rows by a key, and so do the foreign-key checks of the rows it inserts,
+    so a plan made once serves every session (the store's connections
+    otherwise plan each execution, :mod:`scheduler.store.db`;
+    :mod:`scheduler.store.jobs_pg` does the same). ``in_transaction``:
+    inside ``BEGIN``, where ``SET LOCAL`` lasts until it ends; else inside
+    an implicit transaction, and the setting is put back at the block's end
+    (undone with it on an error). ``mode`` is the cursor that sends the
+    settings."""
+    if _driver(db).info.server_version < 120000:  # plan_cache_mode is 12+
+        yield
+    elif in_transaction:
+        mode.execute("SET LOCAL plan_cache_mode = auto")
+        yield
+    else:
+        mode.execute("SET plan_cache_mode = auto")
+        try:
             yield
-        elif begin:
-            mode.execute("SET LOCAL plan_cache_mode = auto")
-            yield
-        else:
-            mode.execute("SET plan_cache_mode = auto")
-            try:
-                yield
-            finally:
-                mode.execute("SET plan_cache_mode = force_custom_plan")
+        finally:
+            mode.execute("SET plan_cache_mode = force_custom_plan")
 
 
 def take_and_read(
@@ -132,21 +129,35 @@ def take_and_read(
     session_id: str,
     lease: dict[str, Any],
     live_after: datetime,
-) -> tuple[bool, tuple[Any, ...] | None, set[str]]:
+    headers: tuple[str, dict[str, Any]],
+) -> tuple[bool, tuple[Any, ...] | None, set[str], list[tuple[Any, ...]]]:
     """Take the planning lease (``name``, ``holder``, ``expires``, ``now``),
     read the session if it is still to plan (level, uid, event, revision,
-    last_instance_id, cohort) and the channels live workers consume, in one
-    round trip. ``db`` is in autocommit: the three run as one implicit
-    transaction, which has committed the lease on return."""
-    with _driver(db).cursor() as take, _driver(db).cursor() as read, _driver(db).cursor() as live:
-        with _together(db, begin=False):
-            take.execute(_TAKE, lease, prepare=True)
-            read.execute(_TO_PLAN, {"session_id": session_id}, prepare=True)
-            live.execute(_LIVE, {"live_after": live_after}, prepare=True)
+    last_instance_id, cohort), the channels live workers consume and the
+    rows of the session's headers (``headers``: the statement and its
+    parameters but ``session_id``), in one round trip. ``db`` is in
+    autocommit: they run as one implicit transaction, which has committed
+    the lease on return. The headers' statement joins tables that grow, so
+    it is planned at each execution for them as they are."""
+    driver = _driver(db)
+    statement, parameters = headers
+    with (
+        driver.cursor() as mode,
+        driver.cursor() as take,
+        driver.cursor() as read,
+        driver.cursor() as live,
+        driver.cursor() as rows,
+    ):
+        with _pipeline(db):
+            with _planned_once(db, mode, in_transaction=False):
+                take.execute(_TAKE, lease, prepare=True)
+                read.execute(_TO_PLAN, {"session_id": session_id}, prepare=True)
+                live.execute(_LIVE, {"live_after": live_after}, prepare=True)
+            rows.execute(statement, parameters | {"session_id": session_id}, prepare=True)
         taken = take.fetchone() is not None
         row = read.fetchone()
         channels = {channel for (names,) in live.fetchall() for channel in names}
-    return taken, row, channels
+        return taken, row, channels, rows.fetchall()
 
 
 def drop(db: Connection, lease: dict[str, Any]) -> None:
@@ -167,7 +178,7 @@ def write_plan(
     ``finished_at``), insert its jobs (:data:`JOB_COLUMNS`) and edges and
     drop the lease, in one transaction; False, with nothing written, when
     the session was no longer to plan. ``db`` is in autocommit: the
-    transaction is this function's own (:func:`_together`)."""
+    transaction is this function's own."""
     driver = _driver(db)
     claim_values = session | {
         "headers": Jsonb(session["headers"]),
@@ -177,13 +188,16 @@ def write_plan(
     rows = [job | {c: Jsonb(job[c]) for c in _JSON_COLUMNS} for job in jobs]
     try:
         with driver.cursor() as claim, driver.cursor() as cursor:
-            with _together(db, begin=True):
-                claim.execute(_CLAIM, claim_values, prepare=True)
-                if rows:
-                    cursor.executemany(_INSERT_JOB, rows)
-                if edges:
-                    cursor.executemany(_INSERT_EDGE, edges)
-                cursor.execute(_DROP, lease, prepare=True)
+            with _pipeline(db):
+                # BEGIN sent with the statements: psycopg's own is a round trip.
+                cursor.execute("BEGIN")
+                with _planned_once(db, cursor, in_transaction=True):
+                    claim.execute(_CLAIM, claim_values, prepare=True)
+                    if rows:
+                        cursor.executemany(_INSERT_JOB, rows)
+                    if edges:
+                        cursor.executemany(_INSERT_EDGE, edges)
+                    cursor.execute(_DROP, lease, prepare=True)
             claimed = claim.fetchone() is not None
             cursor.execute("COMMIT" if claimed else "ROLLBACK")
     except BaseException:
