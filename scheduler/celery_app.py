@@ -90,7 +90,8 @@ def configure(settings: Settings) -> Celery:
     app.amqp._producer_pool = None
     # Celery builds the queue declarations once per process, and its message
     # sender keeps the ones it found; another broker may need others
-    # (priority queues on RabbitMQ).
-    for cached in ("queues", "default_queue", "router", "send_task_message"):
+    # (priority queues on RabbitMQ). Its task-sent events' exchange is typed
+    # for the broker too (fanout on Redis).
+    for cached in ("queues", "default_queue", "router", "send_task_message", "_event_dispatcher"):
         app.amqp.__dict__.pop(cached, None)
     return app

@@ -130,8 +130,16 @@ def broker_priority(
     number first, AMQP the highest. Every message the scheduler sends takes
     its priority from here."""
     level = message_priority(priority, urgent=urgent, cohort=cohort)
-    url = str(app().conf.broker_url or "")
-    return 9 - level if url.startswith(("redis", "rediss")) else level
+    return _in_broker_terms(level, _lowest_first(app()))
+
+
+def _lowest_first(celery_app: Any) -> bool:
+    """Whether the broker runs the lowest priority number first (Redis)."""
+    return str(celery_app.conf.broker_url or "").startswith(("redis", "rediss"))
+
+
+def _in_broker_terms(level: int, lowest_first: bool) -> int:
+    return 9 - level if lowest_first else level
 
 
 def job_signature(job: ReadyJob, countdown: float | None = None) -> Any:
@@ -165,7 +173,15 @@ def _publish(jobs: Sequence[ReadyJob], countdown: float | None) -> None:
     root_id = parent_id = None
     if parent is not None:  # Flower links a job's message to the task that sent it
         root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
+    sent_event, reply_to = celery_app.conf.task_send_sent_event, celery_app.thread_oid
+    lowest_first = _lowest_first(celery_app)
+    queues = {channel: amqp.queues[channel] for channel in dict.fromkeys(j.channel for j in jobs)}
+    policy = dict(celery_app.conf.task_publish_retry_policy or {}, **RETRY_POLICY)
     with celery_app.producer_or_acquire() as producer, _together(producer):
+        # Each queue declared as the app declares it, once per send rather
+        # than at each message (a copy of the queue bound to the channel each time).
+        for queue in queues.values():
+            producer.maybe_declare(queue, retry=True, **policy)
         for job in jobs:
             message = amqp.create_task_message(
                 job.id,
@@ -173,8 +189,8 @@ def _publish(jobs: Sequence[ReadyJob], countdown: float | None) -> None:
                 (job.id,),
                 {},
                 countdown=countdown or None,
-                reply_to=celery_app.thread_oid,
-                create_sent_event=celery_app.conf.task_send_sent_event,
+                reply_to=reply_to,
+                create_sent_event=sent_event,
                 root_id=root_id,
                 parent_id=parent_id,
                 shadow=f"dcm:{job.job_name}",
@@ -186,8 +202,9 @@ def _publish(jobs: Sequence[ReadyJob], countdown: float | None) -> None:
                 producer,
                 RUN_JOB,
                 message,
-                queue=amqp.queues[job.channel],  # declared as the app declares it
-                priority=broker_priority(job.priority, urgent=job.urgent, cohort=job.cohort),
+                queue=queues[job.channel],
+                declare=[],
+                priority=_in_broker_terms(job.level, lowest_first),
                 retry=True,
                 retry_policy=RETRY_POLICY,
             )

@@ -36,7 +36,7 @@ from tests.support import (
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TABLES = (
     "job_dependencies, jobs, sessions, instances, series, studies, patients, "
-    "services, workers, leases, cursors, cohorts"
+    "services, workers, leases, cursors, cohorts, paused_channels"
 )
 
 

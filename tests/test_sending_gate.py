@@ -543,7 +543,8 @@ def test_with_task_events_on_each_job_s_task_sent_event_leaves_in_the_same_round
     define([job("a"), job("b")])
     app = messages.app()
     subscriber = redis.Redis.from_url(on_redis.broker_url).pubsub(ignore_subscribe_messages=True)
-    subscriber.psubscribe("*celeryev*")
+    database = on_redis.broker_url.rsplit("/", 1)[1]
+    subscriber.psubscribe(f"/{database}.celeryev/*")  # kombu's fanout channels of this database
     app.conf.task_send_sent_event = True  # what Flower's "enable events" turns on
     try:
         started("34.2")
