@@ -32,6 +32,17 @@ def uses_amqp(settings: Settings) -> bool:
     return settings.broker_url.startswith(AMQP_SCHEMES)
 
 
+def transport_class(settings: Settings) -> str | None:
+    """The kombu transport, where the project has its own: the filesystem
+    broker creating its folders when first used (``scheduler.broker``), and
+    Redis with a client per channel (``scheduler.redis_broker``)."""
+    if settings.uses_filesystem_broker:
+        return "scheduler.broker:Transport"
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return "scheduler.redis_broker:Transport"
+    return None
+
+
 def transport_options(settings: Settings) -> dict[str, Any]:
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder
@@ -122,10 +133,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         broker_url = "filesystem://localhost//"  # kombu warns about a missing host otherwise
     return {
         "broker_url": broker_url,
-        # kombu's filesystem transport, creating its folders when first used.
-        "broker_transport": (
-            "scheduler.broker:Transport" if settings.uses_filesystem_broker else None
-        ),
+        "broker_transport": transport_class(settings),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "result_backend": settings.result_backend,
