@@ -38,6 +38,7 @@ from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
     AttemptStatus,
     JobStatus,
+    Phase,
     SessionStatus,
 )
 
@@ -121,8 +122,9 @@ class Claimed:
     added_params: dict[str, Any]
     worker: str  # the claim's hostname and time
     started_at: datetime
-    # jobName -> result of each dependency; for post jobs, jobName -> status
+    # jobName -> result of each dependency
     results: dict[str, Any] = field(default_factory=dict)
+    # For a post job: jobName -> status of every other job of the session.
     outcomes: dict[str, str] | None = None
 
     @property
@@ -235,6 +237,8 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
         found = dict(taken._mapping)
         found |= db.execute(_SESSION_OF_CLAIM, {"session_id": found["session_id"]}).one()._mapping
         found["results"] = dict(db.execute(_DEPENDENCY_RESULTS, {"job_id": job_id}).all())
+        if found["phase"] == Phase.POST:
+            found["outcomes"] = outcomes(db, found["session_id"], job_id)
     job = Claimed(
         job_id=job_id,
         session_id=found["session_id"],
@@ -256,13 +260,14 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
         worker=hostname,
         started_at=now,
         results=found["results"],
+        outcomes=found.get("outcomes"),
     )
     return job
 
 
 def outcomes(db: Executor, session_id: str, job_id: str) -> dict[str, str]:
     """Every other job of the session and its status: what a post job is
-    called with, read once its claim is committed."""
+    called with, read with its claim."""
     return dict(
         db.execute(
             select(Job.job_name, Job.status).where(Job.session_id == session_id, Job.id != job_id)

@@ -30,7 +30,6 @@ from scheduler.jobstate import Claimed, ClaimedBy, Ending
 from scheduler.presence import record_presence
 from scheduler.store.db import retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
-from scheduler.vocabulary import Phase
 from workers_bridge.process import AttemptOutcome, alive, execute
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,8 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | 
 
     Only the claim itself is retried while the store is away: once it is
     committed, running it again would find the job taken — by this very
-    attempt — and leave it running with nothing running it. What follows
-    (a post job's outcomes, this worker's presence) is read or recorded
-    after it, each on its own."""
+    attempt — and leave it running with nothing running it. This worker's
+    presence is recorded after it, on its own."""
     now = now or utcnow()
 
     def take() -> Claimed | None:
@@ -104,23 +102,8 @@ def claim(job_id: str, hostname: str, now: datetime | None = None) -> Attempt | 
     if claimed is None:
         return None
     _mine.add(job_id)
-    if claimed.phase == Phase.POST:
-        try:
-            claimed.outcomes = retrying(
-                lambda: _outcomes(claimed.session_id, job_id),
-                what=f"reading the outcomes for job {job_id}",
-                patience=600,
-            )
-        except BaseException:
-            _mine.discard(job_id)
-            raise
     _touch_worker(hostname, claimed.channel, now)
     return worker_call(claimed)
-
-
-def _outcomes(session_id: str, job_id: str) -> dict[str, str]:
-    with statements() as db:
-        return jobstate.outcomes(db, session_id, job_id)
 
 
 class Heartbeat:

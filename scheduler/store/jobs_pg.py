@@ -6,7 +6,8 @@ more in Python (cache keys, execution context, result processing) than on
 the server; here they are plain SQL on the transaction's own psycopg
 connection, prepared by the server after a few runs, and folded: the claim
 returns the session's fields and the results of the job's dependencies
-with its ``UPDATE``; an ending locks the session and reads the job as
+(for a post job, every other job's status too) with its ``UPDATE``; an
+ending locks the session and reads the job as
 :mod:`scheduler.jobstate` does, for a success the update of the job and
 the release of its dependents are one statement, and a session whose jobs
 have all ended gets its final status in one more. The success a worker
@@ -29,7 +30,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
-from scheduler.vocabulary import OPEN_JOB_STATUSES, JobStatus, SessionStatus
+from scheduler.vocabulary import OPEN_JOB_STATUSES, JobStatus, Phase, SessionStatus
 
 # The job is found by its id alone: a condition on ``status`` the planner
 # could match to the index of ready jobs (status, pending_deps) lets it walk
@@ -51,7 +52,11 @@ RETURNING jobs.session_id, jobs.job_name, jobs.phase, jobs.channel, jobs.attempt
     sessions.added_params,
     (SELECT coalesce(jsonb_object_agg(done.job_name, done.result), '{{}}'::jsonb)
      FROM job_dependencies edge JOIN jobs done ON done.id = edge.depends_on_id
-     WHERE edge.job_id = jobs.id) AS results
+     WHERE edge.job_id = jobs.id) AS results,
+    CASE WHEN jobs.phase = '{Phase.POST}' THEN
+        (SELECT coalesce(jsonb_object_agg(other.job_name, other.status), '{{}}'::jsonb)
+         FROM jobs other WHERE other.session_id = jobs.session_id AND other.id <> jobs.id)
+    END AS outcomes
 """
 
 # The session row first, as every transition of a session's jobs does
