@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, func, select, union_all
+from sqlalchemy import Integer, String, bindparam, func, select
 
 from scheduler.store.db import Executor
 from scheduler.store.models import Instance, Patient, SchedulingSession, Series, Study
@@ -103,31 +103,28 @@ def _headers_query(level: str, *, bounded: bool) -> Any:
 
 
 @functools.cache
-def session_rows_query() -> Any:
-    """The rows of the headers of the session bound as ``session_id``: the
-    instances, up to its ``last_instance_id`` (all when it has none), of the
-    candidate its ``level`` and ``uid`` name. Sent with the statements that
-    read the session, before its level is known (one branch per level;
-    those of the other levels find nothing)."""
+def session_rows_query(level: str) -> Any:
+    """The rows of the headers of the session bound as ``session_id``, if it
+    is of ``level``: the instances, up to its ``last_instance_id`` (all when
+    it has none), of the candidate its ``uid`` names; none for a session of
+    another level. Sent with the statements that read the session, before
+    its level is known: the level is the one sessions usually have, and one
+    query, not one per level, keeps the server's planning short (it is
+    planned at each execution)."""
     session_id = bindparam("session_id", type_=String())
+    uid = (
+        select(SchedulingSession.uid)
+        .where(SchedulingSession.id == session_id, SchedulingSession.level == level)
+        .scalar_subquery()
+    )
     up_to = (
         select(SchedulingSession.last_instance_id)
         .where(SchedulingSession.id == session_id)
         .scalar_subquery()
     )
-    branches = []
-    for level in (Level.STUDY, Level.SERIES, Level.PATIENT):
-        uid = (
-            select(SchedulingSession.uid)
-            .where(SchedulingSession.id == session_id, SchedulingSession.level == level)
-            .scalar_subquery()
-        )
-        branches.append(
-            _located(_document_columns(), level, uid).where(
-                Instance.id <= func.coalesce(up_to, Instance.id)
-            )
-        )
-    return union_all(*branches)
+    return _located(_document_columns(), level, uid).where(
+        Instance.id <= func.coalesce(up_to, Instance.id)
+    )
 
 
 def build_headers(

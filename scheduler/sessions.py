@@ -166,18 +166,24 @@ def read_inputs(
     settings: Settings,
     registry: Registry,
     up_to: int | None = None,
-    read: tuple[list[Any], set[str]] | None = None,
+    read: Read | None = None,
 ) -> tuple[dict[str, Any], set[str]]:
     """What planning reads from the store: the headers (of the instances up
     to ``up_to``, see :func:`scheduler.headers.build_headers`) and the live
-    channels; ``read``: the headers' rows and the live channels, when the
-    caller read them already."""
+    channels; ``read``: what the caller read of them already."""
     fields = header_fields(settings, registry)
-    if read is not None:
-        rows, live = read
-        return build_headers(db, level, uid, fields, rows=rows), live
-    headers = build_headers(db, level, uid, fields, up_to=up_to)
-    return headers, live_channels(db)
+    rows = None if read is None else read.rows
+    headers = build_headers(db, level, uid, fields, up_to=up_to, rows=rows)
+    return headers, live_channels(db) if read is None else read.live
+
+
+@dataclass(frozen=True)
+class Read:
+    """What a planner read with the session: the live channels and, when
+    the session is of the level it expected, the rows of its headers."""
+
+    live: set[str]
+    rows: list[Any] | None
 
 
 def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
@@ -307,13 +313,14 @@ def plan_session(session_id: str) -> PlannedSession | None:
 
 def _take_and_read(
     db: Connection, session_id: str, name: str, holder: str
-) -> tuple[Any, tuple[list[Any], set[str]] | None] | None:
+) -> tuple[Any, Read | None] | None:
     """Take the planning lease, then read the session if it is still to
     plan: read after the lease, its status is never one that a planner which
     just finished has already changed. None when another planner holds the
     lease; else the session's row (None when planned already) and, on
-    PostgreSQL, the rows of its headers and the live channels, read in the
-    same round trip (:func:`scheduler.store.plans_pg.take_and_read`)."""
+    PostgreSQL, the live channels and the rows of its headers if it is of
+    the level of the last session planned here, read in the same round trip
+    (:func:`scheduler.store.plans_pg.take_and_read`)."""
     if db.dialect.driver == "psycopg":
         from scheduler.store import plans_pg
 
@@ -324,20 +331,32 @@ def _take_and_read(
             "expires": now + timedelta(seconds=PLAN_LEASE_TTL),
             "now": now,
         }
+        expected = _usual_level[0]
+        statement = _session_rows_statement(db.dialect, expected)
         taken, row, live, rows = plans_pg.take_and_read(
-            db, session_id, lease, live_after(now), _session_rows_statement(db.dialect)
+            db, session_id, lease, live_after(now), statement
         )
-        return (row, (rows, live)) if taken else None
+        if not taken:
+            return None
+        if row is not None and row[0] != expected:
+            _usual_level[0] = row[0]
+            return row, Read(live, None)  # its headers are read on their own
+        return row, Read(live, rows)
     if not take(db, name, PLAN_LEASE_TTL, holder):
         return None
     return db.execute(_TO_PLAN, {"session_id": session_id}).first(), None
 
 
+# The level of the last session this process planned: its next session's
+# headers are read with the lease when it is of the same level.
+_usual_level: list[str] = [Level.STUDY]
+
+
 @functools.cache
-def _session_rows_statement(dialect: Any) -> tuple[str, dict[str, Any]]:
+def _session_rows_statement(dialect: Any, level: str) -> tuple[str, dict[str, Any]]:
     """:func:`scheduler.headers.session_rows_query` as SQL for ``dialect``,
     with its constant parameters."""
-    compiled = session_rows_query().compile(dialect=dialect)
+    compiled = session_rows_query(level).compile(dialect=dialect)
     return compiled.string, {k: v for k, v in compiled.params.items() if k != "session_id"}
 
 

@@ -105,10 +105,13 @@ def test_a_planned_session_s_headers_are_its_candidate_s_up_to_its_last_instance
     from scheduler.store.models import SchedulingSession
 
     record()
-    opened = {
-        (level, uid): open_session(level, uid, "study.stable", manual=True)
+    # Two sessions of each level in a row: a planner reads a session's rows
+    # with the session when it is of the level of the one before.
+    opened = [
+        (level, uid, open_session(level, uid, "study.stable", manual=True))
         for level, uid in (("study", "1.5"), ("series", "1.5.2"), ("patient", "PAT-1"))
-    }
+        for _ in range(2)
+    ]
     # Data recorded after the sessions opened belongs to the next revision.
     with transaction() as db:
         record_instances(
@@ -130,7 +133,7 @@ def test_a_planned_session_s_headers_are_its_candidate_s_up_to_its_last_instance
             .where(SchedulingSession.id == unbounded)
             .values(last_instance_id=None)
         )
-    for (level, uid), session_id in opened.items():
+    for level, uid, session_id in opened:
         assert session_id is not None
         planned = plan_session(session_id)
         assert planned is not None
