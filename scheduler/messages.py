@@ -177,7 +177,7 @@ def _publish(jobs: Sequence[ReadyJob], countdown: float | None) -> None:
     lowest_first = _lowest_first(celery_app)
     queues = {channel: amqp.queues[channel] for channel in dict.fromkeys(j.channel for j in jobs)}
     policy = dict(celery_app.conf.task_publish_retry_policy or {}, **RETRY_POLICY)
-    with celery_app.producer_or_acquire() as producer, _together(producer):
+    with celery_app.producer_or_acquire() as producer, _together(producer, len(jobs)):
         # Each queue declared as the app declares it, once per send rather
         # than at each message (a copy of the queue bound to the channel each time).
         for queue in queues.values():
@@ -210,7 +210,7 @@ def _publish(jobs: Sequence[ReadyJob], countdown: float | None) -> None:
             )
 
 
-def _together(producer: Any) -> AbstractContextManager[Any]:
+def _together(producer: Any, messages: int) -> AbstractContextManager[Any]:
     """Send what ``producer`` publishes in the block at its end, in one round
     trip, where the transport can (kombu's publish batch: a Redis pipeline);
     elsewhere (RabbitMQ, the embedded broker, an older kombu) each message
@@ -219,9 +219,11 @@ def _together(producer: Any) -> AbstractContextManager[Any]:
 
     A batch is sent once, without the retry policy: when it fails, which of
     its messages arrived is unknown, and the caller leaves them all to the
-    re-sender (a job sent twice runs once: its claim takes it once)."""
+    re-sender (a job sent twice runs once: its claim takes it once). A
+    single message (what an ending releases, most often) gains nothing from
+    a batch and keeps the retry policy."""
     batch = getattr(producer, "batch", None)
-    return contextlib.nullcontext() if batch is None else batch()
+    return contextlib.nullcontext() if batch is None or messages < 2 else batch()
 
 
 def _left_for_resender(what: str, count: int, error: Exception) -> None:

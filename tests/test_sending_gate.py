@@ -587,3 +587,29 @@ def test_a_broker_error_during_the_round_trip_leaves_the_session_s_jobs_to_the_r
     report = resender.resend(on_redis, now=datetime.now(UTC) + timedelta(seconds=30))
     assert report.jobs == 2
     assert set(queued_on_redis(on_redis.broker_url)) == {job_row(n).id for n in "ab"}
+
+
+def test_a_single_job_s_message_is_retried_through_a_broker_blip(
+    on_redis: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What an ending releases is most often one job: sent on its own, with
+    # the retry policy, not left to the re-sender by a batch sent once.
+    import redis
+
+    define([job("only")])
+    real_command = redis.Redis.execute_command
+    refused: list[str] = []
+
+    def blip(self: Any, *args: Any, **options: Any) -> Any:
+        if str(args[0]).upper() == "LPUSH" and not refused:
+            refused.append("LPUSH")
+            raise redis.ConnectionError("connection reset by peer")
+        return real_command(self, *args, **options)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(redis.Redis, "execute_command", blip)
+        started("34.9")
+    assert refused == ["LPUSH"]
+    row = job_row("only")
+    assert (row.status, row.dispatched_at is not None) == ("queued", True)
+    assert set(queued_on_redis(on_redis.broker_url)) == {row.id}
