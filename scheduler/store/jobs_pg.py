@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import psycopg
 from psycopg import Pipeline
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
@@ -154,7 +156,7 @@ def _cursor(db: Connection, **options: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _together(db: Connection) -> Iterator[None]:
+def _together(db: Connection, *, whole: bool = False) -> Iterator[None]:
     """The block's statements sent in one round trip, their results read at
     its end (psycopg's pipeline mode, where libpq has it: 14+), and planned
     once per connection.
@@ -165,26 +167,46 @@ def _together(db: Connection) -> Iterator[None]:
     otherwise plan each execution for the tables as they are
     (:mod:`scheduler.store.db`); these switch to PostgreSQL's default
     choice for the block. A plan made while a table was tiny (a sequential
-    scan) is made anew once autovacuum has analysed the grown table."""
+    scan) is made anew once autovacuum has analysed the grown table.
+
+    ``whole``: the block is a transaction of its own, its ``BEGIN`` and
+    ``COMMIT`` sent with it (psycopg, left to begin a transaction itself,
+    sends ``BEGIN`` alone and waits for its answer); the connection is idle
+    after it, committed or, on an error, rolled back."""
     driver: Any = db.connection.driver_connection
     if not Pipeline.is_supported():
         yield
+        if whole:
+            driver.commit()
         return
     generic = driver.info.server_version >= 120000  # plan_cache_mode is 12+
-    with driver.pipeline(), driver.cursor() as mode:
-        if not generic:
-            yield
-        elif not driver.autocommit:
-            mode.execute("SET LOCAL plan_cache_mode = auto")  # until the transaction ends
-            yield
-        else:
-            # One implicit transaction till the block's end: on an error, both
-            # are undone with it.
-            mode.execute("SET plan_cache_mode = auto")
+    local = whole or not driver.autocommit  # the setting ends with the transaction
+    if whole:
+        driver.autocommit = True  # the block sends its own BEGIN
+    try:
+        with driver.pipeline(), driver.cursor() as mode:
+            if whole:
+                mode.execute("BEGIN")
+            if generic:
+                mode.execute(f"SET {'LOCAL ' if local else ''}plan_cache_mode = auto")
             try:
                 yield
             finally:
-                mode.execute("SET plan_cache_mode = force_custom_plan")
+                # Without a transaction, one implicit transaction till the
+                # block's end: on an error, both settings are undone with it.
+                if generic and not local:
+                    mode.execute("SET plan_cache_mode = force_custom_plan")
+            if whole:
+                mode.execute("COMMIT")
+    except BaseException:
+        if whole and driver.info.transaction_status != TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):  # a lost connection: its error is the one
+                driver.rollback()
+        raise
+    finally:
+        if whole:
+            with contextlib.suppress(psycopg.Error):
+                driver.autocommit = False
 
 
 def claim(
@@ -207,8 +229,9 @@ def lock_and_read(db: Connection, job_id: str) -> tuple[tuple[str, bool, bool], 
     """Lock the job's session row and read the job; the session's id and
     whether it is urgent and of a cohort, and the job; None if there is no
     such job."""
-    # One round trip for the transaction's BEGIN, the lock and the read: the
-    # server still runs the read after the lock is held, on a snapshot of its own.
+    # The lock and the read in one round trip (after psycopg's BEGIN, which it
+    # sends alone): the server still runs the read after the lock is held, on
+    # a snapshot of its own.
     with _cursor(db) as lock, _cursor(db) as read:
         with _together(db):
             lock.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
@@ -269,13 +292,11 @@ def succeed(
         "entry": Jsonb(entry),
         "now": now,
     }
-    with _cursor(db) as lock, _cursor(db) as ended, _cursor(db) as finished, _cursor(db) as end:
-        with _together(db):
+    with _cursor(db) as lock, _cursor(db) as ended, _cursor(db) as finished:
+        with _together(db, whole=commit):
             lock.execute(_LOCK_SESSION, {"job_id": job_id}, prepare=True)
             ended.execute(_SUCCEEDED, values, prepare=True)
             finished.execute(_FINISH_SESSION, {"session_id": session_id, "now": now}, prepare=True)
-            if commit:
-                end.execute("COMMIT")
         locked, rows, final = lock.fetchone(), ended.fetchall(), _final(finished.fetchone())
     if locked is None:
         return None
