@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import inspect, select
 
 from scheduler.config import Settings
@@ -141,6 +142,48 @@ def test_the_per_job_statements_leave_their_connection_planning_each_statement(
             assert jobs_pg.lock_and_read(db, "no-such-job") is None
             assert mode(db) == "auto"
         assert mode(db) == "force_custom_plan"
+
+
+def test_a_success_refused_by_the_server_leaves_its_connection_idle_as_it_found_it(
+    pg_url: str,
+) -> None:
+    """A success that commits itself sends its own BEGIN and COMMIT; refused
+    (a NUL in its result), nothing of it stays and the connection is a
+    plain one again, its transaction rolled back."""
+    import psycopg
+    from psycopg.pq import TransactionStatus
+
+    from scheduler.store import jobs_pg
+
+    with transaction(pg_url) as db:
+        session = SchedulingSession(
+            event="study.stable", level="study", uid="1.3", headers={}, status="running"
+        )
+        db.add(session)
+        db.flush()
+        job = Job(
+            session_id=session.id,
+            job_name="only",
+            service="svc",
+            worker_entry="m:f",
+            status="running",
+            attempts=1,
+        )
+        db.add(job)
+    now = datetime.now(UTC)
+    with get_engine(pg_url).connect() as db:
+        driver: Any = db.connection.driver_connection
+        with db.begin():
+            with pytest.raises(psycopg.Error):
+                jobs_pg.succeed(db, job.id, session.id, 1, {"text": "a\x00b"}, {}, now, commit=True)
+            assert driver.autocommit is False
+            assert driver.info.transaction_status == TransactionStatus.IDLE
+        with db.begin():
+            done = jobs_pg.succeed(db, job.id, session.id, 1, {"ok": 1}, {}, now, commit=True)
+            assert done is not None and done.recorded and done.final == "succeeded"
+    with transaction(pg_url) as db:
+        stored = db.get(Job, job.id)
+        assert stored is not None and (stored.status, stored.result) == ("succeeded", {"ok": 1})
 
 
 def test_a_lease_taken_long_ago_is_renewed_at_once(env: Settings) -> None:
