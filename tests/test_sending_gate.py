@@ -78,10 +78,15 @@ def gate(tmp_path: Path, store_url: str, services_root: Path) -> Iterator[Settin
         "DCM_SERVICES_PATH": str(services_root),
         "DCM_TIMEZONE": "UTC",
         "DCM_API_TOKEN": TOKEN,
-        # Messages sent in a test are never stale within its hours of `now`.
-        "DCM_RESEND_AFTER": "1d",
     }
-    with using_environment(values) as settings:
+    yield from gated(values)
+
+
+def gated(values: dict[str, str]) -> Iterator[Settings]:
+    """The settings of ``values``, with nothing known of paused channels
+    before or after; messages sent in a test are never stale within its
+    hours of `now`."""
+    with using_environment(values | {"DCM_RESEND_AFTER": "1d"}) as settings:
         messages.forget_paused()
         yield settings
     messages.forget_paused()
@@ -445,14 +450,8 @@ def on_redis(
 ) -> Iterator[Settings]:
     """A fresh store (each backend), Redis as the broker (no worker), the
     testjobs service."""
-    values = environment_values(tmp_path, store_url, redis_url) | {
-        "DCM_SERVICES_PATH": str(services_root),
-        "DCM_RESEND_AFTER": "1d",
-    }
-    with using_environment(values) as settings:
-        messages.forget_paused()
-        yield settings
-    messages.forget_paused()
+    values = environment_values(tmp_path, store_url, redis_url)
+    yield from gated(values | {"DCM_SERVICES_PATH": str(services_root)})
 
 
 @pytest.fixture
