@@ -273,3 +273,38 @@ def test_a_process_the_attempt_forked_and_left_running_does_not_hold_its_answer(
     first, second = execute(request, timeout=30), execute(request, timeout=30)
     assert first.ok and second.ok, (first.error, second.error)
     assert first.result["pid"] != second.result["pid"]
+
+
+FORKING = """
+import os, time
+
+def work(job_name, headers, params, added_params, **kwargs):
+    copy = os.fork() == 0  # both processes return from here
+    if copy == (params["slower"] == "copy"):
+        time.sleep(0.3)
+    return {"who": "copy" if copy else "attempt"}
+"""
+
+
+@pytest.mark.parametrize("slower", ["copy", "attempt"])
+def test_a_copy_of_the_attempt_returning_too_never_answers_for_it(
+    tmp_path: Path, slower: str
+) -> None:
+    outcome = execute({**service(tmp_path, FORKING), "params": {"slower": slower}}, timeout=30)
+    assert outcome.ok and outcome.result == {"who": "attempt"}, outcome.error
+
+
+def test_an_answer_the_pipe_cannot_take_at_once_goes_to_the_file(tmp_path: Path) -> None:
+    # Linux gives a user's new pipes one page once they hold 64 MiB of buffers.
+    import fcntl
+    import json
+
+    from workers_bridge import forkserver
+
+    readable, writable = os.pipe()
+    fcntl.fcntl(writable, fcntl.F_SETPIPE_SZ, 4096)
+    response = {"ok": True, "result": {"text": "x" * 10_000}}
+    forkserver._respond(writable, str(tmp_path), response, os.getpid())  # does not block
+    os.close(writable)
+    assert forkserver._piped_response(readable) is None  # cut short: not an answer
+    assert json.loads((tmp_path / "response.json").read_text()) == response

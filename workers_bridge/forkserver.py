@@ -16,10 +16,11 @@ request on the next line (passed to a waiting child unread: only the child
 needs its headers and arguments); the server answers ``{"pid": …}`` when
 the attempt's process exists, then ``{"code": …, "peak_kib": …,
 "response": …}`` when it has ended (``code`` as
-:func:`os.waitstatus_to_exitcode`). The child writes a response that fits
-in a pipe's buffer to a pipe the server reads once it has exited (no
-reader needed meanwhile: the write never blocks), a larger one to
-``response.json`` in the folder, and then the reply has no ``response``.
+:func:`os.waitstatus_to_exitcode`). The child writes a small response to a
+pipe the server reads once it has exited (without waiting on either side:
+what the pipe's buffer cannot take at once goes to the file instead), a
+larger one to ``response.json`` in the folder, and then the reply has no
+``response``.
 Killing the attempt (timeout, cancellation) is the parent's: it has the pid.
 
 Before each fork the server checks the files of the service's modules it
@@ -55,8 +56,9 @@ def _sibling(name: str) -> Any:
 
 
 child = _sibling("child")
-# A response up to this size goes through the attempt's pipe: less than a
-# pipe's buffer (64 KiB on Linux, 16 KiB at least elsewhere), so written at once.
+# A response up to this size goes through the attempt's pipe, if the pipe's
+# buffer holds it (64 KiB on Linux, unless its user has many); larger ones,
+# or ones the pipe cannot take at once, through the response file.
 PIPED_RESPONSE = 16384
 # Which interpreter runs the attempts: their job's provenance records it.
 INTERPRETER = f"{sys.version.split()[0]} {sys.executable}"
@@ -148,7 +150,7 @@ def _fork(replies: int, then: Any, *args: Any) -> int:
 def attempt(request: dict[str, Any], worker: Any | None, folder: str, responses: int) -> None:
     """In the forked child: run the attempt, write its response (to the pipe
     ``responses``, or a file when large); never returns."""
-    code = 0
+    code, me = 0, os.getpid()
     try:
         output = os.open(
             os.path.join(folder, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
@@ -165,19 +167,30 @@ def attempt(request: dict[str, Any], worker: Any | None, folder: str, responses:
         response = child.run(request, worker=worker)
         sys.stdout.flush()
         sys.stderr.flush()
-        _respond(responses, folder, response)
+        _respond(responses, folder, response, me)
     except BaseException:  # noqa: BLE001 - the parent reports a missing response
         code = 70
     finally:
         os._exit(code)
 
 
-def _respond(responses: int, folder: str, response: dict[str, Any]) -> None:
+def _respond(responses: int, folder: str, response: dict[str, Any], attempt: int) -> None:
+    """Answer for the attempt's process ``attempt``: through the pipe when
+    the answer fits in it, else in the folder's response file. A copy of it
+    that the service forked and that returned from the worker function too
+    does not answer: its result is not the attempt's."""
+    if os.getpid() != attempt:
+        return
     data = json.dumps(response, allow_nan=False).encode("utf-8")
     if len(data) <= PIPED_RESPONSE:
-        os.write(responses, data)  # into an empty pipe's buffer: never blocks
-    else:
-        child.write_response(os.path.join(folder, "response.json"), response)
+        # Never waits: Linux gives a user's new pipes one page once they
+        # hold 64 MiB of pipe buffers (fs.pipe-user-pages-soft). Cut short,
+        # what the pipe holds is no JSON document and the file is read.
+        os.set_blocking(responses, False)
+        with contextlib.suppress(BlockingIOError):
+            if os.write(responses, data) == len(data):
+                return
+    child.write_response(os.path.join(folder, "response.json"), response)
 
 
 def _piped_response(responses: int) -> bytes | None:
