@@ -124,6 +124,7 @@ def test_the_per_job_statements_leave_their_connection_planning_each_statement(
 ) -> None:
     """The claim and the ending plan once per connection (their rows are
     found by key); what the connection runs next is planned as usual."""
+    import psycopg
     from sqlalchemy import text
 
     from scheduler.store import jobs_pg
@@ -140,7 +141,13 @@ def test_the_per_job_statements_leave_their_connection_planning_each_statement(
     with get_engine(pg_url).connect() as db:  # an ending: its transaction
         with db.begin():
             assert jobs_pg.lock_and_read(db, "no-such-job") is None
-            assert mode(db) == "auto"
+            # What the transaction runs next is planned as usual too.
+            assert mode(db) == "force_custom_plan"
+        assert mode(db) == "force_custom_plan"
+    with get_engine(pg_url).connect() as db:
+        driver: Any = db.connection.driver_connection
+        with db.begin(), pytest.raises(psycopg.Error), jobs_pg._together(db), driver.cursor() as c:
+            c.execute("SELECT 1/0")  # refused: the transaction, and the setting, rolled back
         assert mode(db) == "force_custom_plan"
 
 

@@ -180,7 +180,6 @@ def _together(db: Connection, *, whole: bool = False) -> Iterator[None]:
             driver.commit()
         return
     generic = driver.info.server_version >= 120000  # plan_cache_mode is 12+
-    local = whole or not driver.autocommit  # the setting ends with the transaction
     if whole:
         driver.autocommit = True  # the block sends its own BEGIN
     try:
@@ -188,13 +187,14 @@ def _together(db: Connection, *, whole: bool = False) -> Iterator[None]:
             if whole:
                 mode.execute("BEGIN")
             if generic:
-                mode.execute(f"SET {'LOCAL ' if local else ''}plan_cache_mode = auto")
+                mode.execute("SET plan_cache_mode = auto")
             try:
                 yield
             finally:
-                # Without a transaction, one implicit transaction till the
-                # block's end: on an error, both settings are undone with it.
-                if generic and not local:
+                # Set back for what follows in the transaction too; on an
+                # error the transaction (or, without one, the block's
+                # implicit one) undoes both.
+                if generic:
                     mode.execute("SET plan_cache_mode = force_custom_plan")
             if whole:
                 mode.execute("COMMIT")
