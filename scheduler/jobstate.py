@@ -470,8 +470,9 @@ def _succeed(
     entry = attempt_entry(attempt, ending.status, claimed.worker, claimed.started_at, now, None) | (
         ending.ran_in or {}
     )
-    # Webhooks a session's end owes are queued before the commit.
-    commit = alone and not notifications.configured()
+    # Webhooks a session's end owes are queued before the commit; a success
+    # ends its session succeeded or partial.
+    commit = alone and not notifications.wanted((SessionStatus.SUCCEEDED, SessionStatus.PARTIAL))
     done = jobs_pg.succeed(
         db, job_id, claimed.session_id, attempt, ending.result, entry, now, commit=commit
     )

@@ -15,6 +15,7 @@ a lost message only delays a delivery (README, "Notifications").
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import exists, func, select
@@ -33,9 +34,13 @@ def event_of(status: str) -> str:
     return f"session.{status}"
 
 
-def configured(settings: Settings | None = None) -> bool:
-    """Whether a session's ending may owe webhooks (``DCM_WEBHOOK_URLS`` set)."""
-    return bool((settings or get_settings()).webhook_urls)
+def wanted(statuses: Iterable[str], settings: Settings | None = None) -> bool:
+    """Whether a session ending with one of ``statuses`` may owe webhooks
+    (``DCM_WEBHOOK_URLS`` set, and the event among ``DCM_WEBHOOK_EVENTS``)."""
+    settings = settings or get_settings()
+    return bool(settings.webhook_urls) and any(
+        event_of(status) in settings.webhook_events for status in statuses
+    )
 
 
 def queue_session_event(
@@ -49,11 +54,9 @@ def queue_session_event(
     the caller's transaction (the session row locked or just claimed);
     returns how many rows were written."""
     settings = settings or get_settings()
-    if not configured(settings):
+    if not wanted((status,), settings):
         return 0
     event = event_of(status)
-    if event not in settings.webhook_events:
-        return 0
     if settings.webhook_services and not db.scalar(
         select(
             exists().where(

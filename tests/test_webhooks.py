@@ -437,3 +437,30 @@ def test_a_real_worker_notifies_when_the_last_job_fails(
     wait_until(lambda: outbox()[0].delivered_at, what="the delivery to be recorded")
     monkeypatch.undo()
     reset_settings()
+
+
+def test_a_success_that_ends_its_session_partial_queues_its_webhook(
+    hooked: Settings, define: Define
+) -> None:
+    # Subscribed by default: session.failed and session.partial. The last
+    # job to end succeeds, as a worker reports it, and the session is partial.
+    session_id = planned(
+        define,
+        "41.7",
+        [{"jobName": "broken", "workerEntry": WORK}, {"jobName": "fine", "workerEntry": WORK}],
+    )
+    with transaction() as db:
+        jobs = {
+            name: job_id
+            for name, job_id in db.execute(
+                select(Job.job_name, Job.id).where(Job.session_id == session_id)
+            )
+        }
+    broken = runner.claim(jobs["broken"], "test-host")
+    fine = runner.claim(jobs["fine"], "test-host")
+    assert broken is not None and fine is not None
+    jobstate.end_attempt(jobs["broken"], broken.number, Ending(ok=False, error="boom"))
+    assert outbox() == []
+    jobstate.end_attempt(jobs["fine"], fine.number, Ending(ok=True, claimed_by=fine.claimed_by))
+    assert status_of(session_id) == "partial"
+    assert [(row.session_id, row.event) for row in outbox()] == [(session_id, "session.partial")]
