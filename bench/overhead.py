@@ -22,7 +22,10 @@ the faster pool of raw with our guarantees.
 The split of one job's time (claim, attempt start, run, ending, publish) is
 measured by running ``workers_bridge.runner.run_job`` in this process on
 ``--split-sessions`` more sessions; what a worker spends beyond it is
-Celery's own work between tasks (receiving, acknowledging, events).
+Celery's own work between tasks (receiving, acknowledging, events). With
+the split, the CPU time per job of this process, of the PostgreSQL backends
+and of the fork servers with their attempts (``cpu_ms_per_job``): on a
+shared machine it moves far less than wall time.
 
     python -m bench.overhead [--sessions 200] [--rounds 3]
 """
@@ -30,6 +33,7 @@ Celery's own work between tasks (receiving, acknowledging, events).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import tempfile
 import time
@@ -161,6 +165,7 @@ def run_split(sessions: int) -> dict[str, float]:
     ids = manual_sessions(STUDY, sessions)
     plan_without_sending(ids)
     splits: list[runner.Split] = []
+    cpu = {"worker": 0.0, "postgres": 0.0, "attempts": 0.0}
     while True:
         with transaction() as db:
             ready = list(
@@ -172,10 +177,13 @@ def run_split(sessions: int) -> dict[str, float]:
             )
         if not ready:
             break
+        before = cpu_seconds()
         for job_id in ready:
             split = runner.Split()
             assert runner.run_job(job_id, "bench-split@localhost", split) == "succeeded"
             splits.append(split)
+        for part, seconds in cpu_seconds().items():
+            cpu[part] += seconds - before[part]
     parts = {
         part: median([getattr(split, part) * 1000 for split in splits])
         for part in ("claim", "start", "run", "ending", "publish")
@@ -184,7 +192,38 @@ def run_split(sessions: int) -> dict[str, float]:
         [(s.claim + s.start + s.run + s.ending + s.publish) * 1000 for s in splits]
     )
     parts["jobs"] = len(splits)
+    parts |= {f"cpu_{part}": seconds * 1000 / len(splits) for part, seconds in cpu.items()}
     return parts
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time so far of this process (the worker's side of each job), of
+    the PostgreSQL backends serving this benchmark's database, and of this
+    process's fork servers with the attempts they reaped. Unlike wall time
+    on a shared machine, it hardly moves with what else runs."""
+    import psutil
+
+    from workers_bridge import process
+
+    def used(proc: psutil.Process, children: bool = False) -> float:
+        times = proc.cpu_times()
+        return (
+            times.user
+            + times.system
+            + (times.children_user + times.children_system if children else 0.0)
+        )
+
+    backends = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if command.startswith("postgres:") and "dcm_bench_overhead" in command:
+            with contextlib.suppress(psutil.Error):
+                backends += used(proc)
+    attempts = 0.0
+    for server in list(process._servers.values()):
+        with contextlib.suppress(psutil.Error):
+            attempts += used(psutil.Process(server.process.pid), children=True)
+    return {"worker": used(psutil.Process()), "postgres": backends, "attempts": attempts}
 
 
 def main() -> None:
@@ -313,6 +352,8 @@ def main() -> None:
          "where": "workers_bridge.runner.run_job in the benchmark's process", **machine()},
         **{f"{part}_ms": round(split[part], 3)
            for part in ("claim", "start", "run", "ending", "publish")},
+        cpu_ms_per_job={part: round(split[f"cpu_{part}"], 3)
+                        for part in ("worker", "postgres", "attempts")},
     )  # fmt: skip
 
 
