@@ -304,7 +304,35 @@ def test_an_answer_the_pipe_cannot_take_at_once_goes_to_the_file(tmp_path: Path)
     readable, writable = os.pipe()
     fcntl.fcntl(writable, fcntl.F_SETPIPE_SZ, 4096)
     response = {"ok": True, "result": {"text": "x" * 10_000}}
-    forkserver._respond(writable, str(tmp_path), response, os.getpid())  # does not block
+    pipe = forkserver._identity(writable)
+    forkserver._respond(writable, str(tmp_path), response, os.getpid(), pipe)  # does not block
     os.close(writable)
     assert forkserver._piped_response(readable) is None  # cut short: not an answer
     assert json.loads((tmp_path / "response.json").read_text()) == response
+
+
+CLOSING = """
+import os
+
+def work(job_name, headers, params, added_params, **kwargs):
+    os.closerange(3, 1000)  # the attempt's pipe too
+    files = [open(os.path.join(params["folder"], f"data{n}"), "ab") for n in range(6)]
+    for handle in files:
+        handle.close()
+    if params["reopen"]:
+        global KEPT
+        KEPT = [open(os.path.join(params["folder"], f"kept{n}"), "ab") for n in range(6)]
+    return {"wrote": "nothing"}
+"""
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_a_service_that_closes_inherited_descriptors_still_answers_and_keeps_its_files(
+    tmp_path: Path, reopen: bool
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    request = service(tmp_path, CLOSING)
+    outcome = execute({**request, "params": {"folder": str(folder), "reopen": reopen}}, timeout=30)
+    assert outcome.ok and outcome.result == {"wrote": "nothing"}, outcome.error
+    assert all(path.read_bytes() == b"" for path in folder.iterdir())

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def _fork(replies: int, then: Any, *args: Any) -> int:
 def attempt(request: dict[str, Any], worker: Any | None, folder: str, responses: int) -> None:
     """In the forked child: run the attempt, write its response (to the pipe
     ``responses``, or a file when large); never returns."""
-    code, me = 0, os.getpid()
+    code, me, pipe = 0, os.getpid(), _identity(responses)
     try:
         output = os.open(
             os.path.join(folder, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
@@ -167,27 +168,44 @@ def attempt(request: dict[str, Any], worker: Any | None, folder: str, responses:
         response = child.run(request, worker=worker)
         sys.stdout.flush()
         sys.stderr.flush()
-        _respond(responses, folder, response, me)
+        _respond(responses, folder, response, me, pipe)
     except BaseException:  # noqa: BLE001 - the parent reports a missing response
         code = 70
     finally:
         os._exit(code)
 
 
-def _respond(responses: int, folder: str, response: dict[str, Any], attempt: int) -> None:
+def _identity(fd: int) -> tuple[int, int] | None:
+    """The pipe open as ``fd`` (device, inode), or None if it is no pipe."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISFIFO(status.st_mode) else None
+
+
+def _respond(
+    responses: int,
+    folder: str,
+    response: dict[str, Any],
+    attempt: int,
+    pipe: tuple[int, int] | None,
+) -> None:
     """Answer for the attempt's process ``attempt``: through the pipe when
     the answer fits in it, else in the folder's response file. A copy of it
     that the service forked and that returned from the worker function too
-    does not answer: its result is not the attempt's."""
+    does not answer: its result is not the attempt's. Service code may have
+    closed the pipe (and opened a file under its number): the answer then
+    goes to the file."""
     if os.getpid() != attempt:
         return
     data = json.dumps(response, allow_nan=False).encode("utf-8")
-    if len(data) <= PIPED_RESPONSE:
+    if len(data) <= PIPED_RESPONSE and pipe is not None and _identity(responses) == pipe:
         # Never waits: Linux gives a user's new pipes one page once they
         # hold 64 MiB of pipe buffers (fs.pipe-user-pages-soft). Cut short,
         # what the pipe holds is no JSON document and the file is read.
-        os.set_blocking(responses, False)
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(OSError):
+            os.set_blocking(responses, False)
             if os.write(responses, data) == len(data):
                 return
     child.write_response(os.path.join(folder, "response.json"), response)
