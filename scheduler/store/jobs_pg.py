@@ -26,12 +26,12 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
-from psycopg import Pipeline
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
+from scheduler.store import pipelines
 from scheduler.vocabulary import OPEN_JOB_STATUSES, JobStatus, Phase, SessionStatus
 
 # The job is found by its id alone: a condition on ``status`` the planner
@@ -152,50 +152,32 @@ RETURNING sessions.status
 
 
 def _cursor(db: Connection, **options: Any) -> Any:
-    return db.connection.driver_connection.cursor(**options)  # type: ignore[union-attr]
+    return pipelines.driver(db).cursor(**options)
 
 
 @contextlib.contextmanager
 def _together(db: Connection, *, whole: bool = False) -> Iterator[None]:
     """The block's statements sent in one round trip, their results read at
-    its end (psycopg's pipeline mode, where libpq has it: 14+), and planned
-    once per connection.
-
-    Each statement here finds its rows by a key (a job's id, its session,
-    its dependents), so a plan made once serves every job: planning the
-    claim cost the server more than running it. The store's connections
-    otherwise plan each execution for the tables as they are
-    (:mod:`scheduler.store.db`); these switch to PostgreSQL's default
-    choice for the block. A plan made while a table was tiny (a sequential
-    scan) is made anew once autovacuum has analysed the grown table.
+    its end, and planned once per connection (:mod:`.pipelines`).
 
     ``whole``: the block is a transaction of its own, its ``BEGIN`` and
     ``COMMIT`` sent with it (psycopg, left to begin a transaction itself,
     sends ``BEGIN`` alone and waits for its answer); the connection is idle
     after it, committed or, on an error, rolled back."""
-    driver: Any = db.connection.driver_connection
-    if not Pipeline.is_supported():
+    driver = pipelines.driver(db)
+    if not pipelines.supported():
         yield
         if whole:
             driver.commit()
         return
-    generic = driver.info.server_version >= 120000  # plan_cache_mode is 12+
     if whole:
         driver.autocommit = True  # the block sends its own BEGIN
     try:
-        with driver.pipeline(), driver.cursor() as mode:
+        with pipelines.pipeline(db), driver.cursor() as mode:
             if whole:
                 mode.execute("BEGIN")
-            if generic:
-                mode.execute("SET plan_cache_mode = auto")
-            try:
+            with pipelines.planned_once(db, mode):
                 yield
-            finally:
-                # Set back for what follows in the transaction too; on an
-                # error the transaction (or, without one, the block's
-                # implicit one) undoes both.
-                if generic:
-                    mode.execute("SET plan_cache_mode = force_custom_plan")
             if whole:
                 mode.execute("COMMIT")
     except BaseException:

@@ -16,14 +16,14 @@ SQLAlchemy on SQLite.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from psycopg import Pipeline
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
+from scheduler.store import pipelines
 from scheduler.vocabulary import SessionStatus
 
 # The lease is taken first: the session's status, read after it, is never
@@ -88,42 +88,6 @@ VALUES (%(job_id)s, %(depends_on_id)s, %(requires_success)s)
 """
 
 
-def _driver(db: Connection) -> Any:
-    return db.connection.driver_connection
-
-
-def _pipeline(db: Connection) -> Any:
-    """psycopg's pipeline mode (statements sent together, their results read
-    at the block's end) where libpq has it (14+); elsewhere each statement
-    is a round trip of its own."""
-    driver = _driver(db)
-    return driver.pipeline() if Pipeline.is_supported() else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _planned_once(db: Connection, mode: Any, *, in_transaction: bool) -> Iterator[None]:
-    """The block's statements planned once per connection: each finds its
-    rows by a key, and so do the foreign-key checks of the rows it inserts,
-    so a plan made once serves every session (the store's connections
-    otherwise plan each execution, :mod:`scheduler.store.db`;
-    :mod:`scheduler.store.jobs_pg` does the same). ``in_transaction``:
-    inside ``BEGIN``, where ``SET LOCAL`` lasts until it ends; else inside
-    an implicit transaction, and the setting is put back at the block's end
-    (undone with it on an error). ``mode`` is the cursor that sends the
-    settings."""
-    if _driver(db).info.server_version < 120000:  # plan_cache_mode is 12+
-        yield
-    elif in_transaction:
-        mode.execute("SET LOCAL plan_cache_mode = auto")
-        yield
-    else:
-        mode.execute("SET plan_cache_mode = auto")
-        try:
-            yield
-        finally:
-            mode.execute("SET plan_cache_mode = force_custom_plan")
-
-
 def take_and_read(
     db: Connection,
     session_id: str,
@@ -139,7 +103,7 @@ def take_and_read(
     autocommit: they run as one implicit transaction, which has committed
     the lease on return. The headers' statement joins tables that grow, so
     it is planned at each execution for them as they are."""
-    driver = _driver(db)
+    driver = pipelines.driver(db)
     statement, parameters = headers
     with (
         driver.cursor() as mode,
@@ -148,8 +112,8 @@ def take_and_read(
         driver.cursor() as live,
         driver.cursor() as rows,
     ):
-        with _pipeline(db):
-            with _planned_once(db, mode, in_transaction=False):
+        with pipelines.pipeline(db):
+            with pipelines.planned_once(db, mode):
                 take.execute(_TAKE, lease, prepare=True)
                 read.execute(_TO_PLAN, {"session_id": session_id}, prepare=True)
                 live.execute(_LIVE, {"live_after": live_after}, prepare=True)
@@ -162,7 +126,7 @@ def take_and_read(
 
 def drop(db: Connection, lease: dict[str, Any]) -> None:
     """Delete the lease (``name``, ``holder``); ``db`` is in autocommit."""
-    with _driver(db).cursor() as cursor:
+    with pipelines.driver(db).cursor() as cursor:
         cursor.execute(_DROP, lease, prepare=True)
 
 
@@ -179,7 +143,7 @@ def write_plan(
     drop the lease, in one transaction; False, with nothing written, when
     the session was no longer to plan. ``db`` is in autocommit: the
     transaction is this function's own."""
-    driver = _driver(db)
+    driver = pipelines.driver(db)
     claim_values = session | {
         "headers": Jsonb(session["headers"]),
         "added_params": Jsonb(session["added_params"]),
@@ -188,10 +152,10 @@ def write_plan(
     rows = [job | {c: Jsonb(job[c]) for c in _JSON_COLUMNS} for job in jobs]
     try:
         with driver.cursor() as claim, driver.cursor() as cursor:
-            with _pipeline(db):
+            with pipelines.pipeline(db):
                 # BEGIN sent with the statements: psycopg's own is a round trip.
                 cursor.execute("BEGIN")
-                with _planned_once(db, cursor, in_transaction=True):
+                with pipelines.planned_once(db, cursor):
                     claim.execute(_CLAIM, claim_values, prepare=True)
                     if rows:
                         cursor.executemany(_INSERT_JOB, rows)
