@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from scheduler import messages, notifications
 from scheduler.clock import iso, utcnow
 from scheduler.messages import NORMAL, ReadyJob, SessionFlags
-from scheduler.store.db import Executor, bound, rowcount, statements
+from scheduler.store.db import Executor, bound, on_psycopg, rowcount, statements
 from scheduler.store.models import Job, JobDependency, PausedChannel, SchedulingSession
 from scheduler.vocabulary import (
     JOB_FINAL_STATUSES,
@@ -186,12 +186,6 @@ _DEPENDENCY_RESULTS = (
 )
 
 
-def _on_psycopg(db: Executor) -> TypeGuard[Connection]:
-    """Whether the per-job statements can go through psycopg itself
-    (:mod:`scheduler.store.jobs_pg`)."""
-    return isinstance(db, Connection) and db.dialect.driver == "psycopg"
-
-
 # A job refused because its channel is paused is owed a message again:
 # ``resume`` (and the re-sender, after it) sends what is not dispatched.
 _UNDISPATCH_IF_PAUSED = (
@@ -215,7 +209,7 @@ def claim(db: Executor, job_id: str, hostname: str, now: datetime) -> Claimed | 
     """``queued`` → ``running`` for this worker, if the job is ready; None for
     a duplicate delivery, a job not ready yet, one that ended, or one of a
     paused channel (left queued, not dispatched)."""
-    if _on_psycopg(db):
+    if on_psycopg(db):
         from scheduler.store import jobs_pg
 
         found = jobs_pg.claim(db, job_id, hostname, os.getpid(), now, now + CLOCK_SKEW)
@@ -382,11 +376,11 @@ def record_ending(
     re-queued as lost, or cancelled meanwhile) is ignored. ``alone``: the
     transaction holds nothing else, and may be committed here."""
     now = now or utcnow()
-    if ending.ok and ending.claimed_by is not None and _on_psycopg(db):
+    if ending.ok and ending.claimed_by is not None and on_psycopg(db):
         return _succeed(db, job_id, attempt, ending, now, alone)
     # Lock the job's session row first (one statement): see the module docstring.
     job: Any
-    if _on_psycopg(db):
+    if on_psycopg(db):
         from scheduler.store import jobs_pg
 
         locked = jobs_pg.lock_and_read(db, job_id)
@@ -416,7 +410,7 @@ def record_ending(
     changes: dict[str, Any] = {"attempt_log": [*job.attempt_log, entry]}
 
     if ending.ok:
-        if _on_psycopg(db):
+        if on_psycopg(db):
             from scheduler.store import jobs_pg
 
             rows, final = jobs_pg.succeed_and_release(
@@ -633,7 +627,7 @@ def finish_session_if_done(db: Executor, session_id: str, now: datetime) -> str 
     """Give the session its final status once none of its jobs can still run,
     with its webhook notifications queued in the same transaction; returns
     that status, or None if the session has not ended now."""
-    if _on_psycopg(db):
+    if on_psycopg(db):
         from scheduler.store import jobs_pg
 
         final = jobs_pg.finish_session(db, session_id, now)

@@ -41,7 +41,7 @@ from scheduler.messages import ReadyJob, SessionFlags, send_jobs
 from scheduler.planning import Plan, decide, make_callback_runner
 from scheduler.presence import live_after, live_channels
 from scheduler.registry import Registry, current_registry, record_load
-from scheduler.store.db import Executor, bound, statements, transaction
+from scheduler.store.db import Executor, bound, on_psycopg, statements, transaction
 from scheduler.store.models import SchedulingSession, new_id, utcnow
 from scheduler.vocabulary import Level, SessionStatus
 
@@ -321,7 +321,7 @@ def _take_and_read(
     PostgreSQL, the live channels and the rows of its headers if it is of
     the level of the last session planned here, read in the same round trip
     (:func:`scheduler.store.plans_pg.take_and_read`)."""
-    if db.dialect.driver == "psycopg":
+    if on_psycopg(db):
         from scheduler.store import plans_pg
 
         now = utcnow()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, bindparam, create_engine, event
 from sqlalchemy.engine import make_url
@@ -179,6 +179,13 @@ def bound(name: str, column: Any) -> Any:
     """A parameter ``name`` typed as ``column``, bound at execution: for the
     statements built once and run for every job or session."""
     return bindparam(name, type_=column.type)
+
+
+def on_psycopg(db: Executor) -> TypeGuard[Connection]:
+    """Whether ``db`` is a plain connection through psycopg, where the
+    statements every job and every plan run go through psycopg itself
+    (:mod:`scheduler.store.pipelines`)."""
+    return isinstance(db, Connection) and db.dialect.driver == "psycopg"
 
 
 def dialect_name(db: Executor) -> str:
