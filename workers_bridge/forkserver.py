@@ -7,7 +7,7 @@ starts, per service, one of these: a plain interpreter (the worker's, or the
 service's own ``python``) that imports the service's modules once and forks
 a small, clean child per attempt. The child is what today's attempt always
 was: its own process group, its stdout and stderr in an output file, the
-worker call of :mod:`workers_bridge.child`, a JSON response file.
+worker call of :mod:`workers_bridge.child`, a JSON response (below).
 
 Standard library only, run as a script under any interpreter:
 ``python forkserver.py PARENT_PID``. Protocol, JSON lines on stdin and
