@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import threading
@@ -36,9 +35,13 @@ PR_SET_CHILD_SUBREAPER = 36
 # How often a guarded process checks that its parent is still there.
 WATCH_EVERY = 0.5
 
+# The C library as the interpreter already has it loaded (no file lookup:
+# ctypes.util would import subprocess, tempfile and more into every process
+# that guards itself, a fork server's attempts included).
 try:
-    _libc: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-except OSError:  # not Linux: children then outlive a killed parent
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+    _libc.prctl  # noqa: B018 - absent off Linux
+except (OSError, AttributeError):  # not Linux: children then outlive a killed parent
     _libc = None
 
 
