@@ -53,6 +53,24 @@ def test_attempts_fork_from_one_server_and_never_see_each_other_s_state(tmp_path
     assert first.result["pid"] != second.result["pid"]
 
 
+LEAN = """
+import gc, sys
+
+def work(*args, **kwargs):
+    return {"frozen": gc.get_freeze_count(), "modules": sorted(sys.modules)}
+"""
+
+
+def test_an_attempt_starts_lean_with_what_its_server_imported_frozen(tmp_path: Path) -> None:
+    # Every module an attempt holds is copied page by page as it runs: the
+    # server imports none the service did not ask for, and the collector
+    # leaves the imported objects (and their shared pages) alone.
+    outcome = execute(service(tmp_path, LEAN), timeout=30)
+    assert outcome.ok, outcome
+    assert outcome.result["frozen"] > 1000
+    assert not {"subprocess", "tempfile", "random", "shutil"} & set(outcome.result["modules"])
+
+
 def test_a_service_edited_between_attempts_runs_its_new_code_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
