@@ -151,6 +151,53 @@ def test_the_per_job_statements_leave_their_connection_planning_each_statement(
         assert mode(db) == "force_custom_plan"
 
 
+def test_a_claim_commits_alone_and_leaves_its_connection_as_it_found_it(pg_url: str) -> None:
+    """A claim is a transaction of its own whose commit does not wait for the
+    disk; the connection after it commits each statement durably as before,
+    also when the claim was refused or failed."""
+    import psycopg
+    from sqlalchemy import text
+
+    from scheduler.store import jobs_pg
+    from scheduler.store.db import statements
+
+    with transaction(pg_url) as db:
+        session = SchedulingSession(
+            event="study.stable", level="study", uid="1.4", headers={"a": 1}, status="running"
+        )
+        db.add(session)
+        db.flush()
+        job = Job(
+            session_id=session.id, job_name="only", service="s", worker_entry="m:f", status="queued"
+        )
+        db.add(job)
+    now = datetime.now(UTC)
+
+    def after(db: Any) -> tuple[Any, ...]:
+        driver: Any = db.connection.driver_connection
+        return (
+            driver.autocommit,
+            db.execute(text("SHOW synchronous_commit")).scalar(),
+            db.execute(text("SHOW plan_cache_mode")).scalar(),
+        )
+
+    usual = (True, "on", "force_custom_plan")
+    claims = []
+    for job_id in (job.id, job.id, "no-such-job"):  # taken, then refused twice
+        with statements(pg_url, each_alone=True) as db:
+            row = jobs_pg.claim(db, job_id, "w@h", 1, now, now)
+            claims.append(row and (row["attempts"], row["headers"]))
+            assert after(db) == usual
+    assert claims == [(1, {"a": 1}), None, None]
+    with statements(pg_url, each_alone=True) as db:
+        with pytest.raises(psycopg.Error):
+            jobs_pg.claim(db, job.id, "w@h", 1, now, "not a time")  # type: ignore[arg-type]
+        assert after(db) == usual
+    with transaction(pg_url) as db:
+        stored = db.get(Job, job.id)
+        assert stored is not None and (stored.status, stored.attempts) == ("running", 1)
+
+
 def test_a_success_refused_by_the_server_leaves_its_connection_idle_as_it_found_it(
     pg_url: str,
 ) -> None:
