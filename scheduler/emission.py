@@ -168,9 +168,9 @@ def write_plan(
 ) -> list[str] | None:
     """:func:`store_plan` in a transaction of its own, committed on return,
     the ready jobs marked dispatched; the planner's ``lease`` (name, holder)
-    is dropped either way. On PostgreSQL a plan with jobs takes two round
-    trips (:mod:`scheduler.store.plans_pg`); a plan without any may owe a
-    webhook, queued through the statements every store runs."""
+    is dropped either way. On PostgreSQL a plan with jobs is one statement
+    and one round trip (:mod:`scheduler.store.plans_pg`); a plan without
+    any may owe a webhook, queued through the statements every store runs."""
     name, holder = lease
     if plan.jobs and get_engine().dialect.driver == "psycopg":
         from scheduler.store import plans_pg
@@ -180,10 +180,7 @@ def write_plan(
         planned = {"session_id": session_id} | _planned(plan, headers, now)
         held = {"name": name, "holder": holder}
         with statements(each_alone=True) as db:
-            if plans_pg.write_plan(db, planned, rows, edges, held):
-                return ready
-            plans_pg.drop(db, held)  # the plan's transaction, rolled back, did not
-        return None
+            return ready if plans_pg.write_plan(db, planned, rows, edges, held) else None
     with statements() as db:
         stored = store_plan(db, session_id, plan, headers, job_ids=job_ids, mark_ready=True)
         drop(db, name, holder)

@@ -198,6 +198,113 @@ def test_a_claim_commits_alone_and_leaves_its_connection_as_it_found_it(pg_url: 
         assert stored is not None and (stored.status, stored.attempts) == ("running", 1)
 
 
+def test_a_plan_is_written_whole_exactly_or_not_at_all_and_its_lease_goes(pg_url: str) -> None:
+    """The plan's rows arrive as written (JSON, times, floats, NULLs, any
+    text); a session no longer to plan gets none of them; a plan the server
+    refuses leaves nothing behind, lease included, and the connection usable."""
+    import psycopg
+    from sqlalchemy import text
+
+    from scheduler.store import plans_pg
+    from scheduler.store.db import statements
+
+    with transaction(pg_url) as db:
+        session = SchedulingSession(
+            event="study.stable", level="study", uid="1.5", headers={}, status="planning"
+        )
+        db.add(session)
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    odd = {"q": 'a "quoted" \\ back\\slash', "u": "Ünïcødé ✓ 🫀", "n": [0.1, 1e-7, 2**53, None]}
+
+    def job(job_id: str, name: str, **fields: Any) -> dict[str, Any]:
+        row = {column: None for column in plans_pg.JOB_COLUMNS}
+        return (
+            row
+            | {
+                "id": job_id,
+                "session_id": session.id,
+                "created_seq": 0,
+                "job_name": name,
+                "service": "svc",
+                "service_version": "1",
+                "service_hash": "h",
+                "phase": "main",
+                "worker_entry": "m:f",
+                "entry_root": "",
+                "channel": "default",
+                "params": odd,
+                "added_params": {"series": ["1.2.3"]},
+                "sort_position": 2.5,
+                "priority": 5,
+                "status": "queued",
+                "attempts": 0,
+                "max_attempts": 1,
+                "retries": 0,
+                "timeout_s": 12.25,
+                "retry_delay_s": 30.0,
+                "attempt_log": [],
+                "pending_deps": 0,
+                "created_at": now,
+            }
+            | fields
+        )
+
+    jobs = [
+        job("job-a", "a", dispatched_at=now, python="/opt/py/bin/python", window="22:00-06:00"),
+        job("job-b", "b", pending_deps=1),
+    ]
+    edges = [{"job_id": "job-b", "depends_on_id": "job-a", "requires_success": False}]
+    planned = {
+        "session_id": session.id,
+        "status": "running",
+        "headers": {"StudyInstanceUID": "1.5"},
+        "added_params": {},
+        "trace": {"jobs": {}},
+        "urgent": False,
+        "planned_at": now,
+        "finished_at": None,
+    }
+
+    def lease() -> dict[str, Any]:
+        with transaction(pg_url) as db:
+            db.merge(Lease(name="plan:1.5", holder="me", expires_at=now))
+        return {"name": "plan:1.5", "holder": "me"}
+
+    def leases() -> int:
+        with transaction(pg_url) as db:
+            return len(db.scalars(select(Lease).where(Lease.name == "plan:1.5")).all())
+
+    with statements(pg_url, each_alone=True) as db:  # refused: an edge to no job
+        wrong = [{"job_id": "job-b", "depends_on_id": "nowhere", "requires_success": True}]
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            plans_pg.write_plan(db, planned, jobs, wrong, lease())
+        assert db.execute(text("SELECT 1")).scalar() == 1
+    assert leases() == 1
+    with statements(pg_url, each_alone=True) as db:
+        assert plans_pg.write_plan(db, planned, jobs, edges, lease()) is True
+    assert leases() == 0
+    with statements(pg_url, each_alone=True) as db:  # planned already: nothing more
+        again = [job("job-c", "c")]
+        assert plans_pg.write_plan(db, planned, again, [], lease()) is False
+    assert leases() == 0
+    with transaction(pg_url) as db:
+        stored = {j.id: j for j in db.scalars(select(Job).where(Job.session_id == session.id))}
+        assert sorted(stored) == ["job-a", "job-b"]
+        a, b = stored["job-a"], stored["job-b"]
+        assert a.params == odd and a.added_params == {"series": ["1.2.3"]}
+        assert (a.created_at, a.dispatched_at, b.dispatched_at) == (now, now, None)
+        assert (a.python, a.window, b.python, b.window) == (
+            "/opt/py/bin/python",
+            "22:00-06:00",
+            None,
+            None,
+        )
+        assert (a.sort_position, a.timeout_s, b.pending_deps) == (2.5, 12.25, 1)
+        edge = db.scalars(select(JobDependency)).one()
+        assert (edge.job_id, edge.depends_on_id, edge.requires_success) == ("job-b", "job-a", False)
+        assert db.get(SchedulingSession, session.id).status == "running"  # type: ignore[union-attr]
+
+
 def test_a_success_refused_by_the_server_leaves_its_connection_idle_as_it_found_it(
     pg_url: str,
 ) -> None:

@@ -6,16 +6,17 @@ transaction two more (``BEGIN``, ``COMMIT``): fourteen per session, for
 statements that take the server microseconds. Here they are plain SQL sent
 in psycopg's pipeline mode on a connection in autocommit, so a round trip
 carries several: the lease, the session and the live channels are read in
-one (an implicit transaction, committed at its end); the plan is written in
-one, ``BEGIN`` included, and committed in a second once the session's
-``UPDATE`` shows it was still to plan. What they do is what
+one (an implicit transaction, committed at its end); the plan is written by
+one statement, its own transaction: the session's ``UPDATE``, which finds it
+still to plan, and with it the jobs and edges, each table's rows inserted
+together from one JSON document. What they do is what
 :mod:`scheduler.sessions` and :mod:`scheduler.emission` do through
 SQLAlchemy on SQLite.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -39,15 +40,7 @@ SELECT level, uid, event, revision, last_instance_id, cohort FROM sessions
 WHERE id = %(session_id)s AND (status = '{SessionStatus.PLANNING}') IS TRUE
 """
 _LIVE = "SELECT channels FROM workers WHERE last_heartbeat >= %(live_after)s"
-_DROP = "DELETE FROM leases WHERE name = %(name)s AND holder = %(holder)s"
 
-_CLAIM = f"""
-UPDATE sessions SET status = %(status)s, headers = %(headers)s, added_params = %(added_params)s,
-    trace = %(trace)s, urgent = %(urgent)s, planned_at = %(planned_at)s,
-    finished_at = %(finished_at)s
-WHERE id = %(session_id)s AND (status = '{SessionStatus.PLANNING}') IS TRUE
-RETURNING id
-"""
 # The columns of a job row as emission.job_rows builds them.
 JOB_COLUMNS = (
     "id",
@@ -78,13 +71,38 @@ JOB_COLUMNS = (
     "created_at",
     "dispatched_at",
 )
-_JSON_COLUMNS = ("params", "added_params", "attempt_log")
-_INSERT_JOB = "INSERT INTO jobs ({}) VALUES ({})".format(
-    ", ".join(f'"{c}"' for c in JOB_COLUMNS), ", ".join(f"%({c})s" for c in JOB_COLUMNS)
+_EDGE_COLUMNS = ("job_id", "depends_on_id", "requires_success")
+
+
+def _names(columns: Sequence[str]) -> str:
+    return ", ".join(f'"{column}"' for column in columns)
+
+
+# The session marked planned if it is still to plan; only then its jobs and
+# edges, each table's rows typed as its columns by jsonb_populate_recordset
+# (one statement per table, not one per row: a row's own statement cost the
+# server more than inserting it). The edges' foreign keys are checked at the
+# statement's end, when the jobs are there. The lease goes either way.
+_WRITE_PLAN = f"""
+WITH planned AS (
+    UPDATE sessions SET status = %(status)s, headers = %(headers)s,
+        added_params = %(added_params)s, trace = %(trace)s, urgent = %(urgent)s,
+        planned_at = %(planned_at)s, finished_at = %(finished_at)s
+    WHERE id = %(session_id)s AND (status = '{SessionStatus.PLANNING}') IS TRUE
+    RETURNING id
+), new_jobs AS (
+    INSERT INTO jobs ({_names(JOB_COLUMNS)})
+    SELECT {_names(JOB_COLUMNS)} FROM jsonb_populate_recordset(NULL::jobs, %(jobs)s)
+    WHERE EXISTS (SELECT FROM planned)
+), new_edges AS (
+    INSERT INTO job_dependencies ({_names(_EDGE_COLUMNS)})
+    SELECT {_names(_EDGE_COLUMNS)}
+    FROM jsonb_populate_recordset(NULL::job_dependencies, %(edges)s)
+    WHERE EXISTS (SELECT FROM planned)
+), dropped AS (
+    DELETE FROM leases WHERE name = %(name)s AND holder = %(holder)s
 )
-_INSERT_EDGE = """
-INSERT INTO job_dependencies (job_id, depends_on_id, requires_success)
-VALUES (%(job_id)s, %(depends_on_id)s, %(requires_success)s)
+SELECT count(*) FROM planned
 """
 
 
@@ -124,12 +142,6 @@ def take_and_read(
         return taken, row, channels, rows.fetchall()
 
 
-def drop(db: Connection, lease: dict[str, Any]) -> None:
-    """Delete the lease (``name``, ``holder``); ``db`` is in autocommit."""
-    with pipelines.driver(db).cursor() as cursor:
-        cursor.execute(_DROP, lease, prepare=True)
-
-
 def write_plan(
     db: Connection,
     session: dict[str, Any],
@@ -140,33 +152,32 @@ def write_plan(
     """Mark the session planned (``session``: ``session_id``, ``status``,
     ``headers``, ``added_params``, ``trace``, ``urgent``, ``planned_at``,
     ``finished_at``), insert its jobs (:data:`JOB_COLUMNS`) and edges and
-    drop the lease, in one transaction; False, with nothing written, when
-    the session was no longer to plan. ``db`` is in autocommit: the
-    transaction is this function's own."""
-    driver = pipelines.driver(db)
-    claim_values = session | {
+    drop the lease, in one statement and one round trip; False, with only
+    the lease dropped, when the session was no longer to plan. ``db`` is in
+    autocommit: the statement is its own transaction."""
+    values = session | {
         "headers": Jsonb(session["headers"]),
         "added_params": Jsonb(session["added_params"]),
         "trace": Jsonb(session["trace"]),
+        "jobs": Jsonb(list(jobs), dumps=_dumps),
+        "edges": Jsonb(list(edges), dumps=_dumps),
+        "name": lease["name"],
+        "holder": lease["holder"],
     }
-    rows = [job | {c: Jsonb(job[c]) for c in _JSON_COLUMNS} for job in jobs]
-    try:
-        with driver.cursor() as claim, driver.cursor() as cursor:
-            with pipelines.pipeline(db):
-                # BEGIN sent with the statements: psycopg's own is a round trip.
-                cursor.execute("BEGIN")
-                with pipelines.planned_once(db, cursor):
-                    claim.execute(_CLAIM, claim_values, prepare=True)
-                    if rows:
-                        cursor.executemany(_INSERT_JOB, rows)
-                    if edges:
-                        cursor.executemany(_INSERT_EDGE, edges)
-                    cursor.execute(_DROP, lease, prepare=True)
-            claimed = claim.fetchone() is not None
-            cursor.execute("COMMIT" if claimed else "ROLLBACK")
-    except BaseException:
-        # Never leave the transaction open on the pooled connection.
-        with contextlib.suppress(Exception):
-            driver.rollback()
-        raise
-    return claimed
+    with pipelines.driver(db).cursor() as mode, pipelines.driver(db).cursor() as write:
+        with pipelines.pipeline(db), pipelines.planned_once(db, mode):
+            write.execute(_WRITE_PLAN, values, prepare=True)
+        (planned,) = write.fetchone()
+    return bool(planned)
+
+
+def _dumps(value: Any) -> str:
+    """JSON for jsonb_populate_recordset: times as ISO 8601 text, which
+    PostgreSQL reads back as the column's ``timestamptz``."""
+    return json.dumps(value, default=_iso)
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
