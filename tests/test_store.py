@@ -152,9 +152,8 @@ def test_the_per_job_statements_leave_their_connection_planning_each_statement(
 
 
 def test_a_claim_commits_alone_and_leaves_its_connection_as_it_found_it(pg_url: str) -> None:
-    """A claim is a transaction of its own whose commit does not wait for the
-    disk; the connection after it commits each statement durably as before,
-    also when the claim was refused or failed."""
+    """A claim is a statement of its own, committed durably; the connection
+    after it is as it was, also when the claim was refused or failed."""
     import psycopg
     from sqlalchemy import text
 

@@ -156,32 +156,26 @@ def _cursor(db: Connection, **options: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _together(db: Connection, *, whole: bool = False, durable: bool = True) -> Iterator[None]:
+def _together(db: Connection, *, whole: bool = False) -> Iterator[None]:
     """The block's statements sent in one round trip, their results read at
     its end, and planned once per connection (:mod:`.pipelines`).
 
     ``whole``: the block is a transaction of its own, its ``BEGIN`` and
     ``COMMIT`` sent with it (psycopg, left to begin a transaction itself,
     sends ``BEGIN`` alone and waits for its answer); the connection is idle
-    after it, committed or, on an error, rolled back, in the commit mode it
-    had before. ``durable=False`` (with ``whole``): that commit returns
-    before its record is on disk (``synchronous_commit`` off for this
-    transaction alone); a later durable commit writes it too."""
+    after it, committed or, on an error, rolled back."""
     driver = pipelines.driver(db)
     if not pipelines.supported():
         yield
         if whole:
             driver.commit()
         return
-    autocommit = driver.autocommit
     if whole:
         driver.autocommit = True  # the block sends its own BEGIN
     try:
         with pipelines.pipeline(db), driver.cursor() as mode:
             if whole:
                 mode.execute("BEGIN")
-                if not durable:
-                    mode.execute("SET LOCAL synchronous_commit = off")
             with pipelines.planned_once(db, mode):
                 yield
             if whole:
@@ -194,22 +188,16 @@ def _together(db: Connection, *, whole: bool = False, durable: bool = True) -> I
     finally:
         if whole:
             with contextlib.suppress(psycopg.Error):
-                driver.autocommit = autocommit
+                driver.autocommit = False
 
 
 def claim(
     db: Connection, job_id: str, hostname: str, pid: int, now: datetime, due: datetime
 ) -> dict[str, Any] | None:
     """The claim's update (see :func:`scheduler.jobstate.claim`); its row
-    (column name → value), or None.
-
-    Its commit does not wait for the disk: a claim lost with a crashed
-    database leaves the job queued, so no ending of this attempt applies;
-    the attempt is stopped at its next heartbeat (the job is no longer its
-    own) and the re-sender sends the job again. The ending, durable, makes
-    the claim durable with it."""
+    (column name → value), or None."""
     with _cursor(db, row_factory=dict_row) as cursor:
-        with _together(db, whole=True, durable=False):
+        with _together(db):
             cursor.execute(
                 _CLAIM,
                 {"job_id": job_id, "hostname": hostname, "pid": pid, "now": now, "due": due},
