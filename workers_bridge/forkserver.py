@@ -31,7 +31,6 @@ edited service runs its new code from the next attempt on.
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import json
 import os
@@ -103,15 +102,9 @@ class Preloaded:
             source = getattr(sys.modules.get(name), "__file__", None)
             if source:
                 self.files[source] = _state(source)
-        # What the imports left is kept out of the collector's reach: an
-        # attempt's collections then leave those pages shared with the server
-        # instead of copying every one they scan.
-        gc.collect()
-        gc.freeze()
         return worker
 
     def forget(self) -> None:
-        gc.unfreeze()
         for entry in self.workers:
             child.fresh_imports(entry, self.roots)
         self.workers, self.files = {}, {}
