@@ -169,6 +169,25 @@ def check_paused(settings: Settings) -> Check | None:
     )
 
 
+def check_lifeline() -> Check | None:
+    """A warning where processes cannot be tied to their parent (no
+    ``prctl``: not Linux, or a C library without it); None where they are.
+    There a worker killed with SIGKILL leaves its attempts and callbacks
+    running (README, "Failure modes")."""
+    from scheduler import lifeline
+
+    if lifeline.supported():
+        return None
+    return Check(
+        "processes",
+        WARNING,
+        "this system cannot have a process signalled when its parent dies (prctl): "
+        "a worker or planner killed with SIGKILL leaves its attempts and callbacks "
+        "running until they end",
+        "run the scheduler on Linux (the Dockerfile's image)",
+    )
+
+
 def check_beat(settings: Settings) -> Check:
     """Beat renews a lease every few seconds while it runs (scheduler.beat):
     no lease, or one not renewed for three rounds, means nothing detects new
@@ -323,4 +342,7 @@ def run_checks(settings: Settings | None = None) -> list[Check]:
     orthanc = check_orthanc(settings)
     if orthanc:
         checks.append(orthanc)
+    processes = check_lifeline()
+    if processes:
+        checks.append(processes)
     return checks

@@ -154,6 +154,22 @@ def test_doctor_says_what_is_wrong_and_how_to_fix_it(live: Settings, define: Def
     assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0
 
 
+def test_doctor_warns_where_processes_cannot_die_with_their_parent(
+    live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scheduler import lifeline
+
+    define([{"jobName": "cpu-job", "workerEntry": WORK}])
+    renew_beat_lease()
+    names = [c["name"] for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).stdout)]
+    assert "processes" not in names  # Linux: parent-death signals work
+    monkeypatch.setattr(lifeline, "_libc", None)  # a C library without prctl
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    processes = {c["name"]: c for c in json.loads(result.stdout)}["processes"]
+    assert processes["status"] == "warning" and "SIGKILL" in processes["detail"]
+    assert result.exit_code == 0  # a warning, not a problem
+
+
 def test_doctor_reports_a_beat_that_stopped(live: Settings, define: Define) -> None:
     from datetime import timedelta
 
