@@ -197,15 +197,24 @@ def test_a_claim_commits_alone_and_leaves_its_connection_as_it_found_it(pg_url: 
         assert stored is not None and (stored.status, stored.attempts) == ("running", 1)
 
 
-def test_a_plan_is_written_whole_exactly_or_not_at_all_and_its_lease_goes(pg_url: str) -> None:
+@pytest.mark.parametrize("in_parts", [False, True], ids=["one part", "a part per row"])
+def test_a_plan_is_written_whole_exactly_or_not_at_all_and_its_lease_goes(
+    pg_url: str, in_parts: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The plan's rows arrive as written (JSON, times, floats, NULLs, any
-    text); a session no longer to plan gets none of them; a plan the server
-    refuses leaves nothing behind, lease included, and the connection usable."""
+    text), also when they travel in several parts (a large plan's, past
+    PostgreSQL's size limit of one jsonb array); a session no longer to plan
+    gets none of them; a plan the server refuses leaves nothing behind,
+    lease included, and the connection usable."""
     import psycopg
     from sqlalchemy import text
 
     from scheduler.store import plans_pg
     from scheduler.store.db import statements
+
+    if in_parts:
+        monkeypatch.setattr(plans_pg, "PART_CHARACTERS", 1)
+        assert len(plans_pg._parts([{"a": 1}, {"b": 2}, {"c": 3}])) == 3
 
     with transaction(pg_url) as db:
         session = SchedulingSession(

@@ -16,6 +16,7 @@ SQLAlchemy on SQLite.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -78,32 +79,62 @@ def _names(columns: Sequence[str]) -> str:
     return ", ".join(f'"{column}"' for column in columns)
 
 
-# The session marked planned if it is still to plan; only then its jobs and
-# edges, each table's rows typed as its columns by jsonb_populate_recordset
-# (one statement per table, not one per row: a row's own statement cost the
-# server more than inserting it). The edges' foreign keys are checked at the
-# statement's end, when the jobs are there. The lease goes either way.
-_WRITE_PLAN = f"""
+# A plan's rows go to the server as JSON arrays, in parts well below the
+# 256 MB PostgreSQL allows a jsonb array.
+PART_CHARACTERS = 64 * 2**20
+
+
+@functools.cache
+def _write_plan(job_parts: int, edge_parts: int) -> str:
+    """The statement that writes a plan whose jobs and edges come in that
+    many parts (``jobs_0``, …, ``edges_0``, …): the session marked planned
+    if it is still to plan, and only then its jobs and edges, each table's
+    rows typed as its columns by jsonb_populate_recordset (one insert per
+    part, not one per row: a row's own statement cost the server more than
+    inserting it). The edges' foreign keys are checked at the statement's
+    end, when the jobs are there. The lease goes either way."""
+
+    def insert(table: str, columns: Sequence[str], parameter: str) -> str:
+        return f"""{parameter} AS (
+    INSERT INTO {table} ({_names(columns)})
+    SELECT {_names(columns)} FROM jsonb_populate_recordset(NULL::{table}, %({parameter})s)
+    WHERE EXISTS (SELECT FROM planned)
+)"""
+
+    inserts = [insert("jobs", JOB_COLUMNS, f"jobs_{n}") for n in range(job_parts)] + [
+        insert("job_dependencies", _EDGE_COLUMNS, f"edges_{n}") for n in range(edge_parts)
+    ]
+    return f"""
 WITH planned AS (
     UPDATE sessions SET status = %(status)s, headers = %(headers)s,
         added_params = %(added_params)s, trace = %(trace)s, urgent = %(urgent)s,
         planned_at = %(planned_at)s, finished_at = %(finished_at)s
     WHERE id = %(session_id)s AND (status = '{SessionStatus.PLANNING}') IS TRUE
     RETURNING id
-), new_jobs AS (
-    INSERT INTO jobs ({_names(JOB_COLUMNS)})
-    SELECT {_names(JOB_COLUMNS)} FROM jsonb_populate_recordset(NULL::jobs, %(jobs)s)
-    WHERE EXISTS (SELECT FROM planned)
-), new_edges AS (
-    INSERT INTO job_dependencies ({_names(_EDGE_COLUMNS)})
-    SELECT {_names(_EDGE_COLUMNS)}
-    FROM jsonb_populate_recordset(NULL::job_dependencies, %(edges)s)
-    WHERE EXISTS (SELECT FROM planned)
-), dropped AS (
+), {", ".join(inserts)}, dropped AS (
     DELETE FROM leases WHERE name = %(name)s AND holder = %(holder)s
 )
 SELECT count(*) FROM planned
 """
+
+
+def _parts(rows: Sequence[dict[str, Any]]) -> list[Jsonb]:
+    """``rows`` as JSON arrays of at most :data:`PART_CHARACTERS` each (a
+    larger row alone), at least one (``[]`` for none)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for row in rows:
+        text = _dumps(row)  # ASCII: one byte per character
+        if parts[-1] and size + len(text) > PART_CHARACTERS:
+            parts.append([])
+            size = 0
+        parts[-1].append(text)
+        size += len(text) + 1
+    return [Jsonb(f"[{','.join(part)}]", dumps=_verbatim) for part in parts]
+
+
+def _verbatim(text: str) -> str:
+    return text
 
 
 def take_and_read(
@@ -155,18 +186,20 @@ def write_plan(
     drop the lease, in one statement and one round trip; False, with only
     the lease dropped, when the session was no longer to plan. ``db`` is in
     autocommit: the statement is its own transaction."""
+    job_parts, edge_parts = _parts(jobs), _parts(edges)
     values = session | {
         "headers": Jsonb(session["headers"]),
         "added_params": Jsonb(session["added_params"]),
         "trace": Jsonb(session["trace"]),
-        "jobs": Jsonb(list(jobs), dumps=_dumps),
-        "edges": Jsonb(list(edges), dumps=_dumps),
         "name": lease["name"],
         "holder": lease["holder"],
     }
+    values |= {f"jobs_{n}": part for n, part in enumerate(job_parts)}
+    values |= {f"edges_{n}": part for n, part in enumerate(edge_parts)}
+    statement = _write_plan(len(job_parts), len(edge_parts))
     with pipelines.driver(db).cursor() as mode, pipelines.driver(db).cursor() as write:
         with pipelines.pipeline(db), pipelines.planned_once(db, mode):
-            write.execute(_WRITE_PLAN, values, prepare=True)
+            write.execute(statement, values, prepare=True)
         (planned,) = write.fetchone()
     return bool(planned)
 
