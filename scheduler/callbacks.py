@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scheduler.jsonsafe import unstorable
 from scheduler.lifeline import guard, kill_tree
 
 _LENGTH = struct.Struct("!I")
@@ -73,9 +74,14 @@ def interpret_return(value: Any) -> CallbackOutcome:
                 "the second item must be a dict of parameters",
             )
         try:
-            json.dumps(params)
+            json.dumps(params, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return CallbackOutcome(False, f"callback returned parameters that are not JSON: {exc}")
+        flaw = unstorable(params)
+        if flaw:
+            return CallbackOutcome(
+                False, f"callback returned parameters the store cannot keep: {flaw}"
+            )
         verb = "returned" if decision else "declined with"
         return CallbackOutcome(decision, f"callback {verb} ({decision}, params)", params or {})
     shown = repr(value)

@@ -130,6 +130,25 @@ def test_callback_returning_garbage_is_not_scheduled(define: Define, services_ro
     assert "returned 'yes please'; expected True, False or (bool, dict)" in reason(result, "odd")
 
 
+def test_callback_parameters_no_store_keeps_leave_only_that_job_unscheduled(
+    define: Define, services_root: Path
+) -> None:
+    # PostgreSQL refused the whole plan (NaN, NUL, a lone surrogate) and the
+    # session stayed planning; SQLite kept it: now no store gets them.
+    define(
+        [
+            job(kind, registryEntry="dcm_testjobs:unkeepable", params={"kind": kind})
+            for kind in ("nan", "nul", "surrogate")
+        ]
+        + [job("fine")]
+    )
+    result = make_plan(services_root)
+    assert result.job_names == ["fine"]
+    assert "not JSON: Out of range float values" in reason(result, "nan")
+    assert "the store cannot keep: a string holds a NUL character" in reason(result, "nul")
+    assert "not valid Unicode (a lone surrogate)" in reason(result, "surrogate")
+
+
 def test_dependency_on_an_unscheduled_job_cascades(define: Define, services_root: Path) -> None:
     define(
         [

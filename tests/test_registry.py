@@ -420,6 +420,24 @@ def test_a_key_written_twice_in_one_object_is_reported(tmp_path: Path) -> None:
     assert "key 'timeout' appears twice" in only_problem(load(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("NaN", "NaN is not a JSON value"),
+        ("-Infinity", "-Infinity is not a JSON value"),
+        ('"a\\u0000b"', "a string holds a NUL character"),
+        ('"\\ud800"', "not valid Unicode (a lone surrogate)"),
+    ],
+)
+def test_a_definition_with_values_no_store_keeps_is_reported(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    text = f'[{{"jobName": "a", "workerEntry": "m:worker", "params": {{"x": {value}}}}}]'
+    service(tmp_path, "svc", text, {"m.py": CODE})
+
+    assert said in only_problem(load(tmp_path))
+
+
 def test_duplicate_job_name_breaks_the_later_service_and_names_both_files(
     tmp_path: Path,
 ) -> None:

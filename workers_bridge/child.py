@@ -26,7 +26,7 @@ from typing import Any
 
 def scheduler_module(name: str) -> Any:
     """``scheduler.<name>``, one of its standard-library-only modules
-    (``entries``, ``lifeline``): imported as usual in the worker's own
+    (``entries``, ``lifeline``, ``jsonsafe``): imported as usual in the worker's own
     interpreter, loaded from its file under a service's interpreter, which
     does not have the scheduler installed."""
     if __package__:
@@ -41,6 +41,10 @@ def scheduler_module(name: str) -> Any:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# Loaded with this module, so the fork server has it before it forks.
+jsonsafe = scheduler_module("jsonsafe")
 
 
 def service_modules(entry: str, roots: list[str] | None = None) -> list[str]:
@@ -110,7 +114,7 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             f"({type(value).__name__}): {exc}",
             "traceback": "",
         }
-    flaw = unstorable(value)
+    flaw = jsonsafe.unstorable(value)
     if flaw:
         return {
             "ok": False,
@@ -118,28 +122,6 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             "traceback": "",
         }
     return {"ok": True, "result": value}
-
-
-def unstorable(value: Any) -> str | None:
-    """What in a JSON value the store cannot keep, or None: a NUL character
-    or half of a surrogate pair (not Unicode) in a string. PostgreSQL refuses
-    both; the value is refused on every store, so a service behaves alike."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            pending.extend(item)
-        elif isinstance(item, str):
-            if "\x00" in item:
-                return f"a string holds a NUL character (\\x00): {item[:40]!r}"
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"a string is not valid Unicode (a lone surrogate): {item[:40]!r}"
-    return None
 
 
 def write_response(path: str, response: dict[str, Any]) -> None:

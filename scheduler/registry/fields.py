@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.config import ConfigError, parse_duration
+from scheduler.jsonsafe import unstorable
 from scheduler.registry.definitions import (
     CHANNEL,
     DEFAULT_PRIORITY,
@@ -56,10 +57,20 @@ def read_json(path: Path, draft: Draft) -> Any:
             result[key] = value
         return result
 
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
     try:
-        data = json.loads(text, object_pairs_hook=pairs)
+        data = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except json.JSONDecodeError as exc:
         draft.report(None, None, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+        return None
+    except ValueError as exc:  # NaN, Infinity: Python reads them, no JSON has them
+        draft.report(None, None, f"invalid JSON: {exc}")
+        return None
+    flaw = unstorable(data)
+    if flaw:
+        draft.report(None, None, f"the store cannot keep this file's values: {flaw}")
         return None
     for key in duplicates:
         # json keeps the last value silently; the first one was surely meant too.
