@@ -313,6 +313,30 @@ def test_a_plan_is_written_whole_exactly_or_not_at_all_and_its_lease_goes(
         assert db.get(SchedulingSession, session.id).status == "running"  # type: ignore[union-attr]
 
 
+def test_a_connection_lost_under_a_per_job_statement_leaves_the_pool_quietly(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A statement sent through psycopg itself on a connection the server
+    dropped (a restart, pg_terminate_backend) raises; the pool takes the
+    connection out without an error of its own, and the next block works."""
+    import logging
+
+    import psycopg
+
+    from scheduler.store import pipelines
+    from scheduler.store.db import statements
+
+    admin = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=True)
+    with admin, caplog.at_level(logging.WARNING):
+        with pytest.raises(psycopg.OperationalError), statements(pg_url, each_alone=True) as db:
+            driver = pipelines.driver(db)
+            admin.execute("SELECT pg_terminate_backend(%s)", (driver.info.backend_pid,))
+            driver.execute("SELECT 1")
+        with statements(pg_url, each_alone=True) as db:
+            assert pipelines.driver(db).execute("SELECT 1").fetchone() == (1,)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy")] == []
+
+
 def test_a_success_refused_by_the_server_leaves_its_connection_idle_as_it_found_it(
     pg_url: str,
 ) -> None:

@@ -169,10 +169,26 @@ def statements(url: str | None = None, *, each_alone: bool = False) -> Iterator[
         _per_job.active = False
     if each_alone and engine.dialect.name == "postgresql":
         with connection:
-            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield connection.execution_options(isolation_level="AUTOCOMMIT")
+            except BaseException:
+                _drop_if_lost(connection)
+                raise
         return
     with connection, connection.begin():
         yield connection
+
+
+def _drop_if_lost(connection: Connection) -> None:
+    """Take a connection the server dropped out of the pool before it goes
+    back. SQLAlchemy does so itself when its own statement fails, but not
+    when one sent through psycopg directly did (:mod:`.jobs_pg`): the pool's
+    reset of a lost connection then logged an error with a traceback at
+    every database restart, for nothing."""
+    if connection.invalidated:
+        return  # SQLAlchemy saw it: its own statement failed
+    if getattr(connection.connection.driver_connection, "broken", False):
+        connection.invalidate()
 
 
 def bound(name: str, column: Any) -> Any:
