@@ -77,6 +77,8 @@ def interpret_return(value: Any) -> CallbackOutcome:
             json.dumps(params, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return CallbackOutcome(False, f"callback returned parameters that are not JSON: {exc}")
+        except RecursionError:
+            return CallbackOutcome(False, "callback returned parameters nested too deep for JSON")
         flaw = unstorable(params)
         if flaw:
             return CallbackOutcome(

@@ -9,6 +9,7 @@ disk (:func:`read_header`), from pydicom datasets or from plain dicts of tags
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ def json_value(value: Any) -> Any:
     if isinstance(value, bool | int):
         return value
     if isinstance(value, float):
-        return value if value == value else None  # NaN is not JSON
+        return value if math.isfinite(value) else None  # JSON has no NaN or infinity
     if isinstance(value, bytes):
         return None
     if isinstance(value, PersonName):

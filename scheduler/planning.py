@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.callbacks import CallbackOutcome, run_in_host
+from scheduler.jsonsafe import escaped
 from scheduler.registry.definitions import JobDefinition
 from scheduler.rules import Condition, evaluate, series_records
 from scheduler.vocabulary import Phase
@@ -277,11 +278,13 @@ def make_callback_runner(timeout: float, version: str = "") -> CallbackRunner:
             "kwargs": kwargs,
         }
         decision = run_in_host(request, encoded[0][1], timeout, version)
+        # What the callback raised or returned may hold text no store keeps.
+        shown = decision.get("traceback")
         return CallbackOutcome(
             bool(decision.get("scheduled")),
-            str(decision.get("reason", "")),
+            escaped(str(decision.get("reason", ""))),
             decision.get("params"),
-            decision.get("traceback"),
+            None if shown is None else escaped(str(shown)),
         )
 
     return run

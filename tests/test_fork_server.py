@@ -97,6 +97,23 @@ def test_what_a_service_made_at_import_stays_visible_to_and_freed_by_its_collect
     assert outcome.result == {"seen": 1, "collected": True}
 
 
+DEEP = """
+def work(*args, **kwargs):
+    value = []
+    for _ in range(100_000):
+        value = [value]
+    return value
+"""
+
+
+def test_a_result_nested_too_deep_for_json_fails_its_attempt_with_that_reason(
+    tmp_path: Path,
+) -> None:
+    outcome = execute(service(tmp_path, DEEP), timeout=30)
+    assert not outcome.ok
+    assert outcome.error == "worker returned a value nested too deep for JSON"
+
+
 def test_a_service_edited_between_attempts_runs_its_new_code_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -172,6 +172,26 @@ def test_pydicom_datasets_are_recorded_with_main_tags(store_url: str) -> None:
         json.dumps(instance.tags)  # JSON-safe values only
 
 
+def test_numbers_json_has_not_are_left_out_and_the_instance_recorded(store_url: str) -> None:
+    # PostgreSQL refused the whole batch for an infinite SliceThickness.
+    import warnings
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the odd values, and keeps them
+        dataset.SliceThickness = "inf"
+        dataset.SpacingBetweenSlices = "-inf"
+        dataset.PixelSpacing = ["nan", "0.5"]
+    with transaction(store_url) as db:
+        assert record_instances(db, [dataset]).recorded == 1
+    with transaction(store_url) as db:
+        instance = db.scalar(select(Instance))
+        assert instance is not None
+        tags = {**instance.series.tags, **instance.tags}
+        assert "SliceThickness" not in tags and "SpacingBetweenSlices" not in tags
+        json.dumps(tags, allow_nan=False)
+
+
 def test_cli_ingest_prints_counts_and_reasons(env: object, tmp_path: Path) -> None:
     tmp_path = tmp_path / "incoming"
     tmp_path.mkdir()

@@ -133,20 +133,30 @@ def test_callback_returning_garbage_is_not_scheduled(define: Define, services_ro
 def test_callback_parameters_no_store_keeps_leave_only_that_job_unscheduled(
     define: Define, services_root: Path
 ) -> None:
-    # PostgreSQL refused the whole plan (NaN, NUL, a lone surrogate) and the
-    # session stayed planning; SQLite kept it: now no store gets them.
+    # PostgreSQL refused the whole plan (NaN, infinity, NUL, a lone surrogate,
+    # also in what a callback raised or returned as garbage) and the session
+    # stayed planning; SQLite kept it: now no store gets them.
+    from scheduler.jsonsafe import unstorable
+
+    kinds = ("nan", "inf", "nul", "surrogate", "deep", "raise-nul", "raise-surrogate", "shown")
     define(
         [
             job(kind, registryEntry="dcm_testjobs:unkeepable", params={"kind": kind})
-            for kind in ("nan", "nul", "surrogate")
+            for kind in kinds
         ]
         + [job("fine")]
     )
     result = make_plan(services_root)
     assert result.job_names == ["fine"]
     assert "not JSON: Out of range float values" in reason(result, "nan")
+    assert "not JSON: Out of range float values" in reason(result, "inf")
     assert "the store cannot keep: a string holds a NUL character" in reason(result, "nul")
     assert "not valid Unicode (a lone surrogate)" in reason(result, "surrogate")
+    assert "nested too deep for JSON" in reason(result, "deep")
+    assert "callback raised ValueError: bad a\\x00b value" in reason(result, "raise-nul")
+    assert "bad \\ud800 value" in reason(result, "raise-surrogate")
+    assert "odd\\x00repr" in reason(result, "shown")
+    assert unstorable(result.trace) is None  # reasons and tracebacks as the store keeps them
 
 
 def test_dependency_on_an_unscheduled_job_cascades(define: Define, services_root: Path) -> None:

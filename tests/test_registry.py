@@ -425,6 +425,7 @@ def test_a_key_written_twice_in_one_object_is_reported(tmp_path: Path) -> None:
     [
         ("NaN", "NaN is not a JSON value"),
         ("-Infinity", "-Infinity is not a JSON value"),
+        ("1e999", "a number is not finite (inf)"),
         ('"a\\u0000b"', "a string holds a NUL character"),
         ('"\\ud800"', "not valid Unicode (a lone surrogate)"),
     ],

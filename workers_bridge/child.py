@@ -114,6 +114,12 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             f"({type(value).__name__}): {exc}",
             "traceback": "",
         }
+    except RecursionError:
+        return {
+            "ok": False,
+            "error": "worker returned a value nested too deep for JSON",
+            "traceback": "",
+        }
     flaw = jsonsafe.unstorable(value)
     if flaw:
         return {

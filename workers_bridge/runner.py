@@ -27,6 +27,7 @@ from scheduler import jobstate
 from scheduler.config import get_settings
 from scheduler.emission import session_dir
 from scheduler.jobstate import Claimed, ClaimedBy, Ending
+from scheduler.jsonsafe import escaped
 from scheduler.presence import record_presence
 from scheduler.store.db import retrying, statements, transaction
 from scheduler.store.models import Worker, utcnow
@@ -211,15 +212,6 @@ def ran_in(taken: Attempt, outcome: AttemptOutcome) -> dict[str, str]:
     return where
 
 
-def storable(error: str | None) -> str | None:
-    """An error as text the store keeps: what service code raised or printed
-    may hold NUL characters or lone surrogates, which PostgreSQL refuses (the
-    ending would fail, and the attempt be taken for lost)."""
-    if error is None:
-        return None
-    return error.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 @dataclass
 class Split:
     """Where one job's time went, in seconds (``bench/overhead.py`` reports it)."""
@@ -269,7 +261,7 @@ def _run(taken: Attempt, split: Split, claimed: float) -> str:
     ending = Ending(
         ok=outcome.ok,
         result=outcome.result,
-        error=storable(outcome.error),
+        error=None if outcome.error is None else escaped(outcome.error),
         timed_out=outcome.timed_out,
         lost=outcome.killed,
         ran_in=ran_in(taken, outcome),
