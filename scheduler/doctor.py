@@ -171,7 +171,8 @@ def check_paused(settings: Settings) -> Check | None:
 
 def check_lifeline() -> Check | None:
     """A warning where processes cannot be tied to their parent (no
-    ``prctl``: not Linux, or a C library without it); None where they are.
+    ``prctl``: not Linux, a C library without it, or a sandbox refusing it);
+    None where they are.
     There a worker killed with SIGKILL leaves its attempts and callbacks
     running (README, "Failure modes")."""
     from scheduler import lifeline

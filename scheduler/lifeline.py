@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
 PR_SET_CHILD_SUBREAPER = 36
 # How often a guarded process checks that its parent is still there.
 WATCH_EVERY = 0.5
@@ -147,5 +148,9 @@ def exit_description(code: int) -> str:
 
 
 def supported() -> bool:
-    """Whether parent-death signals work here (Linux)."""
-    return _libc is not None and hasattr(_libc, "prctl")
+    """Whether parent-death signals work here: Linux, and ``prctl`` not
+    refused (a sandbox's system-call filter may refuse it)."""
+    if _libc is None or not hasattr(_libc, "prctl"):
+        return False
+    current = ctypes.c_int(0)
+    return bool(_libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(current), 0, 0, 0) == 0)

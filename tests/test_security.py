@@ -163,11 +163,17 @@ def test_doctor_warns_where_processes_cannot_die_with_their_parent(
     renew_beat_lease()
     names = [c["name"] for c in json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).stdout)]
     assert "processes" not in names  # Linux: parent-death signals work
-    monkeypatch.setattr(lifeline, "_libc", None)  # a C library without prctl
-    result = CliRunner().invoke(cli, ["doctor", "--json"])
-    processes = {c["name"]: c for c in json.loads(result.stdout)}["processes"]
-    assert processes["status"] == "warning" and "SIGKILL" in processes["detail"]
-    assert result.exit_code == 0  # a warning, not a problem
+
+    class Refusing:  # a system-call filter that refuses prctl
+        def prctl(self, *args: object) -> int:
+            return -1
+
+    for libc in (None, Refusing()):  # a C library without prctl; prctl refused
+        monkeypatch.setattr(lifeline, "_libc", libc)
+        result = CliRunner().invoke(cli, ["doctor", "--json"])
+        processes = {c["name"]: c for c in json.loads(result.stdout)}["processes"]
+        assert processes["status"] == "warning" and "SIGKILL" in processes["detail"]
+        assert result.exit_code == 0  # a warning, not a problem
 
 
 def test_doctor_reports_a_beat_that_stopped(live: Settings, define: Define) -> None:
