@@ -114,6 +114,30 @@ def test_a_result_nested_too_deep_for_json_fails_its_attempt_with_that_reason(
     assert outcome.error == "worker returned a value nested too deep for JSON"
 
 
+def test_a_service_python_older_than_supported_fails_each_attempt_saying_so(
+    tmp_path: Path,
+) -> None:
+    import stat
+    import sys
+
+    # This interpreter, reporting itself as 3.8.18 to the fork server it runs.
+    old = tmp_path / "python3.8"
+    pretend = (
+        "import runpy, sys; sys.version_info = (3, 8, 18, 'final', 0); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    old.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{pretend}" "$@"\n')
+    old.chmod(old.stat().st_mode | stat.S_IEXEC)
+    request = service(tmp_path / "code", COUNTING)
+    for _ in range(2):  # also once its first fork server has gone
+        outcome = execute(request, timeout=30, python=str(old))
+        assert not outcome.ok
+        assert outcome.error == (
+            f"the job's python ({sys.executable}) is Python 3.8.18; "
+            "a service's interpreter must be Python 3.9 or newer"
+        )
+
+
 def test_a_service_edited_between_attempts_runs_its_new_code_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

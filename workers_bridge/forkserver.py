@@ -218,7 +218,10 @@ def _piped_response(responses: int) -> bytes | None:
     os.set_blocking(responses, False)
     data = b""
     with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(responses, 65536):
+        while True:  # no assignment expression: the file parses on Python 3.7
+            chunk = os.read(responses, 65536)
+            if not chunk:
+                break
             data += chunk
     os.close(responses)
     if not data:
@@ -344,11 +347,33 @@ def serve(parent: int) -> int:
             standby = Standby(preloaded, replies.fileno())
 
 
+# The oldest Python a service's own interpreter may be (README, "Services").
+OLDEST = (3, 9)
+
+
+def refuse_old_python() -> int:
+    """Answer the first request with why no attempt runs here: this
+    interpreter is older than :data:`OLDEST`."""
+    sys.stdin.buffer.readline()
+    sys.stdin.buffer.readline()
+    version = ".".join(str(part) for part in sys.version_info[:3])
+    error = (
+        f"the job's python ({sys.executable}) is Python {version}; "
+        f"a service's interpreter must be Python {OLDEST[0]}.{OLDEST[1]} or newer"
+    )
+    ended = {"code": 1, "peak_kib": 0, "response": {"ok": False, "error": error, "traceback": ""}}
+    sys.stdout.write(json.dumps(ended) + "\n")
+    sys.stdout.flush()
+    return 1
+
+
 def main(argv: list[str]) -> int:
     here = str(Path(__file__).resolve().parent)
     # Run as a script, this folder heads sys.path: service imports must not see it.
     if sys.path and os.path.abspath(sys.path[0] or ".") == here:
         del sys.path[0]
+    if sys.version_info < OLDEST:
+        return refuse_old_python()
     return serve(int(argv[1]))
 
 

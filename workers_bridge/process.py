@@ -254,6 +254,8 @@ def execute(
         try:
             server.send(request)
             ended = _wait(server, timeout, heartbeat, heartbeat_interval)
+            if server.forked_at is None:
+                server.broken = True  # it answered without forking: it is ending
         except ServerGone as gone:
             server.broken = True
             ended = Ended(gone.code, "exited")
@@ -268,7 +270,7 @@ def execute(
             outcome = _killed(ended, ooms, server.output_path)
         else:
             outcome = _outcome(ended, timeout, server.response_path, server.output_path)
-            if server.forked_at is None and not outcome.ok:
+            if server.forked_at is None and not outcome.ok and ended.response is None:
                 outcome.error = _before_fork(ended, timeout)
         outcome.forked_at, outcome.interpreter = server.forked_at, server.interpreter
         return outcome
