@@ -1015,6 +1015,45 @@ def test_content_hash_follows_the_definition_and_the_code(tmp_path: Path) -> Non
     assert len({first, second, third}) == 3
 
 
+def test_code_stamp_covers_the_files_the_code_hash_reads_and_moves_with_them(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from scheduler.registry import code
+
+    folder = tmp_path / "svc"
+    write(folder / "top.py", "A = 1\n")
+    write(folder / "pkg" / "deep" / "mod.py", "B = 1\n")
+    write(folder / "pkg" / "notes.txt", "not code\n")
+    for skipped in (".git", "__pycache__", "node_modules", "site-packages"):
+        write(folder / skipped / "hidden.py", "C = 1\n")
+    write(folder / "venv" / "pyvenv.cfg", "home = /usr\n")
+    write(folder / "venv" / "lib" / "installed.py", "D = 1\n")
+    os.symlink(folder / "pkg", folder / "linked")
+    single = write(tmp_path / "alone.py", "E = 1\n")
+    locations = [folder, single, tmp_path / "missing"]
+
+    hashed = {
+        str(path)
+        for location in locations
+        if location.exists()
+        for _relative, path in code._code_files(location, "")
+    }
+    first = code.code_stamp(locations)
+    assert {entry[0] for entry in first} == hashed
+    assert hashed == {str(folder / "top.py"), str(folder / "pkg" / "deep" / "mod.py"), str(single)}
+    assert code.code_stamp(locations) == first
+
+    write(folder / "pkg" / "deep" / "mod.py", "B = 22\n")
+    second = code.code_stamp(locations)
+    write(folder / "pkg" / "new.py", "F = 1\n")
+    third = code.code_stamp(locations)
+    write(folder / "venv" / "lib" / "installed.py", "D = 2222\n")
+    assert len({first, second, third}) == 3
+    assert code.code_stamp(locations) == third
+
+
 def test_sync_services_writes_enabled_broken_and_vanished_rows(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     init_db(url)

@@ -77,14 +77,47 @@ def hash(draft: Draft) -> None:
 
 
 def code_stamp(locations: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
-    """Modification times and sizes of the *.py files under ``locations``:
-    cheap to take, and it changes when the code does."""
-    stamp = []
+    """Modification times and sizes of the *.py files under ``locations``
+    (the files :func:`_code_files` finds): cheap to take, and it changes
+    when the code does. Taken before every plan, so it walks the folders
+    with ``os.scandir`` and builds no path objects (a service holding a
+    vendored package has hundreds of files)."""
+    stamp: list[tuple[str, int, int]] = []
     for location in locations:
-        for _relative, path in _code_files(location, ""):
-            try:
-                status = path.stat()
-            except OSError:
-                continue
-            stamp.append((str(path), status.st_mtime_ns, status.st_size))
+        place = os.fspath(location)
+        if os.path.isfile(place):
+            _stamp_file(place, stamp)
+        elif os.path.isdir(place):
+            _stamp_folder(place, stamp)
     return tuple(stamp)
+
+
+def _stamp_file(path: str, stamp: list[tuple[str, int, int]]) -> None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return
+    stamp.append((path, status.st_mtime_ns, status.st_size))
+
+
+def _stamp_folder(folder: str, stamp: list[tuple[str, int, int]]) -> None:
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            if entry.name.endswith(".py"):
+                _stamp_file(entry.path, stamp)
+        elif (
+            not entry.name.startswith(".")
+            and entry.name not in SKIPPED_DIRS
+            and not entry.is_symlink()  # as os.walk: a linked folder is not walked
+            and not os.path.exists(os.path.join(entry.path, "pyvenv.cfg"))
+        ):
+            _stamp_folder(entry.path, stamp)
