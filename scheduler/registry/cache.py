@@ -10,6 +10,7 @@ the services on disk (README, "Failure modes").
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -27,18 +28,24 @@ _registry_cache: dict[str, Any] = {}
 
 
 def _definition_stamp(settings: Settings) -> tuple[Any, ...]:
-    """Modification times of everything that defines services."""
-    stamp: list[Any] = []
-    files = [settings.settings_file] if settings.settings_file else []
+    """Modification times of everything that defines services (taken
+    before every plan: plain strings and ``os`` calls, no path objects)."""
+    files = [os.fspath(settings.settings_file)] if settings.settings_file else []
     for root in settings.services_path:
-        if not root.is_dir():
+        try:
+            with os.scandir(root) as listing:
+                children = sorted(entry.path for entry in listing)
+        except OSError:
             continue
-        files.append(root / "dcm-processor.json")
-        for child in sorted(root.iterdir()):
-            files.extend([child / "dcm-processor.json", child / "settings.json"])
+        files.append(os.path.join(root, "dcm-processor.json"))
+        for child in children:
+            files.extend(
+                [os.path.join(child, "dcm-processor.json"), os.path.join(child, "settings.json")]
+            )
+    stamp: list[Any] = []
     for path in files:
         try:
-            stamp.append((str(path), path.stat().st_mtime_ns))
+            stamp.append((path, os.stat(path).st_mtime_ns))
         except OSError:
             continue
     return (settings.services_path, settings.settings_file, tuple(settings.default_events), *stamp)
