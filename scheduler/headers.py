@@ -10,6 +10,7 @@ tags, and are always present. The legacy dcm-processor keys ``id``,
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,6 +32,12 @@ def _filter(tags: dict[str, Any], fields: frozenset[str] | None) -> dict[str, An
     if fields is None:
         return dict(tags)
     return {k: v for k, v in tags.items() if k in fields or k in STRUCTURAL}
+
+
+def _decoded(tags: Any) -> Any:
+    """Stored tags: as read, or decoded from the JSON text a reader left
+    them in (:func:`scheduler.store.plans_pg.take_and_read`)."""
+    return json.loads(tags) if isinstance(tags, str) else tags
 
 
 def _number(value: Any) -> int:
@@ -149,7 +156,7 @@ def build_headers(
         rows = db.execute(query, {"uid": uid, "up_to": up_to}).all()
     if not rows:
         raise UnknownCandidateError(f"no {level} {uid!r} in the store")
-    patient_id, patient_stored = rows[0][0], rows[0][1]
+    patient_id, patient_stored = rows[0][0], _decoded(rows[0][1])
     studies: dict[int, dict[str, Any]] = {}
     series: dict[int, dict[str, Any]] = {}
     sort_keys: dict[int, tuple[str, int, str]] = {}
@@ -169,12 +176,13 @@ def build_headers(
     ) in rows:
         if study_pk not in studies:
             studies[study_pk] = {
-                **_filter(study_tags, allowed),
+                **_filter(_decoded(study_tags), allowed),
                 "StudyInstanceUID": study_uid,
                 "instance_count": 0,
                 "series": [],
             }
         if series_pk not in series:
+            series_tags = _decoded(series_tags)
             # Sorted on the stored tags: the order must not depend on the filter.
             sort_keys[series_pk] = (
                 study_uid,
@@ -191,6 +199,7 @@ def build_headers(
             studies[study_pk]["series"].append(series_uid)
         studies[study_pk]["instance_count"] += 1
         series[series_pk]["instance_count"] += 1
+        instance_tags = _decoded(instance_tags)
         instance_keys[sop_uid] = (_number(instance_tags.get("InstanceNumber")), location)
         series[series_pk]["instances"].append(
             {

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
+from psycopg.types.string import TextLoader
 from sqlalchemy import Connection
 
 from scheduler.store import pipelines
@@ -151,7 +152,9 @@ def take_and_read(
     parameters but ``session_id``), in one round trip. ``db`` is in
     autocommit: they run as one implicit transaction, which has committed
     the lease on return. The headers' statement joins tables that grow, so
-    it is planned at each execution for them as they are."""
+    it is planned at each execution for them as they are. The rows' tags
+    come back as JSON text: each row repeats its series', study's and
+    patient's, which :func:`scheduler.headers.build_headers` decodes once."""
     driver = pipelines.driver(db)
     statement, parameters = headers
     with (
@@ -161,6 +164,7 @@ def take_and_read(
         driver.cursor() as live,
         driver.cursor() as rows,
     ):
+        rows.adapters.register_loader("jsonb", TextLoader)
         with pipelines.pipeline(db):
             with pipelines.planned_once(db, mode):
                 take.execute(_TAKE, lease, prepare=True)
