@@ -18,14 +18,6 @@ document (JSON, encoded once per plan). The answer is one frame: the
 decision as ``{"scheduled", "reason", "params", "traceback"}``. A host also
 imports entries to check them when the registry is loaded (a request
 ``{"check": …}``, see :func:`check_imports`).
-
-A whole decision can run in the host ahead of the planner (:class:`Ahead`):
-a request ``{"ahead": stream}`` whose third frame is a pickled callable that
-makes the same calls the planner is about to ask for. The host streams each
-decision as it is made, ``{"stream", "job", "decision", "seconds"}``, then
-``{"stream", "end": true}``; the planner answers its own calls from that stream, one
-round trip per plan instead of one per callback, and still enforces each
-callback's time limit.
 """
 
 from __future__ import annotations
@@ -33,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import select
 import signal
 import socket
@@ -43,7 +34,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +59,6 @@ class CallbackOutcome:
     reason: str
     params: dict[str, Any] | None = None
     traceback: str | None = None
-    # How long the callback ran, measured where it ran (None: not known).
-    seconds: float | None = None
 
 
 def interpret_return(value: Any) -> CallbackOutcome:
@@ -205,27 +193,6 @@ class CallbackHost:
         decision: dict[str, Any] = json.loads(answer)
         return decision
 
-    def send_ahead(self, stream: str, target: bytes, headers: bytes) -> None:
-        """Start a decision ahead of the planner (:class:`Ahead`)."""
-        try:
-            _send(self.sock, json.dumps({"ahead": stream}).encode(), headers, target)
-        except OSError as exc:
-            self.kill()
-            raise HostError(f"the callback's process died ({self._ending()})") from exc
-
-    def next_frame(self, timeout: float) -> dict[str, Any]:
-        """The next frame the host streams, within ``timeout`` seconds."""
-        try:
-            self._wait_readable(timeout)
-            frame: dict[str, Any] = json.loads(_receive(self.sock))
-        except TimeoutError:
-            self.kill()
-            raise
-        except (EOFError, OSError) as exc:
-            self.kill()
-            raise HostError(f"the callback's process died ({self._ending()})") from exc
-        return frame
-
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -275,19 +242,6 @@ class Hosts:
 hosts = Hosts()
 
 
-def _timed_out(timeout: float) -> dict[str, Any]:
-    return {
-        "scheduled": False,
-        "reason": f"callback exceeded its time limit of {timeout:g}s and was stopped: "
-        "not scheduled",
-    }
-
-
-def _failed(started: float, error: HostError) -> dict[str, Any]:
-    elapsed = time.monotonic() - started
-    return {"scheduled": False, "reason": f"callback failed after {elapsed:.1f}s: {error}"}
-
-
 def run_in_host(
     request: dict[str, Any], headers: bytes, timeout: float, version: str
 ) -> dict[str, Any]:
@@ -301,93 +255,15 @@ def run_in_host(
         return host.call(request, headers, timeout)
     except TimeoutError:
         hosts.discard()
-        return _timed_out(timeout)
+        return {
+            "scheduled": False,
+            "reason": f"callback exceeded its time limit of {timeout:g}s and was stopped: "
+            "not scheduled",
+        }
     except HostError as exc:
         hosts.discard()
-        return _failed(started, exc)
-
-
-class Ahead:
-    """The callbacks of one decision, run by this thread's host ahead of
-    the planner.
-
-    ``target`` is a picklable callable the host calls with the headers
-    document and a ``call(request, headers)`` of its own; it must make the
-    calls the planner's decision makes, in the same order (the same
-    decision, run on the same inputs). The host sends each decision back as
-    soon as it is made, so the planner waits for one round trip per plan,
-    not one per callback. :meth:`call` answers the planner's next call from
-    that stream, each within ``timeout`` seconds as :func:`run_in_host`
-    would. When the stream breaks (a time limit, the host died, a call the
-    host did not make, a target that cannot cross) the host is discarded
-    and the remaining calls run one at a time with :func:`run_in_host`.
-    :meth:`close` after the planner's decision; :meth:`abandon` when it
-    did not finish.
-    """
-
-    def __init__(self, target: Any, timeout: float, version: str) -> None:
-        self._target = target
-        self._timeout = timeout
-        self._version = version
-        self._started = False
-        self._host: CallbackHost | None = None  # while its stream is open
-        # Frames of another plan's stream (one the planner gave up) never pass.
-        self._stream = os.urandom(8).hex()
-
-    def _start(self, headers: bytes) -> None:
-        self._started = True
-        try:
-            target = pickle.dumps(self._target)
-            host = hosts.get(self._version)
-            host.send_ahead(self._stream, target, headers)
-        except HostError:
-            hosts.discard()  # the calls one at a time say why
-            return
-        except Exception:  # noqa: BLE001 - a target that does not pickle: one at a time
-            return
-        self._host = host
-
-    def call(self, request: dict[str, Any], headers: bytes) -> dict[str, Any]:
-        if not self._started:
-            self._start(headers)
-        if self._host is None:
-            return run_in_host(request, headers, self._timeout, self._version)
-        started = time.monotonic()
-        try:
-            frame = self._host.next_frame(self._timeout)
-        except TimeoutError:
-            self._host = None
-            hosts.discard()
-            return _timed_out(self._timeout)
-        except HostError as exc:
-            self._host = None
-            hosts.discard()
-            return _failed(started, exc)
-        if frame.get("stream") != self._stream or frame.get("job") != request["job_name"]:
-            self.abandon()
-            return run_in_host(request, headers, self._timeout, self._version)
-        decision: dict[str, Any] = frame["decision"]
-        decision["seconds"] = frame.get("seconds")
-        return decision
-
-    def close(self) -> None:
-        """The planner's decision ended: so must the host's."""
-        host, self._host = self._host, None
-        if host is None:
-            return
-        try:
-            frame = host.next_frame(self._timeout)
-        except (TimeoutError, HostError):
-            hosts.discard()
-            return
-        if frame.get("stream") != self._stream or frame.get("end") is not True:
-            hosts.discard()  # out of step: never reuse its stream
-
-    def abandon(self) -> None:
-        """Stop following the host: it is discarded, with what it still runs."""
-        if self._host is not None:
-            self._host = None
-            hosts.discard()
+        elapsed = time.monotonic() - started
+        return {"scheduled": False, "reason": f"callback failed after {elapsed:.1f}s: {exc}"}
 
 
 # --------------------------------------------------------------------------
@@ -430,51 +306,6 @@ def call(request: dict[str, Any], headers: Any, cache: dict[Any, Any]) -> dict[s
     }
 
 
-def _answer(decision: dict[str, Any]) -> bytes:
-    try:
-        return json.dumps(decision).encode()
-    except (TypeError, ValueError) as exc:  # a reason or params that are not JSON
-        return json.dumps({"scheduled": False, "reason": f"callback result: {exc}"}).encode()
-
-
-def _flushed() -> None:
-    """What a callback printed reaches the planner's stderr before its decision."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
-def run_ahead(
-    sock: socket.socket, stream: str, target: bytes, headers: bytes, cache: dict[Any, Any]
-) -> None:
-    """Run ``target`` (:class:`Ahead`), streaming each call's decision."""
-
-    def local(request: dict[str, Any], _encoded: bytes) -> dict[str, Any]:
-        # Each callback gets its own copies, as across the socket.
-        copied = json.loads(json.dumps(request))
-        started = time.perf_counter()
-        decision = call(copied, json.loads(headers), cache)
-        seconds = round(time.perf_counter() - started, 6)
-        answer = json.loads(_answer(decision))
-        _flushed()
-        frame = {
-            "stream": stream,
-            "job": request["job_name"],
-            "decision": answer,
-            "seconds": seconds,
-        }
-        _send(sock, json.dumps(frame).encode())
-        return answer
-
-    try:
-        decide: Callable[[dict[str, Any], Callable[..., Any]], Any] = pickle.loads(target)
-        decide(json.loads(headers), local)
-    except Exception as exc:  # noqa: BLE001 - the planner sees it out of step
-        failed = {"stream": stream, "error": f"{type(exc).__name__}: {exc}"}
-        _send(sock, json.dumps(failed).encode())
-        return
-    _send(sock, json.dumps({"stream": stream, "end": True}).encode())
-
-
 def check_imports(entries: list[list[Any]]) -> dict[str, Any]:
     """Import each ``[entry, roots, package]`` (the registry's check,
     :mod:`scheduler.registry.importcheck`); never raising. The reason each
@@ -504,19 +335,20 @@ def serve(sock: socket.socket) -> None:
     while True:
         try:
             request = json.loads(_receive(sock))
-            headers = _receive(sock)
-            if "ahead" in request:
-                run_ahead(sock, str(request["ahead"]), _receive(sock), headers, cache)
-                continue
+            headers = json.loads(_receive(sock))
         except EOFError:
             return  # the planner closed its end, or died
         if "check" in request:
             decision = check_imports(request["check"])
         else:
-            decision = call(request, json.loads(headers), cache)
-        answer = _answer(decision)
-        _flushed()
-        _send(sock, answer)
+            decision = call(request, headers, cache)
+        try:
+            answer = json.dumps(decision)
+        except (TypeError, ValueError) as exc:  # a reason or params that are not JSON
+            answer = json.dumps({"scheduled": False, "reason": f"callback result: {exc}"})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _send(sock, answer.encode())
 
 
 def main(argv: list[str]) -> int:

@@ -25,7 +25,6 @@ without code" and "Urgent studies first").
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -33,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.callbacks import Ahead, CallbackOutcome, run_in_host
+from scheduler.callbacks import CallbackOutcome, run_in_host
 from scheduler.jsonsafe import escaped
 from scheduler.registry.definitions import JobDefinition
 from scheduler.rules import Condition, evaluate, series_records
@@ -172,8 +171,7 @@ def decide(
                 kwargs["output_dir"] = os.path.join(context["session_dir"], name)
             started = time.perf_counter()
             outcome = run_callback(definition, headers, result.added_params, kwargs)
-            took = outcome.seconds
-            callback_s[name] = round(time.perf_counter() - started if took is None else took, 6)
+            callback_s[name] = round(time.perf_counter() - started, 6)
             if matched is not None:
                 outcome.reason = f"{when}; {outcome.reason}"
                 if outcome.scheduled:
@@ -251,11 +249,7 @@ def _edges(jobs: list[JobDefinition]) -> list[Edge]:
     return edges
 
 
-def make_callback_runner(
-    timeout: float,
-    version: str = "",
-    call: Callable[[dict[str, Any], bytes], dict[str, Any]] | None = None,
-) -> CallbackRunner:
+def make_callback_runner(timeout: float, version: str = "") -> CallbackRunner:
     """Run callbacks in this thread's callback host (:mod:`scheduler.callbacks`),
     within ``timeout`` seconds each.
 
@@ -264,12 +258,8 @@ def make_callback_runner(
     cannot affect any other. ``version`` identifies the services' code: a
     host that imported another version is replaced first. One runner serves
     one plan: the headers document is encoded once for all its callbacks.
-    ``call`` sends one request (default: :func:`run_in_host`).
     """
     encoded: list[tuple[dict[str, Any], bytes]] = []
-
-    def send(request: dict[str, Any], headers: bytes) -> dict[str, Any]:
-        return run_in_host(request, headers, timeout, version)
 
     def run(
         definition: JobDefinition,
@@ -287,7 +277,7 @@ def make_callback_runner(
             "added_params": added_params,
             "kwargs": kwargs,
         }
-        decision = (call or send)(request, encoded[0][1])
+        decision = run_in_host(request, encoded[0][1], timeout, version)
         # What the callback raised or returned may hold text no store keeps.
         shown = decision.get("traceback")
         return CallbackOutcome(
@@ -295,62 +285,6 @@ def make_callback_runner(
             escaped(str(decision.get("reason", ""))),
             decision.get("params"),
             None if shown is None else escaped(str(shown)),
-            decision.get("seconds"),
         )
 
     return run
-
-
-def decide_in_host(
-    definitions: Sequence[JobDefinition],
-    headers: dict[str, Any],
-    *,
-    event: str,
-    revision: int,
-    context: dict[str, Any],
-    timeout: float,
-    version: str = "",
-) -> Plan:
-    """:func:`decide`, its callbacks run by this thread's callback host as
-    :func:`make_callback_runner` runs them, but ahead of this process: the
-    host makes the same decision at once and streams each callback's
-    outcome (:class:`scheduler.callbacks.Ahead`), so a plan waits for one
-    round trip rather than one per callback; each callback keeps its time
-    limit, and a broken stream falls back to one call at a time."""
-    definitions = list(definitions)
-    target = functools.partial(_decide_ahead, definitions, event, revision, context)
-    ahead = Ahead(target, timeout, version)
-    try:
-        plan = decide(
-            definitions,
-            headers,
-            event=event,
-            revision=revision,
-            context=context,
-            run_callback=make_callback_runner(timeout, version, ahead.call),
-        )
-    except BaseException:
-        ahead.abandon()
-        raise
-    ahead.close()
-    return plan
-
-
-def _decide_ahead(
-    definitions: list[JobDefinition],
-    event: str,
-    revision: int,
-    context: dict[str, Any],
-    headers: dict[str, Any],
-    call: Callable[[dict[str, Any], bytes], dict[str, Any]],
-) -> None:
-    """The host's side of :func:`decide_in_host`: the same decision, each
-    callback run in the host itself."""
-    decide(
-        definitions,
-        headers,
-        event=event,
-        revision=revision,
-        context=context,
-        run_callback=make_callback_runner(0.0, call=call),
-    )

@@ -38,7 +38,7 @@ from scheduler.headers import (
 from scheduler.ingest import fingerprint as fingerprint_of
 from scheduler.leases import drop, new_holder, renewing, take
 from scheduler.messages import ReadyJob, SessionFlags, send_jobs
-from scheduler.planning import Plan, decide_in_host
+from scheduler.planning import Plan, decide, make_callback_runner
 from scheduler.presence import live_after, live_channels
 from scheduler.registry import Registry, current_registry, record_load
 from scheduler.store.db import Executor, bound, on_psycopg, statements, transaction
@@ -109,14 +109,13 @@ def decide_for(
         "session_dir": str(session_dir(settings.output_dir, session_id)),
     }
     started = time.perf_counter()
-    result = decide_in_host(
+    result = decide(
         registry.every_job(),
         headers,
         event=event,
         revision=revision,
         context=context,
-        timeout=settings.callback_timeout,
-        version=registry.code_version,
+        run_callback=make_callback_runner(settings.callback_timeout, registry.code_version),
     )
     # How long deciding took, callbacks included (README, "Metrics").
     result.trace["planning_s"] = round(time.perf_counter() - started, 6)

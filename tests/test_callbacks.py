@@ -2,9 +2,7 @@
 
 A callback past its time limit leaves nothing running; a service edited while
 the planner runs is planned with its new code; a service left out of a
-session is named in the session's trace and in `show`. A planner's host runs
-the whole decision ahead of it, each callback once, and a host out of step
-is never asked again.
+session is named in the session's trace and in `show`.
 """
 
 from __future__ import annotations
@@ -18,13 +16,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 from typer.testing import CliRunner
 
-from scheduler import callbacks
 from scheduler.cli import app as cli
 from scheduler.config import Settings
 from scheduler.testing import detect_and_send, record_study, wait_session, wait_until
@@ -334,103 +330,3 @@ def test_a_killed_planner_takes_down_a_callback_that_ignores_signals(
     finally:
         if planner.poll() is None:
             planner.kill()
-
-
-# A planner's callbacks: the host decides ahead of it (scheduler.planning.decide_in_host).
-
-
-def tallied(calls: Path) -> list[str]:
-    return [line.split()[0] for line in calls.read_text().splitlines()]
-
-
-def test_a_planner_waits_for_one_request_and_each_callback_runs_once(
-    define: Define, services_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = tmp_path / "calls"
-    define(
-        [
-            job(f"j{n}", registryEntry="dcm_testjobs:tally", params={"calls": str(calls)})
-            for n in range(5)
-        ]
-    )
-    requests: list[str] = []
-    one_call = callbacks.CallbackHost.call
-
-    def counted(host: Any, request: dict[str, Any], headers: bytes, timeout: float) -> Any:
-        requests.append(request.get("job_name", "a check of the entries"))
-        return one_call(host, request, headers, timeout)
-
-    monkeypatch.setattr(callbacks.CallbackHost, "call", counted)
-    for _ in range(2):
-        result = make_plan(services_root, ahead=True)
-        assert result.job_names == [f"j{n}" for n in range(5)]
-        assert result.added_params["j4"]["seen"] == ["j0", "j1", "j2", "j3"]
-        assert set(result.trace["callback_s"]) == {f"j{n}" for n in range(5)}
-    assert [r for r in requests if r.startswith("j")] == []  # no call was sent on its own
-    assert tallied(calls) == [f"j{n}" for n in range(5)] * 2
-
-
-def test_a_host_out_of_step_with_the_planner_is_replaced_and_calls_go_one_at_a_time(
-    define: Define, services_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from scheduler import planning
-
-    calls = tmp_path / "calls"
-    define(
-        [
-            job(f"j{n}", registryEntry="dcm_testjobs:tally", params={"calls": str(calls)})
-            for n in range(3)
-        ]
-    )
-    # The host decides for other definitions than the planner (the last first).
-    ahead = planning._decide_ahead
-
-    def other(definitions: list[Any], *rest: Any) -> None:
-        ahead(definitions[::-1], *rest)
-
-    original = planning.Ahead
-
-    def out_of_step(target: Any, timeout: float, version: str) -> Any:
-        definitions, *rest = target.args
-        skewed = planning.functools.partial(ahead, definitions[-1:], *rest)
-        return original(skewed, timeout, version)
-
-    monkeypatch.setattr(planning, "Ahead", out_of_step)
-    result = make_plan(services_root, ahead=True)
-    assert result.job_names == ["j0", "j1", "j2"]
-    assert result.added_params["j2"]["seen"] == ["j0", "j1"]
-    hosts = {line.split()[1] for line in calls.read_text().splitlines()}
-    assert len(hosts) == 2  # the host out of step was not asked again
-    monkeypatch.setattr(planning, "Ahead", original)
-    calls.unlink()
-    assert make_plan(services_root, ahead=True).job_names == ["j0", "j1", "j2"]
-    assert tallied(calls) == ["j0", "j1", "j2"]
-
-
-def test_a_plan_that_fails_in_the_planner_leaves_nothing_for_the_next_plan(
-    define: Define, services_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from scheduler import planning
-
-    calls = tmp_path / "calls"
-    define(
-        [
-            job(f"j{n}", registryEntry="dcm_testjobs:tally", params={"calls": str(calls)})
-            for n in range(3)
-        ]
-    )
-    urgency = planning._urgency
-
-    def failing(*args: Any) -> str:
-        raise RuntimeError("the planner failed mid-plan")
-
-    monkeypatch.setattr(planning, "_urgency", failing)
-    with pytest.raises(RuntimeError, match="mid-plan"):
-        make_plan(services_root, uid="1.2.9", ahead=True)
-    # The host it left is stopped, never asked again.
-    (abandoned,) = {int(line.split()[1]) for line in calls.read_text().splitlines()}
-    assert not psutil.pid_exists(abandoned) or psutil.Process(abandoned).status() == "zombie"
-    monkeypatch.setattr(planning, "_urgency", urgency)
-    result = make_plan(services_root, uid="1.2.10", ahead=True)
-    assert result.job_names == ["j0", "j1", "j2"]
-    assert result.added_params["j2"]["seen"] == ["j0", "j1"]

@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.planning import (
-    Plan,
-    decide,
-    decide_in_host,
-    evaluation_order,
-    make_callback_runner,
-)
+from scheduler.planning import Plan, decide, evaluation_order, make_callback_runner
 from scheduler.registry import load_registry
 
 from .conftest import Define
@@ -27,16 +21,6 @@ def job(name: str, **fields: Any) -> dict[str, Any]:
     return {"jobName": name, "workerEntry": ENTRY, **fields}
 
 
-# How make_plan runs the callbacks: one request each, or the host deciding
-# ahead of the planner (what a planner does); every rule must hold both ways.
-AHEAD = {"on": False}
-
-
-@pytest.fixture(autouse=True, params=["one at a time", "ahead"])
-def callbacks_run(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(AHEAD, "on", request.param == "ahead")
-
-
 def make_plan(
     root: Path,
     *,
@@ -45,27 +29,15 @@ def make_plan(
     headers: dict[str, Any] | None = None,
     timeout: float = 5.0,
     uid: str = "1.2.3",
-    ahead: bool | None = None,
 ) -> Plan:
     registry = load_registry([root])
     assert registry.ok, registry.problems
-    headers = headers or dict(HEADERS, uid=uid)
-    context = {"session_id": "s1", "level": "study", "uid": uid, "session_dir": "/tmp/s1"}
-    if AHEAD["on"] if ahead is None else ahead:
-        return decide_in_host(
-            registry.every_job(),
-            headers,
-            event=event,
-            revision=revision,
-            context=context,
-            timeout=timeout,
-        )
     return decide(
         registry.every_job(),
-        headers,
+        headers or dict(HEADERS, uid=uid),
         event=event,
         revision=revision,
-        context=context,
+        context={"session_id": "s1", "level": "study", "uid": uid, "session_dir": "/tmp/s1"},
         run_callback=make_callback_runner(timeout),
     )
 
@@ -317,19 +289,3 @@ def test_every_definition_appears_in_the_trace(define: Define, services_root: Pa
     assert set(result.trace["jobs"]) == {"on", "off", "other"}
     assert reason(result, "off") == "job is disabled in its definition"
     assert reason(result, "on") == "no registryEntry: always scheduled"
-
-
-def test_a_callback_ending_its_process_fails_alone_and_later_callbacks_still_run(
-    define: Define, services_root: Path
-) -> None:
-    define(
-        [
-            job("first", registryEntry="dcm_testjobs:accept", sortPosition=1),
-            job("gone", registryEntry="dcm_testjobs:vanish", sortPosition=2),
-            job("last", registryEntry="dcm_testjobs:inspect", sortPosition=3),
-        ]
-    )
-    result = make_plan(services_root)
-    assert result.job_names == ["first", "last"]
-    assert "the callback's process died (exit status 7)" in reason(result, "gone")
-    assert result.added_params["last"]["seen"] == ["first"]
