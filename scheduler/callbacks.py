@@ -179,7 +179,10 @@ class CallbackHost:
     def call(self, request: dict[str, Any], headers: bytes, timeout: float) -> dict[str, Any]:
         """The decision of one callback. Raises :class:`TimeoutError` when it
         overran ``timeout`` (the host is then killed) and :class:`HostError`
-        when the host died under it."""
+        when the host died under it. Whatever else interrupts the wait (an
+        exception a signal handler raised: a task's soft time limit) kills
+        the host too: the answer it still owes must never be read as the
+        answer to another session's call."""
         try:
             _send(self.sock, json.dumps(request).encode(), headers)
             self._wait_readable(timeout)
@@ -190,6 +193,9 @@ class CallbackHost:
         except (EOFError, OSError) as exc:
             self.kill()
             raise HostError(f"the callback's process died ({self._ending()})") from exc
+        except BaseException:
+            self.kill()
+            raise
         decision: dict[str, Any] = json.loads(answer)
         return decision
 
@@ -331,6 +337,7 @@ def check_imports(entries: list[list[Any]]) -> dict[str, Any]:
 
 def serve(sock: socket.socket) -> None:
     cache: dict[Any, Any] = {}
+    host = os.getpid()
     _send(sock, b"ready")
     while True:
         try:
@@ -342,6 +349,9 @@ def serve(sock: socket.socket) -> None:
             decision = check_imports(request["check"])
         else:
             decision = call(request, headers, cache)
+        if os.getpid() != host:
+            # A child the code forked came back here: only the host answers.
+            os._exit(0)
         try:
             answer = json.dumps(decision)
         except (TypeError, ValueError) as exc:  # a reason or params that are not JSON

@@ -289,3 +289,49 @@ def test_every_definition_appears_in_the_trace(define: Define, services_root: Pa
     assert set(result.trace["jobs"]) == {"on", "off", "other"}
     assert reason(result, "off") == "job is disabled in its definition"
     assert reason(result, "on") == "no registryEntry: always scheduled"
+
+
+def test_a_plan_interrupted_while_a_callback_runs_leaves_no_answer_for_the_next(
+    define: Define, services_root: Path
+) -> None:
+    # A signal handler's exception (a task's soft time limit) stopped the
+    # planner while its callback still ran; that callback's answer was read
+    # as the answer to the next session's first call.
+    import signal
+
+    define([job("slow", registryEntry="dcm_testjobs:pause", params={"seconds": 0.5})])
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            make_plan(services_root, uid="1.2.1")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    define([job("quick", registryEntry="dcm_testjobs:accept")])
+    result = make_plan(services_root, uid="1.2.2")
+    assert result.job_names == ["quick"]
+    assert result.added_params["quick"] == {"seen": [], "uid": "1.2.2", "job": "quick"}
+
+
+def test_a_callback_whose_forked_child_returns_does_not_answer_for_other_jobs(
+    define: Define, services_root: Path
+) -> None:
+    define(
+        [job("forker", registryEntry="dcm_testjobs:fork_and_return", sortPosition=1)]
+        + [job(f"then{n}", registryEntry="dcm_testjobs:accept", sortPosition=2) for n in range(3)]
+    )
+    for uid in ("1.2.1", "1.2.2"):
+        result = make_plan(services_root, uid=uid)
+        assert result.job_names == ["forker", "then0", "then1", "then2"]
+        assert result.added_params["forker"] == {"child": False}
+        for n in range(3):
+            assert result.added_params[f"then{n}"]["job"] == f"then{n}"
+            assert result.added_params[f"then{n}"]["uid"] == uid
