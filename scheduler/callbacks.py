@@ -204,7 +204,10 @@ class CallbackHost:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        kill_tree(self.process.pid)  # with what the callback started
+        # With what the callback started; never again once reaped, when its
+        # pid may be another process's.
+        if self.process.returncode is None:
+            kill_tree(self.process.pid)
         with contextlib.suppress(OSError):
             self.sock.close()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -330,3 +330,23 @@ def test_a_killed_planner_takes_down_a_callback_that_ignores_signals(
     finally:
         if planner.poll() is None:
             planner.kill()
+
+
+def test_a_host_killed_twice_signals_its_pid_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failed call kills the host, then the planner discards it: the
+    # second kill must not signal a pid that another process may now have.
+    from scheduler import callbacks
+
+    host = callbacks.CallbackHost("v")
+    killed: list[int] = []
+    kill_tree = callbacks.kill_tree
+
+    def recorded(pid: int) -> None:
+        killed.append(pid)
+        kill_tree(pid)
+
+    monkeypatch.setattr(callbacks, "kill_tree", recorded)
+    host.kill()
+    assert not host.alive
+    host.kill()
+    assert killed == [host.process.pid]
