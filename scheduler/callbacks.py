@@ -151,8 +151,7 @@ class CallbackHost:
             theirs.close()
         self.sock = ours
         try:
-            self._wait_readable(START_TIMEOUT)
-            ready = _receive(self.sock)
+            ready = self._receive_within(START_TIMEOUT)
         except (EOFError, OSError, TimeoutError) as exc:
             self.kill()
             raise HostError(f"the callback process did not start ({self._ending()})") from exc
@@ -160,10 +159,18 @@ class CallbackHost:
             self.kill()
             raise HostError(f"the callback process did not start: {ready[:200]!r}")
 
-    def _wait_readable(self, timeout: float) -> None:
+    def _receive_within(self, timeout: float) -> bytes:
+        """The host's next frame, waiting at most ``timeout`` seconds for it
+        to begin and as long again for each later part of it: a host that
+        stops half way through a frame never holds the planner."""
         readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
         if not readable:
             raise TimeoutError
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            return _receive(self.sock)
+        finally:
+            self.sock.settimeout(None)
 
     def _ending(self) -> str:
         try:
@@ -185,8 +192,7 @@ class CallbackHost:
         answer to another session's call."""
         try:
             _send(self.sock, json.dumps(request).encode(), headers)
-            self._wait_readable(timeout)
-            answer = _receive(self.sock)
+            answer = self._receive_within(timeout)
         except TimeoutError:
             self.kill()
             raise

@@ -350,3 +350,33 @@ def test_a_host_killed_twice_signals_its_pid_once(monkeypatch: pytest.MonkeyPatc
     assert not host.alive
     host.kill()
     assert killed == [host.process.pid]
+
+
+def test_a_host_stopping_half_way_through_an_answer_is_a_timeout() -> None:
+    import socket
+    import threading
+
+    from scheduler import callbacks
+
+    host = callbacks.CallbackHost("v")
+    planner_end, host_end = socket.socketpair()
+    real, host.sock = host.sock, planner_end
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            host.call({"job_name": "j"}, b"null", 0.3)
+        except BaseException as error:  # noqa: BLE001 - the test reads it
+            outcome.append(error)
+
+    try:
+        host_end.sendall(callbacks._LENGTH.pack(100) + b'{"sched')  # and no more
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(30)
+        assert not asking.is_alive(), "the planner still waits for the rest of the answer"
+        assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError)
+        assert not host.alive  # killed, as at any time limit
+    finally:
+        host_end.close()
+        real.close()
