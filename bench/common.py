@@ -140,9 +140,9 @@ def diamond_jobs() -> list[dict[str, Any]]:
     ]
 
 
-def record_study(study_uid: str) -> None:
-    """One study of 20 instances in two series, recorded now."""
-    testing.record_study(study_uid, 20, patient=f"P-{study_uid}", series=2)
+def record_study(study_uid: str, instances: int = 20) -> None:
+    """One study of ``instances`` instances in two series, recorded now."""
+    testing.record_study(study_uid, instances, patient=f"P-{study_uid}", series=2)
 
 
 def manual_sessions(study_uid: str, count: int) -> list[str]:

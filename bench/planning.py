@@ -1,6 +1,6 @@
 """Figure 2: planning + emission throughput through ``plan_session``.
 
-One study (20 instances, two series) and a service of 10 job definitions,
+One study (20 instances, two series; ``--instances``) and a service of 10 job definitions,
 each with a trivial ``registryEntry`` callback (``return True``). Sessions
 are opened beforehand (manual triggers, so each is new); the figure is how
 many of them one process plans per second with
@@ -13,7 +13,7 @@ production, so planning does not warn about an unconsumed channel.
 Two shapes: ``flat`` (10 independent main jobs: 10 messages per session)
 and ``dag`` (1 pre job, 8 main jobs, 1 post job: 1 message per session).
 
-    python -m bench.planning [--sessions 200] [--rounds 3] [--shapes flat,dag]
+    python -m bench.planning [--sessions 200] [--rounds 3] [--shapes flat,dag] [--instances 20]
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ def plan_in_processes(ids: list[str], planners: int) -> None:
         assert process.exitcode == 0, process.exitcode
 
 
-def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int = 1) -> None:
+def measure(
+    shape: str, sessions: int, rounds: int, folder: Path, planners: int = 1, instances: int = 20
+) -> None:
     from scheduler.presence import record_presence
     from scheduler.sessions import plan_session
     from scheduler.store.db import init_db, transaction
@@ -109,7 +111,7 @@ def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int 
         init_db(url)
         # One services folder per process: a service module is imported once.
         testing.noop_service(folder / "services", jobs_of(shape))
-        record_study(STUDY)
+        record_study(STUDY, instances)
         with transaction() as db:
             record_presence(db, "bench-planning@localhost", ["dcm.planning", "default"])
         for ready in (plan_session(s) for s in manual_sessions(STUDY, 20)):  # warm-up
@@ -144,7 +146,7 @@ def measure(shape: str, sessions: int, rounds: int, folder: Path, planners: int 
             "statistic": "median",
             "store": "postgresql",
             "broker": "redis",
-            "instances": 20,
+            "instances": instances,
             "planners": planners,
             **machine(),
         },
@@ -161,10 +163,13 @@ def main() -> None:
     parser.add_argument(
         "--planners", type=int, default=1, help="planner processes (1: the target figure)"
     )
+    parser.add_argument(
+        "--instances", type=int, default=20, help="instances of the study (a CT: hundreds)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dcm-bench-planning-") as tmp:
         for shape in args.shapes.split(","):
-            measure(shape, args.sessions, args.rounds, Path(tmp), args.planners)
+            measure(shape, args.sessions, args.rounds, Path(tmp), args.planners, args.instances)
 
 
 if __name__ == "__main__":
