@@ -79,12 +79,17 @@ def attempt_entry(
     }
 
 
+# The doubling of retry delays stops here (or at ``retryDelay`` when longer).
+LONGEST_BACK_OFF_S = 7 * 86400.0
+
+
 def retry_delay(retry_delay_s: float, attempt: int, max_attempts: int, retries: int) -> float:
     """Seconds before the next attempt: ``retryDelay``, doubling for each
     further retry of the current budget (a job re-queued by an operator
-    starts again from ``retryDelay``)."""
+    starts again from ``retryDelay``), up to a week (README, "Writing a service")."""
     first_of_budget = max_attempts - retries
-    return float(retry_delay_s * 2 ** max(attempt - first_of_budget, 0))
+    doublings = min(max(attempt - first_of_budget, 0), 64)
+    return min(retry_delay_s * 2.0**doublings, max(retry_delay_s, LONGEST_BACK_OFF_S))
 
 
 # --------------------------------------------------------------------------

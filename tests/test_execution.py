@@ -332,3 +332,14 @@ def test_a_timed_out_attempt_takes_down_a_daemon_it_started(
     assert jobs_by_name(doc)["stubborn"]["error"].startswith("timeout:")
     pid = int(daemon.read_text())
     wait_until(lambda: ended(pid), timeout=10, what=f"daemon {pid} to be killed")
+
+
+def test_retry_delays_double_up_to_a_week_and_never_overflow() -> None:
+    from scheduler.jobstate import retry_delay
+
+    # retries 3 (4 attempts): the delays after attempts 1, 2 and 3.
+    assert [retry_delay(30.0, attempt, 4, 3) for attempt in (1, 2, 3)] == [30.0, 60.0, 120.0]
+    week = 7 * 86400.0
+    # The doubling once overflowed (a failed attempt then looked like a lost worker).
+    assert retry_delay(3600.0, 999, 1001, 1000) == week
+    assert retry_delay(30 * 86400.0, 5, 11, 10) == 30 * 86400.0  # a longer retryDelay stands

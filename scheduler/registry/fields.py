@@ -142,6 +142,13 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+# A job's timeout or retry delay longer than this is a typo, and past what
+# the store's times and Celery's countdowns can hold.
+LONGEST_DURATION_S = 366 * 86400.0
+# More retries than this is a typo; the attempt counters are 32-bit integers.
+MOST_RETRIES = 1000
+
+
 def _duration(what: str, *, positive: bool) -> Callable[[Any], float]:
     def parse(value: Any) -> float:
         try:
@@ -150,6 +157,8 @@ def _duration(what: str, *, positive: bool) -> Callable[[Any], float]:
             raise Invalid(str(exc).removeprefix(f"{what}: ")) from exc
         if positive and seconds <= 0:
             raise Invalid("expected a duration greater than 0")
+        if seconds > LONGEST_DURATION_S:
+            raise Invalid(f"expected a duration of at most 366 days, got {show(value)}")
         return seconds
 
     return parse
@@ -244,7 +253,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "phase": _choice([phase.value for phase in Phase]),
     "channel": _channel,
     "timeout": _duration("timeout", positive=True),
-    "retries": _integer(0, None),
+    "retries": _integer(0, MOST_RETRIES),
     "retryDelay": _duration("retryDelay", positive=False),
     "priority": _integer(0, 9),
     "window": _window,
