@@ -24,7 +24,7 @@ from rich.text import Text
 
 from scheduler.config import ConfigError, get_settings
 from scheduler.redact import hide_secrets, mask
-from scheduler.vocabulary import EVENT_NAME, JobStatus, Level, SessionStatus
+from scheduler.vocabulary import EVENT_NAME, LARGEST_LIMIT, JobStatus, Level, SessionStatus
 
 app = typer.Typer(
     help="dcm-processor job scheduler: detect stable DICOM data, plan and run service jobs.",
@@ -115,6 +115,13 @@ def _fits(grid: Table, width: int) -> bool:
         column.min_width = content if column.no_wrap else min(content, max(header, 12))
         needed += 3 + column.min_width
     return needed <= width
+
+
+def more_than_shown(shown: int, limit: int, what: str) -> None:
+    """Say on stderr that a listing stopped at ``--limit``: a table cut
+    silently reads as everything there is."""
+    if shown >= limit:
+        errors.print(f"{limit} {what} shown, there may be more: raise --limit to see them")
 
 
 def print_table(grid: Table) -> None:
@@ -470,7 +477,9 @@ def trigger(
     until: Annotated[
         str | None, typer.Option(help="Cohort: study date on or before (YYYY-MM-DD).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Cohort: at most this many sessions.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(max=LARGEST_LIMIT, help="Cohort: at most this many sessions.")
+    ] = None,
     rate: Annotated[
         str | None, typer.Option(help="Cohort: sessions opened at most, e.g. 30/min, 2/s, 500/h.")
     ] = None,
@@ -957,7 +966,7 @@ def sessions_command(
         SessionStatus | None, typer.Option(help="Only sessions with this status.")
     ] = None,
     uid: Annotated[str | None, typer.Option(help="Only sessions of this UID.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=LARGEST_LIMIT, help="At most this many.")] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """Scheduling sessions, newest first."""
@@ -984,6 +993,7 @@ def sessions_command(
             when(row["finished_at"]),
         )
     print_table(grid)
+    more_than_shown(len(rows), limit, "sessions")
 
 
 @app.command("jobs")
@@ -999,7 +1009,7 @@ def jobs_command(
         str | None,
         typer.Option("--version", help="Only jobs run by this version of --service."),
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 500,
+    limit: Annotated[int, typer.Option(min=1, max=LARGEST_LIMIT, help="At most this many.")] = 500,
     as_json: JsonOption = False,
 ) -> None:
     """Jobs, with their status, attempts and worker; with --service and
@@ -1047,6 +1057,7 @@ def jobs_command(
             seconds(row["duration_s"]),
         )
     print_table(grid)
+    more_than_shown(len(rows), limit, "jobs")
 
 
 def provenance_lines(jobs: list[dict[str, Any]]) -> list[str]:

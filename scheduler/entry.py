@@ -17,7 +17,7 @@ import contextlib
 import sys
 from typing import Any
 
-from scheduler.vocabulary import JobStatus, SessionStatus
+from scheduler.vocabulary import LARGEST_LIMIT, JobStatus, SessionStatus
 
 
 def print_json(data: Any) -> None:
@@ -64,7 +64,7 @@ def _parsed(argv: list[str]) -> argparse.Namespace | None:
         return None
     # What the full CLI refuses with a message, it refuses.
     refused = getattr(args, "version", None) is not None and not args.service
-    if unknown or refused or getattr(args, "limit", 1) < 1:
+    if unknown or refused or not 1 <= getattr(args, "limit", 1) <= LARGEST_LIMIT:
         return None
     return args
 

@@ -12,6 +12,8 @@ from enum import StrEnum
 
 PLANNING_QUEUE = "dcm.planning"
 DEFAULT_CHANNEL = "default"
+# A listing's --limit beyond this is a typo, and past what the stores' LIMIT holds.
+LARGEST_LIMIT = 1_000_000_000
 
 
 class SessionStatus(StrEnum):

@@ -671,3 +671,27 @@ def test_run_refuses_a_broker_url_no_transport_can_serve(
     result = run("run", "--concurrency", "1", code=2)
     assert "no such broker transport 'bogus'" in result.output
     assert not (nowhere / ".dcm-scheduler").exists()  # nothing was started or created
+
+
+@pytest.mark.parametrize("listing", ["sessions", "jobs"])
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_a_limit_past_what_a_store_holds_is_a_usage_error(
+    env: Settings, listing: str, as_json: list[str]
+) -> None:
+    # It was a raw OverflowError traceback and exit 1.
+    code, _out, error, _heavy = fast(listing, *as_json, "--limit", "99999999999999999999")
+    assert code == 2, error
+    assert "Traceback" not in error and "--limit" in error
+
+
+def test_a_table_cut_at_its_limit_says_so(env: Settings) -> None:
+    from scheduler.sessions import open_session
+
+    record_study("9.9.9", 1)
+    for _ in range(3):
+        open_session("study", "9.9.9", "study.stable", manual=True)
+    cut = CliRunner().invoke(cli, ["sessions", "--limit", "2"])
+    assert cut.exit_code == 0
+    assert "2 sessions shown, there may be more: raise --limit" in cut.stderr
+    whole = CliRunner().invoke(cli, ["sessions", "--limit", "5"])
+    assert "there may be more" not in whole.stderr
