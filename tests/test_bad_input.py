@@ -36,6 +36,29 @@ def test_truncated_dicom_is_rejected_with_its_reason_and_the_batch_goes_on(
     assert rejection.reason.startswith(("missing", "unreadable DICOM", "not DICOM"))
 
 
+def test_a_file_cut_inside_its_pixel_data_is_rejected_as_truncated(
+    store_url: str, tmp_path: Path
+) -> None:
+    # The header reads whole, so such a file was recorded as an instance.
+    data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "cut.dcm").write_bytes(data[:20_000])  # pixel data is 32,768 bytes from 6,300
+    (folder / "pydicoms-own.dcm").write_bytes(
+        Path(str(get_testdata_file("MR_truncated.dcm"))).read_bytes()
+    )
+    kept = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg.dcm", "JPEG2000.dcm", "rtplan.dcm"]
+    for name in kept:  # whole files: native, compressed, written oddly, without pixel data
+        (folder / name).write_bytes(Path(str(get_testdata_file(name))).read_bytes())
+    result = ingest_paths(functools.partial(transaction, store_url), [folder])
+    reasons = {Path(r.location).name: r.reason for r in result.rejected}
+    assert reasons == {
+        "cut.dcm": "truncated: the file ends 19068 bytes before the end of its pixel data",
+        "pydicoms-own.dcm": "truncated: the file ends 62 bytes before the end of its pixel data",
+    }
+    assert result.recorded == len(kept)
+
+
 def test_non_ascii_and_very_long_values_are_recorded_safely(store_url: str, tmp_path: Path) -> None:
     dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     dataset.SpecificCharacterSet = "ISO_IR 192"
