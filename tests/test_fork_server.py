@@ -114,6 +114,30 @@ def test_a_result_nested_too_deep_for_json_fails_its_attempt_with_that_reason(
     assert outcome.error == "worker returned a value nested too deep for JSON"
 
 
+LARGE_RESULT = """
+def work(jobName, headers, params, *args, **kwargs):
+    return {"blob": "y" * params["characters"]}
+"""
+
+
+def test_a_result_larger_than_a_store_should_keep_fails_its_attempt_with_that_reason(
+    tmp_path: Path,
+) -> None:
+    # 200 MB results were stored and made every listing of the job slow.
+    from workers_bridge.child import LARGEST_RESULT
+
+    request = service(tmp_path, LARGE_RESULT)
+    fits = LARGEST_RESULT - len('{"blob": ""}')
+    outcome = execute(dict(request, params={"characters": fits}), timeout=60)
+    assert outcome.ok and len(outcome.result["blob"]) == fits
+    outcome = execute(dict(request, params={"characters": fits + 1}), timeout=60)
+    assert not outcome.ok
+    assert outcome.error.startswith(
+        f"worker returned a result of {LARGEST_RESULT + 1:,} characters as JSON; "
+        f"a result holds at most {LARGEST_RESULT:,} (4 MiB)"
+    )
+
+
 def test_a_service_python_older_than_supported_fails_each_attempt_saying_so(
     tmp_path: Path,
 ) -> None:

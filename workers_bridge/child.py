@@ -23,6 +23,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+# A result is stored with its job, read by every listing of it and handed to
+# each dependent: larger outputs belong in files (README, "The worker").
+LARGEST_RESULT = 4 * 1024 * 1024
+
 
 def scheduler_module(name: str) -> Any:
     """``scheduler.<name>``, one of its standard-library-only modules
@@ -106,7 +110,7 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             "traceback": traceback.format_exc(),
         }
     try:
-        json.dumps(value, allow_nan=False)
+        encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return {
             "ok": False,
@@ -118,6 +122,14 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
         return {
             "ok": False,
             "error": "worker returned a value nested too deep for JSON",
+            "traceback": "",
+        }
+    if len(encoded) > LARGEST_RESULT:
+        return {
+            "ok": False,
+            "error": f"worker returned a result of {len(encoded):,} characters as JSON; "
+            f"a result holds at most {LARGEST_RESULT:,} (4 MiB): write larger outputs "
+            "to files in kwargs['output_dir'] and return their paths",
             "traceback": "",
         }
     flaw = jsonsafe.unstorable(value)
