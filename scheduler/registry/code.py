@@ -24,18 +24,34 @@ def _code_files(location: Path, prefix: str) -> Iterator[tuple[str, Path]]:
     if location.is_file():
         yield prefix + location.name, location
         return
-    for folder, dirs, files in os.walk(location):
-        dirs[:] = sorted(
-            d
-            for d in dirs
-            if not d.startswith(".")
-            and d not in SKIPPED_DIRS
-            and not Path(folder, d, "pyvenv.cfg").exists()
-        )
-        for name in files:
-            if name.endswith(".py"):
-                path = Path(folder, name)
-                yield prefix + path.relative_to(location).as_posix(), path
+    for path in _py_files(os.fspath(location)):
+        yield prefix + Path(path).relative_to(location).as_posix(), Path(path)
+
+
+def _py_files(folder: str) -> Iterator[str]:
+    """The *.py files under ``folder``, the service's code: not in caches,
+    VCS data or virtualenvs, and, as ``os.walk``, not in linked folders.
+    Plain strings: :func:`code_stamp` walks them before every plan."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            if entry.name.endswith(".py"):
+                yield entry.path
+        elif (
+            not entry.name.startswith(".")
+            and entry.name not in SKIPPED_DIRS
+            and not entry.is_symlink()
+            and not os.path.exists(os.path.join(entry.path, "pyvenv.cfg"))
+        ):
+            yield from _py_files(entry.path)
 
 
 def _code_of(draft: Draft) -> dict[str, Path]:
@@ -78,46 +94,16 @@ def hash(draft: Draft) -> None:
 
 def code_stamp(locations: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
     """Modification times and sizes of the *.py files under ``locations``
-    (the files :func:`_code_files` finds): cheap to take, and it changes
-    when the code does. Taken before every plan, so it walks the folders
-    with ``os.scandir`` and builds no path objects (a service holding a
-    vendored package has hundreds of files)."""
+    (the files the code hash reads): cheap to take, and it changes when the
+    code does. Taken before every plan: plain strings, no path objects (a
+    service holding a vendored package has hundreds of files)."""
     stamp: list[tuple[str, int, int]] = []
     for location in locations:
         place = os.fspath(location)
-        if os.path.isfile(place):
-            _stamp_file(place, stamp)
-        elif os.path.isdir(place):
-            _stamp_folder(place, stamp)
+        for path in [place] if os.path.isfile(place) else _py_files(place):
+            try:
+                status = os.stat(path)
+            except OSError:
+                continue
+            stamp.append((path, status.st_mtime_ns, status.st_size))
     return tuple(stamp)
-
-
-def _stamp_file(path: str, stamp: list[tuple[str, int, int]]) -> None:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return
-    stamp.append((path, status.st_mtime_ns, status.st_size))
-
-
-def _stamp_folder(folder: str, stamp: list[tuple[str, int, int]]) -> None:
-    try:
-        with os.scandir(folder) as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            if entry.name.endswith(".py"):
-                _stamp_file(entry.path, stamp)
-        elif (
-            not entry.name.startswith(".")
-            and entry.name not in SKIPPED_DIRS
-            and not entry.is_symlink()  # as os.walk: a linked folder is not walked
-            and not os.path.exists(os.path.join(entry.path, "pyvenv.cfg"))
-        ):
-            _stamp_folder(entry.path, stamp)
