@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -161,16 +160,11 @@ class CallbackHost:
 
     def _receive_within(self, timeout: float) -> bytes:
         """The host's next frame, waiting at most ``timeout`` seconds for it
-        to begin and as long again for each later part of it: a host that
-        stops half way through a frame never holds the planner."""
-        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
-        if not readable:
-            raise TimeoutError
+        to begin and as long again for each later part of it (the socket's
+        timeout, raising :class:`TimeoutError`): a host that stops half way
+        through a frame never holds the planner."""
         self.sock.settimeout(max(timeout, 0.001))
-        try:
-            return _receive(self.sock)
-        finally:
-            self.sock.settimeout(None)
+        return _receive(self.sock)
 
     def _ending(self) -> str:
         try:
