@@ -201,7 +201,8 @@ def write_plan(
     values |= {f"jobs_{n}": part for n, part in enumerate(job_parts)}
     values |= {f"edges_{n}": part for n, part in enumerate(edge_parts)}
     statement = _write_plan(len(job_parts), len(edge_parts))
-    with pipelines.driver(db).cursor() as mode, pipelines.driver(db).cursor() as write:
+    driver = pipelines.driver(db)
+    with driver.cursor() as mode, driver.cursor() as write:
         with pipelines.pipeline(db), pipelines.planned_once(db, mode):
             write.execute(statement, values, prepare=True)
         (planned,) = write.fetchone()
