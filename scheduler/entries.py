@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import re
 import sys
-import threading
+from _thread import RLock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec, PathFinder
@@ -27,7 +27,9 @@ _DOTTED = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*")
 
 # Importing runs service code that may itself import; one loader at a time
 # keeps the "already imported from elsewhere" checks and sys.path edits sound.
-_import_lock = threading.RLock()
+# threading's RLock is this one; importing threading itself would cost every
+# attempt forked from a fork server its after-fork handler.
+_import_lock = RLock()
 
 
 class RegistryError(Exception):

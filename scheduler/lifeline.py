@@ -22,11 +22,12 @@ its own interpreter loads it by path (:mod:`workers_bridge.child`).
 
 from __future__ import annotations
 
+import _signal
+import _thread
 import contextlib
 import ctypes
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -122,7 +123,10 @@ def guard(parent: int, signum: int = signal.SIGUSR2, watchdog: bool = True) -> N
     its whole tree when it goes). Descendants are kept in the tree
     (:func:`keep_descendants`)."""
     keep_descendants()
-    signal.signal(signum, take_down)
+    # The C function: signal.signal would turn the handler it replaces into
+    # an enum member, failing (and raising inside) for a function such as
+    # take_down, which a forked child inherits: ~70 pages copied per attempt.
+    _signal.signal(signum, take_down)
     die_with_parent(signum, parent)
     if not watchdog:
         return
@@ -132,7 +136,10 @@ def guard(parent: int, signum: int = signal.SIGUSR2, watchdog: bool = True) -> N
             time.sleep(WATCH_EVERY)
         take_down()
 
-    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+    # A bare thread: importing threading would make every fork of this
+    # process run its after-fork handler (~120 pages copied per attempt of a
+    # fork server whose service does not use threads).
+    _thread.start_new_thread(watch, ())
 
 
 def exit_description(code: int) -> str:

@@ -63,11 +63,12 @@ def work(*args, **kwargs):
 
 def test_an_attempt_holds_no_module_its_service_did_not_ask_for(tmp_path: Path) -> None:
     # Every module an attempt holds is copied page by page as it runs, and
-    # some reseed or reset themselves after each fork (random): the fork
-    # server imports none the service did not ask for.
+    # some reseed or reset themselves after each fork (random, threading):
+    # the fork server imports none the service did not ask for.
     outcome = execute(service(tmp_path, LEAN), timeout=30)
     assert outcome.ok, outcome
-    assert not {"subprocess", "tempfile", "random", "shutil"} & set(outcome.result["modules"])
+    unasked = {"subprocess", "tempfile", "random", "shutil", "threading"}
+    assert not unasked & set(outcome.result["modules"])
 
 
 GARBAGE = """
