@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.jsonsafe import unstorable
-from scheduler.lifeline import guard, kill_tree
+from scheduler.lifeline import guard, kill_tree, reassert
 
 _LENGTH = struct.Struct("!I")
 # A fresh host imports the scheduler's registry before its first call; that
@@ -291,6 +291,8 @@ def call(request: dict[str, Any], headers: Any, cache: dict[Any, Any]) -> dict[s
             callback = load_entry(entry, [Path(root) for root in request["roots"]])
         except EntryError as exc:
             return {"scheduled": False, "reason": f"cannot import registryEntry {entry!r}: {exc}"}
+        finally:
+            reassert()  # before the callback runs, whatever its import did
         cache[key] = callback
     try:
         value = callback(
@@ -355,6 +357,7 @@ def serve(sock: socket.socket) -> None:
         if os.getpid() != host:
             # A child the code forked came back here: only the host answers.
             os._exit(0)
+        reassert()  # for the next call, whatever this one did
         try:
             answer = json.dumps(decision)
         except (TypeError, ValueError) as exc:  # a reason or params that are not JSON

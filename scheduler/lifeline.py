@@ -142,6 +142,15 @@ def guard(parent: int, signum: int = signal.SIGUSR2, watchdog: bool = True) -> N
     _thread.start_new_thread(watch, ())
 
 
+def reassert(signum: int = signal.SIGUSR2) -> None:
+    """Put :func:`guard`'s handler back and unblock its signal, after service
+    code ran in this process (an import, a callback) and may have replaced,
+    reset or blocked it: reset to its default action, the parent's death
+    would end this process outright, leaving what it started running."""
+    _signal.signal(signum, take_down)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, (signum,))
+
+
 def exit_description(code: int) -> str:
     """How a process ended, from its exit status (minus the signal that
     killed it, as :mod:`subprocess` and :func:`os.waitstatus_to_exitcode`

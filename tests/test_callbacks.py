@@ -311,14 +311,18 @@ def test_a_callback_that_ignores_signals_and_daemonizes_is_killed_at_its_limit(
         wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to be killed")
 
 
-def test_a_killed_planner_takes_down_a_callback_that_ignores_signals(
-    define: Define, services_root: Path, tmp_path: Path
+@pytest.mark.parametrize("entry", ["dcm_testjobs:stubborn", "dcm_testjobs.resetting:work"])
+def test_a_killed_planner_takes_down_a_callback_that_ignores_or_resets_signals(
+    define: Define, services_root: Path, tmp_path: Path, entry: str
 ) -> None:
+    # Also when the callback's module, at import, put the signal the host
+    # gets at the planner's death back to its default action (ending the
+    # host at once, its daemon left behind) and blocked it.
     import signal
 
     daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
     params = {"daemon": str(daemon), "pidfile": str(pidfile)}
-    define([job("stubborn", registryEntry="dcm_testjobs:stubborn", params=params)])
+    define([job("stubborn", registryEntry=entry, params=params)])
     planner = start_planner(services_root)
     try:
         wait_until(pidfile.exists, timeout=60, what="the callback to start")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,8 @@ import pytest
 
 from scheduler.testing import wait_until
 from workers_bridge.process import close_servers, execute
+
+from .conftest import FIXTURES
 
 
 @pytest.fixture(autouse=True)
@@ -446,3 +452,44 @@ def test_a_service_that_closes_inherited_descriptors_still_answers_and_keeps_its
     outcome = execute({**request, "params": {"folder": str(folder), "reopen": reopen}}, timeout=30)
     assert outcome.ok and outcome.result == {"wrote": "nothing"}, outcome.error
     assert all(path.read_bytes() == b"" for path in folder.iterdir())
+
+
+def test_a_killed_worker_takes_down_an_attempt_whose_service_reset_the_parent_death_signal(
+    tmp_path: Path,
+) -> None:
+    # The service's import puts the signal a fork server gets when its
+    # worker dies back to its default action, which would end the server
+    # at once, leaving the attempt and its daemon behind.
+    import psutil
+
+    from .test_callbacks import ended
+
+    shutil.copytree(FIXTURES / "dcm_testjobs", tmp_path / "dcm_testjobs")
+    daemon, pidfile = tmp_path / "daemon", tmp_path / "pid"
+    request = service(tmp_path, "")
+    request["entry"] = "dcm_testjobs.resetting:work"
+    request["params"] = {"daemon": str(daemon), "pidfile": str(pidfile)}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\n"
+            "from workers_bridge.process import execute\n"
+            "execute(json.loads(sys.argv[1]), timeout=600)\n",
+            json.dumps(request),
+        ]
+    )
+    started: list[int] = []
+    try:
+        wait_until(pidfile.exists, timeout=60, what="the attempt to start")
+        attempt = psutil.Process(int(pidfile.read_text()))
+        started = [attempt.pid, int(daemon.read_text()), attempt.ppid()]
+        worker.kill()
+        worker.wait(30)
+        for pid in started:
+            wait_until(lambda pid=pid: ended(pid), timeout=10, what=f"process {pid} to end")
+    finally:
+        worker.kill()
+        for pid in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

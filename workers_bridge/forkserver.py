@@ -96,6 +96,8 @@ class Preloaded:
         except BaseException:  # noqa: BLE001 - service code may raise anything
             child.fresh_imports(entry, roots)
             return None
+        finally:
+            child.scheduler_module("lifeline").reassert()
         self.workers[entry] = worker
         self.version += 1
         for name in child.service_modules(entry, roots):
@@ -305,46 +307,50 @@ def serve(parent: int) -> int:
     preloaded = Preloaded()
     standby: Standby | None = None
     requests = sys.stdin.buffer
-    while True:
-        line = requests.readline()
-        if not line:
-            # The parent closed the pipe: done. What attempts left running
-            # (kept in this tree) does not outlive the server.
-            lifeline = child.scheduler_module("lifeline")
-            for leftover in reversed(lifeline.descendants(os.getpid())):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(leftover, signal.SIGKILL)
-            return 0
-        head, body = json.loads(line), requests.readline()
-        entry, roots, folder = head["entry"], head["roots"], head["folder"]
-        _reap_orphans()
-        worker = preloaded.worker(entry, roots)
-        if standby is not None and (
-            standby.version != preloaded.version or entry not in standby.workers
-        ):
-            standby.discard()
-            standby = None
-        pid = None
-        if standby is not None:
-            pid = standby.take(body, folder)
-            responses = standby.responses
-            standby = None
-        if pid is None:
-            responses, written = os.pipe()
-            pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder, written)
-            os.close(written)
-        replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
-        _pid, status, usage = os.wait4(pid, 0)
-        # ru_maxrss is in KiB on Linux.
-        ended = json.dumps(
-            {"code": os.waitstatus_to_exitcode(status), "peak_kib": int(usage.ru_maxrss)}
-        )
-        response = _piped_response(responses)
-        if response is not None:
-            ended = f'{ended[:-1]}, "response": {response.decode("utf-8")}}}'
-        replies.write(ended + "\n")
-        if worker is not None:
-            standby = Standby(preloaded, replies.fileno())
+    try:
+        while True:
+            line = requests.readline()
+            if not line:
+                return 0  # the parent closed the pipe: done
+            head, body = json.loads(line), requests.readline()
+            entry, roots, folder = head["entry"], head["roots"], head["folder"]
+            _reap_orphans()
+            worker = preloaded.worker(entry, roots)
+            if standby is not None and (
+                standby.version != preloaded.version or entry not in standby.workers
+            ):
+                standby.discard()
+                standby = None
+            pid = None
+            if standby is not None:
+                pid = standby.take(body, folder)
+                responses = standby.responses
+                standby = None
+            if pid is None:
+                responses, written = os.pipe()
+                pid = _fork(replies.fileno(), attempt, json.loads(body), worker, folder, written)
+                os.close(written)
+            replies.write(json.dumps({"pid": pid, "python": INTERPRETER}) + "\n")
+            _pid, status, usage = os.wait4(pid, 0)
+            # ru_maxrss is in KiB on Linux.
+            ended = json.dumps(
+                {"code": os.waitstatus_to_exitcode(status), "peak_kib": int(usage.ru_maxrss)}
+            )
+            response = _piped_response(responses)
+            if response is not None:
+                ended = f'{ended[:-1]}, "response": {response.decode("utf-8")}}}'
+            replies.write(ended + "\n")
+            if worker is not None:
+                standby = Standby(preloaded, replies.fileno())
+    finally:
+        # However the server ends (the parent closed the pipe, or something
+        # raised here: a handler service code installed at import, a full
+        # disk), what attempts left running (kept in this tree) does not
+        # outlive it.
+        lifeline = child.scheduler_module("lifeline")
+        for leftover in reversed(lifeline.descendants(os.getpid())):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(leftover, signal.SIGKILL)
 
 
 # The oldest Python a service's own interpreter may be (README, "Services").
