@@ -81,6 +81,57 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+# --- CPU time ----------------------------------------------------------------
+# Wall times on a shared machine move by a third between runs of the same
+# code; CPU times far less, so the scripts report where the CPU went too.
+
+
+def cpu_seconds_of(pid: int | None = None, *, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of a process (this one by default), with
+    those of its children it has already waited for when asked; 0 once gone."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    own = times.user + times.system
+    return own + (times.children_user + times.children_system if reaped_children else 0.0)
+
+
+def live_descendants_cpu_seconds() -> float:
+    """CPU seconds of this process's live descendants (callback hosts, fork
+    servers), each its own time only."""
+    import psutil
+
+    return sum(cpu_seconds_of(child.pid) for child in psutil.Process().children(recursive=True))
+
+
+def postgres_cpu_seconds(database: str) -> float:
+    """CPU seconds of the PostgreSQL backends serving ``database`` now."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if command.startswith("postgres:") and f" {database} " in f"{command} ":
+            total += cpu_seconds_of(proc.pid)
+    return total
+
+
+def redis_cpu_seconds() -> float:
+    """CPU seconds of the benchmarks' Redis server, when it runs on this
+    machine (0 otherwise)."""
+    import psutil
+
+    port = redis.Redis.from_url(REDIS_URL).connection_pool.connection_kwargs.get("port", 6379)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] == "redis-server" and f":{port}" in command:
+            return cpu_seconds_of(proc.pid)
+    return 0.0
+
+
 # --- servers -----------------------------------------------------------------
 
 

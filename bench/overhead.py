@@ -33,7 +33,6 @@ shared machine it moves far less than wall time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import subprocess
 import tempfile
 import time
@@ -43,6 +42,7 @@ from typing import Any
 from bench.common import (
     REDIS_URL,
     celery_worker,
+    cpu_seconds_of,
     create_database,
     diamond_jobs,
     drop_database,
@@ -52,6 +52,7 @@ from bench.common import (
     machine,
     manual_sessions,
     median,
+    postgres_cpu_seconds,
     record_study,
     stop,
     worker_ready,
@@ -199,31 +200,18 @@ def run_split(sessions: int) -> dict[str, float]:
 def cpu_seconds() -> dict[str, float]:
     """CPU time so far of this process (the worker's side of each job), of
     the PostgreSQL backends serving this benchmark's database, and of this
-    process's fork servers with the attempts they reaped. Unlike wall time
-    on a shared machine, it hardly moves with what else runs."""
-    import psutil
-
+    process's fork servers with the attempts they reaped."""
     from workers_bridge import process
 
-    def used(proc: psutil.Process, children: bool = False) -> float:
-        times = proc.cpu_times()
-        return (
-            times.user
-            + times.system
-            + (times.children_user + times.children_system if children else 0.0)
-        )
-
-    backends = 0.0
-    for proc in psutil.process_iter(["cmdline"]):
-        command = " ".join(proc.info["cmdline"] or [])
-        if command.startswith("postgres:") and "dcm_bench_overhead" in command:
-            with contextlib.suppress(psutil.Error):
-                backends += used(proc)
-    attempts = 0.0
-    for server in list(process._servers.values()):
-        with contextlib.suppress(psutil.Error):
-            attempts += used(psutil.Process(server.process.pid), children=True)
-    return {"worker": used(psutil.Process()), "postgres": backends, "attempts": attempts}
+    attempts = sum(
+        cpu_seconds_of(server.process.pid, reaped_children=True)
+        for server in list(process._servers.values())
+    )
+    return {
+        "worker": cpu_seconds_of(),
+        "postgres": postgres_cpu_seconds("dcm_bench_overhead"),
+        "attempts": attempts,
+    }
 
 
 def main() -> None:

@@ -28,15 +28,19 @@ import redis
 
 from bench.common import (
     REDIS_URL,
+    cpu_seconds_of,
     create_database,
     drop_database,
     emit,
     flush_redis,
+    live_descendants_cpu_seconds,
     log,
     machine,
     manual_sessions,
     median,
+    postgres_cpu_seconds,
     record_study,
+    redis_cpu_seconds,
 )
 from scheduler import testing
 
@@ -117,12 +121,16 @@ def measure(
         for ready in (plan_session(s) for s in manual_sessions(STUDY, 20)):  # warm-up
             assert ready is not None and len(ready.plan.jobs) == 10
         rates = []
+        cpu = dict.fromkeys(("planner", "callback_hosts", "postgres", "redis"), 0.0)
         for _ in range(rounds):
             flush_redis()
             ids = manual_sessions(STUDY, sessions)
+            before = cpu_split(name)
             begin = time.perf_counter()
             plan_in_processes(ids, planners)
             elapsed = time.perf_counter() - begin
+            for part, seconds in cpu_split(name).items():
+                cpu[part] += seconds - before[part]
             rates.append(sessions / elapsed)
             per_session = 10 if shape == "flat" else 1
             sent = queued_messages()
@@ -152,7 +160,22 @@ def measure(
         },
         **(scaled or {"target": f">= {TARGET:g} sessions/s", "met": value >= TARGET}),
         samples=[round(r, 1) for r in rates],
+        cpu_ms_per_session={
+            part: round(seconds * 1000 / (sessions * rounds), 3) for part, seconds in cpu.items()
+        },
     )
+
+
+def cpu_split(database: str) -> dict[str, float]:
+    """CPU seconds so far of the planners (this process and the planner
+    processes it reaped), of the live callback hosts, of the PostgreSQL
+    backends serving ``database`` and of Redis."""
+    return {
+        "planner": cpu_seconds_of(reaped_children=True),
+        "callback_hosts": live_descendants_cpu_seconds(),
+        "postgres": postgres_cpu_seconds(database),
+        "redis": redis_cpu_seconds(),
+    }
 
 
 def main() -> None:
