@@ -222,6 +222,9 @@ def main() -> None:
     parser.add_argument("--pools", default=",".join(POOLS), help="comma list of solo, prefork")
     args = parser.parse_args()
     pools = [pool for pool in args.pools.split(",") if pool]
+    unknown = [pool for pool in pools if pool not in POOLS]
+    if not pools or unknown:
+        parser.error(f"--pools takes a comma list of {', '.join(POOLS)}; got {args.pools!r}")
     name = "dcm_bench_overhead"
     url = create_database(name)
     jobs = args.sessions * 6
