@@ -186,8 +186,16 @@ class Read:
     rows: list[Any] | None
 
 
+# The channels this process has warned about in its log, each until a live
+# worker consumes it again: a planner sends every study's jobs to a channel
+# left without a worker, and one line says so.
+_warned_channels: set[str] = set()
+
+
 def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
-    """Record in the trace every job sent to a channel no live worker consumes."""
+    """Record in the trace every job sent to a channel no live worker
+    consumes; log each such channel once, until a worker consumes it again."""
+    _warned_channels.difference_update(live)
     channels = {job.definition.channel for job in result.jobs}
     if not channels:
         return
@@ -207,10 +215,16 @@ def warn_unconsumed_channels(result: Plan, live: set[str]) -> None:
         )
         result.trace["jobs"][job.definition.job_name]["warning"] = message
         warnings.append(message)
+        if channel not in _warned_channels:
+            _warned_channels.add(channel)
+            channel_log.warning(
+                "%s (said once for channel %r until a worker consumes it; each "
+                "session's trace keeps its warnings)",
+                message,
+                channel,
+            )
     if warnings:
         result.trace["warnings"] = warnings
-        for message in warnings:
-            channel_log.warning(message)
 
 
 def lease_name(session_id: str) -> str:

@@ -335,3 +335,27 @@ def test_a_callback_whose_forked_child_returns_does_not_answer_for_other_jobs(
         for n in range(3):
             assert result.added_params[f"then{n}"]["job"] == f"then{n}"
             assert result.added_params[f"then{n}"]["uid"] == uid
+
+
+def test_a_channel_without_a_worker_is_logged_once_until_a_worker_consumes_it(
+    define: Define, services_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from scheduler import sessions
+
+    define([job("seg", channel="gpu-once"), job("report", channel="gpu-once"), job("cpu")])
+    caplog.set_level("WARNING", logger="scheduler.channels")
+
+    def logged(live: set[str]) -> list[str]:
+        caplog.clear()
+        result = make_plan(services_root)
+        sessions.warn_unconsumed_channels(result, live)
+        # Every session's trace still names each job that waits.
+        assert len(result.trace.get("warnings", [])) == (0 if "gpu-once" in live else 2)
+        return [r.getMessage() for r in caplog.records if "gpu-once" in r.getMessage()]
+
+    first = logged({"default"})
+    assert len(first) == 1 and "no live worker consumes" in first[0]
+    assert logged({"default"}) == []  # the next study: nothing new to say
+    assert logged({"default", "gpu-once"}) == []  # a worker came
+    again = logged({"default"})  # and went: said again
+    assert len(again) == 1
