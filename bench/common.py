@@ -8,6 +8,7 @@ no-op service, recording studies and waiting come from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -144,9 +145,31 @@ def drop_database(name: str) -> None:
     testing.drop_database(PG_ADMIN_URL, name)
 
 
+@contextmanager
+def throwaway_database(name: str) -> Iterator[str]:
+    """A new PostgreSQL database ``name`` (its URL), dropped when the block
+    ends, however it ends: a run stopped with Ctrl-C leaves nothing behind."""
+    url = create_database(name)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
 def flush_redis() -> None:
     """Empty the benchmarks' Redis database (and only that one)."""
     redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@contextmanager
+def flushed_redis() -> Iterator[None]:
+    """The benchmarks' Redis database emptied before the block and after it,
+    however it ends."""
+    flush_redis()
+    try:
+        yield
+    finally:
+        flush_redis()
 
 
 @contextmanager
@@ -161,18 +184,17 @@ def bench_store(
     values and the settings."""
     from scheduler.store.db import init_db
 
-    url = create_database(name)
-    with tempfile.TemporaryDirectory(prefix=f"{name.replace('_', '-')}-") as tmp:
+    flushed = flushed_redis() if broker == REDIS_URL else contextlib.nullcontext()
+    with (
+        throwaway_database(name) as url,
+        flushed,
+        tempfile.TemporaryDirectory(prefix=f"{name.replace('_', '-')}-") as tmp,
+    ):
         home = Path(tmp)
         values = testing.environment_values(home, url, broker) | (overrides or {})
         with testing.using_environment(values) as settings:
             init_db(url)
-            if broker == REDIS_URL:
-                flush_redis()
             yield home, values, settings
-    if broker == REDIS_URL:
-        flush_redis()
-    drop_database(name)
 
 
 # --- services and sessions ------------------------------------------------------

@@ -24,6 +24,7 @@ on PostgreSQL and on SQLite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -33,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    create_database,
-    drop_database,
     emit,
     log,
     machine,
     median,
+    throwaway_database,
 )
 from scheduler import testing
 
@@ -115,96 +115,99 @@ def measure(backend: str, args: argparse.Namespace, files: Path, count: int, tmp
     from scheduler.store.db import init_db, transaction
 
     name = "dcm_bench_ingest"
-    url = create_database(name) if backend == "postgresql" else f"sqlite:///{tmp / 'ingest.db'}"
-    values = testing.environment_values(tmp / f"home-{backend}", url, "memory://")
-    params = {"backend": backend, "statistic": "median", "rounds": args.rounds, **machine()}
-    with testing.using_environment(values):
-        init_db(url)
-        # Files through the library (what the CLI calls).
-        rates = []
-        for _ in range(args.rounds):
-            empty_store(url)
-            begin = time.perf_counter()
-            result = ingest_paths(transaction, [files], recursive=True, readers=os.cpu_count() or 1)
-            elapsed = time.perf_counter() - begin
-            assert result.recorded == count, result.as_dict()
-            rates.append(count / elapsed)
-        value = median(rates)
-        emit(
-            "ingest.files_per_second",
-            value,
-            "instances/s",
-            {**params, "files": count, "via": "scheduler.ingest.ingest_paths", "batch": 500},
-            target=f">= {TARGET_FILES:g} instances/s",
-            met=value >= TARGET_FILES,
-            samples=[round(r, 1) for r in rates],
-        )
-        # The CLI, start-up included.
-        cli_rates = []
-        for _ in range(args.rounds):
-            empty_store(url)
-            begin = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "scheduler.cli", "ingest", "--recursive", str(files)],
-                cwd=tmp,
-                env={**os.environ, **values},
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+    sqlite_url = f"sqlite:///{tmp / 'ingest.db'}"
+    database = (
+        throwaway_database(name) if backend == "postgresql" else contextlib.nullcontext(sqlite_url)
+    )
+    with database as url:
+        values = testing.environment_values(tmp / f"home-{backend}", url, "memory://")
+        params = {"backend": backend, "statistic": "median", "rounds": args.rounds, **machine()}
+        with testing.using_environment(values):
+            init_db(url)
+            # Files through the library (what the CLI calls).
+            rates = []
+            for _ in range(args.rounds):
+                empty_store(url)
+                begin = time.perf_counter()
+                readers = os.cpu_count() or 1
+                result = ingest_paths(transaction, [files], recursive=True, readers=readers)
+                elapsed = time.perf_counter() - begin
+                assert result.recorded == count, result.as_dict()
+                rates.append(count / elapsed)
+            value = median(rates)
+            emit(
+                "ingest.files_per_second",
+                value,
+                "instances/s",
+                {**params, "files": count, "via": "scheduler.ingest.ingest_paths", "batch": 500},
+                target=f">= {TARGET_FILES:g} instances/s",
+                met=value >= TARGET_FILES,
+                samples=[round(r, 1) for r in rates],
             )
-            cli_rates.append(count / (time.perf_counter() - begin))
-        value = median(cli_rates)
-        emit(
-            "ingest.cli_files_per_second",
-            value,
-            "instances/s",
-            {**params, "files": count, "via": "dcm-scheduler ingest --recursive (subprocess)"},
-            target=f">= {TARGET_FILES:g} instances/s",
-            met=value >= TARGET_FILES,
-            samples=[round(r, 1) for r in cli_rates],
-        )
-        # Reading headers alone (no store): what parsing costs.
-        paths = list(iter_files([files], recursive=True))
-        begin = time.perf_counter()
-        for path in paths:
-            read_header(path)
-        emit(
-            "ingest.read_headers_per_second",
-            len(paths) / (time.perf_counter() - begin),
-            "files/s",
-            {"files": len(paths), "via": "scheduler.dicom.read_header", **machine()},
-        )
-        # In memory.
-        mem_rates = []
-        for round_ in range(args.rounds):
-            empty_store(url)
-            items = memory_items(args.memory_instances, str(round_))
+            # The CLI, start-up included.
+            cli_rates = []
+            for _ in range(args.rounds):
+                empty_store(url)
+                begin = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, "-m", "scheduler.cli", "ingest", "--recursive", str(files)],
+                    cwd=tmp,
+                    env={**os.environ, **values},
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                cli_rates.append(count / (time.perf_counter() - begin))
+            value = median(cli_rates)
+            emit(
+                "ingest.cli_files_per_second",
+                value,
+                "instances/s",
+                {**params, "files": count, "via": "dcm-scheduler ingest --recursive (subprocess)"},
+                target=f">= {TARGET_FILES:g} instances/s",
+                met=value >= TARGET_FILES,
+                samples=[round(r, 1) for r in cli_rates],
+            )
+            # Reading headers alone (no store): what parsing costs.
+            paths = list(iter_files([files], recursive=True))
             begin = time.perf_counter()
-            recorded = 0
-            for start in range(0, len(items), 500):
-                with transaction() as db:
-                    recorded += record_instances(db, items[start : start + 500]).recorded
-            elapsed = time.perf_counter() - begin
-            assert recorded == len(items)
-            mem_rates.append(len(items) / elapsed)
-        value = median(mem_rates)
-        emit(
-            "ingest.memory_per_second",
-            value,
-            "instances/s",
-            {
-                **params,
-                "instances": args.memory_instances,
-                "per_study": 100,
-                "batch": 500,
-                "via": "scheduler.ingest.record_instances",
-            },
-            target=f">= {TARGET_MEMORY:g} instances/s",
-            met=value >= TARGET_MEMORY,
-            samples=[round(r, 1) for r in mem_rates],
-        )
-    if backend == "postgresql":
-        drop_database(name)
+            for path in paths:
+                read_header(path)
+            emit(
+                "ingest.read_headers_per_second",
+                len(paths) / (time.perf_counter() - begin),
+                "files/s",
+                {"files": len(paths), "via": "scheduler.dicom.read_header", **machine()},
+            )
+            # In memory.
+            mem_rates = []
+            for round_ in range(args.rounds):
+                empty_store(url)
+                items = memory_items(args.memory_instances, str(round_))
+                begin = time.perf_counter()
+                recorded = 0
+                for start in range(0, len(items), 500):
+                    with transaction() as db:
+                        recorded += record_instances(db, items[start : start + 500]).recorded
+                elapsed = time.perf_counter() - begin
+                assert recorded == len(items)
+                mem_rates.append(len(items) / elapsed)
+            value = median(mem_rates)
+            emit(
+                "ingest.memory_per_second",
+                value,
+                "instances/s",
+                {
+                    **params,
+                    "instances": args.memory_instances,
+                    "per_study": 100,
+                    "batch": 500,
+                    "via": "scheduler.ingest.record_instances",
+                },
+                target=f">= {TARGET_MEMORY:g} instances/s",
+                met=value >= TARGET_MEMORY,
+                samples=[round(r, 1) for r in mem_rates],
+            )
 
 
 def main() -> None:

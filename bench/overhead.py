@@ -43,11 +43,9 @@ from bench.common import (
     REDIS_URL,
     celery_worker,
     cpu_seconds_of,
-    create_database,
     diamond_jobs,
-    drop_database,
     emit,
-    flush_redis,
+    flushed_redis,
     log,
     machine,
     manual_sessions,
@@ -55,6 +53,7 @@ from bench.common import (
     postgres_cpu_seconds,
     record_study,
     stop,
+    throwaway_database,
     worker_ready,
 )
 from scheduler import testing
@@ -226,62 +225,59 @@ def main() -> None:
     if not pools or unknown:
         parser.error(f"--pools takes a comma list of {', '.join(POOLS)}; got {args.pools!r}")
     name = "dcm_bench_overhead"
-    url = create_database(name)
-    jobs = args.sessions * 6
-    ours: dict[str, list[float]] = {pool: [] for pool in pools}
-    raw: dict[str, dict[str, list[float]]] = {
-        settings: {pool: [] for pool in pools} for settings in RAW_SETTINGS
-    }
-    with tempfile.TemporaryDirectory(prefix="dcm-bench-overhead-") as tmp:
-        home = Path(tmp)
-        values = testing.environment_values(home, url, REDIS_URL)
-        with testing.using_environment(values) as settings:
-            from scheduler.store.db import init_db
+    with throwaway_database(name) as url, flushed_redis():
+        jobs = args.sessions * 6
+        ours: dict[str, list[float]] = {pool: [] for pool in pools}
+        raw: dict[str, dict[str, list[float]]] = {
+            settings: {pool: [] for pool in pools} for settings in RAW_SETTINGS
+        }
+        with tempfile.TemporaryDirectory(prefix="dcm-bench-overhead-") as tmp:
+            home = Path(tmp)
+            values = testing.environment_values(home, url, REDIS_URL)
+            with testing.using_environment(values) as settings:
+                from scheduler.store.db import init_db
 
-            init_db(url)
-            flush_redis()
-            testing.noop_service(settings.services_path[0], diamond_jobs())
-            record_study(STUDY)
-            for pool in pools:
-                hostname = f"bench-{pool}@localhost"
-                workers = [
-                    celery_worker(
-                        "default",
-                        pool=pool,
-                        hostname=hostname,
-                        env=values,
-                        logfile=home / f"worker-{pool}.log",
-                    ),
-                    *(
-                        raw_worker(pool, raw_settings, home / f"raw-{raw_settings}-{pool}.log")
-                        for raw_settings in RAW_SETTINGS
-                    ),
-                ]
-                try:
-                    worker_ready(hostname)
-                    for raw_settings in RAW_SETTINGS:  # warm-up: imports, connections
-                        run_raw(10, raw_settings)
-                    run_ours(10)
-                    for round_ in range(args.rounds):
-                        for raw_settings in RAW_SETTINGS:
-                            seconds = run_raw(args.sessions, raw_settings)["seconds"]
-                            raw[raw_settings][pool].append(seconds * 1000 / jobs)
-                        ours[pool].append(run_ours(args.sessions)["seconds"] * 1000 / jobs)
-                        log(
-                            f"{pool} round {round_ + 1}: ours {ours[pool][-1]:.2f} ms/job, raw "
-                            + ", ".join(
-                                f"{raw[s][pool][-1]:.2f} ms/task ({s})" for s in RAW_SETTINGS
+                init_db(url)
+                testing.noop_service(settings.services_path[0], diamond_jobs())
+                record_study(STUDY)
+                for pool in pools:
+                    hostname = f"bench-{pool}@localhost"
+                    workers = [
+                        celery_worker(
+                            "default",
+                            pool=pool,
+                            hostname=hostname,
+                            env=values,
+                            logfile=home / f"worker-{pool}.log",
+                        ),
+                        *(
+                            raw_worker(pool, raw_settings, home / f"raw-{raw_settings}-{pool}.log")
+                            for raw_settings in RAW_SETTINGS
+                        ),
+                    ]
+                    try:
+                        worker_ready(hostname)
+                        for raw_settings in RAW_SETTINGS:  # warm-up: imports, connections
+                            run_raw(10, raw_settings)
+                        run_ours(10)
+                        for round_ in range(args.rounds):
+                            for raw_settings in RAW_SETTINGS:
+                                seconds = run_raw(args.sessions, raw_settings)["seconds"]
+                                raw[raw_settings][pool].append(seconds * 1000 / jobs)
+                            ours[pool].append(run_ours(args.sessions)["seconds"] * 1000 / jobs)
+                            log(
+                                f"{pool} round {round_ + 1}: ours {ours[pool][-1]:.2f} ms/job, raw "
+                                + ", ".join(
+                                    f"{raw[s][pool][-1]:.2f} ms/task ({s})" for s in RAW_SETTINGS
+                                )
                             )
-                        )
-                finally:
-                    for worker in workers:
-                        stop(worker)
-            split = run_split(args.split_sessions)
-            from workers_bridge.process import close_servers
+                    finally:
+                        for worker in workers:
+                            stop(worker)
+                split = run_split(args.split_sessions)
+                from workers_bridge.process import close_servers
 
-            close_servers()
-        flush_redis()
-    drop_database(name)
+                close_servers()
 
     params = {
         "sessions": args.sessions,

@@ -29,10 +29,9 @@ import redis
 from bench.common import (
     REDIS_URL,
     cpu_seconds_of,
-    create_database,
-    drop_database,
     emit,
     flush_redis,
+    flushed_redis,
     live_descendants_cpu_seconds,
     log,
     machine,
@@ -41,6 +40,7 @@ from bench.common import (
     postgres_cpu_seconds,
     record_study,
     redis_cpu_seconds,
+    throwaway_database,
 )
 from scheduler import testing
 
@@ -106,38 +106,36 @@ def measure(
     from scheduler.store.db import init_db, transaction
 
     name = f"dcm_bench_planning_{shape}"
-    url = create_database(name)
-    home = folder / shape
-    values = testing.environment_values(home, url, REDIS_URL) | {
-        "DCM_SERVICES_PATH": str(folder / "services")
-    }
-    with testing.using_environment(values):
-        init_db(url)
-        # One services folder per process: a service module is imported once.
-        testing.noop_service(folder / "services", jobs_of(shape))
-        record_study(STUDY, instances)
-        with transaction() as db:
-            record_presence(db, "bench-planning@localhost", ["dcm.planning", "default"])
-        for ready in (plan_session(s) for s in manual_sessions(STUDY, 20)):  # warm-up
-            assert ready is not None and len(ready.plan.jobs) == 10
-        rates = []
-        cpu = dict.fromkeys(("planner", "callback_hosts", "postgres", "redis"), 0.0)
-        for _ in range(rounds):
-            flush_redis()
-            ids = manual_sessions(STUDY, sessions)
-            before = cpu_split(name)
-            begin = time.perf_counter()
-            plan_in_processes(ids, planners)
-            elapsed = time.perf_counter() - begin
-            for part, seconds in cpu_split(name).items():
-                cpu[part] += seconds - before[part]
-            rates.append(sessions / elapsed)
-            per_session = 10 if shape == "flat" else 1
-            sent = queued_messages()
-            assert sent == sessions * per_session, (sent, sessions * per_session)
-            log(f"{shape}: {sessions} sessions in {elapsed:.2f}s, {sent} messages")
-        flush_redis()
-    drop_database(name)
+    with throwaway_database(name) as url, flushed_redis():
+        home = folder / shape
+        values = testing.environment_values(home, url, REDIS_URL) | {
+            "DCM_SERVICES_PATH": str(folder / "services")
+        }
+        with testing.using_environment(values):
+            init_db(url)
+            # One services folder per process: a service module is imported once.
+            testing.noop_service(folder / "services", jobs_of(shape))
+            record_study(STUDY, instances)
+            with transaction() as db:
+                record_presence(db, "bench-planning@localhost", ["dcm.planning", "default"])
+            for ready in (plan_session(s) for s in manual_sessions(STUDY, 20)):  # warm-up
+                assert ready is not None and len(ready.plan.jobs) == 10
+            rates = []
+            cpu = dict.fromkeys(("planner", "callback_hosts", "postgres", "redis"), 0.0)
+            for _ in range(rounds):
+                flush_redis()
+                ids = manual_sessions(STUDY, sessions)
+                before = cpu_split(name)
+                begin = time.perf_counter()
+                plan_in_processes(ids, planners)
+                elapsed = time.perf_counter() - begin
+                for part, seconds in cpu_split(name).items():
+                    cpu[part] += seconds - before[part]
+                rates.append(sessions / elapsed)
+                per_session = 10 if shape == "flat" else 1
+                sent = queued_messages()
+                assert sent == sessions * per_session, (sent, sessions * per_session)
+                log(f"{shape}: {sessions} sessions in {elapsed:.2f}s, {sent} messages")
     value = median(rates)
     # The target is for one planner process; more planners are the scale-out figure.
     scaled = {} if planners == 1 else {"target": None, "met": None}
