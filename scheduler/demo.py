@@ -89,6 +89,7 @@ def embedded_environment(home: Path) -> dict[str, str]:
 def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) -> int:
     from scheduler import detection, messages, queries
     from scheduler.ingest import ingest_paths
+    from scheduler.planning import evaluation_order
     from scheduler.registry import current_registry
     from scheduler.store.db import init_db, transaction
     from scheduler.store.models import SchedulingSession, Study
@@ -155,7 +156,7 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
     with transaction() as db:
         sessions = queries.list_sessions(db, limit=1000)
         jobs = queries.list_jobs(db, limit=10000)
-    print_summary(console, sessions, jobs)
+    print_summary(console, sessions, jobs, [d.job_name for d in evaluation_order(registry.jobs())])
     console.print(f"outputs:     {settings.output_dir}")
     console.print(f"look around: DCM_HOME={home} dcm-scheduler sessions | jobs | show SESSION_ID")
     failed = [j for j in jobs if j["status"] != "succeeded"]
@@ -165,17 +166,22 @@ def run_demo(home: Path | None, console: Console, *, all_samples: bool = False) 
 
 
 def print_summary(
-    console: Console, sessions: list[dict[str, Any]], jobs: list[dict[str, Any]]
+    console: Console,
+    sessions: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    order: list[str] | None = None,
 ) -> None:
-    """One row per session, one column per job: the DAG outcome at a glance."""
+    """One row per session, one column per job: the DAG outcome at a glance.
+    The columns follow ``order`` (the job names as planning evaluates them),
+    then any other job by name, whichever session was planned first."""
     from collections import Counter
 
-    names: list[str] = []
     by_session: dict[str, dict[str, dict[str, Any]]] = {}
-    for job in sorted(jobs, key=lambda j: j["created_at"] or ""):
-        if job["job_name"] not in names:
-            names.append(job["job_name"])
+    for job in jobs:
         by_session.setdefault(job["session_id"], {})[job["job_name"]] = job
+    seen = {job["job_name"] for job in jobs}
+    names = [name for name in dict.fromkeys(order or ()) if name in seen]
+    names += sorted(seen.difference(names))
     table = Table("session", "study", "status", *names)
     marks = {
         "succeeded": "[green]✔[/green]",

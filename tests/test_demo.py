@@ -33,3 +33,38 @@ def test_demo_runs_every_session_to_the_end_with_outputs(tmp_path: Path) -> None
     with zipfile.ZipFile(archives[0]) as bundle:
         assert bundle.testzip() is None
     assert not list(elsewhere.iterdir())  # nothing written outside the demo folder
+
+
+def test_the_summary_columns_follow_the_planning_order_whichever_session_came_first() -> None:
+    from rich.console import Console
+
+    from scheduler.demo import print_summary
+
+    def job(session: str, name: str, created: str) -> dict[str, object]:
+        return {
+            "session_id": session,
+            "job_name": name,
+            "status": "succeeded",
+            "created_at": created,
+            "error": None,
+        }
+
+    sessions = [
+        {"id": "s-early", "uid": "1.1", "status": "succeeded"},
+        {"id": "s-later", "uid": "1.2", "status": "succeeded"},
+    ]
+    # The session planned first had no `archive`; `extra` is in no order given.
+    jobs = [
+        job("s-early", "convert", "2026-01-01T00:00:00Z"),
+        job("s-early", "report", "2026-01-01T00:00:00Z"),
+        job("s-later", "report", "2026-01-01T00:00:01Z"),
+        job("s-later", "extra", "2026-01-01T00:00:01Z"),
+        job("s-later", "archive", "2026-01-01T00:00:01Z"),
+        job("s-later", "convert", "2026-01-01T00:00:01Z"),
+    ]
+    console = Console(record=True, width=200)
+    print_summary(console, sessions, jobs, ["convert", "archive", "report", "unplanned"])
+    header = next(line for line in console.export_text().splitlines() if "session" in line)
+    columns = [header.index(name) for name in ("convert", "archive", "report", "extra")]
+    assert columns == sorted(columns), header
+    assert "unplanned" not in header
