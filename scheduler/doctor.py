@@ -6,6 +6,7 @@ Each check returns a :class:`Check` with a status (``ok``, ``warning``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -120,6 +121,32 @@ def check_services(settings: Settings) -> Check:
             "put service folders (with dcm-processor.json) on DCM_SERVICES_PATH",
         )
     return Check("services", OK, summary)
+
+
+def check_header_fields(settings: Settings) -> Check | None:
+    """The header fields asked for (``DCM_HEADER_FIELDS``, or a legacy
+    system settings file's ``headerFields``) that no header ever holds: a
+    misspelt keyword keeps a field from every callback and worker, silently.
+    None when every field is passed on."""
+    from scheduler.dicom import ALL_TAGS
+    from scheduler.registry import current_registry
+
+    asked: Sequence[str] | None = settings.header_fields
+    where = "DCM_HEADER_FIELDS"
+    if asked is None:
+        asked, where = current_registry(settings).header_fields, "headerFields"
+    if asked is None:
+        return None
+    unknown = [name for name in asked if name not in ALL_TAGS]
+    if not unknown:
+        return Check("header_fields", OK, f"{where}: {len(asked)} field(s), all recorded")
+    return Check(
+        "header_fields",
+        WARNING,
+        f"{where} names {', '.join(unknown)}, which no header holds "
+        "(the store records only these DICOM keywords: " + ", ".join(ALL_TAGS) + ")",
+        f"correct the spelling in {where}, or leave those names out",
+    )
 
 
 def check_workers(settings: Settings) -> Check:
@@ -332,6 +359,9 @@ def run_checks(settings: Settings | None = None) -> list[Check]:
     settings = settings or get_settings()
     store = check_store(settings)
     checks = [store, check_broker(settings), check_services(settings)]
+    fields = check_header_fields(settings)
+    if fields:
+        checks.append(fields)
     if store.status == OK:
         checks += [check_workers(settings), check_beat(settings), check_backlog(settings)]
         paused = check_paused(settings)

@@ -7,6 +7,7 @@ import logging
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -194,3 +195,25 @@ def test_doctor_reports_a_beat_that_stopped(live: Settings, define: Define) -> N
     assert beat["status"] == "problem"
     silent = re.search(r"last renewed its lease (\d+)s ago", beat["detail"])
     assert silent is not None and 120 <= int(silent.group(1)) < 150  # expired 90 s + its 30 s
+
+
+def test_doctor_warns_about_header_fields_no_header_holds(
+    live: Settings, define: Define, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    define([{"jobName": "cpu-job", "workerEntry": WORK}])
+    renew_beat_lease()
+
+    def header_fields() -> dict[str, Any] | None:
+        use_environment({})
+        result = CliRunner().invoke(cli, ["doctor", "--json"])
+        assert result.exit_code == 0, result.output  # a warning, not a problem
+        return {c["name"]: c for c in json.loads(result.stdout)}.get("header_fields")
+
+    assert header_fields() is None  # every field: nothing to check
+    monkeypatch.setenv("DCM_HEADER_FIELDS", "StudyDescription,Modality")
+    assert header_fields()["status"] == "ok"  # type: ignore[index]
+    monkeypatch.setenv("DCM_HEADER_FIELDS", "StudyDescripton,Modality,PixelSpacingX")
+    check = header_fields()
+    assert check is not None and check["status"] == "warning"
+    assert "StudyDescripton, PixelSpacingX" in check["detail"]
+    assert "Modality," not in check["detail"].split("which no header holds")[0]
