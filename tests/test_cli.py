@@ -183,6 +183,28 @@ def test_services_validate_exits_1_and_names_the_problem(env: Settings, tmp_path
     assert doc["ok"] is False and doc["problems"]
 
 
+def test_services_validate_reports_a_definition_nested_too_deep_without_a_traceback(
+    env: Settings, tmp_path: Path
+) -> None:
+    root = tmp_path / "services"
+    (root / "good" / "good_code").mkdir(parents=True)
+    (root / "good" / "good_code" / "__init__.py").write_text("def worker(*a, **k):\n    pass\n")
+    (root / "good" / "dcm-processor.json").write_text(
+        json.dumps({"name": "good", "jobs": [{"jobName": "a", "workerEntry": "good_code:worker"}]})
+    )
+    (root / "zz-deep").mkdir()
+    (root / "zz-deep" / "dcm-processor.json").write_text("[" * 100_000 + "]" * 100_000)
+
+    result = run("services", "validate", str(root), code=1)
+
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "ok good (1 job(s))" in result.output
+    assert "zz-deep/dcm-processor.json: nested too deep: more than 100 levels" in result.output
+    assert "Traceback" not in result.output and "RecursionError" not in result.output
+    doc = json.loads(run("services", "validate", str(root), "--json", code=1).stdout)
+    assert doc["services"] == ["good"] and "nested too deep" in doc["problems"][0]
+
+
 def test_services_list_shows_jobs(env: Settings) -> None:
     from scheduler.testing import use_environment
 

@@ -769,6 +769,44 @@ def test_one_broken_service_does_not_stop_another(tmp_path: Path) -> None:
     assert [j.job_name for j in registry.jobs()] == ["fine"]
 
 
+def nested(levels: int) -> str:
+    """JSON text of objects ``levels`` deep: json.dumps recurses as deep."""
+    return '{"a": ' * levels + "{}" + "}" * levels
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # past what Python's JSON reader can read
+        f'[{{"jobName": "deep", "workerEntry": "m:worker", "params": {nested(5_000)}}}]',
+        # Readable, but storing it, a message or a callback's request would not be.
+        f'[{{"jobName": "deep", "workerEntry": "m:worker", "params": {nested(900)}}}]',
+    ],
+    ids=["brackets", "params-5000", "params-900"],
+)
+def test_a_definition_nested_too_deep_is_left_out_alone(tmp_path: Path, text: str) -> None:
+    simple_service(tmp_path, "good", job("fine", "good_code"))
+    folder = service(tmp_path, "zz-deep", text, {"m.py": CODE})
+
+    registry = load(tmp_path)
+
+    assert names(registry) == ["good"]
+    assert list(registry.broken) == ["zz-deep"]
+    said = "nested too deep: more than 100 levels of objects and lists"
+    assert only_problem(registry) == f"{folder / 'dcm-processor.json'}: {said}"
+
+
+def test_a_definition_100_levels_deep_is_read(tmp_path: Path) -> None:
+    # The job object and the list around it are two of the 100 levels.
+    text = f'[{{"jobName": "a", "workerEntry": "m:worker", "params": {nested(97)}}}]'
+    service(tmp_path, "svc", text, {"m.py": CODE})
+
+    registry = load(tmp_path)
+
+    assert registry.ok, messages(registry)
+    assert "a" in registry.job("a").params
+
+
 @pytest.mark.parametrize(
     ("module_code", "reason"),
     [
@@ -950,6 +988,18 @@ def test_system_jobs_cannot_change_their_phase(tmp_path: Path) -> None:
     settings = write(tmp_path / "settings.json", json.dumps({"preServices": pre}))
 
     assert "jobs of preServices are phase 'pre'" in only_problem(load(settings_file=settings))
+
+
+def test_a_settings_file_nested_too_deep_leaves_out_only_system_jobs(tmp_path: Path) -> None:
+    simple_service(tmp_path / "services", "good", job("fine", "good_code"))
+    deep = "[" * 100_000 + "]" * 100_000
+    settings = write(tmp_path / "settings.json", '{"preServices": ' + deep + "}")
+
+    registry = load(tmp_path / "services", settings_file=settings)
+
+    assert names(registry) == ["good"]
+    assert list(registry.broken) == ["system"]
+    assert "nested too deep" in only_problem(registry)
 
 
 # --------------------------------------------------------------------------

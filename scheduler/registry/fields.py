@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.config import ConfigError, parse_duration
-from scheduler.jsonsafe import unstorable
+from scheduler.jsonsafe import TOO_DEEP, unstorable
 from scheduler.registry.definitions import (
     CHANNEL,
     DEFAULT_PRIORITY,
@@ -68,7 +68,13 @@ def read_json(path: Path, draft: Draft) -> Any:
     except ValueError as exc:  # NaN, Infinity: Python reads them, no JSON has them
         draft.report(None, None, f"invalid JSON: {exc}")
         return None
+    except RecursionError:  # the reader recurses once per level of nesting
+        draft.report(None, None, TOO_DEEP)
+        return None
     flaw = unstorable(data)
+    if flaw == TOO_DEEP:
+        draft.report(None, None, TOO_DEEP)
+        return None
     if flaw:
         draft.report(None, None, f"the store cannot keep this file's values: {flaw}")
         return None
