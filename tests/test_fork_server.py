@@ -121,6 +121,16 @@ def test_a_result_nested_too_deep_for_json_fails_its_attempt_with_that_reason(
     assert outcome.error == "worker returned a value nested too deep for JSON"
 
 
+def test_a_result_nested_deeper_than_the_store_keeps_fails_its_attempt(tmp_path: Path) -> None:
+    # JSON, but storing it deep in a task's stack would not be.
+    outcome = execute(service(tmp_path, DEEP.replace("100_000", "200")), timeout=30)
+    assert not outcome.ok
+    assert outcome.error == (
+        "worker returned a value the store cannot keep: "
+        "nested too deep: more than 100 levels of objects and lists"
+    )
+
+
 LARGE_RESULT = """
 def work(jobName, headers, params, *args, **kwargs):
     return {"blob": "y" * params["characters"]}

@@ -138,7 +138,10 @@ def test_callback_parameters_no_store_keeps_leave_only_that_job_unscheduled(
     # stayed planning; SQLite kept it: now no store gets them.
     from scheduler.jsonsafe import unstorable
 
-    kinds = ("nan", "inf", "nul", "surrogate", "deep", "raise-nul", "raise-surrogate", "shown")
+    kinds = (
+        *("nan", "inf", "nul", "surrogate", "deep", "nested"),
+        *("raise-nul", "raise-surrogate", "shown"),
+    )
     define(
         [
             job(kind, registryEntry="dcm_testjobs:unkeepable", params={"kind": kind})
@@ -153,6 +156,7 @@ def test_callback_parameters_no_store_keeps_leave_only_that_job_unscheduled(
     assert "the store cannot keep: a string holds a NUL character" in reason(result, "nul")
     assert "not valid Unicode (a lone surrogate)" in reason(result, "surrogate")
     assert "nested too deep for JSON" in reason(result, "deep")
+    assert "cannot keep: nested too deep: more than 100 levels" in reason(result, "nested")
     assert "callback raised ValueError: bad a\\x00b value" in reason(result, "raise-nul")
     assert "bad \\ud800 value" in reason(result, "raise-surrogate")
     assert "odd\\x00repr" in reason(result, "shown")
