@@ -66,7 +66,7 @@ def line_in_job(file: Path | None, job_name: str, within: Sequence[str | int]) -
         document = json.loads(text)
         offsets: dict[KeyPath, int] = {}
         _walk(text, _skip(text, 0), (), offsets)
-    except (OSError, UnicodeDecodeError, ValueError, IndexError):
+    except (OSError, UnicodeDecodeError, ValueError, IndexError, RecursionError):
         return None
     for path in offsets:
         if path[-1:] != ("jobName",) or _get(document, path) != job_name:
