@@ -462,6 +462,19 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         ({"DCM_HOME": "/etc/hostname"}, "/etc/hostname is not a folder"),
         ({"DCM_DETECT_INTERVAL": "0"}, "DCM_DETECT_INTERVAL: '0' is too short"),
         ({"DCM_HEARTBEAT_INTERVAL": "0s"}, "DCM_HEARTBEAT_INTERVAL: '0s' is too short"),
+        # Past a socket's timeout, a sleep or a date: an OverflowError later on.
+        *(
+            ({name: value}, f"{name}: {value!r} is too long; use at most 366 days")
+            for name in (
+                "DCM_CALLBACK_TIMEOUT",
+                "DCM_STABLE_AGE",
+                "DCM_DETECT_INTERVAL",
+                "DCM_RESEND_AFTER",
+                "DCM_HEARTBEAT_INTERVAL",
+                "DCM_VISIBILITY_TIMEOUT",
+            )
+            for value in ("10000000000", "367d", "1" + "0" * 400)
+        ),
         ({"DCM_WEBHOOK_URLS": "hooks.example.org"}, "DCM_WEBHOOK_URLS: 'hooks.example.org'"),
         ({"DCM_WEBHOOK_EVENTS": "session.done"}, "DCM_WEBHOOK_EVENTS: unknown event"),
         ({"DCM_WEBHOOK_EVENTS": ","}, "DCM_WEBHOOK_EVENTS: no event given"),
@@ -484,6 +497,21 @@ def test_settings_that_cannot_work_are_wrong_usage_with_a_message(
     result = CliRunner().invoke(cli, ["sessions"])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_duration_settings_may_be_as_long_as_a_job_timeout() -> None:
+    from scheduler.config import load_settings
+
+    names = (
+        "DCM_CALLBACK_TIMEOUT",
+        "DCM_STABLE_AGE",
+        "DCM_DETECT_INTERVAL",
+        "DCM_RESEND_AFTER",
+        "DCM_HEARTBEAT_INTERVAL",
+        "DCM_VISIBILITY_TIMEOUT",
+    )
+    settings = load_settings(dict.fromkeys(names, "366d"))
+    assert settings.callback_timeout == settings.visibility_timeout == 366 * 86400
 
 
 def test_a_dotenv_that_is_not_text_is_reported(nowhere: Path) -> None:
