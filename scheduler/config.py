@@ -50,9 +50,10 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     )
 
 
-# A duration setting longer than this is a typo, and past what a socket's
-# timeout or date arithmetic can hold; job timeouts have the same limit.
-LONGEST_SETTING = 366 * 86400.0
+# A duration (a setting, a job's timeout or retry delay) longer than this is
+# a typo, and past what a socket's timeout, the store's times and Celery's
+# countdowns can hold.
+LONGEST_DURATION = 366 * 86400.0
 # An age longer than this is a typo (and past what dates can hold).
 LONGEST_AGE = 100 * 365 * 86400.0
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -240,7 +241,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         if value < least:
             # An interval of 0 turns a loop that waits into one that spins.
             raise ConfigError(f"{name}: {raw!r} is too short; use at least {least:g}s")
-        if value > LONGEST_SETTING:
+        if value > LONGEST_DURATION:
             raise ConfigError(f"{name}: {raw!r} is too long; use at most 366 days ('366d')")
         return value
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import ConfigError, parse_duration
+from scheduler.config import LONGEST_DURATION, ConfigError, parse_duration
 from scheduler.jsonsafe import TOO_DEEP, unstorable
 from scheduler.registry.definitions import (
     CHANNEL,
@@ -148,9 +148,6 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-# A job's timeout or retry delay longer than this is a typo, and past what
-# the store's times and Celery's countdowns can hold.
-LONGEST_DURATION_S = 366 * 86400.0
 # More retries than this is a typo; the attempt counters are 32-bit integers.
 MOST_RETRIES = 1000
 
@@ -163,7 +160,7 @@ def _duration(what: str, *, positive: bool) -> Callable[[Any], float]:
             raise Invalid(str(exc).removeprefix(f"{what}: ")) from exc
         if positive and seconds <= 0:
             raise Invalid("expected a duration greater than 0")
-        if seconds > LONGEST_DURATION_S:
+        if seconds > LONGEST_DURATION:
             raise Invalid(f"expected a duration of at most 366 days, got {show(value)}")
         return seconds
 
