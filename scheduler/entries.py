@@ -210,6 +210,17 @@ def _ensure_on_path(root: Path, front: bool) -> None:
         sys.path.insert(0, str(root)) if front else sys.path.append(str(root))
 
 
+def _raised(exc: BaseException) -> str:
+    """``Kind: message`` of what an import raised, never raising: its
+    ``__str__`` is service code too (as :func:`scheduler.untrusted.described`,
+    which this module, loaded from its file under a service's interpreter,
+    cannot import)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except BaseException:  # noqa: BLE001
+        return f"{type(exc).__name__} (its message could not be shown: its __str__ raised)"
+
+
 def load_entry(
     entry: str, roots: Sequence[Path], *, package: str | None = None, front: bool = False
 ) -> Callable[..., Any]:
@@ -231,7 +242,7 @@ def load_entry(
         except EntryError:
             raise
         except (Exception, SystemExit) as exc:  # service code may raise anything
-            raise EntryError(entry, f"{type(exc).__name__}: {exc}") from exc
+            raise EntryError(entry, _raised(exc)) from exc
     location = module_location(module)
     if location is None or not inside(location, absolute):
         raise EntryError(

@@ -503,3 +503,100 @@ def test_a_killed_worker_takes_down_an_attempt_whose_service_reset_the_parent_de
         for pid in started:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+UNSHOWABLE = """
+class Unshowable(Exception):
+    def __str__(self):
+        raise ValueError("no message")
+
+    @property
+    def __notes__(self):  # the traceback module raises on it
+        raise ValueError("no notes")
+
+
+def work(job_name, headers, params, added_params, **kwargs):
+    if params["notes"]:
+        raise Unshowable()
+
+    class Plain(Exception):
+        def __str__(self):
+            raise ValueError("no message")
+
+    raise Plain()
+"""
+
+
+@pytest.mark.parametrize("notes", [False, True])
+def test_an_exception_whose_message_raises_is_named_with_what_traceback_can_be_shown(
+    tmp_path: Path, notes: bool
+) -> None:
+    request = service(tmp_path, UNSHOWABLE)
+    outcome = execute({**request, "params": {"notes": notes}}, timeout=30)
+    assert not outcome.ok
+    kind = "Unshowable" if notes else "Plain"
+    assert outcome.error.startswith(f"{kind} (its message could not be shown: its __str__ raised)")
+    assert "Traceback (most recent call last)" in outcome.error
+    assert "in work" in outcome.error  # the worker's frame
+
+
+ODD_VALUES = """
+import sys
+
+
+class Unrepresentable:
+    def __repr__(self):
+        raise ValueError("no repr")
+
+
+class Unreadable(dict):
+    def items(self):
+        raise KeyError("no items")
+
+
+def work(job_name, headers, params, added_params, **kwargs):
+    if params["odd"] == "exit":
+        sys.exit(Unrepresentable())
+    return Unreadable(a=1)
+"""
+
+
+def test_an_exit_code_or_result_that_raises_when_read_fails_its_attempt_saying_so(
+    tmp_path: Path,
+) -> None:
+    request = service(tmp_path, ODD_VALUES)
+    outcome = execute({**request, "params": {"odd": "exit"}}, timeout=30)
+    assert outcome.error == "worker called sys.exit(<Unrepresentable object whose repr raised>)"
+    outcome = execute({**request, "params": {"odd": "result"}}, timeout=30)
+    assert outcome.error.startswith(
+        "worker returned a value that raised while encoded as JSON (Unreadable): "
+        "KeyError: 'no items'"
+    )
+
+
+CLOSING_OUTPUT = """
+import os
+
+
+def work(job_name, headers, params, added_params, **kwargs):
+    print("before", flush=True)
+    os.close(1)
+    os.close(2)
+    print("unfinished", end="")  # buffered: written when the attempt flushes
+    if params["raise"]:
+        raise RuntimeError("after closing its output")
+    return {"closed": True}
+"""
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_worker_that_closed_its_output_still_has_its_return_or_exception_recorded(
+    tmp_path: Path, fails: bool
+) -> None:
+    request = service(tmp_path, CLOSING_OUTPUT)
+    outcome = execute({**request, "params": {"raise": fails}}, timeout=30)
+    if fails:
+        assert outcome.error.startswith("RuntimeError: after closing its output"), outcome.error
+        assert "before" in outcome.error  # the output tail
+    else:
+        assert outcome.ok and outcome.result == {"closed": True}, outcome.error

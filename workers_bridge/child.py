@@ -14,12 +14,12 @@ not JSON all become errors with a message that says which.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ LARGEST_RESULT = 4 * 1024 * 1024
 
 def scheduler_module(name: str) -> Any:
     """``scheduler.<name>``, one of its standard-library-only modules
-    (``entries``, ``lifeline``, ``jsonsafe``): imported as usual in the worker's own
+    (``entries``, ``lifeline``, ``jsonsafe``,
+    ``untrusted``): imported as usual in the worker's own
     interpreter, loaded from its file under a service's interpreter, which
     does not have the scheduler installed."""
     if __package__:
@@ -47,8 +48,9 @@ def scheduler_module(name: str) -> Any:
     return module
 
 
-# Loaded with this module, so the fork server has it before it forks.
+# Loaded with this module, so the fork server has them before it forks.
 jsonsafe = scheduler_module("jsonsafe")
+untrusted = scheduler_module("untrusted")
 
 
 def service_modules(entry: str, roots: list[str] | None = None) -> list[str]:
@@ -90,8 +92,8 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
     except BaseException as exc:  # noqa: BLE001
         return {
             "ok": False,
-            "error": f"cannot import workerEntry {request['entry']!r}: {type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
+            "error": f"cannot import workerEntry {request['entry']!r}: {untrusted.described(exc)}",
+            "traceback": untrusted.traceback_text(exc),
         }
     try:
         value = worker(
@@ -102,27 +104,39 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             **request.get("kwargs", {}),
         )
     except SystemExit as exc:
-        return {"ok": False, "error": f"worker called sys.exit({exc.code!r})", "traceback": ""}
+        return {
+            "ok": False,
+            "error": f"worker called sys.exit({untrusted.shown(exc.code)})",
+            "traceback": "",
+        }
     except BaseException as exc:  # noqa: BLE001 - the worker's failure is the job's error
         return {
             "ok": False,
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
+            "error": untrusted.described(exc),
+            "traceback": untrusted.traceback_text(exc),
         }
     try:
         encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return {
-            "ok": False,
-            "error": f"worker returned a value that is not JSON-serialisable "
-            f"({type(value).__name__}): {exc}",
-            "traceback": "",
-        }
     except RecursionError:
         return {
             "ok": False,
             "error": "worker returned a value nested too deep for JSON",
             "traceback": "",
+        }
+    except (TypeError, ValueError) as exc:
+        reason = untrusted.message(exc) or untrusted.described(exc)
+        return {
+            "ok": False,
+            "error": f"worker returned a value that is not JSON-serialisable "
+            f"({untrusted.class_name(value)}): {reason}",
+            "traceback": "",
+        }
+    except BaseException as exc:  # noqa: BLE001 - a dict subclass's items() is service code
+        return {
+            "ok": False,
+            "error": f"worker returned a value that raised while encoded as JSON "
+            f"({untrusted.class_name(value)}): {untrusted.described(exc)}",
+            "traceback": untrusted.traceback_text(exc),
         }
     if len(encoded) > LARGEST_RESULT:
         return {
@@ -132,6 +146,11 @@ def run(request: dict[str, Any], worker: Any | None = None) -> dict[str, Any]:
             "to files in kwargs['output_dir'] and return their paths",
             "traceback": "",
         }
+    # The response carries the value as JSON read back: plain data, which
+    # writing the response cannot make run service code again (a subclass's
+    # items() or __repr__).
+    with contextlib.suppress(RecursionError):  # as deep as json.dumps managed: kept as is
+        value = json.loads(encoded)
     flaw = jsonsafe.unstorable(value)
     if flaw:
         return {

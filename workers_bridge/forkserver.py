@@ -57,6 +57,7 @@ def _sibling(name: str) -> Any:
 
 
 child = _sibling("child")
+untrusted = child.scheduler_module("untrusted")
 # A response up to this size goes through the attempt's pipe, if the pipe's
 # buffer holds it (64 KiB on Linux, unless its user has many); larger ones,
 # or ones the pipe cannot take at once, through the response file.
@@ -136,8 +137,7 @@ def _fork(replies: int, then: Any, *args: Any) -> int:
     """Fork a child detached from the server (:func:`_detach`) that runs
     ``then(*args)`` and exits (status 70 if anything in it raised); its pid."""
     server = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    untrusted.flush_output()  # a service's import may have closed them
     pid = os.fork()
     if pid == 0:
         code = 70
@@ -168,8 +168,7 @@ def attempt(request: dict[str, Any], worker: Any | None, folder: str, responses:
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         response = child.run(request, worker=worker)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        untrusted.flush_output()
         _respond(responses, folder, response, me, pipe)
     except BaseException:  # noqa: BLE001 - the parent reports a missing response
         code = 70
