@@ -32,13 +32,13 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scheduler.jsonsafe import unstorable
 from scheduler.lifeline import guard, kill_tree, reassert
+from scheduler.untrusted import described, flush_output, message, shown, traceback_text
 
 _LENGTH = struct.Struct("!I")
 # A fresh host imports the scheduler's registry before its first call; that
@@ -73,11 +73,16 @@ def interpret_return(value: Any) -> CallbackOutcome:
                 "the second item must be a dict of parameters",
             )
         try:
-            json.dumps(params, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            return CallbackOutcome(False, f"callback returned parameters that are not JSON: {exc}")
+            # Read back, the parameters are plain data: answering with them
+            # runs no service code again (a dict subclass's items()).
+            params = json.loads(json.dumps(params, allow_nan=False))
         except RecursionError:
             return CallbackOutcome(False, "callback returned parameters nested too deep for JSON")
+        except (TypeError, ValueError) as exc:
+            reason = message(exc) or described(exc)
+            return CallbackOutcome(
+                False, f"callback returned parameters that are not JSON: {reason}"
+            )
         flaw = unstorable(params)
         if flaw:
             return CallbackOutcome(
@@ -85,11 +90,11 @@ def interpret_return(value: Any) -> CallbackOutcome:
             )
         verb = "returned" if decision else "declined with"
         return CallbackOutcome(decision, f"callback {verb} ({decision}, params)", params or {})
-    shown = repr(value)
-    if len(shown) > 200:
-        shown = shown[:200] + "…"
+    text = shown(value)
+    if len(text) > 200:
+        text = text[:200] + "…"
     return CallbackOutcome(
-        False, f"callback returned {shown}; expected True, False or (bool, dict): not scheduled"
+        False, f"callback returned {text}; expected True, False or (bool, dict): not scheduled"
     )
 
 
@@ -305,10 +310,17 @@ def call(request: dict[str, Any], headers: Any, cache: dict[Any, Any]) -> dict[s
     except BaseException as error:  # noqa: BLE001 - the callback's failure is the decision
         return {
             "scheduled": False,
-            "reason": f"callback raised {type(error).__name__}: {error}",
-            "traceback": "".join(traceback.format_exception(error)),
+            "reason": f"callback raised {described(error)}",
+            "traceback": traceback_text(error),
         }
-    outcome = interpret_return(value)
+    try:
+        outcome = interpret_return(value)
+    except BaseException as error:  # noqa: BLE001 - a value's __len__ or keys() is service code
+        return {
+            "scheduled": False,
+            "reason": f"callback returned a value that raised while read: {described(error)}",
+            "traceback": traceback_text(error),
+        }
     return {
         "scheduled": outcome.scheduled,
         "reason": outcome.reason,
@@ -340,7 +352,24 @@ def check_imports(entries: list[list[Any]]) -> dict[str, Any]:
     return {"errors": errors, "modules": modules}
 
 
-def serve(sock: socket.socket) -> None:
+def _reopen_output(saved: int | None) -> None:
+    """Give a callback that closed the host's standard output or error
+    (descriptors 1 and 2) them back, as ``saved``: the next callback's
+    ``print`` must not fail for it."""
+    if saved is None:
+        return
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.dup2(saved, fd)
+
+
+def serve(sock: socket.socket, output: int | None = None) -> None:
+    """Answer the planner's requests until it closes ``sock``. ``output``:
+    a copy of the descriptor callbacks print to, to put back when one closed
+    it."""
     cache: dict[Any, Any] = {}
     host = os.getpid()
     _send(sock, b"ready")
@@ -360,10 +389,12 @@ def serve(sock: socket.socket) -> None:
         reassert()  # for the next call, whatever this one did
         try:
             answer = json.dumps(decision)
-        except (TypeError, ValueError) as exc:  # a reason or params that are not JSON
-            answer = json.dumps({"scheduled": False, "reason": f"callback result: {exc}"})
-        sys.stdout.flush()
-        sys.stderr.flush()
+        except BaseException as exc:  # noqa: BLE001 - a reason or params that are not JSON
+            answer = json.dumps(
+                {"scheduled": False, "reason": f"callback result: {described(exc)}"}
+            )
+        _reopen_output(output)
+        flush_output()
         _send(sock, answer.encode())
 
 
@@ -378,7 +409,7 @@ def main(argv: list[str]) -> int:
     # standard output of a command such as `plan --dry-run --json`.
     os.dup2(2, 1)
     with socket.socket(fileno=fd) as sock:
-        serve(sock)
+        serve(sock, os.dup(2))
     return 0
 
 

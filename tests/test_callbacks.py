@@ -384,3 +384,110 @@ def test_a_host_stopping_half_way_through_an_answer_is_a_timeout() -> None:
     finally:
         host_end.close()
         real.close()
+
+
+UNRULY_CALLBACKS = """
+import os
+import sys
+
+
+class Unshowable(Exception):
+    def __str__(self):
+        raise ValueError("no message")
+
+
+class Unrepresentable:
+    def __repr__(self):
+        raise ValueError("no repr")
+
+
+class Unreadable(dict):
+    def items(self):
+        raise KeyError("no items")
+
+
+def unshowable(*args, **kwargs):
+    raise Unshowable()
+
+
+def unrepresentable(*args, **kwargs):
+    return Unrepresentable()
+
+
+def unreadable(*args, **kwargs):
+    return True, Unreadable(a=1)
+
+
+def closing(*args, **kwargs):
+    sys.stdout = open(1, "w", buffering=65536, closefd=False)  # flushed by the host
+    os.close(1)
+    os.close(2)
+    print("unwritten")
+    return True
+
+
+def closing_then_failing(*args, **kwargs):
+    os.close(1)
+    os.close(2)
+    os.write(1, b"nowhere")
+    return True
+
+
+def printing(*args, **kwargs):
+    print("still here")
+    return True
+"""
+
+
+def test_a_callback_that_raises_when_shown_or_closes_its_output_still_decides_in_the_same_host(
+    tmp_path: Path,
+) -> None:
+    from scheduler.callbacks import hosts, run_in_host
+
+    (tmp_path / "dcm_unruly").mkdir()
+    (tmp_path / "dcm_unruly" / "__init__.py").write_text(UNRULY_CALLBACKS)
+
+    def decide(name: str) -> dict[str, object]:
+        request = {
+            "entry": f"dcm_unruly:{name}",
+            "roots": [str(tmp_path)],
+            "job_name": "unruly",
+            "params": {},
+            "added_params": {},
+            "kwargs": {},
+        }
+        return run_in_host(request, b"{}", 30, "unruly")
+
+    try:
+        first = decide("unshowable")
+        host = hosts.get("unruly").process.pid
+        assert not first["scheduled"]
+        assert first["reason"] == (
+            "callback raised Unshowable (its message could not be shown: its __str__ raised)"
+        )
+        assert "raise Unshowable()" in str(first["traceback"])
+        second = decide("unrepresentable")
+        assert second["reason"].startswith(
+            "callback returned <Unrepresentable object whose repr raised>; expected"
+        )
+        third = decide("unreadable")
+        assert not third["scheduled"]
+        assert (
+            third["reason"]
+            == "callback returned a value that raised while read: KeyError: 'no items'"
+        )
+        # Closing its output loses what it printed, not its decision, and the
+        # next callback prints as usual, in the same host.
+        closing = decide("closing")
+        assert closing["scheduled"] is True, closing
+        failing = decide("closing_then_failing")
+        assert failing["reason"] == "callback raised OSError: [Errno 9] Bad file descriptor"
+        assert decide("printing") == {
+            "scheduled": True,
+            "reason": "callback returned True",
+            "params": None,
+            "traceback": None,
+        }
+        assert hosts.get("unruly").process.pid == host
+    finally:
+        hosts.discard()
