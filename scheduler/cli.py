@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -153,6 +154,15 @@ def printable(text: str) -> str:
     )
 
 
+def shown(value: Any) -> str:
+    """Stored text that services or their data control (job and service
+    names, errors, callback reasons, UIDs), as Rich markup that prints it
+    as it is: what a worker raises may hold a terminal escape that clears
+    the screen or sets the window title, or ``[red]`` that Rich would read
+    as markup (README, "Failure modes"). ``--json`` keeps it unchanged."""
+    return escape(printable("" if value is None else str(value)))
+
+
 def first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
@@ -266,17 +276,17 @@ def services_list(as_json: JsonOption = False) -> None:
     for service in registry.services:
         for job in service.jobs:
             grid.add_row(
-                f"{service.name} {service.version}".strip(),
-                job.job_name + (" (disabled)" if job.disabled else ""),
-                job.phase,
-                ", ".join(job.events),
-                ", ".join(job.depends_on),
-                job.channel,
-                job.registry_entry or "-",
+                shown(f"{service.name} {service.version}".strip()),
+                shown(job.job_name) + (" (disabled)" if job.disabled else ""),
+                shown(job.phase),
+                shown(", ".join(job.events)),
+                shown(", ".join(job.depends_on)),
+                shown(job.channel),
+                shown(job.registry_entry or "-"),
             )
     print_table(grid)
     for problem in report["problems"]:
-        errors.print(f"[red]problem:[/red] {problem}", highlight=False)
+        errors.print(f"[red]problem:[/red] {shown(problem)}", highlight=False)
     if report["problems"]:
         raise typer.Exit(1)
 
@@ -312,9 +322,9 @@ def services_validate(
         )
     else:
         for service in registry.services:
-            console.print(f"[green]ok[/green] {service.name} ({len(service.jobs)} job(s))")
+            console.print(f"[green]ok[/green] {shown(service.name)} ({len(service.jobs)} job(s))")
         for problem in problems:
-            console.print(f"[red]problem:[/red] {problem}", highlight=False)
+            console.print(f"[red]problem:[/red] {shown(problem)}", highlight=False)
         if not registry.services and not problems:
             console.print("no services found in " + ", ".join(map(str, folders)))
     if problems:
@@ -359,7 +369,8 @@ def detect(
         console.print("no stable candidates")
     for c in claimed:
         what = f"session {short(c['session_id'])}" if c["session_id"] else "already planned"
-        console.print(f"{c['level']} {c['uid']} rev {c['revision']}: {c['event']} → {what}")
+        found = f"{c['level']} {c['uid']} rev {c['revision']}: {c['event']}"
+        console.print(f"{shown(found)} → {what}")
 
 
 def candidate(study: str | None, series: str | None, patient: str | None) -> tuple[str, str]:
@@ -448,14 +459,19 @@ def print_trace(trace: dict[str, Any]) -> None:
         decision = (
             "[green]scheduled[/green]" if entry.get("scheduled") else "[dim]not scheduled[/dim]"
         )
-        grid.add_row(name, entry.get("phase", ""), decision, first_line(entry.get("reason")))
+        grid.add_row(
+            shown(name),
+            shown(entry.get("phase", "")),
+            decision,
+            shown(first_line(entry.get("reason"))),
+        )
     print_table(grid)
     for reason in trace.get("urgent", []):
-        console.print(f"[bold red]urgent:[/bold red] {reason}", highlight=False)
+        console.print(f"[bold red]urgent:[/bold red] {shown(reason)}", highlight=False)
     for problem in trace.get("service_problems", []):
-        errors.print(f"[red]service problem:[/red] {problem}", highlight=False)
+        errors.print(f"[red]service problem:[/red] {shown(problem)}", highlight=False)
     for warning in trace.get("warnings", []):
-        errors.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        errors.print(f"[yellow]warning:[/yellow] {shown(warning)}", highlight=False)
 
 
 @app.command()
@@ -576,7 +592,7 @@ def start_cohort(request: CohortRequest, *, dry_run: bool, no_wait: bool, as_jso
             return
         console.print(f"{found.count} {request.level}(s) match; nothing opened (--dry-run)")
         for uid in found.first:
-            console.print(f"  {uid}", highlight=False)
+            console.print(f"  {shown(uid)}", highlight=False)
         if found.count > len(found.first):
             console.print(f"  … and {found.count - len(found.first)} more")
         return
@@ -733,7 +749,7 @@ def report_action(action: Callable[[], Any], as_json: bool, said: Callable[[Any]
     if as_json:
         print_json(report.as_dict())
     else:
-        console.print(said(report), highlight=False)
+        console.print(shown(said(report)), highlight=False)
 
 
 @app.command()
@@ -868,9 +884,9 @@ def workers(as_json: JsonOption = False) -> None:
     for row in rows:
         state = "[green]live[/green]" if row["live"] else "[red]silent[/red]"
         grid.add_row(
-            row["hostname"],
+            shown(row["hostname"]),
             ", ".join(
-                f"{c} [yellow](paused)[/yellow]" if c in row["paused"] else c
+                f"{shown(c)} [yellow](paused)[/yellow]" if c in row["paused"] else shown(c)
                 for c in row["channels"]
             ),
             when(row["last_heartbeat"]),
@@ -894,11 +910,12 @@ def print_paused() -> None:
     with transaction() as db:
         paused = queries.list_paused(db)
     for row in paused:
-        reason = f": {row['reason']}" if row["reason"] else ""
+        reason = f": {shown(row['reason'])}" if row["reason"] else ""
+        channel = shown(row["channel"])
         console.print(
-            f"[yellow]channel {row['channel']} paused[/yellow] since "
+            f"[yellow]channel {channel} paused[/yellow] since "
             f"{when(row['paused_at'])}{reason}; {row['queued']} job(s) queued "
-            f"(`dcm-scheduler resume {row['channel']}`)"
+            f"(`dcm-scheduler resume {channel}`)"
         )
 
 
@@ -983,9 +1000,9 @@ def sessions_command(
     for row in rows:
         grid.add_row(
             short(row["id"]),
-            row["event"],
-            row["level"],
-            row["uid"],
+            shown(row["event"]),
+            shown(row["level"]),
+            shown(row["uid"]),
             str(row["revision"]),
             styled(row["status"]),
             "[bold red]urgent[/bold red]" if row.get("urgent") else "",
@@ -1048,12 +1065,12 @@ def jobs_command(
         grid.add_row(
             short(row["id"]),
             short(row["session_id"]),
-            row["job_name"],
-            row["phase"],
-            row["channel"],
+            shown(row["job_name"]),
+            shown(row["phase"]),
+            shown(row["channel"]),
             styled(row["status"]),
             str(row["attempts"]),
-            row["worker"] or "",
+            shown(row["worker"]),
             seconds(row["duration_s"]),
         )
     print_table(grid)
@@ -1103,12 +1120,12 @@ def print_provenance(rows: list[dict[str, Any]]) -> None:
         grid.add_row(
             short(row["id"]),
             short(row["session_id"]),
-            row["job_name"],
-            row["service_version"],
-            row["service_hash"][:12],
+            shown(row["job_name"]),
+            shown(row["service_version"]),
+            shown(row["service_hash"][:12]),
             styled(row["status"]),
             when(row["finished_at"]),
-            row["output_dir"] or "",
+            shown(row["output_dir"]),
         )
     print_table(grid)
 
@@ -1142,45 +1159,48 @@ def render_session(document: dict[str, Any]) -> None:
     from scheduler import queries
 
     console.print(
-        f"session [bold]{document['id']}[/bold]  {document['level']} {document['uid']}  "
-        f"event {document['event']}  revision {document['revision']}  "
+        f"session [bold]{document['id']}[/bold]  {shown(document['level'])} "
+        f"{shown(document['uid'])}  event {shown(document['event'])}  "
+        f"revision {document['revision']}  "
         f"status {styled(document['status'])}"
         + ("  [bold red]urgent[/bold red]" if document.get("urgent") else ""),
         highlight=False,
     )
     if document.get("error"):
-        console.print(f"[red]{document['error']}[/red]", highlight=False)
+        console.print(f"[red]{shown(document['error'])}[/red]", highlight=False)
     grid = table("stage", "job", "phase", "status", "attempts", "duration", "after")
     for index, stage in enumerate(queries.stages(document["jobs"]), start=1):
         for job in stage:
             mark = STATUS_MARK.get(job["status"], " ")
             grid.add_row(
                 str(index),
-                f"{mark} {job['job_name']}",
-                job["phase"],
+                f"{mark} {shown(job['job_name'])}",
+                shown(job["phase"]),
                 styled(job["status"]),
                 str(job["attempts"]),
                 seconds(job["duration_s"]),
-                ", ".join(job["depends_on"]),
+                shown(", ".join(job["depends_on"])),
             )
     if document["jobs"]:
         print_table(grid)
     for line in provenance_lines(document["jobs"]):
-        console.print(line, highlight=False, markup=False)
+        console.print(printable(line), highlight=False, markup=False)
     for job in document["jobs"]:
         if job["error"]:
             console.print(
-                f"[red]{job['job_name']}[/red]: {first_line(job['error'])}", highlight=False
+                f"[red]{shown(job['job_name'])}[/red]: {shown(first_line(job['error']))}",
+                highlight=False,
             )
         if job.get("waiting"):
             console.print(
-                f"[yellow]{job['job_name']}[/yellow]: waiting, {job['waiting']}", highlight=False
+                f"[yellow]{shown(job['job_name'])}[/yellow]: waiting, {shown(job['waiting'])}",
+                highlight=False,
             )
     trace = document.get("trace") or {}
     for left_out in trace.get("services_left_out", []):
         console.print(
-            f"[red]service {left_out['service']!r} left out[/red] ({left_out['file']}): "
-            + "; ".join(left_out["problems"]),
+            f"[red]service {shown(repr(left_out['service']))} left out[/red] "
+            f"({shown(left_out['file'])}): " + shown("; ".join(left_out["problems"])),
             highlight=False,
         )
     skipped = {
@@ -1189,9 +1209,11 @@ def render_session(document: dict[str, Any]) -> None:
     if skipped:
         console.print("not scheduled:")
         for name, entry in skipped.items():
-            console.print(f"  {name}: {first_line(entry.get('reason'))}", highlight=False)
+            console.print(
+                f"  {shown(name)}: {shown(first_line(entry.get('reason')))}", highlight=False
+            )
     for warning in trace.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {shown(warning)}", highlight=False)
     if any(job["error"] for job in document["jobs"]) or any(
         entry.get("traceback") for entry in skipped.values()
     ):
@@ -1238,9 +1260,11 @@ def doctor(as_json: JsonOption = False) -> None:
             PROBLEM: "[red]problem[/red]",
         }
         for check in checks:
-            console.print(f"{marks[check.status]} {check.name}: {check.detail}", highlight=False)
+            console.print(
+                f"{marks[check.status]} {check.name}: {shown(check.detail)}", highlight=False
+            )
             if check.fix:
-                console.print(f"         fix: {check.fix}", highlight=False)
+                console.print(f"         fix: {shown(check.fix)}", highlight=False)
     if any(c.status == PROBLEM for c in checks):
         raise typer.Exit(1)
 

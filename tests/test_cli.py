@@ -745,3 +745,37 @@ def test_a_table_cut_at_its_limit_says_so(env: Settings) -> None:
     assert "2 sessions shown, there may be more: raise --limit" in cut.stderr
     whole = CliRunner().invoke(cli, ["sessions", "--limit", "5"])
     assert "there may be more" not in whole.stderr
+
+
+HOSTILE = "boom \x1b[2J\x1b]0;PWNED-TITLE\x07\x1b[31mRED\x9b[0m [bold]markup\x7f"
+
+
+def test_text_services_control_is_printed_with_control_characters_escaped(planned: str) -> None:
+    # A worker's error, a callback's reason, a job's job name and worker may
+    # hold terminal escapes (clear the screen, set the window title) and
+    # Rich markup: tables and lines show them, never act on them.
+    from sqlalchemy import select
+
+    from scheduler.store.models import Job
+
+    with transaction() as db:
+        job = db.scalars(select(Job).where(Job.session_id == planned, Job.job_name == "a")).one()
+        job.status, job.error, job.worker = "failed", f"RuntimeError: {HOSTILE}", HOSTILE
+        session = db.get(SchedulingSession, planned)
+        assert session is not None
+        trace = dict(session.trace)
+        trace["jobs"] = {**trace["jobs"], "never": {**trace["jobs"]["never"], "reason": HOSTILE}}
+        trace["warnings"] = [HOSTILE]
+        session.trace, session.error = trace, HOSTILE
+    escaped = "boom \\x1b[2J\\x1b]0;PWNED-TITLE\\x07\\x1b[31mRED\\x9b[0m [bold]markup\\x7f"
+    for args in (["show", planned], ["jobs"], ["sessions"]):
+        output = run(*args).output
+        for raw in ("\x1b", "\x07", "\x9b", "\x7f"):
+            assert raw not in output, (args, output)
+    shown = run("show", planned).output
+    assert f"a: RuntimeError: {escaped}" in shown
+    assert f"never: {escaped}" in shown
+    assert f"warning: {escaped}" in shown
+    assert escaped in run("jobs", "--session", planned).output.replace("\n", "")
+    [failed] = [job for job in run_json("show", planned)["jobs"] if job["job_name"] == "a"]
+    assert failed["error"] == f"RuntimeError: {HOSTILE}"  # JSON keeps the text as it is
