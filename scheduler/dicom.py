@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
+
+from scheduler.truncation import cut_reason
 
 PATIENT_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 STUDY_TAGS = (
@@ -195,9 +196,14 @@ def _read(path: Path) -> Dataset:
         except InvalidDicomError:
             dataset = None
         except Exception as exc:  # pydicom raises many types on truncated/corrupt files
-            raise NotDicomError(
-                location, f"unreadable DICOM ({type(exc).__name__}: {exc})"
-            ) from exc
+            error = f"{type(exc).__name__}: {exc}"
+            if file.tell() >= os.fstat(file.fileno()).st_size:
+                # pydicom ran out of bytes (mostly inside a sequence): its own
+                # words do not say the file was cut.
+                reason = f"truncated: the file ends before pydicom read it whole ({error})"
+            else:
+                reason = f"unreadable DICOM ({error})"
+            raise NotDicomError(location, reason) from exc
         if dataset is None:
             # Files written without the 128-byte preamble are still DICOM;
             # accept them only when a forced read finds the identifying UIDs.
@@ -210,51 +216,7 @@ def _read(path: Path) -> Dataset:
                 dataset = None
             if dataset is None or dataset.get("SOPInstanceUID") is None:
                 raise NotDicomError(location, "not DICOM (no DICM preamble and no readable header)")
-        cut = _pixels_cut(file, dataset)
+        cut = cut_reason(file, dataset)
     if cut:
         raise NotDicomError(location, cut)
     return dataset
-
-
-# Pixel data elements, and the VRs whose explicit length takes 4 bytes.
-_PIXEL_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
-
-
-def _pixels_cut(file: Any, dataset: Dataset) -> str:
-    """Why the file ends inside its pixel data ("" when it does not): the
-    header stops before them, so the reader never sees a file cut there.
-    Read from where the header stopped, the pixel data element's declared
-    length against the file's size; pixel data of undefined length
-    (compressed) and deflated files are not checked."""
-    implicit, little = dataset.original_encoding
-    syntax = getattr(dataset.get("file_meta"), "TransferSyntaxUID", None)
-    if implicit is None or little is None or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        return ""
-    start = file.tell()
-    head = file.read(12)
-    if not head:
-        return ""  # no pixel data: the header ran to the end
-    if len(head) < 8:
-        return "truncated: the file ends inside an element's tag"
-    order = "<" if little else ">"
-    group, element = struct.unpack(order + "HH", head[:4])
-    if (group, element) not in _PIXEL_TAGS:
-        return ""
-    if not (head[4:6].isalpha() and head[4:6].isupper()):
-        implicit = True  # written without its VR whatever the syntax says, as pydicom reads it
-    if implicit:
-        (length,), header = struct.unpack(order + "I", head[4:8]), 8
-    elif head[4:6] in _LONG_VRS:
-        if len(head) < 12:
-            return "truncated: the file ends inside its pixel data"
-        (length,), header = struct.unpack(order + "I", head[8:12]), 12
-    else:
-        (length,), header = struct.unpack(order + "H", head[6:8]), 8
-    if length == 0xFFFFFFFF:
-        return ""
-    size = os.fstat(file.fileno()).st_size
-    if start + header + length > size:
-        missing = start + header + length - size
-        return f"truncated: the file ends {missing} bytes before the end of its pixel data"
-    return ""

@@ -10,8 +10,10 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
 from sqlalchemy import select
 
+from scheduler.dicom import NotDicomError, read_header
 from scheduler.ingest import fingerprint, ingest_paths, record_instances
 from scheduler.store.db import transaction
 from scheduler.store.models import Instance, Patient, Series, Study
@@ -57,6 +59,128 @@ def test_a_file_cut_inside_its_pixel_data_is_rejected_as_truncated(
         "pydicoms-own.dcm": "truncated: the file ends 62 bytes before the end of its pixel data",
     }
     assert result.recorded == len(kept)
+
+
+# pydicom's samples in each transfer syntax: explicit and implicit little
+# endian, big endian, and compressed (encapsulated) pixel data.
+CUT_SAMPLES = [
+    "CT_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "JPEG2000.dcm",
+    "JPEG2000-embedded-sequence-delimiter.dcm",
+    "SC_rgb_rle.dcm",
+    "MR_small_RLE.dcm",
+    "liver_expb_1frame.dcm",
+]
+
+
+def cuts(path: Path) -> dict[str, int]:
+    """Where to cut a sample: in its header and all through its pixel data."""
+    data = path.read_bytes()
+    with path.open("rb") as file:
+        dataset = pydicom.dcmread(file, stop_before_pixels=True)
+        pixels = file.tell()  # the reader stops at the pixel data's tag
+    # The middle of the longest value in the header (raw elements know where they are).
+    longest = max(
+        (dataset.get_item(tag) for tag in dataset.keys()),  # noqa: SIM118 - keeps them raw
+        key=lambda e: e.length if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF else 0,
+    )
+    found = {
+        "inside a header value": longest.value_tell + longest.length // 2,
+        "inside an element's tag": pixels - 6,
+        "right before the pixel data": pixels,
+        "inside the pixel data's tag": pixels + 2,
+        "inside the pixel data's header": pixels + 10,
+        "after a quarter of the pixel data": pixels + (len(data) - pixels) // 4,
+        "halfway through the pixel data": pixels + (len(data) - pixels) // 2,
+        "one byte short": len(data) - 1,
+        "eight bytes short": len(data) - 8,
+    }
+    delimiter = data.rfind(
+        b"\xfe\xff\xdd\xe0" if dataset.original_encoding[1] else b"\xff\xfe\xe0\xdd"
+    )
+    if dataset.file_meta.TransferSyntaxUID.is_encapsulated:
+        found["before the sequence delimiter"] = delimiter
+        found["inside the sequence delimiter"] = delimiter + 5
+    return found
+
+
+@pytest.mark.parametrize("sample", CUT_SAMPLES)
+def test_a_file_cut_anywhere_is_rejected_as_truncated_and_its_whole_copy_is_recorded(
+    store_url: str, tmp_path: Path, sample: str
+) -> None:
+    # The header read stops before the pixel data and pydicom reads a file
+    # that ends early as if it ended there: such files were recorded.
+    data = Path(str(get_testdata_file(sample))).read_bytes()
+    where = cuts(Path(str(get_testdata_file(sample))))
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for name, at in where.items():
+        (folder / f"{name}.dcm").write_bytes(data[:at])
+    (folder / "whole.dcm").write_bytes(data)
+    result = ingest_paths(functools.partial(transaction, store_url), [folder])
+    reasons = {Path(r.location).stem: r.reason for r in result.rejected}
+    assert sorted(reasons) == sorted(where)
+    assert all(r.startswith("truncated: the file ends ") for r in reasons.values()), reasons
+    assert result.recorded == 1
+    with transaction(store_url) as db:
+        assert db.scalars(select(Instance.location)).one().endswith("whole.dcm")
+
+
+def test_truncation_reasons_say_where_the_file_ends(tmp_path: Path) -> None:
+    data = Path(str(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))).read_bytes()
+    pixels = data.find(b"\xe0\x7f\x10\x00")
+    delimiter = data.rfind(b"\xfe\xff\xdd\xe0")
+    reasons = {}
+    for name, at in {
+        "tag": pixels + 2,
+        "start": pixels,
+        "fragment": pixels + 1000,
+        "delimiter": delimiter,
+        "skipped value": 650,  # (0008,2111) Derivation Description, from 608 to 694
+        "sequence": 800,  # (0008,2112) Source Image Sequence, from 706 to 898
+        "read value": 1300,  # (0020,4000) Image Comments, from 1236 to 1504
+    }.items():
+        (tmp_path / name).write_bytes(data[:at])
+        with pytest.raises(NotDicomError) as raised:
+            read_header(tmp_path / name)
+        reasons[name] = raised.value.reason
+    assert reasons == {
+        "tag": "truncated: the file ends inside an element's tag",
+        "start": "truncated: the file ends before its pixel data"
+        " (a Secondary Capture Image Storage instance always has it)",
+        "fragment": "truncated: the file ends 756 bytes before the end of an item of its pixel data",
+        "delimiter": "truncated: the file ends before the delimiter that ends its pixel data",
+        "skipped value": "truncated: the file ends 44 bytes before the end of element (0008,2111)",
+        "sequence": "truncated: the file ends 98 bytes before the end of element (0008,2112)",
+        "read value": "truncated: the file ends 204 bytes before the end of element (0020,4000)",
+    }
+
+
+@pytest.mark.parametrize("sample", ["rtplan.dcm", "test-SR.dcm", "rtdose.dcm", "rtstruct.dcm"])
+def test_objects_that_may_have_no_pixel_data_are_recorded_whole(
+    store_url: str, tmp_path: Path, sample: str
+) -> None:
+    (tmp_path / sample).write_bytes(Path(str(get_testdata_file(sample))).read_bytes())
+    result = ingest_paths(functools.partial(transaction, store_url), [tmp_path / sample])
+    assert (result.recorded, result.rejected) == (1, [])
+
+
+def test_a_whole_copy_arriving_after_a_truncated_one_is_recorded(
+    store_url: str, tmp_path: Path
+) -> None:
+    data = Path(str(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))).read_bytes()
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "partial" / "1.dcm").write_bytes(data[: len(data) * 3 // 4])
+    (tmp_path / "full" / "1.dcm").write_bytes(data)
+    scope = functools.partial(transaction, store_url)
+    assert ingest_paths(scope, [tmp_path / "partial"]).recorded == 0
+    assert ingest_paths(scope, [tmp_path / "full"]).recorded == 1
+    with transaction(store_url) as db:
+        assert db.scalars(select(Instance.location)).one() == str(tmp_path / "full" / "1.dcm")
 
 
 def test_non_ascii_and_very_long_values_are_recorded_safely(store_url: str, tmp_path: Path) -> None:

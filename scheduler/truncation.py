@@ -1,0 +1,192 @@
+"""Telling a DICOM file cut short from a whole one, without reading its pixels.
+
+Ingest reads headers only and stops before the pixel data, and pydicom reads
+a file that ends early as if it ended there: a value it skips is seeked past
+the end, a tag cut short reads as the end of the data set. So a file cut
+anywhere would be recorded. :func:`cut_reason` checks, from where the header
+read stopped, that every element, every item of an undefined length (what
+compressed pixel data is made of) and every sequence's delimiter is there
+whole, by reading their 8- or 12-byte headers and seeking over their values:
+a few small reads per file, whatever the size of the pixel data.
+
+A file that ends exactly between two elements before any pixel data cannot
+be told from a shorter object by its bytes; it is rejected only when its SOP
+Class always carries pixel data (README, "Failure modes").
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID_dictionary
+
+# Pixel data elements (also Float and Double Float Pixel Data): the header
+# read stops at the first of them.
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+# SOP Classes whose IOD requires pixel data (the Image Pixel module, Type 1
+# Pixel Data): every "... Image Storage", plus segmentations and parametric
+# maps. Not SR, presentation states, key object selections, RT plans,
+# structure sets or RT doses (a dose may carry only histograms), nor surface
+# segmentations: those are whole without pixel data.
+_ALWAYS_PIXELS = frozenset(
+    uid
+    for uid, (name, kind, *_) in UID_dictionary.items()
+    if kind == "SOP Class"
+    and ("Image Storage" in name or name in ("Segmentation Storage", "Parametric Map Storage"))
+)
+# JPIP syntaxes reference the pixels by URL instead of carrying them.
+_PIXELS_ELSEWHERE = frozenset(
+    uid
+    for uid, (name, kind, *_) in UID_dictionary.items()
+    if kind == "Transfer Syntax" and name.startswith("JPIP")
+)
+
+
+class _Cut(Exception):
+    """The file ends before the element being walked does; the message says where."""
+
+
+def cut_reason(file: Any, dataset: Dataset) -> str:
+    """Why ``file`` ends early ("" when it is whole), given the ``dataset``
+    pydicom read from it with ``stop_before_pixels`` and the file positioned
+    where that read stopped.
+
+    Deflated files are not checked: their positions are in the inflated
+    stream, not the file.
+    """
+    implicit, little = dataset.original_encoding
+    syntax = getattr(dataset.get("file_meta"), "TransferSyntaxUID", None)
+    if implicit is None or little is None or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return ""
+    size = os.fstat(file.fileno()).st_size
+    walker = _Walker(file, size, "<" if little else ">", implicit)
+    stopped = file.tell()
+    try:
+        if stopped < size:
+            # The reader stops early only at pixel data: walk it and what follows.
+            walker.elements(stopped)
+            return ""
+        # The header ran to the end of the file, or past it when the last
+        # value was skipped rather than read: walk on from the last element
+        # the reader kept, the rest of the header is what can be cut.
+        kept_end = _last_kept_end(dataset, size)
+        if kept_end:
+            walker.elements(kept_end)
+    except _Cut as cut:
+        return f"truncated: the file ends {cut}"
+    if stopped > size:
+        return "truncated: the file ends inside an element's value"
+    sop_class = dataset.get("SOPClassUID")
+    if sop_class in _ALWAYS_PIXELS and syntax not in _PIXELS_ELSEWHERE:
+        name = UID_dictionary[sop_class][0]
+        return f"truncated: the file ends before its pixel data (a {name} instance always has it)"
+    return ""
+
+
+def _last_kept_end(dataset: Dataset, size: int) -> int:
+    """Where the last element the reader kept ends; a value the file does not
+    hold whole raises :class:`_Cut`."""
+    end = 0
+    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
+        element = dataset.get_item(tag)
+        if isinstance(element, RawDataElement) and element.length != _UNDEFINED:
+            element_end = element.value_tell + element.length
+            if element_end > size:
+                raise _Cut(f"{element_end - size} bytes before the end of element {Tag(tag)}")
+            end = max(end, element_end)
+    return end
+
+
+class _Walker:
+    """Walks element and item headers from a position to the end of the file,
+    seeking over defined-length values; raises :class:`_Cut` where the file
+    ends inside one."""
+
+    def __init__(self, file: Any, size: int, order: str, implicit: bool) -> None:
+        self.file = file
+        self.size = size
+        self.order = order
+        self.implicit = implicit
+        self.top: int | None = None  # the top-level element being walked
+
+    def elements(self, position: int) -> None:
+        """Walk top-level elements until the end of the file."""
+        while position < self.size:
+            tag, length, header = self.header(position, top=True)
+            self.top = tag
+            position = self.value_end(position + header, length)
+
+    def value_end(self, start: int, length: int, part: str = "") -> int:
+        if length == _UNDEFINED:
+            return self.items(start)
+        end = start + length
+        if end > self.size:
+            raise _Cut(f"{end - self.size} bytes before the end of {part}{self.where()}")
+        return end
+
+    def items(self, position: int) -> int:
+        """Walk the items of an undefined-length value up to its sequence
+        delimiter (encapsulated pixel data and sequences alike)."""
+        while True:
+            tag, length, header = self.header(position)
+            position += header
+            if tag == _SEQUENCE_END:
+                return position
+            if tag == _ITEM and length == _UNDEFINED:
+                position = self.item_elements(position)
+            else:
+                position = self.value_end(position, length, "an item of ")
+
+    def item_elements(self, position: int) -> int:
+        """Walk the elements of an undefined-length item up to its delimiter."""
+        while True:
+            tag, length, header = self.header(position)
+            position += header
+            if tag == _ITEM_END:
+                return position
+            position = self.value_end(position, length)
+
+    def header(self, position: int, top: bool = False) -> tuple[int, int, int]:
+        """An element's tag, value length and header size at ``position``."""
+        self.file.seek(position)
+        head = self.file.read(12)
+        if len(head) < 8:
+            if top and len(head) >= 4:
+                group, element = struct.unpack(self.order + "HH", head[:4])
+                self.top = group << 16 | element
+                raise _Cut(f"inside the header of {self.where()}")
+            if top:
+                raise _Cut("inside an element's tag")
+            if not head:
+                raise _Cut(f"before the delimiter that ends {self.where()}")
+            raise _Cut(f"inside an item's header in {self.where()}")
+        group, element = struct.unpack(self.order + "HH", head[:4])
+        vr = head[4:6]
+        # Items have no VR; pydicom reads a VR that is not two capitals as an
+        # element written implicitly, whatever the syntax says.
+        if group == 0xFFFE or self.implicit or not (vr.isalpha() and vr.isupper()):
+            return group << 16 | element, struct.unpack(self.order + "I", head[4:8])[0], 8
+        if vr in _LONG_VRS:
+            if len(head) < 12:
+                if top:
+                    self.top = group << 16 | element
+                raise _Cut(f"inside the header of {self.where()}")
+            return group << 16 | element, struct.unpack(self.order + "I", head[8:12])[0], 12
+        return group << 16 | element, struct.unpack(self.order + "H", head[6:8])[0], 8
+
+    def where(self) -> str:
+        if self.top is None:
+            return "an element"
+        if self.top in PIXEL_TAGS:
+            return "its pixel data"
+        return f"element {Tag(self.top)}"
