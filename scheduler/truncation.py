@@ -128,11 +128,33 @@ class _Walker:
 
     def value_end(self, start: int, length: int, part: str = "") -> int:
         if length == _UNDEFINED:
+            if self.top in PIXEL_TAGS and not part:
+                start = self.last_frame(start)
             return self.items(start)
         end = start + length
         if end > self.size:
             raise _Cut(f"{end - self.size} bytes before the end of {part}{self.where()}")
         return end
+
+    def last_frame(self, position: int) -> int:
+        """Where to walk compressed pixel data from: its last frame, found in
+        the Basic Offset Table (the first item), when that table is there and
+        an item starts where it says; else its first item.
+
+        Only the end of a file can be missing, so the frames before the last
+        are there; walking their fragments (one seek and read each, some
+        thousands in a long cine or a slide) would cost more than the rest of
+        the header read."""
+        tag, length, header = self.header(position)
+        first = position + header + length  # the first item after the table
+        if tag != _ITEM or length < 8 or length % 4 or first > self.size:
+            return position
+        self.file.seek(first - 4)
+        (offset,) = struct.unpack(self.order + "I", self.file.read(4))
+        last = first + offset
+        if last + 8 > self.size or self.header(last)[0] != _ITEM:
+            return position
+        return last
 
     def items(self, position: int) -> int:
         """Walk the items of an undefined-length value up to its sequence

@@ -72,6 +72,7 @@ CUT_SAMPLES = [
     "JPEG2000-embedded-sequence-delimiter.dcm",
     "SC_rgb_rle.dcm",
     "MR_small_RLE.dcm",
+    "SC_rgb_rle_2frame.dcm",  # a Basic Offset Table: the check jumps to the last frame
     "liver_expb_1frame.dcm",
 ]
 
