@@ -10,8 +10,8 @@ whole, by reading their 8- or 12-byte headers and seeking over their values:
 a few small reads per file, whatever the size of the pixel data.
 
 A file that ends exactly between two elements before any pixel data cannot
-be told from a shorter object by its bytes; it is rejected only when its SOP
-Class always carries pixel data (README, "Failure modes").
+be told by its bytes from a shorter object, such as an image written without
+its pixel data on purpose: it is recorded (README, "Failure modes").
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID_dictionary
 
 # Pixel data elements (also Float and Double Float Pixel Data): the header
 # read stops at the first of them.
@@ -32,25 +31,6 @@ PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
-
-# SOP Classes whose IOD requires pixel data (the Image Pixel module, Type 1
-# Pixel Data): every "... Image Storage", plus segmentations and parametric
-# maps. Not SR, presentation states, key object selections, RT plans,
-# structure sets or RT doses (a dose may carry only histograms), nor surface
-# segmentations: those are whole without pixel data.
-_ALWAYS_PIXELS = frozenset(
-    uid
-    for uid, (name, kind, *_) in UID_dictionary.items()
-    if kind == "SOP Class"
-    and ("Image Storage" in name or name in ("Segmentation Storage", "Parametric Map Storage"))
-)
-# JPIP syntaxes reference the pixels by URL instead of carrying them.
-_PIXELS_ELSEWHERE = frozenset(
-    uid
-    for uid, (name, kind, *_) in UID_dictionary.items()
-    if kind == "Transfer Syntax" and name.startswith("JPIP")
-)
-
 
 class _Cut(Exception):
     """The file ends before the element being walked does; the message says where."""
@@ -86,10 +66,6 @@ def cut_reason(file: Any, dataset: Dataset) -> str:
         return f"truncated: the file ends {cut}"
     if stopped > size:
         return "truncated: the file ends inside an element's value"
-    sop_class = dataset.get("SOPClassUID")
-    if sop_class in _ALWAYS_PIXELS and syntax not in _PIXELS_ELSEWHERE:
-        name = UID_dictionary[sop_class][0]
-        return f"truncated: the file ends before its pixel data (a {name} instance always has it)"
     return ""
 
 

@@ -22,14 +22,8 @@ from scheduler.store.models import Instance, Patient, Series, Study, utcnow
 
 SAMPLES = Path(str(get_testdata_file("CT_small.dcm"))).parent
 # pydicom reads these whole, ingest rejects them as truncated (README,
-# "Failure modes"): samples cut on purpose...
+# "Failure modes"): samples cut on purpose.
 CUT_SAMPLES = {"MR_truncated.dcm", "rtplan_truncated.dcm"}
-
-
-def _image_without_pixels(dataset: pydicom.Dataset) -> bool:
-    # ...and images whose pixel data is missing (the dicomdirtests images are headers only).
-    sop_class = dataset.get("SOPClassUID")
-    return "Image Storage" in getattr(sop_class, "name", "") and "PixelData" not in dataset
 
 
 def pydicom_reference(root: Path) -> dict[str, set[str]]:
@@ -48,7 +42,7 @@ def pydicom_reference(root: Path) -> dict[str, set[str]]:
                 break
             except Exception:
                 continue
-        if dataset is None or path.name in CUT_SAMPLES or _image_without_pixels(dataset):
+        if dataset is None or path.name in CUT_SAMPLES:
             continue
         uids = [dataset.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         if not all(uids):
