@@ -28,9 +28,18 @@ from pydicom.tag import Tag
 # Pixel data elements (also Float and Double Float Pixel Data): the header
 # read stops at the first of them.
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+# VRs whose explicit header is 12 bytes long (PS3.5, Table 7.1-1).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+# What writers and media pad a file with after its last element: zeros up
+# to a sector or a block, a newline. Not a cut.
+_PADDING = b"\0 \r\n\t"
+# A tail longer than this is no padding, whatever it holds.
+_LONGEST_PADDING = 1 << 20
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
+
 
 class _Cut(Exception):
     """The file ends before the element being walked does; the message says where."""
@@ -96,11 +105,29 @@ class _Walker:
         self.top: int | None = None  # the top-level element being walked
 
     def elements(self, position: int) -> None:
-        """Walk top-level elements until the end of the file."""
+        """Walk top-level elements until the end of the file. What follows
+        pixel data walked whole, and a tail of padding bytes anywhere, are
+        not cuts: writers and media pad files (a sector's zeros, a newline),
+        and the image is whole."""
+        after_pixels = False
         while position < self.size:
-            tag, length, header = self.header(position, top=True)
-            self.top = tag
-            position = self.value_end(position + header, length)
+            try:
+                tag, length, header = self.header(position, top=True)
+                self.top = tag
+                end = self.value_end(position + header, length)
+            except _Cut:
+                if after_pixels or self.padding(position):
+                    return
+                raise
+            after_pixels = after_pixels or tag in PIXEL_TAGS
+            position = end
+
+    def padding(self, position: int) -> bool:
+        """Whether the file from ``position`` on is padding bytes only."""
+        if self.size - position > _LONGEST_PADDING:
+            return False
+        self.file.seek(position)
+        return not self.file.read().strip(_PADDING)
 
     def value_end(self, start: int, length: int, part: str = "") -> int:
         if length == _UNDEFINED:

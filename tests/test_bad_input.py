@@ -88,6 +88,12 @@ def cuts(path: Path) -> dict[str, int]:
         (dataset.get_item(tag) for tag in dataset.keys()),  # noqa: SIM118 - keeps them raw
         key=lambda e: e.length if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF else 0,
     )
+    # Where the pixel data ends: before the Data Set Trailing Padding element
+    # some writers add after it, which may be cut (the image is whole).
+    trailer = data.rfind(
+        b"\xfc\xff\xfc\xff" if dataset.original_encoding[1] else b"\xff\xfc\xff\xfc"
+    )
+    end = trailer if trailer > pixels else len(data)
     found = {
         "inside a header value": longest.value_tell + longest.length // 2,
         "inside an element's tag": pixels - 6,
@@ -95,8 +101,8 @@ def cuts(path: Path) -> dict[str, int]:
         "inside the pixel data's header": pixels + 10,
         "after a quarter of the pixel data": pixels + (len(data) - pixels) // 4,
         "halfway through the pixel data": pixels + (len(data) - pixels) // 2,
-        "one byte short": len(data) - 1,
-        "eight bytes short": len(data) - 8,
+        "one byte short": end - 1,
+        "eight bytes short": end - 8,
     }
     delimiter = data.rfind(
         b"\xfe\xff\xdd\xe0" if dataset.original_encoding[1] else b"\xff\xfe\xe0\xdd"
@@ -154,6 +160,42 @@ def test_truncation_reasons_say_where_the_file_ends(tmp_path: Path) -> None:
         "sequence": "truncated: the file ends 98 bytes before the end of element (0008,2112)",
         "read value": "truncated: the file ends 204 bytes before the end of element (0020,4000)",
     }
+
+
+@pytest.mark.parametrize("sample", ["CT_small.dcm", "SC_rgb_jpeg_dcmtk.dcm", "rtplan.dcm"])
+def test_a_whole_file_with_trailing_padding_is_recorded(tmp_path: Path, sample: str) -> None:
+    # Copy tools and media pad files: a sector's zeros, a space, a newline.
+    data = Path(str(get_testdata_file(sample))).read_bytes()
+    for name, tail in {
+        "one zero": b"\0",
+        "seven zeros": b"\0" * 7,
+        "a hundred zeros": b"\0" * 100,
+        "to a sector": b"\0" * (2048 - len(data) % 2048),
+        "a space": b" ",
+        "a newline": b"\r\n",
+    }.items():
+        (tmp_path / name).write_bytes(data + tail)
+        assert read_header(tmp_path / name).sop_uid  # no NotDicomError
+
+
+def test_a_file_cut_after_its_pixel_data_is_recorded(tmp_path: Path) -> None:
+    # CT_small ends with a Data Set Trailing Padding element after its pixel
+    # data: losing part of it loses nothing of the image.
+    data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
+    assert data.rfind(b"\xfc\xff\xfc\xff") > data.find(b"\xe0\x7f\x10\x00")
+    for short in (1, 8, 100):
+        (tmp_path / f"{short}.dcm").write_bytes(data[:-short])
+        assert read_header(tmp_path / f"{short}.dcm").sop_uid
+
+
+def test_values_with_twelve_byte_headers_are_walked_as_such(tmp_path: Path) -> None:
+    # SV and UV elements have a 12-byte header, as OB or UN do: read as 8
+    # bytes, everything after them looked cut short.
+    dataset = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
+    dataset.add_new(0x00720082, "SV", [-5, 6])
+    dataset.add_new(0x0072007F, "UV", [7])
+    dataset.save_as(tmp_path / "sv-uv.dcm")
+    assert read_header(tmp_path / "sv-uv.dcm").sop_uid
 
 
 def test_an_image_without_pixel_data_is_recorded(store_url: str, tmp_path: Path) -> None:
