@@ -215,10 +215,13 @@ def _raised(exc: BaseException) -> str:
     ``__str__`` is service code too (as :func:`scheduler.untrusted.described`,
     which this module, loaded from its file under a service's interpreter,
     cannot import)."""
+    # The class's own name, not what a metaclass of the service's says it is.
+    kind = type.__dict__["__name__"].__get__(type(exc))
     try:
-        return f"{type(exc).__name__}: {exc}"
+        text = str.__str__(str(exc))  # a plain copy: a str subclass formats itself
     except BaseException:  # noqa: BLE001
-        return f"{type(exc).__name__} (its message could not be shown: its __str__ raised)"
+        return f"{kind} (its message could not be shown: its __str__ raised)"
+    return f"{kind}: {text}"
 
 
 def load_entry(

@@ -21,17 +21,19 @@ from typing import Any
 
 
 def class_name(value: Any) -> str:
-    """The name of the value's class."""
+    """The name of the value's class: its own, not what a metaclass of the
+    service's says it is."""
     try:
-        return str(type(value).__name__)
+        return str.__str__(type.__dict__["__name__"].__get__(type(value)))
     except BaseException:  # noqa: BLE001
         return "object"
 
 
 def message(exc: BaseException) -> str | None:
-    """``str(exc)``, or None when its ``__str__`` raised."""
+    """``str(exc)`` as a plain ``str`` (a subclass may raise when it is
+    formatted), or None when its ``__str__`` raised."""
     try:
-        return str(exc)
+        return str.__str__(str(exc))
     except BaseException:  # noqa: BLE001
         return None
 
@@ -48,7 +50,7 @@ def described(exc: BaseException) -> str:
 def shown(value: Any) -> str:
     """``repr(value)``, or what the value is when its ``__repr__`` raised."""
     try:
-        return repr(value)
+        return str.__str__(repr(value))
     except BaseException:  # noqa: BLE001
         return f"<{class_name(value)} object whose repr raised>"
 

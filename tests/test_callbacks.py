@@ -436,6 +436,26 @@ def closing_then_failing(*args, **kwargs):
 def printing(*args, **kwargs):
     print("still here")
     return True
+
+
+class Text(str):
+    def __format__(self, spec):
+        raise ValueError("no format")
+
+
+class Named(type):
+    @property
+    def __name__(cls):
+        raise ValueError("no name")
+
+
+class Disguised(Exception, metaclass=Named):
+    def __str__(self):
+        return Text("formats badly")
+
+
+def disguised(*args, **kwargs):
+    raise Disguised()
 """
 
 
@@ -488,6 +508,8 @@ def test_a_callback_that_raises_when_shown_or_closes_its_output_still_decides_in
             "params": None,
             "traceback": None,
         }
+        # A metaclass's __name__ and a message that raises when formatted.
+        assert decide("disguised")["reason"] == "callback raised Disguised: formats badly"
         assert hosts.get("unruly").process.pid == host
     finally:
         hosts.discard()

@@ -600,3 +600,44 @@ def test_a_worker_that_closed_its_output_still_has_its_return_or_exception_recor
         assert "before" in outcome.error  # the output tail
     else:
         assert outcome.ok and outcome.result == {"closed": True}, outcome.error
+
+
+DISGUISED = """
+class Text(str):
+    def __format__(self, spec):
+        raise ValueError("no format")
+
+
+class Named(type):
+    @property
+    def __name__(cls):
+        raise ValueError("no name")
+
+
+class Disguised(Exception, metaclass=Named):
+    def __str__(self):
+        return Text("formats badly")
+
+
+if __name__ != "__main__" and "broken" in __name__:
+    raise Disguised()
+
+
+def work(job_name, headers, params, added_params, **kwargs):
+    raise Disguised()
+"""
+
+
+def test_an_exception_with_a_metaclass_name_and_an_unformattable_message_is_recorded(
+    tmp_path: Path,
+) -> None:
+    outcome = execute(service(tmp_path, DISGUISED), timeout=30)
+    assert outcome.error.startswith("Disguised: formats badly"), outcome.error
+    # Raised while the service's module is imported: the loader names it too.
+    broken = tmp_path / "broken"
+    (broken / "dcm_broken").mkdir(parents=True)
+    (broken / "dcm_broken" / "__init__.py").write_text(DISGUISED)
+    request = {**service(tmp_path, DISGUISED), "entry": "dcm_broken:work", "roots": [str(broken)]}
+    outcome = execute(request, timeout=30)
+    assert outcome.error.startswith("cannot import workerEntry 'dcm_broken:work': "), outcome.error
+    assert "Disguised: formats badly" in outcome.error.splitlines()[0]
