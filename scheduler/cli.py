@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ def _console(stderr: bool = False) -> Console:
     """A console; when it is not a terminal (a pipe, a file) nothing is cut
     to a width, whatever COLUMNS says."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 1000)
+    # No emoji codes: ":ok:" in a stored reason is text, not a picture.
+    return Console(stderr=stderr, width=None if stream.isatty() else 1000, emoji=False)
 
 
 console = _console()
@@ -147,10 +149,15 @@ def when(value: str | None) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters escaped: a file name can hold a
-    newline or a terminal escape, which must not forge a line of output."""
+    """``text`` with control and format characters escaped: a file name can
+    hold a newline, a terminal escape or a right-to-left override, which
+    must not forge a line of output. Spaces of other scripts (the
+    ideographic space of a Japanese name, a no-break space) stay."""
     return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode() for char in text
+        char
+        if char.isprintable() or unicodedata.category(char) == "Zs"
+        else char.encode("unicode_escape").decode()
+        for char in text
     )
 
 

@@ -143,8 +143,8 @@ def check_header_fields(settings: Settings) -> Check | None:
     return Check(
         "header_fields",
         WARNING,
-        f"{where} names {', '.join(unknown)}, which no header holds "
-        "(the store records only these DICOM keywords: " + ", ".join(ALL_TAGS) + ")",
+        f"{where} names {', '.join(unknown)}, which the store does not record, so no "
+        "header holds them (it records these DICOM keywords: " + ", ".join(ALL_TAGS) + ")",
         f"correct the spelling in {where}, or leave those names out",
     )
 

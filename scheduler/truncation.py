@@ -132,7 +132,12 @@ class _Walker:
     def value_end(self, start: int, length: int, part: str = "") -> int:
         if length == _UNDEFINED:
             if self.top in PIXEL_TAGS and not part:
-                start = self.last_frame(start)
+                last = self.last_frame(start)
+                if last != start:
+                    try:
+                        return self.items(last)
+                    except _Cut:
+                        pass  # an offset table that points amiss: walk every item
             return self.items(start)
         end = start + length
         if end > self.size:

@@ -338,3 +338,25 @@ def test_entries_outside_their_service_folder_are_rejected_at_validation(
     registry = load_registry([tmp_path])
     assert not registry.ok
     assert any("outside its service folder" in str(p) for p in registry.problems), registry.problems
+
+
+def test_an_offset_table_pointing_into_a_fragment_does_not_make_a_whole_file_cut(
+    tmp_path: Path,
+) -> None:
+    # The check jumps to the last frame the Basic Offset Table names; when
+    # the table is wrong and lands on bytes that read as an item of a huge
+    # length, the whole file is walked item by item instead.
+    import struct
+
+    data = bytearray(Path(str(get_testdata_file("SC_rgb_rle_2frame.dcm"))).read_bytes())
+    pixels = data.find(b"\xe0\x7f\x10\x00")
+    table = pixels + 12  # the first item: the offset table
+    (table_length,) = struct.unpack("<I", data[table + 4 : table + 8])
+    first = table + 8 + table_length  # the first fragment's item
+    inside = first + 8 + 64  # inside its data
+    data[inside : inside + 8] = b"\xfe\xff\x00\xe0" + struct.pack("<I", 0x7FFFFFF0)
+    data[table + 8 + table_length - 4 : table + 8 + table_length] = struct.pack(
+        "<I", inside - first
+    )
+    (tmp_path / "misleading.dcm").write_bytes(bytes(data))
+    assert read_header(tmp_path / "misleading.dcm").sop_uid

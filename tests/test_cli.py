@@ -779,3 +779,18 @@ def test_text_services_control_is_printed_with_control_characters_escaped(planne
     assert escaped in run("jobs", "--session", planned).output.replace("\n", "")
     [failed] = [job for job in run_json("show", planned)["jobs"] if job["job_name"] == "a"]
     assert failed["error"] == f"RuntimeError: {HOSTILE}"  # JSON keeps the text as it is
+
+
+def test_text_of_other_scripts_is_printed_as_it_is_and_emoji_codes_as_text(planned: str) -> None:
+    # A Japanese name keeps its ideographic space, a no-break space stays;
+    # a right-to-left override is escaped; ":ok:" is not turned into a picture.
+    from sqlalchemy import select
+
+    from scheduler.store.models import Job
+
+    legit = "山田\u3000太郎 Müller\u00a0Jürgen :ok:"
+    with transaction() as db:
+        job = db.scalars(select(Job).where(Job.session_id == planned, Job.job_name == "a")).one()
+        job.status, job.error = "failed", f"RuntimeError: {legit} \u202eevil"
+    shown = run("show", planned).output
+    assert f"a: RuntimeError: {legit} \\u202eevil" in shown

@@ -216,4 +216,4 @@ def test_doctor_warns_about_header_fields_no_header_holds(
     check = header_fields()
     assert check is not None and check["status"] == "warning"
     assert "StudyDescripton, PixelSpacingX" in check["detail"]
-    assert "Modality," not in check["detail"].split("which no header holds")[0]
+    assert "Modality," not in check["detail"].split("which the store does not record")[0]
