@@ -147,3 +147,35 @@ def worker_in_process(values: dict[str, str], concurrency: int = 4) -> Iterator[
         testing.embedded_worker(concurrency=concurrency),
     ):
         yield settings
+
+
+# Service code whose exception hides what it is: a metaclass whose __name__
+# raises, and a message of a str subclass that raises when formatted.
+DISGUISED_EXCEPTION = """
+class Text(str):
+    def __format__(self, spec):
+        raise ValueError("no format")
+
+
+class Named(type):
+    @property
+    def __name__(cls):
+        raise ValueError("no name")
+
+
+class Disguised(Exception, metaclass=Named):
+    def __str__(self):
+        return Text("formats badly")
+"""
+
+# Service values that raise when read: a repr, a dict's items().
+ODD_OBJECTS = """
+class Unrepresentable:
+    def __repr__(self):
+        raise ValueError("no repr")
+
+
+class Unreadable(dict):
+    def items(self):
+        raise KeyError("no items")
+"""

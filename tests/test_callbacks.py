@@ -26,6 +26,7 @@ from scheduler.config import Settings
 from scheduler.testing import detect_and_send, record_study, wait_session, wait_until
 
 from .conftest import Define
+from .support import DISGUISED_EXCEPTION, ODD_OBJECTS
 from .test_planning import job, make_plan
 
 
@@ -396,16 +397,6 @@ class Unshowable(Exception):
         raise ValueError("no message")
 
 
-class Unrepresentable:
-    def __repr__(self):
-        raise ValueError("no repr")
-
-
-class Unreadable(dict):
-    def items(self):
-        raise KeyError("no items")
-
-
 def unshowable(*args, **kwargs):
     raise Unshowable()
 
@@ -438,22 +429,6 @@ def printing(*args, **kwargs):
     return True
 
 
-class Text(str):
-    def __format__(self, spec):
-        raise ValueError("no format")
-
-
-class Named(type):
-    @property
-    def __name__(cls):
-        raise ValueError("no name")
-
-
-class Disguised(Exception, metaclass=Named):
-    def __str__(self):
-        return Text("formats badly")
-
-
 def disguised(*args, **kwargs):
     raise Disguised()
 """
@@ -465,7 +440,9 @@ def test_a_callback_that_raises_when_shown_or_closes_its_output_still_decides_in
     from scheduler.callbacks import hosts, run_in_host
 
     (tmp_path / "dcm_unruly").mkdir()
-    (tmp_path / "dcm_unruly" / "__init__.py").write_text(UNRULY_CALLBACKS)
+    (tmp_path / "dcm_unruly" / "__init__.py").write_text(
+        UNRULY_CALLBACKS + ODD_OBJECTS + DISGUISED_EXCEPTION
+    )
 
     def decide(name: str) -> dict[str, object]:
         request = {

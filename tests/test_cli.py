@@ -454,6 +454,17 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         shutil.rmtree(later)
 
 
+# The settings that are durations: each refused past 366 days.
+DURATION_SETTINGS = (
+    "DCM_CALLBACK_TIMEOUT",
+    "DCM_STABLE_AGE",
+    "DCM_DETECT_INTERVAL",
+    "DCM_RESEND_AFTER",
+    "DCM_HEARTBEAT_INTERVAL",
+    "DCM_VISIBILITY_TIMEOUT",
+)
+
+
 @pytest.mark.parametrize(
     ("variables", "message"),
     [
@@ -465,14 +476,7 @@ def test_a_repeated_job_name_leaves_only_the_later_service_out_and_says_so_once(
         # Past a socket's timeout, a sleep or a date: an OverflowError later on.
         *(
             ({name: value}, f"{name}: {value!r} is too long; use at most 366 days")
-            for name in (
-                "DCM_CALLBACK_TIMEOUT",
-                "DCM_STABLE_AGE",
-                "DCM_DETECT_INTERVAL",
-                "DCM_RESEND_AFTER",
-                "DCM_HEARTBEAT_INTERVAL",
-                "DCM_VISIBILITY_TIMEOUT",
-            )
+            for name in DURATION_SETTINGS
             for value in ("10000000000", "367d", "1" + "0" * 400)
         ),
         ({"DCM_WEBHOOK_URLS": "hooks.example.org"}, "DCM_WEBHOOK_URLS: 'hooks.example.org'"),
@@ -502,15 +506,7 @@ def test_settings_that_cannot_work_are_wrong_usage_with_a_message(
 def test_duration_settings_may_be_as_long_as_a_job_timeout() -> None:
     from scheduler.config import load_settings
 
-    names = (
-        "DCM_CALLBACK_TIMEOUT",
-        "DCM_STABLE_AGE",
-        "DCM_DETECT_INTERVAL",
-        "DCM_RESEND_AFTER",
-        "DCM_HEARTBEAT_INTERVAL",
-        "DCM_VISIBILITY_TIMEOUT",
-    )
-    settings = load_settings(dict.fromkeys(names, "366d"))
+    settings = load_settings(dict.fromkeys(DURATION_SETTINGS, "366d"))
     assert settings.callback_timeout == settings.visibility_timeout == 366 * 86400
 
 

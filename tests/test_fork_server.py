@@ -17,6 +17,7 @@ from scheduler.testing import wait_until
 from workers_bridge.process import close_servers, execute
 
 from .conftest import FIXTURES
+from .support import DISGUISED_EXCEPTION, ODD_OBJECTS
 
 
 @pytest.fixture(autouse=True)
@@ -540,18 +541,10 @@ def test_an_exception_whose_message_raises_is_named_with_what_traceback_can_be_s
     assert "in work" in outcome.error  # the worker's frame
 
 
-ODD_VALUES = """
+ODD_VALUES = (
+    ODD_OBJECTS
+    + """
 import sys
-
-
-class Unrepresentable:
-    def __repr__(self):
-        raise ValueError("no repr")
-
-
-class Unreadable(dict):
-    def items(self):
-        raise KeyError("no items")
 
 
 def work(job_name, headers, params, added_params, **kwargs):
@@ -559,6 +552,7 @@ def work(job_name, headers, params, added_params, **kwargs):
         sys.exit(Unrepresentable())
     return Unreadable(a=1)
 """
+)
 
 
 def test_an_exit_code_or_result_that_raises_when_read_fails_its_attempt_saying_so(
@@ -602,22 +596,9 @@ def test_a_worker_that_closed_its_output_still_has_its_return_or_exception_recor
         assert outcome.ok and outcome.result == {"closed": True}, outcome.error
 
 
-DISGUISED = """
-class Text(str):
-    def __format__(self, spec):
-        raise ValueError("no format")
-
-
-class Named(type):
-    @property
-    def __name__(cls):
-        raise ValueError("no name")
-
-
-class Disguised(Exception, metaclass=Named):
-    def __str__(self):
-        return Text("formats badly")
-
+DISGUISED = (
+    DISGUISED_EXCEPTION
+    + """
 
 if __name__ != "__main__" and "broken" in __name__:
     raise Disguised()
@@ -626,6 +607,7 @@ if __name__ != "__main__" and "broken" in __name__:
 def work(job_name, headers, params, added_params, **kwargs):
     raise Disguised()
 """
+)
 
 
 def test_an_exception_with_a_metaclass_name_and_an_unformattable_message_is_recorded(
