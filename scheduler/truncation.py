@@ -38,6 +38,7 @@ _PADDING = b"\0 \r\n\t"
 # A tail longer than this is no padding, whatever it holds.
 _LONGEST_PADDING = 1 << 20
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_TRAILING_PADDING = 0xFFFCFFFC
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -105,10 +106,12 @@ class _Walker:
         self.top: int | None = None  # the top-level element being walked
 
     def elements(self, position: int) -> None:
-        """Walk top-level elements until the end of the file. What follows
-        pixel data walked whole, and a tail of padding bytes anywhere, are
-        not cuts: writers and media pad files (a sector's zeros, a newline),
-        and the image is whole."""
+        """Walk top-level elements until the end of the file. A Data Set
+        Trailing Padding element cut short after whole pixel data, and a
+        tail of padding bytes anywhere, are not cuts: writers and media pad
+        files (a sector's zeros, a newline), and the image is whole. Other
+        bytes after the pixel data that are no element are refused: pydicom
+        reads such a file as an empty data set."""
         after_pixels = False
         while position < self.size:
             try:
@@ -116,7 +119,7 @@ class _Walker:
                 self.top = tag
                 end = self.value_end(position + header, length)
             except _Cut:
-                if after_pixels or self.padding(position):
+                if (after_pixels and self.top == _TRAILING_PADDING) or self.padding(position):
                     return
                 raise
             after_pixels = after_pixels or tag in PIXEL_TAGS

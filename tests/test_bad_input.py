@@ -178,6 +178,18 @@ def test_a_whole_file_with_trailing_padding_is_recorded(tmp_path: Path, sample: 
         assert read_header(tmp_path / name).sop_uid  # no NotDicomError
 
 
+def test_bytes_after_the_pixel_data_that_are_no_element_are_refused(tmp_path: Path) -> None:
+    # pydicom reads CT_small followed by 0xFF bytes as an empty data set:
+    # every worker would find nothing in it.
+    data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
+    (tmp_path / "garbage.dcm").write_bytes(data + b"\xff" * 16)
+    assert len(pydicom.dcmread(tmp_path / "garbage.dcm")) == 0
+    with pytest.raises(NotDicomError) as raised:
+        read_header(tmp_path / "garbage.dcm")
+    assert raised.value.reason.startswith("truncated: the file ends ")
+    assert "(FFFF,FFFF)" in raised.value.reason
+
+
 def test_a_file_cut_after_its_pixel_data_is_recorded(tmp_path: Path) -> None:
     # CT_small ends with a Data Set Trailing Padding element after its pixel
     # data: losing part of it loses nothing of the image.
