@@ -536,3 +536,20 @@ def test_archive_zips_the_other_outputs_and_its_checksum_matches(
     assert any(name.startswith("study-report/") for name in expected)
     assert any(name.startswith("anonymize/") for name in expected)
     assert list((session_dir / "archive").glob("*.partial")) == []
+
+
+def test_anonymize_takes_a_file_padded_with_zeros(
+    services: None, tmp_path: Path, session_dir: Path
+) -> None:
+    # pydicom reads a sector's zeros after the last element as command
+    # elements (group 0000), which no stored file may be written with.
+    source = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
+    padded = tmp_path / "padded.dcm"
+    padded.write_bytes(source + b"\0" * 512)
+    assert any(tag.group == 0 for tag in pydicom.dcmread(padded).keys())  # noqa: SIM118
+    result = anonymize(headers_from_files([padded]), session_dir)
+    assert result["files"] == 1 and not result.get("skipped"), result
+    [written] = Path(result["output"]).rglob("*.dcm")
+    copy = pydicom.dcmread(written)
+    assert not [tag for tag in copy.keys() if tag.group == 0]  # noqa: SIM118
+    assert copy.pixel_array.shape == (128, 128)

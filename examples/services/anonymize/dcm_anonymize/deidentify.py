@@ -193,6 +193,11 @@ def _clean_element(profile: Profile, ds: Dataset, elem: DataElement) -> None:
 def deidentify(ds: Dataset, profile: Profile) -> Dataset:
     """De-identify ``ds`` in place and return it."""
     ds.remove_private_tags()
+    # Command elements (group 0000) belong to network messages, never to a
+    # stored file; zeros padding a file read as one, which no file may be
+    # written with.
+    for tag in [tag for tag in ds.keys() if tag.group == 0]:  # noqa: SIM118 - deleting while iterating
+        del ds[tag]
     ds.walk(lambda d, e: _clean_element(profile, d, e))
     # Both are type 2: a file that lacked them still gets the pseudonym.
     if not ds.get("PatientID"):
