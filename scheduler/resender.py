@@ -88,7 +88,12 @@ def resend(settings: Settings | None = None, now: datetime | None = None) -> Res
     # Jobs of a paused channel or a closed window stay queued (send_jobs).
     report.jobs = send_job_ids(ready, now=now)
     for job_id, attempt, worker, beat in lost:
-        log.warning("job %s: worker %s silent since %s; re-queueing", job_id, worker, beat)
+        log.warning(
+            "job %s: its attempt on %s stopped heart-beating (last heartbeat %s); re-queueing",
+            job_id,
+            worker,
+            beat,
+        )
         jobstate.end_attempt(
             job_id,
             attempt,
