@@ -404,3 +404,21 @@ def test_two_beats_and_two_planners_on_200_studies_make_one_session_each(
     assert sorted(uids) == sorted(f"70.{n}" for n in range(200))
     lines = calls_file.read_text().splitlines()
     assert len(lines) == 200 and len({line.split()[1] for line in lines}) == 200
+
+
+def test_a_stopped_worker_leaves_no_attempt_folder_behind(cluster: Cluster, define: Define) -> None:
+    # Its pool process ends without running the handlers that close its fork
+    # servers at exit: their folders stayed until the next worker started.
+    import tempfile
+
+    from workers_bridge.process import FOLDER_PREFIX
+
+    define([{"jobName": "quick", "workerEntry": WORK}])
+    worker = cluster.worker("tidy", concurrency=1)
+    session_id = start("53.1")
+    wait_session(session_id)
+    [pool] = psutil.Process(worker.pid).children()
+    folders = list(Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}{pool.pid}-*"))
+    assert folders  # the pool process's fork server ran the job
+    worker.stop()  # a warm shutdown, as SIGTERM from an operator or systemd
+    assert not [folder for folder in folders if folder.exists()]

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import signals
+
 from scheduler.celery_app import app
 from scheduler.messages import RUN_JOB
-from workers_bridge import heartbeat, runner
+from workers_bridge import heartbeat, process, runner
 
 heartbeat.install(app)
+
+
+@signals.worker_process_shutdown.connect
+def _close_fork_servers(**_kwargs: Any) -> None:
+    """A pool process ends without the handlers that close its fork servers
+    at exit: it closes them here, as the worker stops, so their attempt
+    folders go with them and are not left to the next worker's start."""
+    process.close_servers()
 
 
 @app.task(
